@@ -1,0 +1,27 @@
+"""rlhfkit: the complete RLHF loop (SFT -> rankings -> reward model -> PPO -> evaluation).
+
+`import rlhfkit` stays light: torch, transformers and plotting are imported by the modules that need
+them. The plain-Python entry points are re-exported lazily:
+
+    from rlhfkit import load_config, run_pipeline, run_stage
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["load_config", "run_pipeline", "run_stage", "RlhfkitError", "__version__"]
+
+
+def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
+    if name == "load_config":
+        from rlhfkit.config import load_config
+
+        return load_config
+    if name in ("run_pipeline", "run_stage"):
+        from rlhfkit import pipeline
+
+        return getattr(pipeline, name)
+    if name == "RlhfkitError":
+        from rlhfkit.errors import RlhfkitError
+
+        return RlhfkitError
+    raise AttributeError(f"module 'rlhfkit' has no attribute {name!r}")

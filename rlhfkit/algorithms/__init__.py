@@ -1,0 +1,1 @@
+"""One file per algorithm: setup, then the loop with numbered phases, then logging and saving."""

@@ -1,0 +1,231 @@
+"""PPO for language models, the classic InstructGPT recipe, in one file.
+
+References: Ziegler et al. (2019) "Fine-Tuning Language Models from Human Preferences" and its code
+(lm-human-preferences); Stiennon et al. (2020); Ouyang et al. (2022) "InstructGPT"; Huang et al. (2024)
+"The N+ Implementation Details of RLHF with PPO". Each iteration:
+
+    1. sample a rollout batch (shared KV-cache sampler)      5. GAE advantages and returns; whiten
+    2. score responses with the reward model (text in)       6. PPO epochs over minibatches: clipped policy
+    3. logprobs, ref_logprobs, values (no grad)                 loss + vf_coef * clipped value loss
+    4. shaped rewards: -beta * KL_t per token, + score       7. log, update beta, checkpoint, maybe stop
+       at the last response token
+
+Deviations from the papers, on purpose:
+- No pretraining-mix loss (PPO-ptx) and no entropy bonus; the KL penalty alone regularises.
+- The reward model sees decoded text and re-tokenises it with its own tokenizer.
+- A response without EOS within max_new_tokens keeps its tokens but its score is lowered by
+  `missing_eos_penalty` (TRL's convention) rather than being replaced by a fixed low score.
+- One AdamW for policy and value model (separate parameter sets, same learning rate), constant LR.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import Config
+from rlhfkit.data.batching import encode_prompts
+from rlhfkit.errors import ConfigError
+from rlhfkit.models import autocast, freeze, load_policy, load_scalar_model, load_tokenizer, token_scalars
+from rlhfkit.ops.advantages import RunningMoments, gae, masked_mean, masked_whiten
+from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from rlhfkit.ops.logprobs import gather_logprobs, response_logits
+from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
+from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.runio import MetricsLog, progress, read_metrics
+from rlhfkit.sampling import decode_responses, sample
+from rlhfkit.training import Runtime, make_optimizer, rng_state, set_rng_state
+
+
+def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt):
+    """Log-probs (B, Tr) of the responses, entropy (B, Tr), and values (B, Tr) predicted before each token."""
+    with autocast(rt.device, rt.dtype):
+        logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
+        values = None
+        if value_model is not None:
+            ids = torch.cat([queries, responses], dim=1)
+            mask = torch.cat([query_mask, response_mask], dim=1)
+            values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
+    logprobs = gather_logprobs(logits, responses)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy, values
+
+
+def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime,
+              stop_after: int | None = None) -> dict:
+    """Run (or resume) PPO; `stop_after` ends the process-like run early after that many steps (tests)."""
+    start_time = time.time()
+    pc = cfg.ppo
+    ckpt_dir = out_dir / "checkpoint"
+
+    # Setup: policy (trained), reference (frozen SFT copy), reward model (frozen), value model (trained).
+    tokenizer = load_tokenizer(sft_dir, "sft policy")
+    old_ckpt = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if not ckpt_dir.exists() and (old_ckpt / "state.pt").is_file():
+        old_ckpt.rename(ckpt_dir)  # killed between the two renames of save_checkpoint
+    resume = (ckpt_dir / "state.pt").is_file()
+    policy = load_policy(ckpt_dir / "policy" if resume else sft_dir, rt.device, "policy")
+    ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
+    scorer = RewardModelScorer(rm_dir, rt)
+    if pc.value_init == "reward" and scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {rm_dir} uses another tokenizer than "
+                          "the policy; the value model reads policy tokens, so set ppo.value_init = 'policy'")
+    value_src = ckpt_dir / "value" if resume else (rm_dir if pc.value_init == "reward" else sft_dir)
+    torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
+    value_model = load_scalar_model(value_src, rt.device, "value model")
+    policy.train(), value_model.train()
+    optimizer, scheduler = make_optimizer(list(policy.parameters()) + list(value_model.parameters()), pc.lr,
+                                          pc.total_steps, final_fraction=1.0)
+    kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
+              else FixedKLController(pc.kl_coef))
+    kl_estimator = KL_ESTIMATORS[pc.kl_estimator]
+    score_moments = RunningMoments()
+    prompt_rng = random.Random(f"{cfg.seed}-ppo")
+    sample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    order_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step = 0
+    if resume:
+        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.value, step = state["kl_coef"], state["step"]
+        score_moments = RunningMoments(**state["score_moments"])
+        prompt_rng.setstate(state["prompt_rng"])
+        order_gen.set_state(state["order_gen"])
+        set_rng_state(state["rng"], sample_gen)
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if resume else None)
+    bar = progress(pc.total_steps, "ppo")
+    bar.update(step)
+    n_mini = pc.rollout_batch_size // pc.minibatch_size
+    stopped_by_threshold = False
+
+    while step < pc.total_steps:
+        # 1. Sample a rollout batch with the shared KV-cache sampler.
+        prompts = task.prompts(pc.rollout_batch_size, prompt_rng)
+        queries, query_mask = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts))
+        policy.eval()
+        with torch.no_grad(), autocast(rt.device, rt.dtype):
+            s = sample(policy, queries, query_mask, max_new_tokens=task.max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       temperature=pc.temperature, generator=sample_gen)
+        responses, mask = s.responses, s.response_mask  # (B, Tr)
+
+        # 2. Score the decoded text with the reward model; penalise responses that never emitted EOS.
+        raw_scores = scorer(prompts, decode_responses(tokenizer, s))  # (B,)
+        raw_scores = raw_scores - pc.missing_eos_penalty * (~s.ended).float()
+        scores = raw_scores
+        if pc.reward_norm:
+            score_moments.update(raw_scores)
+            scores = (raw_scores - score_moments.mean) / score_moments.std
+        if pc.reward_clip > 0:
+            scores = scores.clamp(-pc.reward_clip, pc.reward_clip)
+
+        # 3. Log-probs under the policy and the reference, and values, computed once (no grad).
+        with torch.no_grad():
+            logprobs, entropy, values = forward_response(policy, value_model, queries, query_mask, responses, mask, pc.temperature, rt)
+            ref_logprobs, _, _ = forward_response(ref_policy, None, queries, query_mask, responses, mask, pc.temperature, rt)
+        logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+
+        # 4. Shaped rewards: per-token KL penalty, plus the score at the last response token.
+        kl = kl_estimator(logprobs, ref_logprobs) * mask  # (B, Tr)
+        rewards = -kl_ctl.value * kl
+        last = mask.sum(dim=1) - 1  # (B,) index of EOS (or of the last token when EOS is missing)
+        rewards[torch.arange(len(last)), last] += scores
+
+        # 5. Advantages (GAE) and returns; whiten advantages over the batch.
+        advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
+        if pc.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 6. PPO epochs over shuffled minibatches.
+        policy.train()
+        stats: dict[str, list[float]] = {}
+        for _ in range(pc.ppo_epochs):
+            order = torch.randperm(pc.rollout_batch_size, generator=order_gen).to(rt.device)
+            for m in range(n_mini):
+                idx = order[m * pc.minibatch_size : (m + 1) * pc.minibatch_size]
+                mb_mask = mask[idx]
+                new_logprobs, _, new_values = forward_response(
+                    policy, value_model, queries[idx], query_mask[idx], responses[idx], mb_mask, pc.temperature, rt)
+                pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, pc.clip_range)
+                vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], returns[idx], mb_mask, pc.clip_range_value)
+                loss = pg_loss + pc.vf_coef * vf_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if pc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()), pc.max_grad_norm)
+                optimizer.step()
+                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
+                    stats.setdefault(k, []).append(float(v))
+        scheduler.step()
+        step += 1
+
+        # 7. Log, update the KL coefficient, checkpoint, stop at the threshold.
+        mean_kl = kl.sum(1).mean().item()  # per response, with the configured estimator
+        record = {
+            "step": step,
+            "objective/scores": raw_scores.mean().item(),
+            "objective/kl": mean_kl,
+            "objective/kl_k1": (logprobs - ref_logprobs).sum(1).mean().item(),
+            "objective/kl_coef": kl_ctl.value,
+            "objective/rlhf_reward": (raw_scores - kl_ctl.value * kl.sum(1)).mean().item(),
+            "objective/entropy": masked_mean(entropy, mask, dim=1).mean().item(),
+            "objective/no_eos_rate": (~s.ended).float().mean().item(),
+            "objective/response_length": mask.sum(1).float().mean().item(),
+            "value/mean": masked_mean(values, mask).item(),
+            "value/returns": masked_mean(returns, mask).item(),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        }
+        log.log(record)
+        kl_ctl.update(mean_kl, pc.rollout_batch_size)
+        bar.update(1)
+        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{mean_kl:.3f}")
+        if record["objective/scores"] >= pc.reward_threshold:
+            stopped_by_threshold = True
+        if step % pc.checkpoint_every == 0 or step == pc.total_steps or stopped_by_threshold:
+            save_checkpoint(ckpt_dir, policy, value_model, tokenizer, {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "kl_coef": kl_ctl.value, "score_moments": vars(score_moments), "prompt_rng": prompt_rng.getstate(),
+                "order_gen": order_gen.get_state(), "rng": rng_state(sample_gen),
+            })
+        if stopped_by_threshold or (stop_after is not None and step >= stop_after):
+            break
+    bar.close()
+    log.close()
+    if step < pc.total_steps and not stopped_by_threshold:
+        return {"interrupted_at_step": step}
+
+    policy.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    last = read_metrics(out_dir / "metrics.jsonl")[-1]
+    return {
+        "steps": step,
+        "stopped_by_threshold": stopped_by_threshold,
+        "final_scores": last["objective/scores"],
+        "final_kl": last["objective/kl_k1"],
+        "final_kl_coef": last["objective/kl_coef"],
+        "resumed": resume,
+        "wall_time_s": time.time() - start_time,
+    }
+
+
+def save_checkpoint(ckpt_dir: Path, policy, value_model, tokenizer, state: dict) -> None:
+    """Write a complete checkpoint next to the old one, then swap, so a kill never leaves a half checkpoint."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp / "policy")
+    tokenizer.save_pretrained(tmp / "policy")
+    value_model.save_pretrained(tmp / "value")
+    tokenizer.save_pretrained(tmp / "value")
+    torch.save(state, tmp / "state.pt")
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""The `rlhfkit` command. Every command is a thin wrapper over a plain Python call (rlhfkit.pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGE_HELP = {
+    "sft": "supervised fine-tuning on the task's demonstrations",
+    "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
+    "reward": "train the reward model on the comparisons (Bradley-Terry)",
+    "ppo": "optimise the policy against the reward model with PPO (resumes from its checkpoint)",
+    "eval": "evaluate SFT and PPO policies on held-out prompts and write the report",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
+    p.add_argument("config", nargs="?", help="TOML config file (default: the task's built-in config, or OUT/config.toml)")
+    p.add_argument("--out", default=out_default, required=out_default is None, help="output directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set ppo.kl_coef=0 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="The complete RLHF loop: SFT -> feedback -> reward model -> PPO -> evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline (skips finished stages, resumes PPO)")
+    _add_config_args(run, out_default=None)
+    run.set_defaults(out=None)
+    run._actions[-2].required = False  # --out defaults to runs/<task>
+    for name, help_text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p, out_default=None)
+        p.add_argument("--fresh", action="store_true", help="redo the stage even if it is complete")
+    cfg = sub.add_parser("config", help="print the resolved config as TOML (every field, with its help)")
+    cfg.add_argument("config", nargs="?")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[])
+    sub.add_parser("label", help="the labeling web app: `rlhfkit label --help`", add_help=False)
+    return parser
+
+
+def _config_for(args):
+    from rlhfkit.config import load_config
+
+    path = args.config
+    if path is None and getattr(args, "out", None) and (Path(args.out) / "config.toml").is_file() and args.command != "run":
+        path = Path(args.out) / "config.toml"
+    return load_config(path, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "label":  # the web app has its own parser and dependencies
+        from rlhfkit.labelapp.cli import main as label_main
+
+        return label_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.pipeline import WaitingForLabels
+
+    try:
+        return _dispatch(args)
+    except WaitingForLabels as e:
+        print(f"[rlhfkit] {e}", file=sys.stderr)
+        return 3
+    except RlhfkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume (finished stages are kept)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from rlhfkit import pipeline
+    from rlhfkit.config import config_diff, config_to_toml, load_config
+
+    cfg = _config_for(args)
+    if args.command == "config":
+        print(config_to_toml(cfg), end="")
+        return 0
+    if args.command == "run":
+        out = Path(args.out or f"runs/{cfg.task}")
+        summary = pipeline.run_pipeline(cfg, out)
+        if "eval" in summary:
+            print(f"\nreport: {out / 'eval' / 'report.md'}\nsummary: {out / 'summary.json'}\n")
+            print(pipeline.format_results_table(summary))
+        return 0
+    out = Path(args.out)
+    fresh = args.fresh
+    saved = out / "config.toml"
+    if saved.is_file() and config_diff(load_config(saved), cfg) and not fresh:
+        print(f"[rlhfkit] config changed ({'; '.join(config_diff(load_config(saved), cfg))}); redoing {args.command}")
+        fresh = True
+    result = pipeline.run_stage(args.command, cfg, out, fresh=fresh, replace_config=True)
+    if result is not None:
+        shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        print("\n".join(f"{args.command}.{k} = {v:.4g}" if isinstance(v, float) else f"{args.command}.{k} = {v}"
+                        for k, v in shown.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

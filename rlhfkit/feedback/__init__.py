@@ -1,0 +1,1 @@
+"""Feedback: labelers (simulated, human via rlhfkit.labelapp), consensus and agreement."""

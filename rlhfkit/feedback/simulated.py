@@ -1,0 +1,116 @@
+"""The feedback stage with simulated labelers: sample K completions per prompt, rank, form comparisons.
+
+Each simulated labeler ranks by the task's gold score, misjudging each completion by one gold point
+(up or down at random) with probability `error_rate`; equal perceived scores are ties. Several labelers
+rank every item and a consensus turns their rankings into comparisons (rlhfkit.feedback.agreement).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import Config
+from rlhfkit.data.batching import encode_prompts
+from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, write_jsonl
+from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, mean_agreement, pairwise_agreement
+from rlhfkit.models import autocast, load_policy, load_tokenizer
+from rlhfkit.runio import progress, write_json
+from rlhfkit.sampling import decode_responses, sample
+from rlhfkit.training import Runtime
+
+
+def simulated_ranking(gold: list[float], error_rate: float, rng: random.Random):
+    """One labeler's ranking: gold scores, each misjudged by +-1 with probability error_rate."""
+    perceived = [g + (rng.choice((-1.0, 1.0)) if rng.random() < error_rate else 0.0) for g in gold]
+    return ranking_from_scores(perceived)
+
+
+def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, rule: str) -> list[Comparison]:
+    """Comparisons from several labelers' rankings of one item; pairs of identical texts are dropped."""
+    if rule == "majority":
+        pairs = [(i, j, [labeler_ids[n] for n in support]) for i, j, support in majority_pairs(rankings)]
+    else:
+        consensus = borda_consensus(rankings)
+        pairs = []
+        for i, j in ranking_to_pairs(consensus):
+            support = [labeler_ids[n] for n, r in enumerate(rankings) if (i, j) in set(ranking_to_pairs(r))]
+            pairs.append((i, j, support))
+    return [
+        Comparison(item_id=item_id, prompt=prompt, chosen=completions[i], rejected=completions[j], labeler_ids=support)
+        for i, j, support in pairs
+        if completions[i] != completions[j]
+    ]
+
+
+@torch.no_grad()
+def sample_k(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
+             generator: torch.Generator, rt: Runtime, batch_size: int = 512) -> list[list[str]]:
+    """K completions per prompt with the shared sampler, in batches, with a progress bar."""
+    flat = [p for p in prompts for _ in range(k)]
+    texts: list[str] = []
+    bar = progress(len(flat), "feedback: sampling", unit="completion")
+    for start in range(0, len(flat), batch_size):
+        q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
+        with autocast(rt.device, rt.dtype):
+            s = sample(model, q.to(rt.device), qm.to(rt.device), max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       temperature=temperature, generator=generator)
+        texts.extend(decode_responses(tokenizer, s))
+        bar.update(len(q))
+    bar.close()
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    start = time.time()
+    fb = cfg.feedback
+    rng = random.Random(f"{cfg.seed}-feedback")
+
+    # 1. Prompts and K completions each from the SFT policy.
+    tokenizer = load_tokenizer(sft_dir, "sft policy")
+    model = load_policy(sft_dir, rt.device, "sft policy").eval()
+    prompts = task.prompts(fb.n_prompts, rng)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    completions = sample_k(model, tokenizer, prompts, fb.k, task.max_new_tokens, fb.temperature, generator, rt)
+
+    # 2. Each labeler ranks each item; 3. the consensus becomes comparisons.
+    labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]
+    rankings: list[RankingRecord] = []
+    comparisons: list[Comparison] = []
+    per_item, gold_agree, gold_total = [], 0, 0
+    for i, (prompt, comps) in enumerate(zip(prompts, completions)):
+        item_id = f"{task.name}-{i:06d}"
+        gold = [task.gold_score(prompt, c) for c in comps]
+        item_rankings = [simulated_ranking(gold, fb.error_rate, rng) for _ in labeler_ids]
+        per_item.append(item_rankings)
+        rankings += [RankingRecord(item_id, prompt, comps, lid, r) for lid, r in zip(labeler_ids, item_rankings)]
+        item_comparisons = consensus_comparisons(item_id, prompt, comps, item_rankings, labeler_ids, fb.consensus)
+        comparisons += item_comparisons
+        for c in item_comparisons:
+            gold_total += 1
+            gold_agree += task.gold_score(prompt, c.chosen) > task.gold_score(prompt, c.rejected)
+
+    # 4. Agreement between labelers and with the gold ranking; write the data contract files.
+    agreement = mean_agreement(per_item)
+    gold_rankings = [ranking_from_scores([task.gold_score(p, c) for c in comps]) for p, comps in zip(prompts, completions)]
+    with_gold = [pairwise_agreement(r, g) for rs, g in zip(per_item, gold_rankings) for r in rs]
+    write_jsonl(out_dir / "rankings.jsonl", rankings)
+    write_jsonl(out_dir / "comparisons.jsonl", comparisons)
+    result = {
+        "n_items": len(prompts),
+        "k": fb.k,
+        "labelers_per_item": fb.labelers_per_item,
+        "n_comparisons": len(comparisons),
+        "comparisons_per_item": len(comparisons) / len(prompts),
+        "labeler_pairwise_agreement": agreement["pairwise_agreement"],
+        "labeler_kendall_tau": agreement["kendall_tau"],
+        "labeler_agreement_with_gold": sum(with_gold) / len(with_gold),
+        "comparison_accuracy_vs_gold": gold_agree / max(gold_total, 1),
+        "wall_time_s": time.time() - start,
+    }
+    write_json(out_dir / "stats.json", result)
+    return result

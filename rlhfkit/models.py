@@ -1,0 +1,219 @@
+"""Hugging Face models for every role: policy, reference, reward model, value model.
+
+There is no private model class. Built-in tasks get tiny GPT-2- or Llama-style models created from a
+config section with random init; a user points `policy.path` at any local causal-LM directory.
+Reward and value models are `AutoModelForSequenceClassification` with one label: the reward is the
+head's output at the last real token, the value is the same head applied at every token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.errors import ConfigError, RlhfkitError
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU. Anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device = {name!r} is not a device torch knows ({e}); use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device = {name!r} but CUDA is not available here; use device = 'auto' or 'cpu'")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. 'auto' = bf16 on CUDA with bf16 support, else fp32."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if precision == "bf16":
+        if device.type == "cuda" and not bf16_ok:
+            raise ConfigError("precision = 'bf16' but this GPU does not support bf16; use 'fp32' or 'auto'")
+        return torch.bfloat16
+    raise ConfigError(f"precision = {precision!r}; choose 'auto', 'fp32' or 'bf16'")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for the forward passes (a no-op in fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building tiny models
+
+
+@dataclass
+class TinyModelSpec:
+    """Shape of a tiny model built from scratch (see config.ModelConfig for the documented fields)."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ctx: int
+
+
+def tiny_config(spec: TinyModelSpec, tokenizer):
+    """A transformers config for a tiny GPT-2 or Llama model; dropout off (PPO ratios must start at 1)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if spec.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=len(tokenizer), n_positions=spec.n_ctx, n_embd=spec.n_embd, n_layer=spec.n_layer,
+            n_head=spec.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **ids,
+        )
+    if spec.arch == "llama":
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=spec.n_embd, intermediate_size=4 * spec.n_embd,
+            num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head,
+            max_position_embeddings=spec.n_ctx, tie_word_embeddings=True, attention_dropout=0.0, **ids,
+        )
+    raise ConfigError(f"policy.arch = {spec.arch!r}; choose 'gpt2' or 'llama'")
+
+
+def build_tiny_policy(spec: TinyModelSpec, tokenizer, seed: int):
+    """A randomly initialised causal LM of the given shape (deterministic for a seed)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(spec, tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading from directories, with errors a user can act on
+
+
+def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
+    """Fail early, clearly, when `path` is not a loadable (causal-LM) Hugging Face directory."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise RlhfkitError(f"{role}: model directory {path} does not exist; point it at a local Hugging Face model directory")
+    if not config_file.is_file():
+        raise RlhfkitError(f"{role}: {path} has no config.json; it is not a Hugging Face model directory (save one with save_pretrained)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RlhfkitError(f"{role}: {config_file} is not readable JSON ({e})") from None
+    if causal:
+        archs = config.get("architectures") or []
+        if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+            raise RlhfkitError(
+                f"{role}: {path} holds a {', '.join(archs)}, not a causal language model; "
+                "the policy must be a *ForCausalLM / *LMHeadModel directory"
+            )
+    return path
+
+
+def load_tokenizer(path: str | Path, role: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise RlhfkitError(f"{role}: cannot load a tokenizer from {path} ({e})") from None
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is always masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise RlhfkitError(f"{role}: the tokenizer in {path} has no eos_token; set one and save it again")
+    return tokenizer
+
+
+def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
+    """A causal LM from a local directory, on `device`, in fp32 (autocast handles bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path, role, causal=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.to(device)
+
+
+def load_scalar_model(path: str | Path, device: torch.device, role: str):
+    """A sequence-classification model with one label (reward or value model).
+
+    Loading a causal-LM directory here keeps its backbone and adds a fresh scalar head, which is how the
+    reward model is initialised from the SFT policy (InstructGPT, Ouyang et al. 2022, Sec. 3.5).
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    check_model_dir(path, role, causal=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised score head" is expected here, not a warning
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device)
+
+
+def freeze(model):
+    """Eval mode, no grads: for the reference policy and the reward model during RL."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward passes shared by every algorithm
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so left- and right-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) next-token logits of a causal LM."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+
+
+def scalar_head(model):
+    """The linear scalar head of a sequence-classification model (`score` for decoders)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise RlhfkitError(f"{type(model).__name__} has no 'score' or 'classifier' head; use a decoder-style reward model")
+
+
+def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) head output at every token: values for the critic; the reward is read at the last token."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state  # (B, T, H)
+    return scalar_head(model)(hidden).squeeze(-1).float()  # (B, T)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real (mask = 1) token in each row, for any padding side."""
+    T = attention_mask.shape[1]
+    ar = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(dim=1).values
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward-model score at the last real token of each sequence."""
+    values = token_scalars(model, input_ids, attention_mask)  # (B, T)
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,7 @@
+"""The shared math: pure tensor functions used by every algorithm, each tested against an oracle.
+
+    logprobs.py    gather per-token log-probs; response log-probs of a causal LM
+    kl.py          per-token KL estimators k1/k2/k3, exact categorical KL, KL controllers
+    advantages.py  masked statistics, whitening, GAE, running reward moments
+    losses.py      every loss (Bradley-Terry, PPO clipped policy, clipped value) in one table
+"""

@@ -1,0 +1,79 @@
+"""Masked statistics, whitening, generalised advantage estimation, running reward moments."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:  # Bessel's correction, as the reference implementations do
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back
+    (used for rewards, whose sign matters; lm-human-preferences `whiten(..., shift_mean=False)`)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), vectorised over the batch.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_l (gamma * lam)^l * delta_{t+l}
+
+    rewards, values, mask: (B, T) with mask = 1 on response tokens (a prefix of each row). The value after
+    the last response token is 0 (the episode ends). Returns (advantages, returns), both (B, T), zero
+    where mask = 0; returns = advantages + values are the critic's targets.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and std of scalar scores (Chan et al. parallel update), for reward normalisation."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n, batch_mean = x.numel(), x.mean().item()
+        batch_var = x.var(unbiased=False).item() if n > 1 else 0.0
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-12))

@@ -1,0 +1,93 @@
+"""Run directories: stage markers, atomic JSON, JSONL metrics, seeding, progress bars.
+
+A stage's directory counts as complete only once its marker `COMPLETE.json` is written, last, after
+every output is in place; a killed stage never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MARKER = "COMPLETE.json"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=float)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def is_complete(stage_dir: str | Path) -> bool:
+    return (Path(stage_dir) / MARKER).is_file()
+
+
+def mark_complete(stage_dir: str | Path, result: dict) -> None:
+    """Write the stage's result (its figures for summary.json) as the completion marker."""
+    write_json(Path(stage_dir) / MARKER, result)
+
+
+def stage_result(stage_dir: str | Path) -> dict:
+    return read_json(Path(stage_dir) / MARKER)
+
+
+class MetricsLog:
+    """Append-only JSONL metrics, one object per step, flushed per line so a crash loses at most one."""
+
+    def __init__(self, path: str | Path, resume_after_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after_step is not None and self.path.exists():
+            # Drop lines written after the checkpoint we resume from, so no step is logged twice.
+            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_after_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_after_step is None:
+            self.path.write_text("")
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(total: int, desc: str, unit: str = "step"):
+    """A tqdm bar with ETA on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, leave=False)

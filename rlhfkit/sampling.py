@@ -1,0 +1,105 @@
+"""The one sampler shared by every online method (PPO, best-of-N, ReST, RLOO/GRPO) and the feedback stage.
+
+Batched autoregressive sampling with a KV cache: the prompt is run once, then each step feeds only the
+newly sampled token (never the whole prefix). Prompts are left-padded so every row continues at the same
+column; positions skip the padding. Rows that emit EOS keep running as padding until all rows are done
+or `max_new_tokens` is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.models import position_ids
+
+
+@dataclass
+class Samples:
+    """Sampled responses. Shapes: B = batch, Tq = query length, Tr = response length."""
+
+    queries: torch.Tensor  # (B, Tq) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, Tq)
+    responses: torch.Tensor  # (B, Tr) sampled ids; pad after EOS
+    response_mask: torch.Tensor  # (B, Tr) 1 up to and including EOS
+    ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
+
+
+@torch.no_grad()
+def sample(
+    model,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Sample up to `max_new_tokens` tokens per row from `model` (a causal LM), batched, with a KV cache."""
+    B = queries.shape[0]
+    device = queries.device
+    mask = query_mask.clone()
+    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
+    next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1) position of the first response token
+    tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+        tokens.append(nxt)
+        ended |= alive & (nxt == eos_token_id)
+        alive &= nxt != eos_token_id
+        if not alive.any() or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1, :]
+    responses = torch.stack(tokens, dim=1)  # (B, Tr)
+    # A token belongs to the response if no EOS came strictly before it.
+    is_eos = (responses == eos_token_id).long()
+    before = is_eos.cumsum(dim=1) - is_eos
+    response_mask = (before == 0).long()
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_token_id))
+    return Samples(queries, query_mask, responses, response_mask, ended)
+
+
+def decode_responses(tokenizer, samples: Samples) -> list[str]:
+    """Response texts without EOS/padding (what a labeler or a reward model with its own tokenizer sees)."""
+    return [
+        tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+        for row, m in zip(samples.responses, samples.response_mask)
+    ]
+
+
+def sample_completions(
+    policy_dir,
+    prompts: list[str],
+    k: int,
+    *,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    device: str = "auto",
+    batch_size: int = 256,
+) -> list[list[str]]:
+    """K sampled completions (texts) for each prompt from a local policy directory."""
+    from rlhfkit.data.batching import encode_prompts
+    from rlhfkit.models import load_policy, load_tokenizer, resolve_device
+
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(policy_dir, "policy")
+    model = load_policy(policy_dir, dev).eval()
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(k)]
+    texts: list[str] = []
+    for start in range(0, len(flat), batch_size):
+        q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
+        s = sample(model, q.to(dev), qm.to(dev), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
+        texts.extend(decode_responses(tokenizer, s))
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]

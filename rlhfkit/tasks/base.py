@@ -1,0 +1,42 @@
+"""What a built-in task provides to the pipeline."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+
+
+class Task(ABC):
+    """A task: prompts, demonstrations for SFT, a gold scorer for simulated labelers, gold metrics."""
+
+    name: str
+    max_new_tokens: int  # response budget when sampling
+    gold_metric_names: tuple[str, ...]  # keys of gold_metrics(), in report order
+
+    @abstractmethod
+    def build_tokenizer(self):
+        """A transformers tokenizer built locally (no download)."""
+
+    @abstractmethod
+    def prompts(self, n: int, rng: random.Random) -> list[str]:
+        """n prompt strings."""
+
+    @abstractmethod
+    def demonstrations(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
+        """n (prompt, completion) pairs for SFT."""
+
+    @abstractmethod
+    def gold_score(self, prompt: str, completion: str) -> float:
+        """The true objective that simulated labelers rank by (higher is better; equal scores tie)."""
+
+    @abstractmethod
+    def gold_metrics(self, prompts: list[str], completions: list[str]) -> dict[str, float]:
+        """Task-specific metrics of sampled completions, averaged over the batch."""
+
+    def sft_loss_floor(self) -> float | None:
+        """The lowest achievable mean SFT loss per completion token (the task's entropy), if known."""
+        return None
+
+    def default_overrides(self) -> dict:
+        """Config values this task sets by default, as {section: {field: value}}."""
+        return {}
