@@ -50,7 +50,7 @@ class FeedbackConfig:
     """[feedback] Sample K completions per prompt from the SFT policy and rank them."""
 
     labeler: str = F("simulated", "'simulated' (the task's gold scorer with noise) or 'human' (the labeling app).")
-    n_prompts: int = F(2000, "Prompts (items) to label.")
+    n_prompts: int = F(4000, "Prompts (items) to label.")
     k: int = F(4, "Completions sampled per prompt and ranked together (2 to 9).")
     labelers_per_item: int = F(3, "Labelers who rank each item; their rankings are combined into a consensus.")
     error_rate: float = F(0.05, "Simulated labelers: chance of misjudging each completion by one gold point (up or down at random).")
@@ -66,9 +66,9 @@ class RewardConfig:
     init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory.")
     data: str = F("", "Comparisons JSONL to train on; empty = the feedback stage's output.")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")
-    epochs: int = F(2, "Passes over the training comparisons.")
+    epochs: int = F(4, "Passes over the training comparisons.")
     batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
-    lr: float = F(1e-3, "AdamW learning rate (linear decay to 10%).")
+    lr: float = F(3e-3, "AdamW learning rate (linear decay to 10%).")
     use_margin: bool = F(True, "Subtract each comparison's margin inside the sigmoid when it has one.")
 
 
@@ -81,7 +81,7 @@ class PPOConfig:
     minibatch_size: int = F(32, "Rollouts per gradient step; must divide rollout_batch_size.")
     ppo_epochs: int = F(4, "Passes over each rollout batch.")
     lr: float = F(5e-4, "AdamW learning rate for policy and value model.")
-    kl_coef: float = F(0.05, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
+    kl_coef: float = F(0.2, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
     kl_estimator: str = F("k1", "Per-token KL estimator in the reward: 'k1', 'k2' or 'k3' (Schulman 2020).")
     adaptive_kl: bool = F(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
     target_kl: float = F(1.0, "Target KL per response (nats) for the adaptive controller.")

@@ -124,6 +124,14 @@ def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
     return path
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or "newly initialised head" warnings: rlhfkit reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(path: str | Path, role: str = "tokenizer"):
     from transformers import AutoTokenizer
 
@@ -143,6 +151,7 @@ def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path, role, causal=True)
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return model.to(device)
 
@@ -154,15 +163,10 @@ def load_scalar_model(path: str | Path, device: torch.device, role: str):
     reward model is initialised from the SFT policy (InstructGPT, Ouyang et al. 2022, Sec. 3.5).
     """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     check_model_dir(path, role, causal=False)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised score head" is expected here, not a warning
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    quiet_transformers()  # "newly initialised score head" is expected here, not a warning
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     return model.to(device)
 
 
