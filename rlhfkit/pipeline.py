@@ -64,9 +64,11 @@ def _comparisons_path(cfg: Config, out: Path) -> Path:
 
 
 def _run(name: str, cfg: Config, out: Path, stage_dir: Path, stop_after: int | None) -> dict:
+    from rlhfkit.models import quiet_transformers
     from rlhfkit.tasks import get_task
     from rlhfkit.training import runtime
 
+    quiet_transformers()
     task, rt = get_task(cfg.task), runtime(cfg)
     if name == "sft":
         from rlhfkit.algorithms.sft import train_sft

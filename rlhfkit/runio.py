@@ -88,6 +88,10 @@ def seed_everything(seed: int) -> None:
 
 def progress(total: int, desc: str, unit: str = "step"):
     """A tqdm bar with ETA on stderr."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, leave=False)
+    # In a log file (CI, nohup) redraw rarely instead of flooding it with carriage returns.
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=interval, leave=False)

@@ -161,7 +161,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                     torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()), pc.max_grad_norm)
                 optimizer.step()
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else float(v))
         scheduler.step()
         step += 1
 

@@ -22,7 +22,7 @@ gave that completion (see `alpha_for_rankings`).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from rlhfkit.feedback.agreement import rank_positions
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install rlhfkit into it, editable.
+#   bash scripts/setup.sh            # the toolkit
+#   bash scripts/setup.sh dev,app    # plus test tools and the labeling web app
+# torch: an already-installed torch (for example a user's CUDA build) is kept; otherwise the pinned CPU
+# wheel is installed first, so no other requirement can pull the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+extras=${1:-}
+.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"

@@ -1,0 +1,87 @@
+"""The data contract: rankings -> pairs, validation, and errors that name file, line and field."""
+
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.data.contract import (
+    Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, read_comparisons, read_rankings,
+    validate_ranking, write_jsonl,
+)
+from rlhfkit.errors import DataError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+
+
+def test_ranking_to_pairs_counts_and_ties():
+    assert ranking_to_pairs([[2], [0], [1]]) == [(2, 0), (2, 1), (0, 1)]
+    pairs = ranking_to_pairs([[1], [0, 3], [2]])
+    assert len(pairs) == 1 * 2 + 1 * 1 + 2 * 1
+    assert (0, 3) not in pairs and (3, 0) not in pairs  # ties give no pair
+    assert ranking_to_pairs([[0, 1, 2]]) == []
+    # K completions, no ties: C(K, 2) pairs.
+    assert len(ranking_to_pairs([[i] for i in range(9)])) == 36
+
+
+def test_ranking_from_scores():
+    assert ranking_from_scores([1.0, 2.0, 1.0, 0.0]) == [[1], [0, 2], [3]]
+
+
+@pytest.mark.parametrize("bad", [[[0], [0]], [[0], [2]], [[0, 1]], [], [[0], []], [[0], ["1"]], "0 1"])
+def test_validate_ranking_rejects_non_permutations(bad):
+    with pytest.raises(DataError):
+        validate_ranking(bad, 3, "x")
+
+
+def test_roundtrip(tmp_path):
+    recs = [Comparison("a", "p", "c", "r", 0.5, ["u1"]), Comparison("b", "p", "x", "y")]
+    write_jsonl(tmp_path / "c.jsonl", recs)
+    assert read_comparisons(tmp_path / "c.jsonl") == recs
+    rk = [RankingRecord("a", "p", ["x", "y", "z"], "u1", [[2], [0, 1]])]
+    write_jsonl(tmp_path / "r.jsonl", rk)
+    assert read_rankings(tmp_path / "r.jsonl") == rk
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"item_id": "a", "prompt": "p", "chosen": "c"', "not valid JSON"),
+    ('{"item_id": "a", "prompt": "p", "chosen": "c"}', "missing field 'rejected'"),
+    ('{"item_id": "a", "prompt": "p", "chosen": 3, "rejected": "r"}', "field 'chosen' must be a string"),
+    ('{"item_id": "a", "prompt": "p", "chosen": "c", "rejected": "c"}', "identical"),
+    ('{"item_id": "a", "prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}', "field 'margin'"),
+    ('[1, 2]', "JSON object"),
+])
+def test_bad_comparison_lines_name_file_and_line(tmp_path, line, needle):
+    good = json.dumps({"item_id": "a", "prompt": "p", "chosen": "c", "rejected": "r"})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        read_comparisons(path)
+    assert f"{path}:3" in str(e.value) and needle in str(e.value)
+
+
+def test_bad_ranking_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"item_id": 1, "prompt": "p", "completions": ["a", "b"], "labeler_id": "u",
+                                "ranking": [[0], [0]]}) + "\n")
+    with pytest.raises(DataError, match=r"r.jsonl:1: field 'ranking'.*not a permutation"):
+        read_rankings(path)
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_comparisons(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no comparisons"):
+        read_comparisons(tmp_path / "e.jsonl")
+
+
+def test_docs_describe_every_field():
+    """docs/data.md documents exactly the fields the records have."""
+    text = DOCS.read_text()
+    for cls, heading in ((Comparison, "## Comparison record"), (RankingRecord, "## Ranking record")):
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+        assert documented == {f.name for f in fields(cls)}, cls.__name__
