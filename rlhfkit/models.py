@@ -135,6 +135,8 @@ def quiet_transformers() -> None:
 def load_tokenizer(path: str | Path, role: str = "tokenizer"):
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():
+        raise RlhfkitError(f"{role}: directory {path} does not exist; point it at a local Hugging Face model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

@@ -120,11 +120,27 @@ def test_killed_ppo_resumes_to_identical_model(run, tmp_path):
 
 
 def test_llama_policy_end_to_end(tmp_path):
-    cfg = load_config(overrides=TINY + ["policy.arch='llama'", "ppo.total_steps=20", "eval.n_prompts=300"])
+    # Also exercises the non-default PPO options: value model from the policy, k3, adaptive KL, reward norm.
+    cfg = load_config(overrides=TINY + ["policy.arch='llama'", "ppo.total_steps=20", "eval.n_prompts=300",
+                                        "ppo.value_init='policy'", "ppo.kl_estimator='k3'", "ppo.adaptive_kl=true",
+                                        "ppo.target_kl=0.5", "ppo.kl_horizon=500", "ppo.reward_norm=true",
+                                        "ppo.reward_clip=5.0"])
     summary = run_pipeline(cfg, tmp_path / "llama")
     sft, ppo = summary["eval"]["sft"], summary["eval"]["ppo"]
     assert json.loads((tmp_path / "llama" / "sft" / "model" / "config.json").read_text())["model_type"] == "llama"
     assert ppo["preferred_first_rate"] >= sft["preferred_first_rate"] + 0.2, (sft, ppo)
+    betas = [r["objective/kl_coef"] for r in read_metrics(tmp_path / "llama" / "ppo" / "metrics.jsonl")]
+    assert betas[-1] != betas[0]  # the adaptive controller moved beta
+
+
+def test_reward_threshold_stops_early(run, tmp_path):
+    out, _ = run
+    copy = tmp_path / "threshold"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
+    cfg = load_config(overrides=TINY + ["ppo.reward_threshold=-1000.0"])
+    result = run_stage("ppo", cfg, copy, replace_config=True)
+    assert result["stopped_by_threshold"] is True and result["steps"] == 1
+    assert (copy / "ppo" / "model" / "model.safetensors").is_file()
 
 
 def test_user_model_directory_as_policy(run, tmp_path):

@@ -51,8 +51,8 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
 
     # 1. Model and tokenizer: a user's local causal LM, or a tiny one built from the config.
     if cfg.policy.path:
-        tokenizer = load_tokenizer(cfg.policy.path, "policy.path")
         model = load_policy(cfg.policy.path, rt.device, "policy.path")
+        tokenizer = load_tokenizer(cfg.policy.path, "policy.path")
     else:
         tokenizer = task.build_tokenizer()
         p = cfg.policy

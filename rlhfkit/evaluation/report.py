@@ -117,7 +117,10 @@ def write_report(out: Path, summary: dict, eval_result: dict, ppo_metrics_path: 
                 lines.append(f"| {stage} | {k} | {_fmt(v)} |")
     lines += ["", "## PPO training curves", "", "![PPO curves](ppo_curves.png)" if metrics else "(no PPO metrics)", "",
               "## Where the policy moved: KL per completion position", "", "![KL per position](kl_per_position.png)", "",
-              "## Next-token distribution per position (one prompt)", "", "![distributions](token_distributions.png)", "",
+              "## Next-token distribution per position (one prompt)", "",
+              "Frequencies over sampled completions of one prompt (marginal over the sampled prefix: once the first "
+              "digit changes, later positions shift with it even where the rule is kept).", "",
+              "![distributions](token_distributions.png)", "",
               "## Sample completions", ""]
     for name in names:
         lines.append(f"**{name}:** " + ", ".join(f"`{s['prompt']} {s['completion']}`" for s in policies[name]["samples"]))
