@@ -119,6 +119,7 @@ def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict
     exported = human_feedback(
         project, policy_dir=sft_model, prompts=task.prompts(fb.n_prompts, random.Random(f"{cfg.seed}-feedback")),
         k=fb.k, overlap=fb.labelers_per_item, items_required=fb.n_prompts, criteria=["overall"], seed=cfg.seed,
+        max_new_tokens=task.max_new_tokens,
     )
     if exported is None:
         raise WaitingForLabels(

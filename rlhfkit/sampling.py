@@ -41,6 +41,14 @@ def sample(
     """Sample up to `max_new_tokens` tokens per row from `model` (a causal LM), batched, with a KV cache."""
     B = queries.shape[0]
     device = queries.device
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and queries.shape[1] + max_new_tokens > limit:
+        from rlhfkit.errors import RlhfkitError
+
+        raise RlhfkitError(
+            f"prompt length {queries.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"{limit} positions; use shorter prompts, fewer new tokens, or a model with a longer context"
+        )
     mask = query_mask.clone()
     out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)

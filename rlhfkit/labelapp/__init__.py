@@ -1,0 +1,21 @@
+"""The feedback web app: people rank completions in a browser; the export is the trainers' data contract.
+
+Nothing here is imported by the core: `rlhfkit label ...` and the pipeline's human-feedback hook import
+it on demand, and it needs the `app` extra (fastapi, uvicorn, jinja2, python-multipart, markdown-it-py).
+
+Modules, one concern each:
+    db          SQLite connection (WAL, durable commits) and schema.sql
+    security    password hashing, invitations, sessions, CSRF
+    project     creating a project (imported completions or sampled from a policy), adding people
+    assignment  handing out items (overlap, leases, per-labeler shuffle), skips and submissions
+    stats       progress, agreement (pairwise, Kendall tau, Krippendorff alpha), per-labeler figures, Elo
+    export      comparisons.jsonl + rankings.jsonl (rlhfkit.data.contract) and a summary
+    app         the FastAPI application factory: settings, error handlers, security headers
+    deps        per-request plumbing: DB connection, signed-in user, roles, CSRF, sign-in throttle
+    api         the JSON API (/api/...), described by the OpenAPI schema
+    pages       the HTML pages (Jinja2 templates in templates/, script and styles in static/)
+    cli         `rlhfkit label serve|create|add-labeler|export|status`
+    hook        the pipeline's `feedback.labeler = "human"` step
+"""
+
+DB_NAME = "labels.sqlite3"

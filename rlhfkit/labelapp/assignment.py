@@ -1,0 +1,222 @@
+"""Handing out items, skips and submissions.
+
+Rules (tested in tests/labelapp/test_assignment.py):
+- An item is handed to at most `overlap` labelers at a time: submitted answers plus open assignments whose
+  lease has not run out count against it; an expired lease frees its slot for someone else.
+- A labeler never gets the same item twice (UNIQUE(item_id, user_id)), skipped or not.
+- Items already started by others come first, so items are completed (all `overlap` answers) before new
+  ones are opened: the pipeline waits for complete items.
+- Each labeler sees the completions in their own shuffled order, recorded in the assignment; the client
+  only ever sends display positions, and the server maps them back to original completion indices.
+- A submission carries a client-generated id; a retry with the same id is answered "duplicate" and not
+  stored again. It is committed (fsync'd) before the answer leaves the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sqlite3
+import time
+
+from rlhfkit.data.contract import STRENGTH_MARGINS, validate_ranking
+from rlhfkit.errors import DataError
+from rlhfkit.labelapp.db import transaction
+from rlhfkit.labelapp.project import ProjectSettings
+
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+FLAG_REASONS = ("unsafe", "nonsense", "other")
+MAX_COMMENT = 2000
+
+
+class AppError(Exception):
+    """A request the app refuses, with the HTTP status and a message for the person or client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_ACTIVE = "(status = 'submitted' OR (status = 'open' AND lease_expires_at > :now))"
+
+
+def _active_count(conn: sqlite3.Connection, item_id: int, now: float, except_user: int | None = None) -> int:
+    sql = f"SELECT COUNT(*) FROM assignments WHERE item_id = :item AND {_ACTIVE}"
+    if except_user is not None:
+        sql += " AND user_id != :user"
+    return conn.execute(sql, {"item": item_id, "now": now, "user": except_user}).fetchone()[0]
+
+
+def _display_order(item_id: int, user_id: int, k: int) -> list[int]:
+    # Seeded from (item, user) so the order is reproducible from the database alone; it is recorded too.
+    seed = int.from_bytes(hashlib.sha256(f"{item_id}:{user_id}".encode()).digest()[:8], "big")
+    order = list(range(k))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def next_assignment(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, now: float | None = None) -> int | None:
+    """The labeler's current assignment, or a new one; None when nothing is left for them."""
+    now = time.time() if now is None else now
+    with transaction(conn):
+        mine = conn.execute(
+            "SELECT id, item_id FROM assignments WHERE user_id = ? AND status = 'open' ORDER BY id", (user_id,)
+        ).fetchall()
+        for row in mine:
+            # Resume an unfinished item, unless the lease ran out and others filled the item meanwhile.
+            if _active_count(conn, row["item_id"], now, except_user=user_id) < settings.overlap:
+                conn.execute("UPDATE assignments SET lease_expires_at = ? WHERE id = ?",
+                             (now + settings.lease_seconds, row["id"]))
+                return row["id"]
+            conn.execute("UPDATE assignments SET status = 'expired' WHERE id = ?", (row["id"],))
+        row = conn.execute(
+            f"""SELECT i.id, i.completions,
+                   (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND {_ACTIVE}) AS active
+                FROM items i
+                WHERE NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = :user)
+                  AND active < :overlap
+                ORDER BY active DESC, i.id LIMIT 1""",
+            {"now": now, "user": user_id, "overlap": settings.overlap},
+        ).fetchone()
+        if row is None:
+            return None
+        order = _display_order(row["id"], user_id, len(json.loads(row["completions"])))
+        cur = conn.execute(
+            "INSERT INTO assignments (item_id, user_id, display_order, status, created_at, lease_expires_at)"
+            " VALUES (?, ?, ?, 'open', ?, ?)",
+            (row["id"], user_id, json.dumps(order), now, now + settings.lease_seconds),
+        )
+        return cur.lastrowid
+
+
+def assignment_view(conn: sqlite3.Connection, assignment_id: int, user_id: int) -> dict:
+    """What the labeler sees: prompt and completions in their display order (no original indices)."""
+    row = conn.execute(
+        "SELECT a.id, a.user_id, a.status, a.display_order, i.item_key, i.prompt, i.completions"
+        " FROM assignments a JOIN items i ON i.id = a.item_id WHERE a.id = ?",
+        (assignment_id,),
+    ).fetchone()
+    # Someone else's assignment answers exactly like a missing one: no probing of other labelers' work.
+    if row is None or row["user_id"] != user_id:
+        raise AppError(404, f"assignment {assignment_id} not found among your assignments")
+    completions = json.loads(row["completions"])
+    order = json.loads(row["display_order"])
+    return {
+        "assignment_id": row["id"],
+        "status": row["status"],
+        "prompt": row["prompt"],
+        "completions": [{"position": pos, "text": completions[orig]} for pos, orig in enumerate(order)],
+    }
+
+
+def skip(conn: sqlite3.Connection, user_id: int, assignment_id: int) -> None:
+    with transaction(conn):
+        row = conn.execute("SELECT user_id, status FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
+        if row is None or row["user_id"] != user_id:
+            raise AppError(404, f"assignment {assignment_id} not found among your assignments")
+        if row["status"] == "submitted":
+            raise AppError(409, f"assignment {assignment_id} was already submitted and cannot be skipped")
+        conn.execute("UPDATE assignments SET status = 'skipped' WHERE id = ?", (assignment_id,))
+
+
+def submit(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, payload: dict, now: float | None = None) -> tuple[str, int]:
+    """Store one submission; returns ("stored" | "duplicate", submission id). Raises AppError."""
+    now = time.time() if now is None else now
+    client_id = payload.get("client_id")
+    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
+        raise AppError(422, "client_id: send 8-64 letters, digits, '-' or '_' (e.g. a UUID), new for each submission")
+    with transaction(conn):
+        existing = conn.execute("SELECT id, user_id FROM submissions WHERE client_id = ?", (client_id,)).fetchone()
+        if existing is not None:
+            if existing["user_id"] != user_id:
+                raise AppError(409, "client_id: already used by another submission; generate a new one")
+            return "duplicate", existing["id"]  # a retry of a request whose answer was lost
+        assignment_id = payload.get("assignment_id")
+        row = conn.execute(
+            "SELECT a.*, i.completions FROM assignments a JOIN items i ON i.id = a.item_id WHERE a.id = ?",
+            (assignment_id,),
+        ).fetchone()
+        if row is None or row["user_id"] != user_id:
+            raise AppError(404, f"assignment {assignment_id} not found among your assignments")
+        if row["status"] != "open":
+            raise AppError(409, f"assignment {assignment_id} is {row['status']}; ask for the next item")
+        # Only possible after a lease ran out and the slot went to someone else who answered first.
+        if conn.execute("SELECT COUNT(*) FROM submissions WHERE item_id = ?", (row["item_id"],)).fetchone()[0] >= settings.overlap:
+            raise AppError(409, "this item already has all its answers (your lease had run out); ask for the next item")
+        order = json.loads(row["display_order"])
+        rankings, strengths = _parse_rankings(payload, settings, order)
+        flags = _parse_flags(payload.get("flags"), order)
+        comment = payload.get("comment") or ""
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+            raise AppError(422, f"comment: must be text of at most {MAX_COMMENT} characters")
+        cur = conn.execute(
+            "INSERT INTO submissions (client_id, assignment_id, user_id, item_id, rankings, strengths, flags, comment,"
+            " seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (client_id, row["id"], user_id, row["item_id"], json.dumps(rankings),
+             json.dumps(strengths) if strengths else None, json.dumps(flags), comment, now - row["created_at"], now),
+        )
+        conn.execute("UPDATE assignments SET status = 'submitted' WHERE id = ?", (row["id"],))
+        return "stored", cur.lastrowid
+
+
+def _parse_rankings(payload: dict, settings: ProjectSettings, order: list[int]) -> tuple[dict, dict]:
+    given = payload.get("rankings")
+    if not isinstance(given, dict):
+        raise AppError(422, f"rankings: send an object with one ranking per criterion: {settings.criteria}")
+    missing = [c for c in settings.criteria if c not in given]
+    extra = [c for c in given if c not in settings.criteria]
+    if missing or extra:
+        raise AppError(422, f"rankings: expected criteria {settings.criteria}; missing {missing}, unknown {extra}")
+    strengths_in = payload.get("strengths") or {}
+    if not isinstance(strengths_in, dict):
+        raise AppError(422, "strengths: send an object {criterion: [strength, ...]} or leave it out")
+    rankings, strengths = {}, {}
+    for criterion in settings.criteria:
+        try:
+            ranking = validate_ranking(given[criterion], len(order), f"rankings.{criterion}")
+        except DataError as e:
+            raise AppError(422, f"{e} (display positions 0..{len(order) - 1}, tie groups best first)") from None
+        # display position -> original completion index: the export speaks original indices only.
+        rankings[criterion] = [sorted(order[pos] for pos in group) for group in ranking]
+        if settings.ask_strength and len(ranking) > 1:
+            s = strengths_in.get(criterion)
+            if not isinstance(s, list) or len(s) != len(ranking) - 1 or not all(x in STRENGTH_MARGINS for x in s):
+                raise AppError(
+                    422,
+                    f"strengths.{criterion}: give {len(ranking) - 1} strength(s), one per step between adjacent"
+                    f" ranks, each one of {list(STRENGTH_MARGINS)}",
+                )
+            strengths[criterion] = s
+    return rankings, strengths
+
+
+def _parse_flags(flags, order: list[int]) -> list[dict]:
+    if flags is None:
+        return []
+    if not isinstance(flags, list) or len(flags) > len(order):
+        raise AppError(422, "flags: send a list of {position, reason}, at most one per completion")
+    out = []
+    for f in flags:
+        pos = f.get("position") if isinstance(f, dict) else None
+        reason = f.get("reason") if isinstance(f, dict) else None
+        if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < len(order) or reason not in FLAG_REASONS:
+            raise AppError(422, f"flags: each flag needs a position 0..{len(order) - 1} and a reason in {list(FLAG_REASONS)}")
+        out.append({"completion": order[pos], "reason": reason})
+    return out
+
+
+def labeler_progress(conn: sqlite3.Connection, user_id: int, overlap: int, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    done = conn.execute("SELECT COUNT(*) FROM assignments WHERE user_id = ? AND status = 'submitted'", (user_id,)).fetchone()[0]
+    skipped = conn.execute("SELECT COUNT(*) FROM assignments WHERE user_id = ? AND status = 'skipped'", (user_id,)).fetchone()[0]
+    available = conn.execute(
+        f"""SELECT COUNT(*) FROM items i
+            WHERE NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = :user)
+              AND (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND {_ACTIVE}) < :overlap""",
+        {"user": user_id, "now": now, "overlap": overlap},
+    ).fetchone()[0]
+    open_ = conn.execute("SELECT COUNT(*) FROM assignments WHERE user_id = ? AND status = 'open'", (user_id,)).fetchone()[0]
+    return {"done": done, "skipped": skipped, "remaining": available + open_}

@@ -1,0 +1,206 @@
+"""`rlhfkit label ...`: the labeling app's command line (the main CLI forwards here).
+
+    rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [options]
+    rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000]
+    rlhfkit label add-labeler PROJECT_DIR NAME [--lead] [--password-stdin]
+    rlhfkit label export PROJECT_DIR --out DIR [--min-agreement X] [--complete-only]
+    rlhfkit label status PROJECT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlhfkit.errors import ConfigError, RlhfkitError
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+WEB_MODULES = {"fastapi", "starlette", "uvicorn", "jinja2", "multipart", "python_multipart", "markdown_it", "pydantic"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit label", description="The labeling web app for human rankings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("create", help="create a labeling project from completions or a policy")
+    p.add_argument("project_dir", type=Path)
+    p.add_argument("--completions", type=Path, help='JSONL of {"prompt", "completions"[, "model_ids"][, "item_id"]}')
+    p.add_argument("--policy", type=Path, help="policy directory to sample K completions per prompt from")
+    p.add_argument("--prompts", type=Path, help="prompts file (one per line, or JSONL with 'prompt'); with --policy")
+    p.add_argument("--k", type=int, default=4, help="completions per prompt when sampling (2-9)")
+    p.add_argument("--overlap", type=int, default=1, help="labelers per item")
+    p.add_argument("--criteria", default="overall", help="comma-separated, e.g. helpfulness,harmlessness")
+    p.add_argument("--strength", action="store_true", help="ask how much better each rank is (margins)")
+    p.add_argument("--guidelines", type=Path, help="Markdown file shown to labelers")
+    p.add_argument("--name", default=None, help="project name (default: the directory's name)")
+    p.add_argument("--lease-minutes", type=float, default=30, help="unanswered items return to the pool after this")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest completion sampled from the policy")
+
+    p = sub.add_parser("serve", help="run the web app")
+    p.add_argument("project_dir", type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+
+    p = sub.add_parser("add-labeler", help="add a labeler (or lead) and print their invitation link")
+    p.add_argument("project_dir", type=Path)
+    p.add_argument("name")
+    p.add_argument("--lead", action="store_true", help="give this person the lead's role")
+    p.add_argument("--password-stdin", action="store_true", help="read a password from stdin instead of inviting")
+    p.add_argument("--base-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="the app's address, for the link")
+
+    p = sub.add_parser("export", help="write comparisons.jsonl and rankings.jsonl")
+    p.add_argument("project_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--min-agreement", type=float, default=None, help="leave out items whose labelers agree less")
+    p.add_argument("--complete-only", action="store_true", help="only items that have all `overlap` answers")
+
+    p = sub.add_parser("status", help="progress and agreement")
+    p.add_argument("project_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RlhfkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # Only `serve` needs the web stack; everything else runs on the core install.
+        if e.name and e.name.split(".")[0] in WEB_MODULES:
+            print(f"error: `rlhfkit label {args.command}` needs the web app's packages ({e.name} is missing); "
+                  "install them with: pip install 'rlhfkit[app]'", file=sys.stderr)
+            return 2
+        raise
+
+
+def _require_project(project_dir: Path) -> None:
+    from rlhfkit.labelapp import db
+
+    if not db.db_path(project_dir).is_file():
+        raise ConfigError(f"{project_dir}: no labeling project here; create one with `rlhfkit label create {project_dir} ...`")
+
+
+def cmd_create(args) -> int:
+    from rlhfkit.labelapp import project
+
+    if (args.completions is None) == (args.policy is None):
+        raise ConfigError("create: give exactly one of --completions FILE or --policy DIR (with --prompts FILE)")
+    if args.policy is not None and args.prompts is None:
+        raise ConfigError("create: --policy needs --prompts FILE")
+    guidelines = ""
+    if args.guidelines is not None:
+        if not args.guidelines.is_file():
+            raise ConfigError(f"--guidelines {args.guidelines}: no such file")
+        guidelines = args.guidelines.read_text(encoding="utf-8")
+    settings = project.ProjectSettings(
+        name=args.name or args.project_dir.resolve().name, criteria=[c.strip() for c in args.criteria.split(",") if c.strip()],
+        k=args.k, overlap=args.overlap, ask_strength=args.strength, guidelines=guidelines,
+        lease_seconds=max(1, int(args.lease_minutes * 60)),
+    ).validate()
+    if args.completions is not None:
+        items, source = project.load_completions(args.completions), str(args.completions)
+    else:
+        items = project.sample_items(args.policy, project.load_prompts(args.prompts), args.k, seed=args.seed,
+                                     max_new_tokens=args.max_new_tokens)
+        source = str(args.policy)
+    n = project.create_project(args.project_dir, settings, items, source)
+    print(f"created {args.project_dir} with {n} items; next: `rlhfkit label add-labeler {args.project_dir} NAME`"
+          f" and `rlhfkit label serve {args.project_dir}`")
+    return 0
+
+
+def cmd_add_labeler(args) -> int:
+    from rlhfkit.labelapp import db, project
+
+    db.init_db(db.db_path(args.project_dir))
+    with db.opened(args.project_dir) as conn, db.transaction(conn):
+        token = project.add_person(conn, args.name, "lead" if args.lead else None)
+        if args.password_stdin:
+            project.set_password(conn, args.name, sys.stdin.readline().rstrip("\n"))
+    with db.opened(args.project_dir) as conn:
+        role = conn.execute("SELECT role FROM users WHERE name = ?", (args.name,)).fetchone()["role"]
+    if args.password_stdin:
+        print(f"added {role} {args.name} with the given password")
+    else:
+        print(f"added {role} {args.name}; send them this one-time link (valid 7 days) to choose a password:")
+        print(f"  {args.base_url.rstrip('/')}/invite/{token}")
+    return 0
+
+
+def lead_invitation_if_needed(project_dir: Path, base_url: str) -> str | None:
+    """An invitation link for a first lead, when the project has no lead at all.
+
+    A lead who was invited but has not signed up keeps their link: printing a fresh one at every start
+    would silently invalidate the one already sent (`add-labeler NAME --lead` makes a new one on purpose).
+    """
+    from rlhfkit.labelapp import db, project
+
+    with db.opened(project_dir) as conn, db.transaction(conn):
+        if conn.execute("SELECT 1 FROM users WHERE role = 'lead'").fetchone():
+            return None
+        token = project.add_person(conn, "lead", "lead")
+    return f"{base_url.rstrip('/')}/invite/{token}"
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from rlhfkit.labelapp import db
+    from rlhfkit.labelapp.app import create_app
+
+    db.init_db(db.db_path(args.project_dir))
+    base = f"http://{args.host}:{args.port}"
+    link = lead_invitation_if_needed(args.project_dir, base)
+    print(f"labeling app for {args.project_dir} at {base}/  (labelers sign in there)")
+    if link:
+        print(f"a lead account 'lead' was created; the lead opens this one-time link to choose a password:\n  {link}")
+    sys.stdout.flush()
+    uvicorn.run(create_app(args.project_dir), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rlhfkit.labelapp.export import export_project
+
+    _require_project(args.project_dir)
+    summary = export_project(args.project_dir, args.out, min_agreement=args.min_agreement,
+                             complete_only=args.complete_only)
+    print(f"wrote {summary['comparisons']} comparisons and {summary['rankings']} rankings from "
+          f"{summary['items_exported']} items to {args.out}")
+    if summary["items_dropped_low_agreement"]:
+        print(f"left out {len(summary['items_dropped_low_agreement'])} item(s) below agreement {args.min_agreement}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rlhfkit.labelapp import db, project, stats
+
+    _require_project(args.project_dir)
+    with db.opened(args.project_dir) as conn:
+        settings = project.get_settings(conn)
+        if settings is None:
+            raise ConfigError(f"{args.project_dir}: the project has not been created yet")
+        figures = stats.project_stats(conn, settings)
+    print(f"{settings.name}: {figures['items_complete']}/{figures['items']} items complete "
+          f"(overlap {settings.overlap}), {figures['submissions']} rankings, {figures['skips']} skips")
+    for c, fig in figures["criteria"].items():
+        print(f"  {c}: " + ", ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in fig.items()))
+    for p in figures["labelers"]:
+        agree = p["agreement_with_consensus"]
+        print(f"  {p['role']:7s} {p['name']:20s} done {p['submitted']:4d}  skipped {p['skipped']:3d}  "
+              f"agreement {'-' if agree is None else f'{agree:.2f}'}")
+    if figures["elo"]:
+        print(json.dumps(figures["elo"], indent=1))
+    return 0
+
+
+COMMANDS = {"create": cmd_create, "serve": cmd_serve, "add-labeler": cmd_add_labeler, "export": cmd_export,
+            "status": cmd_status}
+
+if __name__ == "__main__":
+    sys.exit(main())

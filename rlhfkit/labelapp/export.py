@@ -1,0 +1,113 @@
+"""Export: the records the trainers read (rlhfkit.data.contract), with no conversion step.
+
+Written to OUT:
+    comparisons.jsonl   Comparison records: one per strict preference of the item's consensus
+    rankings.jsonl      RankingRecord per labeler and criterion (the raw rankings, original indices)
+    consensus.jsonl     RankingRecord per item and criterion: the Borda consensus (labeler_id "consensus")
+    elo.json            Elo ladder per criterion when completions come from several models
+    export.json         counts, agreement figures and settings; written last, so its presence marks a
+                        complete export
+
+Rules (documented in docs/labeling.md):
+- Comparisons come from pairwise majority over the item's labelers (agreement.majority_pairs): i beats j
+  when more than half of them ranked i strictly above j; `labeler_ids` lists those supporters. With one
+  labeler this is every strict preference of their ranking.
+- Margin: a labeler who gave strengths between adjacent ranks supports (i, j) with the margin of the
+  strongest step between i's and j's tie groups (STRENGTH_MARGINS); the comparison's margin is the mean
+  over its supporters. Without strengths the margin is null.
+- min_agreement: an item whose mean pairwise agreement between its labelers is below the threshold is
+  left out entirely (comparisons, rankings, consensus). Items with a single labeler have no agreement
+  and are kept.
+- A pair whose two completions are the same text yields no comparison (the contract forbids it).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from itertools import combinations
+from pathlib import Path
+
+from rlhfkit.data.contract import STRENGTH_MARGINS, Comparison, RankingRecord, write_jsonl
+from rlhfkit.errors import ConfigError
+from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, pairwise_agreement
+from rlhfkit.labelapp import db
+from rlhfkit.labelapp.project import get_settings
+from rlhfkit.labelapp.stats import by_item, load_labels, project_stats
+
+
+def pair_margin(ranking: list[list[int]], steps: list[str], better: int, worse: int) -> float:
+    group = {i: g for g, members in enumerate(ranking) for i in members}
+    lo, hi = group[better], group[worse]
+    return max(STRENGTH_MARGINS[s] for s in steps[lo:hi])
+
+
+def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreement: float | None = None,
+                   complete_only: bool = False) -> dict:
+    """Write the export; returns the summary also saved as export.json."""
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"min_agreement: {min_agreement} must be between 0 and 1")
+    if not db.db_path(project_dir).is_file():
+        raise ConfigError(f"{project_dir}: no labeling project here (create one with `rlhfkit label create`)")
+    out_dir = Path(out_dir)
+    with db.opened(project_dir) as conn:
+        settings = get_settings(conn)
+        if settings is None:
+            raise ConfigError(f"{project_dir}: the project has not been created yet")
+        labels = load_labels(conn)
+        stats = project_stats(conn, settings)
+
+    comparisons, rankings, consensus = [], [], []
+    dropped_items, identical_pairs = set(), 0
+    counts = {}
+    for lab in labels:
+        counts[lab["item_id"]] = counts.get(lab["item_id"], 0) + 1
+    for criterion in settings.criteria:
+        for item, labs in sorted(by_item(labels, criterion).items()):
+            if complete_only and counts[item] < settings.overlap:
+                continue
+            ranks = [lab["rankings"][criterion] for lab in labs]
+            if min_agreement is not None and len(ranks) >= 2:
+                agreement = statistics.fmean(pairwise_agreement(a, b) for a, b in combinations(ranks, 2))
+                if agreement < min_agreement:
+                    dropped_items.add(labs[0]["item_key"])
+                    continue
+            first = labs[0]
+            texts = first["completions"]
+            for lab in labs:
+                rankings.append(RankingRecord(first["item_key"], first["prompt"], texts, lab["labeler"],
+                                              lab["rankings"][criterion], criterion))
+            consensus.append(RankingRecord(first["item_key"], first["prompt"], texts, "consensus",
+                                           borda_consensus(ranks), criterion))
+            for better, worse, support in majority_pairs(ranks):
+                if texts[better] == texts[worse]:
+                    identical_pairs += 1
+                    continue
+                margins = [pair_margin(ranks[n], labs[n]["strengths"][criterion], better, worse)
+                           for n in support if criterion in labs[n]["strengths"]]
+                comparisons.append(Comparison(
+                    item_id=first["item_key"], prompt=first["prompt"], chosen=texts[better], rejected=texts[worse],
+                    margin=statistics.fmean(margins) if margins else None,
+                    labeler_ids=[labs[n]["labeler"] for n in support], criterion=criterion,
+                ))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "export.json").unlink(missing_ok=True)  # a half-rewritten export must not look complete
+    write_jsonl(out_dir / "comparisons.jsonl", comparisons)
+    write_jsonl(out_dir / "rankings.jsonl", rankings)
+    write_jsonl(out_dir / "consensus.jsonl", consensus)
+    (out_dir / "elo.json").write_text(json.dumps(stats["elo"], indent=2), encoding="utf-8")
+    summary = {
+        "project": settings.name,
+        "created_at": time.time(),
+        "comparisons": len(comparisons),
+        "rankings": len(rankings),
+        "items_exported": len({r.item_id for r in consensus}),
+        "items_dropped_low_agreement": sorted(dropped_items),
+        "pairs_skipped_identical_text": identical_pairs,
+        "min_agreement": min_agreement,
+        "stats": {k: v for k, v in stats.items() if k not in ("flags",)},
+    }
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary

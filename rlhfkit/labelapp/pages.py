@@ -1,0 +1,227 @@
+"""The HTML pages: sign-in and invitations, guidelines and labeling for labelers, the lead's page.
+
+Rendered by Jinja2 with autoescaping: prompts, completions, comments and names are always text, never
+markup. Every form posts a CSRF token (deps.check_form_csrf / deps.check_anon_csrf).
+"""
+
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from rlhfkit.labelapp import db, project, security, stats
+from rlhfkit.labelapp.api import next_for
+from rlhfkit.labelapp.assignment import AppError
+from rlhfkit.labelapp.deps import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Conn,
+    CurrentUser,
+    PageLead,
+    PageUser,
+    check_anon_csrf,
+    check_form_csrf,
+    set_session_cookie,
+    sign_in,
+)
+from rlhfkit.labelapp.export import export_project
+from rlhfkit.labelapp.security import User
+
+router = APIRouter(include_in_schema=False)
+EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "export.json")
+
+
+def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    return request.app.state.templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def anon_form(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    """A form for someone not signed in, with a fresh double-submit CSRF token."""
+    token = secrets.token_urlsafe(16)
+    response = page(request, name, status=status, login_csrf=token, user=None, **context)
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                        secure=request.app.state.config.cookie_secure)
+    return response
+
+
+# -- signing in -----------------------------------------------------------------------------------------
+
+
+@router.get("/")
+def home(user: CurrentUser):
+    if user is None:
+        return RedirectResponse("/login", status_code=303)
+    return RedirectResponse("/lead" if user.is_lead else "/guidelines", status_code=303)
+
+
+@router.get("/login")
+def login_page(request: Request):
+    return anon_form(request, "login.html", error=None)
+
+
+@router.post("/login")
+def login(request: Request, conn: Conn, name: Annotated[str, Form(max_length=64)],
+          password: Annotated[str, Form(max_length=256)], csrf_token: Annotated[str, Form()] = ""):
+    check_anon_csrf(request, csrf_token)
+    signed = sign_in(request, conn, name, password)
+    if signed is None:
+        return anon_form(request, "login.html", status=401, error="Wrong name or password.")
+    token, user = signed
+    # Labelers land on the guidelines: they read them before their first item.
+    response = RedirectResponse("/lead" if user.is_lead else "/guidelines", status_code=303)
+    set_session_cookie(request, response, token)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, conn: Conn, user: PageUser, csrf_token: Annotated[str, Form()] = ""):
+    check_form_csrf(user, csrf_token)
+    security.end_session(conn, request.cookies.get(SESSION_COOKIE))
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+@router.get("/invite/{token}")
+def invite_page(request: Request, token: str):
+    return anon_form(request, "invite.html", token=token, error=None)
+
+
+@router.post("/invite/{token}")
+def accept_invite(request: Request, token: str, conn: Conn, password: Annotated[str, Form(max_length=256)],
+                  password2: Annotated[str, Form(max_length=256)], csrf_token: Annotated[str, Form()] = ""):
+    check_anon_csrf(request, csrf_token)
+    if password != password2 or len(password) < security.MIN_PASSWORD:
+        return anon_form(request, "invite.html", status=400, token=token,
+                         error=f"Type the same password twice, at least {security.MIN_PASSWORD} characters.")
+    with db.transaction(conn):
+        name = project.accept_invitation(conn, token, password, request.app.state.config.scrypt_n)
+    if name is None:
+        raise AppError(400, "This invitation link is unknown, used or expired. Ask your lead for a new one.")
+    return anon_form(request, "login.html", error=None, notice=f"Password set for {name}. Sign in.")
+
+
+# -- labeling -------------------------------------------------------------------------------------------
+
+
+@router.get("/guidelines")
+def guidelines(request: Request, conn: Conn, user: PageUser):
+    return page(request, "guidelines.html", user=user, settings=project.get_settings(conn))
+
+
+@router.get("/label")
+def label(request: Request, conn: Conn, user: PageUser):
+    settings = project.get_settings(conn)
+    if settings is None:
+        return page(request, "guidelines.html", user=user, settings=None)
+    nxt = next_for(conn, user)
+    if nxt.assignment is None:
+        return page(request, "done.html", user=user, progress=nxt.progress)
+    return page(request, "label.html", user=user, settings=settings, a=nxt.assignment, letters="ABCDEFGHI",
+                progress=nxt.progress, strengths=nxt.strengths)
+
+
+# -- the lead -------------------------------------------------------------------------------------------
+
+
+def latest_export(project_dir: Path) -> Path | None:
+    done = sorted((project_dir / "exports").glob("*/export.json"))
+    return done[-1].parent if done else None
+
+
+def lead_page(request: Request, conn, user: User, status: int = 200, **extra):
+    config = request.app.state.config
+    settings = project.get_settings(conn)
+    figures = stats.project_stats(conn, settings, config.elo_rounds) if settings else None
+    return page(request, "lead.html", status=status, user=user, settings=settings, stats=figures,
+                last_export=latest_export(config.project_dir), **extra)
+
+
+@router.get("/lead")
+def lead(request: Request, conn: Conn, user: PageLead):
+    return lead_page(request, conn, user)
+
+
+@router.post("/lead/create")
+async def lead_create(request: Request, user: PageLead, csrf_token: Annotated[str, Form()] = "",
+                      name: Annotated[str, Form()] = "labeling", criteria: Annotated[str, Form()] = "overall",
+                      k: Annotated[int, Form()] = 4, overlap: Annotated[int, Form()] = 1,
+                      ask_strength: Annotated[str, Form()] = "", guidelines: Annotated[str, Form()] = "",
+                      policy_dir: Annotated[str, Form()] = "",
+                      completions: Annotated[UploadFile | None, File()] = None,
+                      prompts: Annotated[UploadFile | None, File()] = None):
+    check_form_csrf(user, csrf_token)
+    project_dir = request.app.state.config.project_dir
+    settings = project.ProjectSettings(
+        name=name.strip() or "labeling", criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+        k=k, overlap=overlap, ask_strength=bool(ask_strength), guidelines=guidelines).validate()
+    uploads = project_dir / "uploads"  # kept: the project records where its items came from
+    uploads.mkdir(parents=True, exist_ok=True)
+
+    async def save(upload: UploadFile | None, filename: str) -> Path | None:
+        if upload is None or not upload.filename:
+            return None
+        path = uploads / filename
+        path.write_bytes(await upload.read())
+        return path
+
+    completions_path = await save(completions, "completions.jsonl")
+    suffix = ".jsonl" if prompts is not None and (prompts.filename or "").endswith(".jsonl") else ".txt"
+    prompts_path = await save(prompts, "prompts" + suffix)
+    if completions_path is not None:
+        items, source = project.load_completions(completions_path), "uploaded completions"
+    elif policy_dir.strip() and prompts_path is not None:
+        # sampling runs a model: off the event loop
+        items = await run_in_threadpool(project.sample_items, policy_dir.strip(), project.load_prompts(prompts_path),
+                                        settings.k)
+        source = f"sampled from {policy_dir.strip()}"
+    else:
+        raise AppError(400, "Upload a completions JSONL file, or give a policy directory and a prompts file.")
+    await run_in_threadpool(project.create_project, project_dir, settings, items, source)
+    return RedirectResponse("/lead", status_code=303)
+
+
+@router.post("/lead/people")
+def lead_add_person(request: Request, conn: Conn, user: PageLead, name: Annotated[str, Form(max_length=64)],
+                    role: Annotated[str, Form()] = "labeler", csrf_token: Annotated[str, Form()] = ""):
+    check_form_csrf(user, csrf_token)
+    with db.transaction(conn):
+        token = project.add_person(conn, name.strip(), role, request.app.state.config.invite_seconds)
+    link = str(request.base_url).rstrip("/") + f"/invite/{token}"
+    return lead_page(request, conn, user, invite={"name": name.strip(), "link": link})
+
+
+@router.post("/lead/guidelines")
+def lead_guidelines(conn: Conn, user: PageLead, guidelines: Annotated[str, Form(max_length=50_000)] = "",
+                    csrf_token: Annotated[str, Form()] = ""):
+    check_form_csrf(user, csrf_token)
+    with db.transaction(conn):
+        project.set_guidelines(conn, guidelines)
+    return RedirectResponse("/lead", status_code=303)
+
+
+@router.post("/lead/export")
+def lead_export(request: Request, conn: Conn, user: PageLead, min_agreement: Annotated[str, Form()] = "",
+                csrf_token: Annotated[str, Form()] = ""):
+    check_form_csrf(user, csrf_token)
+    try:
+        threshold = float(min_agreement) if min_agreement.strip() else None
+    except ValueError:
+        raise AppError(400, f"Minimum agreement {min_agreement!r} is not a number between 0 and 1.") from None
+    out = request.app.state.config.project_dir / "exports" / time.strftime("%Y%m%d-%H%M%S")
+    summary = export_project(request.app.state.config.project_dir, out, min_agreement=threshold)
+    return lead_page(request, conn, user, exported={"path": str(out), **summary})
+
+
+@router.get("/lead/exports/latest/{filename}")
+def lead_download(request: Request, filename: str, user: PageLead):
+    if filename not in EXPORT_FILES:  # a fixed list: no path from the URL ever reaches the filesystem
+        raise AppError(404, "no such export file")
+    latest = latest_export(request.app.state.config.project_dir)
+    if latest is None:
+        raise AppError(404, "nothing exported yet: press Export first")
+    return FileResponse(latest / filename, filename=filename)

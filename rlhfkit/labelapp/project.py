@@ -1,0 +1,205 @@
+"""Creating a labeling project and the people who work on it.
+
+A project directory holds one SQLite database (labels.sqlite3) with the settings, the items (a prompt and
+its completions in their original order) and everything labelers do. Items come either from a JSONL file
+of already sampled completions or from a policy directory, sampled with rlhfkit.sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhfkit.data.contract import STRENGTH_MARGINS, iter_jsonl
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.labelapp import db
+from rlhfkit.labelapp.security import MIN_PASSWORD, SCRYPT_N, hash_password, new_token, token_hash
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+CRITERION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_K = 9  # more completions than this do not fit a ranking screen
+INVITE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass
+class ProjectSettings:
+    """What the lead chooses when creating a project."""
+
+    name: str = "labeling"
+    criteria: list[str] = field(default_factory=lambda: ["overall"])  # one ranking per criterion per item
+    k: int = 4  # completions per prompt when sampling from a policy
+    overlap: int = 1  # labelers per item; >= 2 gives agreement figures and a consensus
+    ask_strength: bool = False  # Llama-2-style strength between adjacent ranks -> comparison margins
+    guidelines: str = ""  # Markdown
+    lease_seconds: int = 1800  # an assignment not answered in this time is handed to someone else
+
+    def validate(self) -> ProjectSettings:
+        if not self.criteria:
+            raise ConfigError("criteria: give at least one criterion, e.g. --criteria helpfulness,harmlessness")
+        for c in self.criteria:
+            if not CRITERION_RE.match(c):
+                raise ConfigError(f"criteria: {c!r} is not a valid name; use lowercase letters, digits, '-' or '_'")
+        if len(set(self.criteria)) != len(self.criteria):
+            raise ConfigError(f"criteria: {self.criteria} lists a criterion twice")
+        if not 2 <= self.k <= MAX_K:
+            raise ConfigError(f"k: {self.k} completions per prompt; choose between 2 and {MAX_K}")
+        if not 1 <= self.overlap <= 20:
+            raise ConfigError(f"overlap: {self.overlap} labelers per item; choose between 1 and 20")
+        if self.lease_seconds < 1:
+            raise ConfigError("lease_seconds must be at least 1")
+        return self
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompts file")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for where, obj in iter_jsonl(path):
+            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+            prompts.append(obj["prompt"])
+    else:
+        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: contains no prompts")
+    return prompts
+
+
+def load_completions(path: str | Path) -> list[dict]:
+    """Items from a JSONL file of {"prompt", "completions"[, "model_ids"][, "item_id"]} objects."""
+    items = []
+    for where, obj in iter_jsonl(path):
+        items.append(_check_item(obj, where))
+    if not items:
+        raise DataError(f"{path}: contains no items")
+    return items
+
+
+def _check_item(obj: dict, where: str) -> dict:
+    prompt, completions = obj.get("prompt"), obj.get("completions")
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' must be a string")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise DataError(f"{where}: field 'completions' must be a list of strings")
+    if not 2 <= len(completions) <= MAX_K:
+        raise DataError(f"{where}: {len(completions)} completions; an item needs between 2 and {MAX_K}")
+    model_ids = obj.get("model_ids")
+    if model_ids is not None and (
+        not isinstance(model_ids, list) or len(model_ids) != len(completions) or not all(isinstance(m, str) for m in model_ids)
+    ):
+        raise DataError(f"{where}: field 'model_ids' must be a list of strings, one per completion")
+    item_id = obj.get("item_id")
+    if item_id is not None and not isinstance(item_id, (str, int)):
+        raise DataError(f"{where}: field 'item_id' must be a string")
+    return {"prompt": prompt, "completions": completions, "model_ids": model_ids,
+            "item_id": None if item_id is None else str(item_id)}
+
+
+def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: int = 0,
+                 max_new_tokens: int = 32) -> list[dict]:
+    """K completions per prompt from a policy directory (imported here: only this path needs torch)."""
+    from rlhfkit.models import check_model_dir
+    from rlhfkit.sampling import sample_completions
+
+    check_model_dir(policy_dir, "policy", causal=True)
+    completions = sample_completions(Path(policy_dir), prompts, k, seed=seed, max_new_tokens=max_new_tokens)
+    model = Path(policy_dir).name
+    return [{"prompt": p, "completions": list(c), "model_ids": [model] * len(c), "item_id": None}
+            for p, c in zip(prompts, completions)]
+
+
+def create_project(project_dir: str | Path, settings: ProjectSettings, items: list[dict], source: str = "") -> int:
+    """Write the settings and items into a new project database; returns the number of items."""
+    settings.validate()
+    path = db.db_path(project_dir)
+    db.init_db(path)
+    with db.opened(project_dir) as conn, db.transaction(conn):
+        if conn.execute("SELECT 1 FROM project").fetchone():
+            raise ConfigError(f"{project_dir}: already holds a labeling project; choose another directory")
+        conn.execute(
+            "INSERT INTO project (id, name, criteria, k, overlap, ask_strength, guidelines, lease_seconds, source,"
+            " created_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (settings.name, json.dumps(settings.criteria), settings.k, settings.overlap, int(settings.ask_strength),
+             settings.guidelines, settings.lease_seconds, source, time.time()),
+        )
+        seen = set()
+        for n, item in enumerate(items):
+            key = item.get("item_id") or f"{settings.name}-{n:06d}"
+            if key in seen:
+                raise DataError(f"item {n + 1}: item_id {key!r} appears twice; item ids must be unique")
+            seen.add(key)
+            conn.execute(
+                "INSERT INTO items (item_key, prompt, completions, model_ids) VALUES (?, ?, ?, ?)",
+                (key, item["prompt"], json.dumps(item["completions"]),
+                 json.dumps(item["model_ids"]) if item.get("model_ids") else None),
+            )
+    return len(items)
+
+
+def get_settings(conn: sqlite3.Connection) -> ProjectSettings | None:
+    row = conn.execute("SELECT * FROM project WHERE id = 1").fetchone()
+    if row is None:
+        return None
+    return ProjectSettings(
+        name=row["name"], criteria=json.loads(row["criteria"]), k=row["k"], overlap=row["overlap"],
+        ask_strength=bool(row["ask_strength"]), guidelines=row["guidelines"], lease_seconds=row["lease_seconds"],
+    )
+
+
+def set_guidelines(conn: sqlite3.Connection, text: str) -> None:
+    conn.execute("UPDATE project SET guidelines = ? WHERE id = 1", (text,))
+
+
+def add_person(conn: sqlite3.Connection, name: str, role: str | None = None,
+               invite_seconds: float = INVITE_SECONDS) -> str:
+    """Add a lead or labeler, or send an existing person a new invitation (a password reset); returns the
+    one-time invitation token for the link /invite/TOKEN. role=None: 'labeler' for a new person, and an
+    existing person keeps theirs (a lead resetting their password must not demote themselves)."""
+    if not NAME_RE.match(name or ""):
+        raise ConfigError(f"name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+    if role is not None and role not in ("lead", "labeler"):
+        raise ConfigError(f"role {role!r}: must be 'lead' or 'labeler'")
+    token = new_token()
+    row = conn.execute("SELECT id, password_hash FROM users WHERE name = ?", (name,)).fetchone()
+    expires = time.time() + invite_seconds
+    if row is None:
+        conn.execute(
+            "INSERT INTO users (name, role, invite_hash, invite_expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, role or "labeler", token_hash(token), expires, time.time()),
+        )
+    else:
+        # A new invitation for an existing person doubles as a password reset; their old sessions end.
+        conn.execute("UPDATE users SET invite_hash = ?, invite_expires_at = ?, role = COALESCE(?, role) WHERE id = ?",
+                     (token_hash(token), expires, role, row["id"]))
+        conn.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
+    return token
+
+
+def set_password(conn: sqlite3.Connection, name: str, password: str, scrypt_n: int = SCRYPT_N) -> None:
+    """Set a password directly (CLI `add-labeler --password`, tests)."""
+    if len(password) < MIN_PASSWORD:
+        raise ConfigError(f"password: use at least {MIN_PASSWORD} characters")
+    conn.execute("UPDATE users SET password_hash = ?, invite_hash = NULL WHERE name = ?",
+                 (hash_password(password, scrypt_n), name))
+
+
+def accept_invitation(conn: sqlite3.Connection, token: str, password: str, scrypt_n: int = SCRYPT_N) -> str | None:
+    """Use an invitation token to set a password; returns the user's name, or None if the link is
+    unknown or expired. The token works once."""
+    row = conn.execute("SELECT id, name, invite_expires_at FROM users WHERE invite_hash = ?", (token_hash(token),)).fetchone()
+    if row is None or (row["invite_expires_at"] or 0) < time.time():
+        return None
+    conn.execute("UPDATE users SET password_hash = ?, invite_hash = NULL, invite_expires_at = NULL WHERE id = ?",
+                 (hash_password(password, scrypt_n), row["id"]))
+    return row["name"]
+
+
+def strength_names() -> list[str]:
+    return list(STRENGTH_MARGINS)

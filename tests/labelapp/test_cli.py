@@ -1,0 +1,103 @@
+"""`rlhfkit label ...` commands, and the clear errors they give."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from rlhfkit.data.contract import read_comparisons
+from rlhfkit.errors import DataError
+from rlhfkit.labelapp import db
+from rlhfkit.labelapp.cli import main
+
+from .conftest import make_items
+
+
+def write_completions(path, n=3):
+    path.write_text("\n".join(json.dumps(i) for i in make_items(n)) + "\n")
+    return path
+
+
+def test_create_add_status_export(tmp_path, capsys, monkeypatch):
+    pdir = tmp_path / "proj"
+    guide = tmp_path / "guide.md"
+    guide.write_text("# Be kind")
+    comp = write_completions(tmp_path / "c.jsonl")
+    assert main(["create", str(pdir), "--completions", str(comp), "--overlap", "2", "--criteria",
+                 "helpfulness,harmlessness", "--strength", "--guidelines", str(guide)]) == 0
+    assert "created" in capsys.readouterr().out
+    assert main(["add-labeler", str(pdir), "alice", "--base-url", "http://127.0.0.1:9000"]) == 0
+    assert "http://127.0.0.1:9000/invite/" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a-long-password\n"))
+    assert main(["add-labeler", str(pdir), "boss", "--lead", "--password-stdin"]) == 0
+    with db.opened(pdir) as conn:
+        roles = dict(conn.execute("SELECT name, role FROM users").fetchall())
+        assert roles == {"alice": "labeler", "boss": "lead"}
+        assert conn.execute("SELECT guidelines FROM project").fetchone()[0] == "# Be kind"
+    assert main(["status", str(pdir)]) == 0
+    assert "0/3 items complete" in capsys.readouterr().out
+    assert main(["export", str(pdir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "export.json").is_file()
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "completions": ["only one"]}\n')
+    assert main(["create", str(tmp_path / "p"), "--completions", str(bad)]) == 2
+    assert f"{bad}:1" in capsys.readouterr().err
+    assert main(["create", str(tmp_path / "p"), "--completions", str(bad), "--policy", "x"]) == 2
+    assert "exactly one of --completions" in capsys.readouterr().err
+    assert main(["create", str(tmp_path / "p2"), "--completions", str(write_completions(tmp_path / "ok.jsonl")),
+                 "--criteria", "Bad Name"]) == 2
+    assert "criteria" in capsys.readouterr().err
+    assert main(["create", str(tmp_path / "p3"), "--policy", str(tmp_path / "nope"), "--prompts",
+                 str(write_completions(tmp_path / "pr.jsonl"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "no labeling project" in capsys.readouterr().err
+    assert main(["add-labeler", str(tmp_path / "p2x"), "bad name!"]) == 2
+    assert "name" in capsys.readouterr().err
+
+
+def test_create_twice_is_refused(tmp_path, capsys):
+    comp = write_completions(tmp_path / "c.jsonl")
+    assert main(["create", str(tmp_path / "p"), "--completions", str(comp)]) == 0
+    assert main(["create", str(tmp_path / "p"), "--completions", str(comp)]) == 2
+    assert "already holds a labeling project" in capsys.readouterr().err
+
+
+def test_export_of_labels_reads_back(tmp_path):
+    # export with no labels yet writes an empty comparisons file the trainer rejects with a clear message
+    comp = write_completions(tmp_path / "c.jsonl")
+    main(["create", str(tmp_path / "p"), "--completions", str(comp)])
+    main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="no comparisons"):
+        read_comparisons(tmp_path / "o" / "comparisons.jsonl")
+
+
+def test_serve_without_the_app_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails like a missing package
+    assert main(["serve", str(tmp_path / "p")]) == 2
+    assert "pip install 'rlhfkit[app]'" in capsys.readouterr().err
+
+
+def test_serve_prints_a_lead_sign_up_link_only_when_there_is_no_lead(tmp_path):
+    from rlhfkit.labelapp.cli import lead_invitation_if_needed
+
+    db.init_db(db.db_path(tmp_path / "p"))
+    link = lead_invitation_if_needed(tmp_path / "p", "http://127.0.0.1:8000")
+    assert link.startswith("http://127.0.0.1:8000/invite/")
+    # a second start must not invalidate the link already sent
+    assert lead_invitation_if_needed(tmp_path / "p", "http://127.0.0.1:8000") is None
+
+
+def test_re_inviting_a_lead_keeps_the_role(tmp_path, capsys):
+    pdir = tmp_path / "p"
+    assert main(["add-labeler", str(pdir), "boss", "--lead"]) == 0
+    assert main(["add-labeler", str(pdir), "boss"]) == 0  # a password reset, not a demotion
+    assert "lead boss" in capsys.readouterr().out
+    with db.opened(pdir) as conn:
+        assert conn.execute("SELECT role FROM users WHERE name = 'boss'").fetchone()[0] == "lead"
