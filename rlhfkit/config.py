@@ -56,7 +56,7 @@ class FeedbackConfig:
     error_rate: float = F(0.05, "Simulated labelers: chance of misjudging each completion by one gold point (up or down at random).")
     consensus: str = F("majority", "How rankings become comparisons: 'majority' (pairwise, > half of labelers) or 'borda'.")
     temperature: float = F(1.0, "Sampling temperature for the completions.")
-    project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/feedback/project.")
+    project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/labeling.")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RewardConfig:
     init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory.")
     data: str = F("", "Comparisons JSONL to train on; empty = the feedback stage's output.")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")
-    epochs: int = F(4, "Passes over the training comparisons.")
+    epochs: int = F(8, "Passes over the training comparisons.")
     batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
     lr: float = F(3e-3, "AdamW learning rate (linear decay to 10%).")
     use_margin: bool = F(True, "Subtract each comparison's margin inside the sigmoid when it has one.")
@@ -81,7 +81,7 @@ class PPOConfig:
     minibatch_size: int = F(32, "Rollouts per gradient step; must divide rollout_batch_size.")
     ppo_epochs: int = F(4, "Passes over each rollout batch.")
     lr: float = F(5e-4, "AdamW learning rate for policy and value model.")
-    kl_coef: float = F(0.2, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
+    kl_coef: float = F(0.4, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
     kl_estimator: str = F("k1", "Per-token KL estimator in the reward: 'k1', 'k2' or 'k3' (Schulman 2020).")
     adaptive_kl: bool = F(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
     target_kl: float = F(1.0, "Target KL per response (nats) for the adaptive controller.")

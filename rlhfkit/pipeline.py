@@ -3,6 +3,7 @@
     OUT/config.toml          the resolved config of the run
     OUT/sft/                 model/ (policy, save_pretrained), metrics.jsonl
     OUT/feedback/            comparisons.jsonl, rankings.jsonl (the data contract), stats.json
+    OUT/labeling/            the labeling app's project when feedback.labeler = "human" (kept across reruns)
     OUT/reward/              model/ (reward model), metrics.jsonl
     OUT/ppo/                 model/, metrics.jsonl, checkpoint/ (resumable)
     OUT/eval/                eval.json, report.md + plots
@@ -115,7 +116,8 @@ def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict
     from rlhfkit.labelapp.hook import human_feedback
 
     fb = cfg.feedback
-    project = Path(fb.project_dir) if fb.project_dir else stage_dir / "project"
+    # Outside the stage directory: an unfinished stage is wiped on rerun, the labels must never be.
+    project = Path(fb.project_dir) if fb.project_dir else stage_dir.parent / "labeling"
     exported = human_feedback(
         project, policy_dir=sft_model, prompts=task.prompts(fb.n_prompts, random.Random(f"{cfg.seed}-feedback")),
         k=fb.k, overlap=fb.labelers_per_item, items_required=fb.n_prompts, criteria=["overall"], seed=cfg.seed,

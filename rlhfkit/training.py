@@ -36,6 +36,17 @@ def make_optimizer(params, lr: float, total_steps: int, weight_decay: float = 0.
     return opt, sched
 
 
+def optimizer_step(loss, params, optimizer, scheduler=None, max_grad_norm: float = 1.0) -> None:
+    """Backward, clip the gradient norm (0 = no clip), step the optimiser and, if given, the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
     """Every RNG a run draws from, for exact resume."""
     return {

@@ -38,7 +38,7 @@ from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.rewards import RewardModelScorer
 from rlhfkit.runio import MetricsLog, progress, read_metrics
 from rlhfkit.sampling import decode_responses, sample
-from rlhfkit.training import Runtime, make_optimizer, rng_state, set_rng_state
+from rlhfkit.training import Runtime, make_optimizer, optimizer_step, rng_state, set_rng_state
 
 
 def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt):
@@ -79,8 +79,8 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
     value_model = load_scalar_model(value_src, rt.device, "value model")
     policy.train(), value_model.train()
-    optimizer, scheduler = make_optimizer(list(policy.parameters()) + list(value_model.parameters()), pc.lr,
-                                          pc.total_steps, final_fraction=1.0)
+    params = list(policy.parameters()) + list(value_model.parameters())
+    optimizer, scheduler = make_optimizer(params, pc.lr, pc.total_steps, final_fraction=1.0)
     kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
               else FixedKLController(pc.kl_coef))
     kl_estimator = KL_ESTIMATORS[pc.kl_estimator]
@@ -155,11 +155,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                 pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, pc.clip_range)
                 vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], returns[idx], mb_mask, pc.clip_range_value)
                 loss = pg_loss + pc.vf_coef * vf_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if pc.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()), pc.max_grad_norm)
-                optimizer.step()
+                optimizer_step(loss, params, optimizer, max_grad_norm=pc.max_grad_norm)
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
                     stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else float(v))
         scheduler.step()

@@ -22,7 +22,7 @@ from rlhfkit.data.contract import Comparison, read_comparisons
 from rlhfkit.models import autocast, load_scalar_model, load_tokenizer, sequence_scores
 from rlhfkit.ops.losses import bradley_terry_loss
 from rlhfkit.runio import MetricsLog, progress
-from rlhfkit.training import Runtime, make_optimizer
+from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
 
 def split_by_item(comparisons: list[Comparison], heldout_fraction: float, seed: int):
@@ -107,11 +107,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
             idx = order[b * rc.batch_size : (b + 1) * rc.batch_size]
             chosen, rejected = pair_scores(model, train_data[0], train_data[1], idx, n, rt)
             loss, stats = bradley_terry_loss(chosen, rejected, train_data[2][idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, model.parameters(), optimizer, scheduler)
             step += 1
             if step % 10 == 0 or step == total_steps:
                 log.log({"step": step, "loss/reward": loss.item(), "reward/accuracy": stats["accuracy"].item()})

@@ -20,7 +20,7 @@ from rlhfkit.models import TinyModelSpec, autocast, build_tiny_policy, causal_lo
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import sft_loss
 from rlhfkit.runio import MetricsLog, progress
-from rlhfkit.training import Runtime, make_optimizer
+from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
 
 def completion_nll(model, ids, mask, comp_mask, rt: Runtime) -> torch.Tensor:
@@ -78,11 +78,7 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
         for b in range(steps_per_epoch):
             idx = order[b * sc.batch_size : (b + 1) * sc.batch_size]
             loss = completion_nll(model, train[0][idx], train[1][idx], train[2][idx], rt)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, model.parameters(), optimizer, scheduler)
             step += 1
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 10 == 0 or step == total_steps:
