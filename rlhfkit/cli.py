@@ -15,9 +15,9 @@ STAGE_HELP = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
+def _add_config_args(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("config", nargs="?", help="TOML config file (default: the task's built-in config, or OUT/config.toml)")
-    p.add_argument("--out", default=out_default, required=out_default is None, help="output directory")
+    p.add_argument("--out", required=out_required, help="output directory" + ("" if out_required else " (default runs/TASK)"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set ppo.kl_coef=0 (repeatable)")
 
@@ -26,12 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="The complete RLHF loop: SFT -> feedback -> reward model -> PPO -> evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline (skips finished stages, resumes PPO)")
-    _add_config_args(run, out_default=None)
-    run.set_defaults(out=None)
-    run._actions[-2].required = False  # --out defaults to runs/<task>
+    _add_config_args(run, out_required=False)
     for name, help_text in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_text)
-        _add_config_args(p, out_default=None)
+        _add_config_args(p, out_required=True)
         p.add_argument("--fresh", action="store_true", help="redo the stage even if it is complete")
     cfg = sub.add_parser("config", help="print the resolved config as TOML (every field, with its help)")
     cfg.add_argument("config", nargs="?")
@@ -94,10 +92,9 @@ def _dispatch(args) -> int:
         print(f"[rlhfkit] config changed ({'; '.join(config_diff(load_config(saved), cfg))}); redoing {args.command}")
         fresh = True
     result = pipeline.run_stage(args.command, cfg, out, fresh=fresh, replace_config=True)
-    if result is not None:
-        shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
-        print("\n".join(f"{args.command}.{k} = {v:.4g}" if isinstance(v, float) else f"{args.command}.{k} = {v}"
-                        for k, v in shown.items()))
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+    print("\n".join(f"{args.command}.{k} = {v:.4g}" if isinstance(v, float) else f"{args.command}.{k} = {v}"
+                    for k, v in shown.items()))
     return 0
 
 

@@ -172,6 +172,14 @@ def load_scalar_model(path: str | Path, device: torch.device, role: str):
     return model.to(device)
 
 
+def disable_dropout(model):
+    """Set every dropout probability to 0 (RL needs the sampling and training passes to agree)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def freeze(model):
     """Eval mode, no grads: for the reference policy and the reward model during RL."""
     model.eval()

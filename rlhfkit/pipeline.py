@@ -64,7 +64,7 @@ def _comparisons_path(cfg: Config, out: Path) -> Path:
     return _require(out, "reward", "feedback") / "comparisons.jsonl"
 
 
-def _run(name: str, cfg: Config, out: Path, stage_dir: Path, stop_after: int | None) -> dict:
+def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.models import quiet_transformers
     from rlhfkit.tasks import get_task
     from rlhfkit.training import runtime
@@ -92,7 +92,7 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path, stop_after: int | N
         from rlhfkit.algorithms.ppo import train_ppo
 
         sft_model = _require(out, name, "sft") / "model"
-        return train_ppo(cfg, task, sft_model, _require(out, name, "reward") / "model", stage_dir, rt, stop_after)
+        return train_ppo(cfg, task, sft_model, _require(out, name, "reward") / "model", stage_dir, rt)
     if name == "eval":
         from rlhfkit.evaluation.evaluate import evaluate_run
         from rlhfkit.evaluation.report import write_report
@@ -135,10 +135,9 @@ def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict
     return {"n_items": fb.n_prompts, "n_comparisons": len(read_comparisons(stage_dir / "comparisons.jsonl")), "labeler": "human"}
 
 
-def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False, stop_after: int | None = None,
-              replace_config: bool = False) -> dict | None:
-    """Run one stage into OUT/name; skip it when complete (unless fresh). Returns its result, or None when
-    it stopped early (PPO `stop_after`), leaving a checkpoint to resume from."""
+def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False, replace_config: bool = False) -> dict:
+    """Run one stage into OUT/name and return its result; a complete stage is skipped unless `fresh`.
+    `replace_config` lets a stage run with a config that differs from OUT/config.toml (and records it)."""
     if name not in STAGES:
         raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     out = Path(out)
@@ -153,10 +152,7 @@ def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False, s
         (out / later / "COMPLETE.json").unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     _log(f"{name}: running -> {stage_dir}")
-    result = _run(name, cfg, out, stage_dir, stop_after)
-    if "interrupted_at_step" in result:
-        _log(f"{name}: stopped at step {result['interrupted_at_step']}; rerun to resume from the checkpoint")
-        return None
+    result = _run(name, cfg, out, stage_dir)
     mark_complete(stage_dir, result)
     write_json(out / "summary.json", build_summary(cfg, out))
     return result
@@ -176,14 +172,13 @@ def build_summary(cfg: Config, out: Path, eval_result: dict | None = None) -> di
     return summary
 
 
-def run_pipeline(cfg: Config, out: str | Path, stop_after: int | None = None) -> dict:
+def run_pipeline(cfg: Config, out: str | Path) -> dict:
     """All stages in order, skipping complete ones and resuming PPO. Returns summary.json's content."""
     out = Path(out)
     prepare_out(cfg, out)
     start = time.time()
     for name in STAGES:
-        if run_stage(name, cfg, out, stop_after=stop_after if name == "ppo" else None) is None:
-            return build_summary(cfg, out)
+        run_stage(name, cfg, out)
     summary = build_summary(cfg, out)
     summary["wall_time_s"]["total_this_invocation"] = time.time() - start
     write_json(out / "summary.json", summary)

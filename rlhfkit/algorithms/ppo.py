@@ -30,7 +30,8 @@ import torch
 from rlhfkit.config import Config
 from rlhfkit.data.batching import encode_prompts
 from rlhfkit.errors import ConfigError
-from rlhfkit.models import autocast, freeze, load_policy, load_scalar_model, load_tokenizer, token_scalars
+from rlhfkit.models import (autocast, disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer,
+                            token_scalars)
 from rlhfkit.ops.advantages import RunningMoments, gae, masked_mean, masked_whiten
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.ops.logprobs import gather_logprobs, response_logits
@@ -56,9 +57,8 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     return logprobs, entropy, values
 
 
-def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime,
-              stop_after: int | None = None) -> dict:
-    """Run (or resume) PPO; `stop_after` ends the process-like run early after that many steps (tests)."""
+def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    """Run PPO into out_dir, resuming from out_dir/checkpoint when one exists."""
     start_time = time.time()
     pc = cfg.ppo
     ckpt_dir = out_dir / "checkpoint"
@@ -78,6 +78,8 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     value_src = ckpt_dir / "value" if resume else (rm_dir if pc.value_init == "reward" else sft_dir)
     torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
     value_model = load_scalar_model(value_src, rt.device, "value model")
+    # Dropout off: with it, new/old ratios differ from 1 before any update (TRL and OpenRLHF do the same).
+    disable_dropout(policy), disable_dropout(value_model)
     policy.train(), value_model.train()
     params = list(policy.parameters()) + list(value_model.parameters())
     optimizer, scheduler = make_optimizer(params, pc.lr, pc.total_steps, final_fraction=1.0)
@@ -144,7 +146,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
 
         # 6. PPO epochs over shuffled minibatches.
         policy.train()
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(pc.ppo_epochs):
             order = torch.randperm(pc.rollout_batch_size, generator=order_gen).to(rt.device)
             for m in range(n_mini):
@@ -157,7 +159,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                 loss = pg_loss + pc.vf_coef * vf_loss
                 optimizer_step(loss, params, optimizer, max_grad_norm=pc.max_grad_norm)
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(v.item() if torch.is_tensor(v) else float(v))
+                    stats.setdefault(k, []).append(v.detach())  # no .item() here: no device sync per minibatch
         scheduler.step()
         step += 1
 
@@ -175,12 +177,12 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
             "objective/response_length": mask.sum(1).float().mean().item(),
             "value/mean": masked_mean(values, mask).item(),
             "value/returns": masked_mean(returns, mask).item(),
-            **{k: sum(v) / len(v) for k, v in stats.items()},
+            **{k: torch.stack(v).mean().item() for k, v in stats.items()},
         }
         log.log(record)
         kl_ctl.update(mean_kl, pc.rollout_batch_size)
         bar.update(1)
-        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{mean_kl:.3f}")
+        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{mean_kl:.3f}", refresh=False)
         if record["objective/scores"] >= pc.reward_threshold:
             stopped_by_threshold = True
         if step % pc.checkpoint_every == 0 or step == pc.total_steps or stopped_by_threshold:
@@ -189,12 +191,10 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                 "kl_coef": kl_ctl.value, "score_moments": vars(score_moments), "prompt_rng": prompt_rng.getstate(),
                 "order_gen": order_gen.get_state(), "rng": rng_state(sample_gen),
             })
-        if stopped_by_threshold or (stop_after is not None and step >= stop_after):
+        if stopped_by_threshold:
             break
     bar.close()
     log.close()
-    if step < pc.total_steps and not stopped_by_threshold:
-        return {"interrupted_at_step": step}
 
     policy.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")

@@ -112,7 +112,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
             if step % 10 == 0 or step == total_steps:
                 log.log({"step": step, "loss/reward": loss.item(), "reward/accuracy": stats["accuracy"].item()})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}", refresh=False)
     bar.close()
     log.close()
 

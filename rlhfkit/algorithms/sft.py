@@ -84,7 +84,7 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
             if step % 10 == 0 or step == total_steps:
                 log.log({"step": step, "loss/sft": loss.item(), "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
+            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
     bar.close()
     log.close()
 
