@@ -105,7 +105,7 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         summary = build_summary(cfg, out, eval_result=result)
         report = write_report(out, summary, result, out / "ppo" / "metrics.jsonl")
         figures = {n: {k: v for k, v in r.items() if k != "samples"} for n, r in result["policies"].items()}
-        return {**figures, "report": str(report), "wall_time_s": time.time() - start}
+        return {**figures, "report": str(report.relative_to(out)), "wall_time_s": time.time() - start}
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
