@@ -56,3 +56,14 @@ def test_config_command_prints_valid_toml(capsys):
     assert main(["config", "--set", "seed=7"]) == 0
     parsed = tomllib.loads(capsys.readouterr().out)
     assert parsed["seed"] == 7 and parsed["ppo"]["kl_coef"] == 0.4
+
+
+def test_out_directory_made_with_another_config(tmp_path):
+    from rlhfkit.config import load_config
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import prepare_out
+
+    prepare_out(load_config(), tmp_path)
+    prepare_out(load_config(), tmp_path)  # same config: fine
+    with pytest.raises(ConfigError, match=r"another config \(ppo.kl_coef: 0.4 -> 0.0\)"):
+        prepare_out(load_config(overrides=["ppo.kl_coef=0"]), tmp_path)

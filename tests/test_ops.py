@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ops.advantages import RunningMoments, gae, masked_mean, masked_whiten
+from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import LOSSES, bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
@@ -106,6 +106,18 @@ def test_gae_matches_loop_and_closed_form(gamma, lam):
             for t in range(n):
                 mc = sum(gamma ** (s - t) * rewards[b, s].item() for s in range(t, n))
                 assert adv[b, t].item() == pytest.approx(mc - values[b, t].item(), abs=1e-5)
+
+
+def test_kl_penalized_rewards_score_at_last_token():
+    kl = torch.tensor([[0.5, 0.2, 0.1, 0.3], [0.1, 0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])  # row 0 ended (EOS at 1); row 1 hit the budget
+    scores = torch.tensor([2.0, -1.0])
+    r = kl_penalized_rewards(scores, kl, mask, kl_coef=0.5)
+    assert torch.allclose(r[0], torch.tensor([-0.25, -0.1 + 2.0, 0.0, 0.0]))
+    assert torch.allclose(r[1], torch.tensor([-0.05, -0.05, -0.05, -0.05 - 1.0]))
+    assert torch.allclose(r.sum(1), scores - 0.5 * (kl * mask).sum(1))
+    # beta = 0: the reward is the score alone
+    assert torch.allclose(kl_penalized_rewards(scores, kl, mask, 0.0).sum(1), scores)
 
 
 def test_masked_whiten_statistics():

@@ -32,7 +32,7 @@ from rlhfkit.data.batching import encode_prompts
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import (autocast, disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer,
                             token_scalars)
-from rlhfkit.ops.advantages import RunningMoments, gae, masked_mean, masked_whiten
+from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.ops.logprobs import gather_logprobs, response_logits
 from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
@@ -135,9 +135,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
 
         # 4. Shaped rewards: per-token KL penalty, plus the score at the last response token.
         kl = kl_estimator(logprobs, ref_logprobs) * mask  # (B, Tr)
-        rewards = -kl_ctl.value * kl
-        last = mask.sum(dim=1) - 1  # (B,) index of EOS (or of the last token when EOS is missing)
-        rewards[torch.arange(len(last)), last] += scores
+        rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value)  # (B, Tr)
 
         # 5. Advantages (GAE) and returns; whiten advantages over the batch.
         advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)

@@ -17,6 +17,7 @@ from rlhfkit.config import Config
 from rlhfkit.data.batching import encode_prompts
 from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, write_jsonl
 from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, mean_agreement, pairwise_agreement
+from rlhfkit.feedback.krippendorff import alpha_for_rankings
 from rlhfkit.models import autocast, load_policy, load_tokenizer
 from rlhfkit.runio import progress, write_json
 from rlhfkit.sampling import decode_responses, sample
@@ -108,6 +109,7 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
         "comparisons_per_item": len(comparisons) / len(prompts),
         "labeler_pairwise_agreement": agreement["pairwise_agreement"],
         "labeler_kendall_tau": agreement["kendall_tau"],
+        "labeler_krippendorff_alpha": alpha_for_rankings(dict(enumerate(per_item)), metric="ordinal"),
         "labeler_agreement_with_gold": sum(with_gold) / len(with_gold),
         "comparison_accuracy_vs_gold": gold_agree / max(gold_total, 1),
         "wall_time_s": time.time() - start,

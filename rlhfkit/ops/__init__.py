@@ -2,6 +2,6 @@
 
     logprobs.py    gather per-token log-probs; response log-probs of a causal LM
     kl.py          per-token KL estimators k1/k2/k3, exact categorical KL, KL controllers
-    advantages.py  masked statistics, whitening, GAE, running reward moments
+    advantages.py  KL-penalised per-token rewards, masked statistics, whitening, GAE, running reward moments
     losses.py      every loss (Bradley-Terry, PPO clipped policy, clipped value) in one table
 """

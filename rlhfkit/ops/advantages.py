@@ -34,6 +34,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask
 
 
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards of RLHF (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
+
+        r_t = -beta * KL_t  on every response token,  + score  on the last response token
+
+    scores (B,), kl and mask (B, T) with mask = 1 on a prefix of each row (EOS included when emitted).
+    Summed over a row: score - beta * sum_t KL_t, the KL-regularised objective.
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.long().sum(dim=1) - 1  # (B,) EOS, or the last token of a response cut at max_new_tokens
+    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    return rewards
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16), vectorised over the batch.
 
