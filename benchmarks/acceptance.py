@@ -45,7 +45,7 @@ def main() -> int:
             print(f"{name:<18} sft: first={sft['preferred_first_rate']:.3f} later={sft['later_rule_validity']:.3f} | "
                   f"RM acc={s['reward']['heldout_accuracy']:.3f} | ppo: first={ppo['preferred_first_rate']:.3f} "
                   f"later={ppo['later_rule_validity']:.3f} KL={ppo['kl']:.2f} (share at pos 1 "
-                  f"{ppo['kl_first_position_share']:.2f}) | wall {wall if path == run else float('nan'):.0f}s")
+                  f"{ppo['kl_first_position_share']:.2f})" + (f" | whole run {wall:.0f}s" if path == run else ""))
         default, free = read_json(run / "summary.json"), read_json(beta0 / "summary.json")
         d, f = default["eval"], free["eval"]
         checks = {
