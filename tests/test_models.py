@@ -77,6 +77,7 @@ def test_response_mask_stops_after_eos(tokenizer):
     assert s.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert s.ended.tolist() == [True, False]
     assert s.responses[0, 2:].tolist() == [tokenizer.pad_token_id] * 2
+    assert decode_responses(tokenizer, s) == ["0", "1 1 1 1"]  # token 5 is "0", 6 is "1"; EOS and padding dropped
 
 
 def test_reward_model_scores_last_real_token(tiny_policy_dir):
@@ -120,4 +121,3 @@ def test_causal_logits_shape(tiny_policy_dir):
     model = load_policy(tiny_policy_dir, CPU)
     ids, mask, _ = encode_pairs(tok, ["1 ="], ["2"])
     assert causal_logits(model, ids, mask).shape == (1, ids.shape[1], len(tok))
-    assert decode_responses  # imported for the sampler API surface
