@@ -137,7 +137,7 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key} = {_get(self, key)!r}: {msg}")
 
-        p, s, fb, r, ppo = self.policy, self.sft, self.feedback, self.reward, self.ppo
+        p, fb, r, ppo = self.policy, self.feedback, self.reward, self.ppo
         need(p.arch in ("gpt2", "llama"), "policy.arch", "choose 'gpt2' or 'llama'")
         for key in ("policy.n_layer", "policy.n_embd", "policy.n_head", "policy.n_ctx", "sft.n_demos", "sft.epochs",
                     "sft.batch_size", "feedback.n_prompts", "feedback.labelers_per_item", "reward.epochs",

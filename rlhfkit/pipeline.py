@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rlhfkit.config import Config, config_diff, config_to_dict, config_to_toml, load_config
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.runio import is_complete, mark_complete, stage_result, write_json
 
 STAGES = ("sft", "feedback", "reward", "ppo", "eval")
 
@@ -104,8 +104,7 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
         report = write_report(out, summary, result, out / "ppo" / "metrics.jsonl")
-        figures = {n: {k: v for k, v in r.items() if k != "samples"} for n, r in result["policies"].items()}
-        return {**figures, "report": str(report.relative_to(out)), "wall_time_s": time.time() - start}
+        return {**_eval_figures(result), "report": str(report.relative_to(out)), "wall_time_s": time.time() - start}
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
@@ -158,6 +157,11 @@ def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False, r
     return result
 
 
+def _eval_figures(eval_result: dict) -> dict:
+    """Each policy's evaluation figures (the sample completions stay in eval.json)."""
+    return {n: {k: v for k, v in r.items() if k != "samples"} for n, r in eval_result["policies"].items()}
+
+
 def build_summary(cfg: Config, out: Path, eval_result: dict | None = None) -> dict:
     """Every stage's figures, keyed by stage (and by policy under 'eval'), plus the config."""
     summary: dict = {"config": config_to_dict(cfg)}
@@ -165,9 +169,7 @@ def build_summary(cfg: Config, out: Path, eval_result: dict | None = None) -> di
         if is_complete(out / stage):
             summary[stage] = {k: v for k, v in stage_result(out / stage).items()}
     if eval_result is not None:
-        summary["eval"] = {n: {k: v for k, v in r.items() if k != "samples"} for n, r in eval_result["policies"].items()}
-    if (out / "feedback" / "stats.json").exists():
-        summary.setdefault("feedback", read_json(out / "feedback" / "stats.json"))
+        summary["eval"] = _eval_figures(eval_result)
     summary["wall_time_s"] = {s: summary[s].get("wall_time_s") for s in STAGES if s in summary}
     return summary
 

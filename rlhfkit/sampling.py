@@ -84,6 +84,46 @@ def decode_responses(tokenizer, samples: Samples) -> list[str]:
     ]
 
 
+@torch.no_grad()
+def sample_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    *,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 256,
+    desc: str | None = None,
+) -> list[list[str]]:
+    """K sampled completion texts per prompt, in batches (with a progress bar when `desc` is given)."""
+    from rlhfkit.data.batching import encode_prompts
+    from rlhfkit.models import autocast
+
+    device = next(model.parameters()).device
+    flat = [p for p in prompts for _ in range(k)]
+    texts: list[str] = []
+    bar = None
+    if desc is not None:
+        from rlhfkit.runio import progress
+
+        bar = progress(len(flat), desc, unit="completion")
+    for start in range(0, len(flat), batch_size):
+        q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
+        with autocast(device, dtype):
+            s = sample(model, q.to(device), qm.to(device), max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       temperature=temperature, generator=generator)
+        texts.extend(decode_responses(tokenizer, s))
+        if bar is not None:
+            bar.update(len(q))
+    if bar is not None:
+        bar.close()
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def sample_completions(
     policy_dir,
     prompts: list[str],
@@ -96,18 +136,11 @@ def sample_completions(
     batch_size: int = 256,
 ) -> list[list[str]]:
     """K sampled completions (texts) for each prompt from a local policy directory."""
-    from rlhfkit.data.batching import encode_prompts
     from rlhfkit.models import load_policy, load_tokenizer, resolve_device
 
     dev = resolve_device(device)
     tokenizer = load_tokenizer(policy_dir, "policy")
     model = load_policy(policy_dir, dev).eval()
     generator = torch.Generator(device=dev).manual_seed(seed)
-    flat = [p for p in prompts for _ in range(k)]
-    texts: list[str] = []
-    for start in range(0, len(flat), batch_size):
-        q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
-        s = sample(model, q.to(dev), qm.to(dev), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
-        texts.extend(decode_responses(tokenizer, s))
-    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+    return sample_texts(model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, generator=generator,
+                        temperature=temperature, batch_size=batch_size)

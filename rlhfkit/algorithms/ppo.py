@@ -42,8 +42,11 @@ from rlhfkit.sampling import decode_responses, sample
 from rlhfkit.training import Runtime, make_optimizer, optimizer_step, rng_state, set_rng_state
 
 
-def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt):
-    """Log-probs (B, Tr) of the responses, entropy (B, Tr), and values (B, Tr) predicted before each token."""
+def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt,
+                     with_entropy: bool = False):
+    """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
+    model) and, when asked, the policy's entropy (B, Tr); only the rollout pass logs it, so the
+    minibatch passes skip that (B, Tr, V) softmax."""
     with autocast(rt.device, rt.dtype):
         logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
         values = None
@@ -52,9 +55,11 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
             mask = torch.cat([query_mask, response_mask], dim=1)
             values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
     logprobs = gather_logprobs(logits, responses)
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy, values
+    entropy = None
+    if with_entropy:
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, values, entropy
 
 
 def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
@@ -129,7 +134,8 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
 
         # 3. Log-probs under the policy and the reference, and values, computed once (no grad).
         with torch.no_grad():
-            logprobs, entropy, values = forward_response(policy, value_model, queries, query_mask, responses, mask, pc.temperature, rt)
+            logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, responses, mask,
+                                                         pc.temperature, rt, with_entropy=True)
             ref_logprobs, _, _ = forward_response(ref_policy, None, queries, query_mask, responses, mask, pc.temperature, rt)
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
 
@@ -150,7 +156,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
             for m in range(n_mini):
                 idx = order[m * pc.minibatch_size : (m + 1) * pc.minibatch_size]
                 mb_mask = mask[idx]
-                new_logprobs, _, new_values = forward_response(
+                new_logprobs, new_values, _ = forward_response(
                     policy, value_model, queries[idx], query_mask[idx], responses[idx], mb_mask, pc.temperature, rt)
                 pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, pc.clip_range)
                 vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], returns[idx], mb_mask, pc.clip_range_value)

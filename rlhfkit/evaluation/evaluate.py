@@ -15,7 +15,6 @@ import torch
 
 from rlhfkit.data.batching import encode_prompts
 from rlhfkit.models import autocast, freeze, load_policy, load_tokenizer
-from rlhfkit.ops.advantages import masked_mean
 from rlhfkit.ops.kl import categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs, response_logits
 from rlhfkit.sampling import decode_responses, sample
@@ -28,9 +27,8 @@ def heldout_prompts(task, n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_policy(policy_dir: Path, ref_policy, tokenizer, scorer, task, prompts: list[str], rt: Runtime,
+def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[str], rt: Runtime,
                     seed: int, batch_size: int = 500) -> dict:
-    policy = freeze(load_policy(policy_dir, rt.device, "policy"))
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     texts, kl_pos_sum, kl_pos_count, k1_total = [], None, None, 0.0
     for start in range(0, len(prompts), batch_size):
@@ -64,9 +62,8 @@ def evaluate_policy(policy_dir: Path, ref_policy, tokenizer, scorer, task, promp
 
 
 @torch.no_grad()
-def token_distributions(policy_dir: Path, tokenizer, prompt: str, n: int, max_new_tokens: int, rt: Runtime, seed: int):
+def token_distributions(policy, tokenizer, prompt: str, n: int, max_new_tokens: int, rt: Runtime, seed: int):
     """(positions, vocab) marginal frequency of each token at each response position, from n samples."""
-    policy = freeze(load_policy(policy_dir, rt.device, "policy"))
     q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, [prompt] * n))
     with autocast(rt.device, rt.dtype):
         s = sample(policy, q, qm, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -89,7 +86,9 @@ def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path, policies: dict[str, Pat
     dist_prompt = cfg.eval.dist_prompt or prompts[0]
     results, dists = {}, {}
     for name, path in policies.items():
-        results[name] = evaluate_policy(path, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed)
-        dists[name] = token_distributions(path, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
+        # The SFT policy is the reference: reuse the loaded copy.
+        policy = ref_policy if Path(path) == Path(sft_dir) else freeze(load_policy(path, rt.device, name))
+        results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed)
+        dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return {"policies": results, "distributions": {"prompt": dist_prompt, "vocab": vocab, "by_policy": dists}}

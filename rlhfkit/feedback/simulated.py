@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data.batching import encode_prompts
 from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, write_jsonl
 from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, mean_agreement, pairwise_agreement
 from rlhfkit.feedback.krippendorff import alpha_for_rankings
-from rlhfkit.models import autocast, load_policy, load_tokenizer
-from rlhfkit.runio import progress, write_json
-from rlhfkit.sampling import decode_responses, sample
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.runio import write_json
+from rlhfkit.sampling import sample_texts
 from rlhfkit.training import Runtime
 
 
@@ -37,33 +36,14 @@ def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, r
     else:
         consensus = borda_consensus(rankings)
         pairs = []
+        prefers = [set(ranking_to_pairs(r)) for r in rankings]
         for i, j in ranking_to_pairs(consensus):
-            support = [labeler_ids[n] for n, r in enumerate(rankings) if (i, j) in set(ranking_to_pairs(r))]
-            pairs.append((i, j, support))
+            pairs.append((i, j, [labeler_ids[n] for n, p in enumerate(prefers) if (i, j) in p]))
     return [
         Comparison(item_id=item_id, prompt=prompt, chosen=completions[i], rejected=completions[j], labeler_ids=support)
         for i, j, support in pairs
         if completions[i] != completions[j]
     ]
-
-
-@torch.no_grad()
-def sample_k(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
-             generator: torch.Generator, rt: Runtime, batch_size: int = 512) -> list[list[str]]:
-    """K completions per prompt with the shared sampler, in batches, with a progress bar."""
-    flat = [p for p in prompts for _ in range(k)]
-    texts: list[str] = []
-    bar = progress(len(flat), "feedback: sampling", unit="completion")
-    for start in range(0, len(flat), batch_size):
-        q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
-        with autocast(rt.device, rt.dtype):
-            s = sample(model, q.to(rt.device), qm.to(rt.device), max_new_tokens=max_new_tokens,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       temperature=temperature, generator=generator)
-        texts.extend(decode_responses(tokenizer, s))
-        bar.update(len(q))
-    bar.close()
-    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
 def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
@@ -76,7 +56,8 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
     model = load_policy(sft_dir, rt.device, "sft policy").eval()
     prompts = task.prompts(fb.n_prompts, rng)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    completions = sample_k(model, tokenizer, prompts, fb.k, task.max_new_tokens, fb.temperature, generator, rt)
+    completions = sample_texts(model, tokenizer, prompts, fb.k, max_new_tokens=task.max_new_tokens, generator=generator,
+                               temperature=fb.temperature, dtype=rt.dtype, batch_size=512, desc="feedback: sampling")
 
     # 2. Each labeler ranks each item; 3. the consensus becomes comparisons.
     labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]

@@ -78,6 +78,17 @@ def order(page) -> list[int]:
     return [int(x) for x in page.eval_on_selector_all("#ranking li", "els => els.map(e => e.dataset.position)")]
 
 
+
+def sign_up_and_in(page, invitation: str, name: str, password: str) -> None:
+    """Follow an invitation link, choose a password, then sign in with it."""
+    page.goto(invitation)
+    page.fill("input[name=password]", password)
+    page.fill("input[name=password2]", password)
+    page.click("button[type=submit]")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+
 def test_lead_and_labeler_in_a_real_browser(playwright, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     pdir = tmp_path / "proj"
@@ -94,13 +105,7 @@ def test_lead_and_labeler_in_a_real_browser(playwright, tmp_path):
         # 1. Lead: sign up, sign in, create the project, invite a labeler.
         lead = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
         lead.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        lead.goto(f"{server.url}/invite/{lead_token}")
-        lead.fill("input[name=password]", "lead-password-1")
-        lead.fill("input[name=password2]", "lead-password-1")
-        lead.click("button[type=submit]")
-        lead.fill("input[name=name]", "lead")
-        lead.fill("input[name=password]", "lead-password-1")
-        lead.click("button[type=submit]")
+        sign_up_and_in(lead, f"{server.url}/invite/{lead_token}", "lead", "lead-password-1")
         lead.wait_for_url("**/lead")
         lead.fill("input[name=name]", "courtesy")
         lead.fill("input[name=criteria]", "helpfulness")
@@ -119,13 +124,7 @@ def test_lead_and_labeler_in_a_real_browser(playwright, tmp_path):
         # 2. Labeler: sign up from the link, read the guidelines, rank.
         page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(link)
-        page.fill("input[name=password]", "alice-password-1")
-        page.fill("input[name=password2]", "alice-password-1")
-        page.click("button[type=submit]")
-        page.fill("input[name=name]", "alice")
-        page.fill("input[name=password]", "alice-password-1")
-        page.click("button[type=submit]")
+        sign_up_and_in(page, link, "alice", "alice-password-1")
         page.wait_for_url("**/guidelines")
         assert page.locator("strong", has_text="solve the problem").count() == 1
         page.screenshot(path=str(ARTIFACTS / "guidelines-page.png"))
