@@ -15,35 +15,54 @@ STAGE_HELP = {
 }
 
 
+CONFIG_HELP = ("TOML config file (default: OUT/config.toml when it exists, the config an earlier run there saved, "
+               "so a rerun resumes with it; else the task's built-in defaults). --set overrides go on top")
+SET_HELP = "override a config field, e.g. --set ppo.kl_coef=0 (repeatable; the value is read as TOML)"
+
+
 def _add_config_args(p: argparse.ArgumentParser, out_required: bool) -> None:
-    p.add_argument("config", nargs="?", help="TOML config file (default: the task's built-in config, or OUT/config.toml)")
+    p.add_argument("config", nargs="?", help=CONFIG_HELP)
     p.add_argument("--out", required=out_required, help="output directory" + ("" if out_required else " (default runs/TASK)"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config field, e.g. --set ppo.kl_coef=0 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlhfkit import __version__
+
     parser = argparse.ArgumentParser(prog="rlhfkit", description="The complete RLHF loop: SFT -> feedback -> reward model -> PPO -> evaluation.")
+    parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline (skips finished stages, resumes PPO)")
+    run = sub.add_parser("run", help="run the whole pipeline (skips finished stages, resumes PPO)",
+                         description="Run every stage into OUT, skipping those already up to date and resuming an interrupted PPO run.")
     _add_config_args(run, out_required=False)
+    run.add_argument("--update", action="store_true",
+                     help="redo the stages whose config changed, and those after them (without it a changed config is refused)")
     for name, help_text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         _add_config_args(p, out_required=True)
         p.add_argument("--fresh", action="store_true", help="redo the stage even if it is complete")
-    cfg = sub.add_parser("config", help="print the resolved config as TOML (every field, with its help)")
-    cfg.add_argument("config", nargs="?")
-    cfg.add_argument("--set", dest="overrides", action="append", default=[])
+    cfg = sub.add_parser("config", help="print the resolved config as TOML (every field, with its help)",
+                         description="Print the resolved config as TOML: every field with its value and help, "
+                                     "ready to edit and pass back as `rlhfkit run FILE`.")
+    cfg.add_argument("config", nargs="?", help="TOML config file to resolve (default: the task's built-in defaults)")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
     sub.add_parser("label", help="the labeling web app: `rlhfkit label --help`", add_help=False)
     return parser
 
 
 def _config_for(args):
-    from rlhfkit.config import load_config
+    """The config file given, else OUT/config.toml when an earlier run saved one there (so rerunning a
+    command on the same --out resumes with that run's config), else the task's defaults; --set on top."""
+    from rlhfkit.config import Config, load_config, parse_override
 
     path = args.config
-    if path is None and getattr(args, "out", None) and (Path(args.out) / "config.toml").is_file() and args.command != "run":
-        path = Path(args.out) / "config.toml"
+    if path is None and args.command != "config":
+        out = args.out
+        if out is None:  # `run` without --out: runs/TASK, TASK as --set (or the default) gives it
+            tasks = [d["task"] for d in map(parse_override, args.overrides) if "task" in d]
+            out = f"runs/{tasks[-1] if tasks else Config().task}"
+        if (Path(out) / "config.toml").is_file():
+            path = Path(out) / "config.toml"
     return load_config(path, args.overrides)
 
 
@@ -72,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from rlhfkit import pipeline
-    from rlhfkit.config import config_diff, config_to_toml, load_config
+    from rlhfkit.config import config_to_toml
 
     cfg = _config_for(args)
     if args.command == "config":
@@ -80,18 +99,12 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "run":
         out = Path(args.out or f"runs/{cfg.task}")
-        summary = pipeline.run_pipeline(cfg, out)
+        summary = pipeline.run_pipeline(cfg, out, update=args.update)
         if "eval" in summary:
             print(f"\nreport: {out / 'eval' / 'report.md'}\nsummary: {out / 'summary.json'}\n")
             print(pipeline.format_results_table(summary))
         return 0
-    out = Path(args.out)
-    fresh = args.fresh
-    saved = out / "config.toml"
-    if saved.is_file() and config_diff(load_config(saved), cfg) and not fresh:
-        print(f"[rlhfkit] config changed ({'; '.join(config_diff(load_config(saved), cfg))}); redoing {args.command}")
-        fresh = True
-    result = pipeline.run_stage(args.command, cfg, out, fresh=fresh, replace_config=True)
+    result = pipeline.run_stage(args.command, cfg, Path(args.out), fresh=args.fresh)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
     print("\n".join(f"{args.command}.{k} = {v:.4g}" if isinstance(v, float) else f"{args.command}.{k} = {v}"
                     for k, v in shown.items()))

@@ -2,23 +2,37 @@
 
 Precedence (later wins): dataclass defaults < the task's own defaults < the TOML file < `--set` overrides.
 Unknown keys get a "did you mean", wrong types and impossible values a message naming the field and
-what to change (see `Config.validate`, the one place where cross-field rules live).
+what to change (see `Config.validate`, the one place where cross-field rules live). Each message also
+says where the value came from: `FILE:LINE` for a key read from TOML, `--set`, the task's defaults or the
+dataclass default (`Source`; load_config records each dotted key's origin while layering).
+Field types: str, int, float, bool, a nested dataclass (a section, `[ppo]`), `list[str | int | float]`
+(a TOML array) and `list[SomeDataclass]` (an array of tables, `[[reward.sources]]`). The reading,
+checking and writing below work on any such dataclass, not only on `Config`.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
+import re
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from rlhfkit.errors import ConfigError
 
 
+# A criterion name as the labeling app accepts it (rlhfkit.labelapp.project uses this same rule).
+CRITERION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
 def F(default, help: str):
-    """A config field with its one-line documentation (used by errors, `rlhfkit config` and docs)."""
+    """A config field with its one-line documentation (used by errors, `rlhfkit config` and docs).
+    A list default becomes a factory that copies it, so no two configs share (and mutate) one list."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -56,6 +70,7 @@ class FeedbackConfig:
     error_rate: float = F(0.05, "Simulated labelers: chance of misjudging each completion by one gold point (up or down at random).")
     consensus: str = F("majority", "How rankings become comparisons: 'majority' (pairwise, > half of labelers) or 'borda'.")
     temperature: float = F(1.0, "Sampling temperature for the completions.")
+    criteria: list[str] = F(["overall"], "labeler = 'human': criteria labelers rank by in the labeling app; one reward model per criterion (reward.criterion).")
     project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/labeling.")
 
 
@@ -65,6 +80,7 @@ class RewardConfig:
 
     init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory.")
     data: str = F("", "Comparisons JSONL to train on; empty = the feedback stage's output.")
+    criterion: str = F("", "Train only on comparisons of this criterion; empty = the data must hold a single criterion.")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")
     epochs: int = F(8, "Passes over the training comparisons.")
     batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
@@ -119,7 +135,7 @@ class Config:
     seed: int = F(0, "Seed for every random choice: same seed and config give the same result on CPU.")
     device: str = F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     precision: str = F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")
-    threads: int = F(0, "CPU threads for torch; 0 = torch's default.")
+    threads: int = F(1, "CPU threads for torch. Results depend on it (same seed + config + threads + machine kind = same numbers); 1 also degrades gracefully beside other jobs. 0 = torch's default (one per core).")
     policy: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
@@ -127,37 +143,74 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "Config":
-        """Reject impossible values and combinations, saying what to change."""
+    def validate(self, origins: dict[str, "Source"] | None = None) -> "Config":
+        """Reject impossible values and combinations, saying what to change. `origins` (dotted key -> the
+        Source that set it, as load_config records) lets each message say where a value came from."""
         from rlhfkit.tasks import get_task
 
-        get_task(self.task)
+        task = get_task(self.task)
+        origins = origins or {}
+
+        def source(key: str) -> Source:
+            while key:
+                if key in origins:
+                    return origins[key]
+                key = _parent(key)
+            return Source("default")
+
+        def ref(key: str) -> str:  # another value a message mentions, with where it came from
+            return f"{key} = {_get(self, key)!r} ({source(key).origin(key)})"
 
         def need(ok: bool, key: str, msg: str):
             if not ok:
-                raise ConfigError(f"{key} = {_get(self, key)!r}: {msg}")
+                src = source(key)
+                if src.kind in ("default", "task"):
+                    raise ConfigError(f"{ref(key)}: {msg}")
+                raise ConfigError(f"{src.prefix(key)}{key} = {_get(self, key)!r}: {msg}")
 
-        p, fb, r, ppo = self.policy, self.feedback, self.reward, self.ppo
+        p, sft, fb, r, ppo = self.policy, self.sft, self.feedback, self.reward, self.ppo
         need(p.arch in ("gpt2", "llama"), "policy.arch", "choose 'gpt2' or 'llama'")
         for key in ("policy.n_layer", "policy.n_embd", "policy.n_head", "policy.n_ctx", "sft.n_demos", "sft.epochs",
                     "sft.batch_size", "feedback.n_prompts", "feedback.labelers_per_item", "reward.epochs",
                     "reward.batch_size", "ppo.total_steps", "ppo.rollout_batch_size", "ppo.minibatch_size",
                     "ppo.ppo_epochs", "ppo.checkpoint_every", "ppo.kl_horizon", "eval.n_prompts", "eval.dist_samples"):
             need(_get(self, key) >= 1, key, "must be at least 1")
-        need(p.n_embd % p.n_head == 0, "policy.n_head", f"must divide policy.n_embd = {p.n_embd}")
+        need(p.n_embd % p.n_head == 0, "policy.n_head", f"must divide {ref('policy.n_embd')}")
+        if not p.path:  # a tiny model is built with n_ctx positions; a user's model brings its own
+            need(p.n_ctx >= task.context_length, "policy.n_ctx",
+                 f"the {task.name} task needs {task.context_length} positions (its prompt, BOS included, plus "
+                 f"max_new_tokens = {task.max_new_tokens}); set policy.n_ctx to at least {task.context_length}")
+        # A stage that would make no optimiser step is an error, not a run marked complete.
+        need(sft.batch_size <= sft.n_demos, "sft.batch_size",
+             f"larger than {ref('sft.n_demos')}, so an epoch holds no full batch and SFT would make no optimiser "
+             f"step; lower sft.batch_size to at most {sft.n_demos} or raise sft.n_demos")
         need(2 <= fb.k <= 9, "feedback.k", "rank between 2 and 9 completions per prompt")
         need(fb.labeler in ("simulated", "human"), "feedback.labeler", "choose 'simulated' or 'human'")
         need(fb.consensus in ("majority", "borda"), "feedback.consensus", "choose 'majority' or 'borda'")
         need(0.0 <= fb.error_rate <= 1.0, "feedback.error_rate", "must be a probability in [0, 1]")
+        need(len(fb.criteria) > 0, "feedback.criteria", 'give at least one criterion, e.g. ["overall"]')
+        need(len(set(fb.criteria)) == len(fb.criteria), "feedback.criteria", "lists a criterion twice")
+        for c in fb.criteria:  # checked here so a bad name fails before SFT, not when the app is created
+            need(bool(CRITERION_NAME.fullmatch(c)), "feedback.criteria",
+                 f"{c!r} is not a criterion name; use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
+        if fb.labeler == "human" and not r.data:  # say it now, not once people have labeled everything
+            need(r.criterion in fb.criteria if r.criterion else len(fb.criteria) == 1, "reward.criterion",
+                 f"the human labels will be by {ref('feedback.criteria')} and a reward model learns one; "
+                 "set reward.criterion to one of them")
         need(0.0 < r.heldout_fraction < 1.0, "reward.heldout_fraction", "must be in (0, 1)")
+        need(ppo.minibatch_size <= ppo.rollout_batch_size, "ppo.minibatch_size",
+             f"larger than {ref('ppo.rollout_batch_size')}, so a rollout batch holds no full minibatch and PPO "
+             "would make no optimiser step; lower ppo.minibatch_size or raise ppo.rollout_batch_size")
         need(ppo.rollout_batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size",
-             f"must divide ppo.rollout_batch_size = {ppo.rollout_batch_size}")
+             f"must divide {ref('ppo.rollout_batch_size')}")
         need(ppo.kl_estimator in ("k1", "k2", "k3"), "ppo.kl_estimator", "choose 'k1', 'k2' or 'k3'")
         need(ppo.value_init in ("reward", "policy"), "ppo.value_init", "choose 'reward' or 'policy'")
         need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0 (0 disables the KL penalty)")
         need(ppo.target_kl > 0, "ppo.target_kl", "must be > 0")
-        need(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
-        need(ppo.clip_range > 0 and ppo.clip_range_value > 0, "ppo.clip_range", "clip ranges must be > 0")
+        need(0 <= ppo.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+        need(0 <= ppo.lam <= 1, "ppo.lam", "must be in [0, 1]")
+        need(ppo.clip_range > 0, "ppo.clip_range", "must be > 0")
+        need(ppo.clip_range_value > 0, "ppo.clip_range_value", "must be > 0")
         for key in ("sft.lr", "reward.lr", "ppo.lr", "ppo.temperature", "feedback.temperature"):
             need(_get(self, key) > 0, key, "must be > 0")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose 'auto', 'fp32' or 'bf16'")
@@ -167,11 +220,6 @@ class Config:
 
 
 
-def _section_types() -> dict[str, type]:
-    hints = get_type_hints(Config)
-    return {name: t for name, t in hints.items() if is_dataclass(t)}
-
-
 def _get(cfg: Config, dotted: str):
     obj = cfg
     for part in dotted.split("."):
@@ -179,44 +227,187 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
-def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
+# ----------------------------------------------------------------------------------------------------
+# Where a value came from
+
+
+def _parent(key: str) -> str:
+    """'reward.sources[0].kind' -> 'reward.sources[0]' -> 'reward.sources' -> 'reward' -> ''."""
+    return re.sub(r"(\[\d+\]|\.?[^.\[\]]+)$", "", key)
+
+
+_BARE_OR_QUOTED = r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'"""
+_TOML_KEY = re.compile(rf"""^\s*((?:{_BARE_OR_QUOTED})(?:\s*\.\s*(?:{_BARE_OR_QUOTED}))*)\s*=(.*)$""")
+_TOML_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
+_MULTILINE_QUOTES = ('"' * 3, "'" * 3)
+
+
+def _key_parts(text: str) -> list[str]:
+    return [p[1:-1] if p[0] in "\"'" else p for p in re.findall(_BARE_OR_QUOTED, text)]
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """The 1-based line of each key and table header of a TOML text, by dotted path: 'seed', 'ppo',
+    'ppo.kl_coef', and for arrays of tables the element's index: 'reward.sources[1].kind'.
+
+    tomllib gives values, not positions, so this scans the lines: a [table] or [[array]] header sets the
+    path that the `key = value` lines below it extend; lines inside a multi-line string are skipped.
+    Good enough to point a person at a line; the file is parsed by tomllib, never by this."""
+    lines: dict[str, int] = {}
+    arrays: dict[str, int] = {}  # path of an array of tables -> index of its current element
+    table, in_string = "", None
+
+    def resolve(parts: list[str]) -> str:  # dotted parts -> path with the current array indices
+        path = ""
+        for part in parts:
+            path = f"{path}.{part}" if path else part
+            if path in arrays:
+                path = f"{path}[{arrays[path]}]"
+        return path
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if in_string:
+            if line.count(in_string) % 2 == 1:
+                in_string = None
+            continue
+        header = _TOML_HEADER.match(line)
+        if header:
+            parts = _key_parts(header.group(2))
+            if header.group(1) == "[[":
+                parent = resolve(parts[:-1])
+                name = f"{parent}.{parts[-1]}" if parent else parts[-1]
+                arrays[name] = arrays.get(name, -1) + 1
+                table = f"{name}[{arrays[name]}]"
+            else:
+                table = resolve(parts)
+            lines.setdefault(table, lineno)
+            continue
+        key = _TOML_KEY.match(line)
+        if key:
+            lines.setdefault(".".join(([table] if table else []) + _key_parts(key.group(1))), lineno)
+            for quote in _MULTILINE_QUOTES:  # a multi-line string opened on this line
+                if key.group(2).count(quote) % 2 == 1:
+                    in_string = quote
+    return lines
+
+
+@dataclass
+class Source:
+    """Where one layer of config values comes from, so that a message can say it: a TOML file (with the
+    line of each key), a `--set` override, the task's defaults, load_config()'s keyword arguments, or the
+    dataclass default."""
+
+    kind: str  # 'file', 'set', 'task', 'python', 'default', or 'text' (a fixed message prefix)
+    name: str = ""  # the file's path, the override's text, the task's name, or the prefix
+    lines: dict[str, int] = field(default_factory=dict, repr=False)  # 'file': toml_key_lines of its text
+
+    @classmethod
+    def file(cls, path: str | Path, text: str) -> "Source":
+        return cls("file", str(path), toml_key_lines(text))
+
+    def origin(self, key: str) -> str:
+        """Where `key` came from, in a few words: 'my.toml:7', '--set', "task 'digits' default", 'default'."""
+        if self.kind == "file":
+            while key and key not in self.lines:
+                key = _parent(key)
+            return f"{self.name}:{self.lines[key]}" if key else self.name
+        return {"set": "--set", "task": f"task '{self.name}' default", "python": "load_config()",
+                "default": "default"}.get(self.kind, self.name.rstrip(": "))
+
+    def prefix(self, key: str) -> str:
+        """How a message about `key` from this layer starts: 'my.toml:7: ', '--set ', ..."""
+        if self.kind == "file":
+            return f"{self.origin(key)}: "
+        return {"set": "--set ", "task": f"task '{self.name}' defaults: ", "python": "load_config(): ",
+                "default": ""}.get(self.kind, self.name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading layers into a Config
+
+
+def _type_name(typ: Any) -> str:
+    """How a field type reads in an error message: 'float', 'a list of str', 'a list of tables'."""
+    if get_origin(typ) is list:
+        item = get_args(typ)[0]
+        return "a list of tables" if is_dataclass(item) else f"a list of {_type_name(item)}"
+    return "a table" if is_dataclass(typ) else typ.__name__
+
+
+def _coerce(value: Any, typ: Any, key: str, where: Source) -> Any:
+    """`value` checked (and ints widened to float) as a `typ`; a list is checked element by element."""
+    if get_origin(typ) is list:
+        item = get_args(typ)[0]
+        if not isinstance(value, list):
+            hint = (f"write one [[{key}]] table per element" if is_dataclass(item)
+                    else f"write a TOML array such as [{_toml_value(value)}]")
+            raise ConfigError(f"{where.prefix(key)}{key} = {value!r}: expected {_type_name(typ)}, "
+                              f"got {type(value).__name__}; {hint}")
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if is_dataclass(typ):
+        return _from_table(typ, value, key, where)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str) and value.lower() in ("inf", "+inf"):
         return math.inf
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}{key} = {value!r}: expected {typ.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{where.prefix(key)}{key} = {value!r}: expected {typ.__name__}, got {type(value).__name__}")
     return value
 
 
-def _did_you_mean(name: str, options: list[str]) -> str:
+def _did_you_mean(name: str, options: list[str], prefix: str = "") -> str:
+    """The closest valid key by its full dotted name ('ppo.kl_coef'), else the valid keys of that table."""
     hint = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    return f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(options)}"
+    return f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys: {', '.join(options)}"
 
 
-def apply_dict(cfg: Config, data: dict, where: str = "") -> Config:
-    """Set fields of `cfg` from a nested dict (TOML layout), checking names and types."""
-    sections = _section_types()
-    top = {f.name: f for f in fields(Config)}
+def _check_keys(data: dict, typ: type, prefix: str, where: Source) -> None:
+    names = [f.name for f in fields(typ)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where.prefix(prefix + key)}unknown key '{prefix}{key}'"
+                              f"{_did_you_mean(key, names, prefix)}")
+
+
+def _from_table(typ: type, value: Any, key: str, where: Source) -> Any:
+    """A new `typ` from one table of an array of tables; keys it leaves out keep their defaults."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where.prefix(key)}{key} = {value!r}: expected a table of "
+                          f"{', '.join(f.name for f in fields(typ))}, got {type(value).__name__}")
+    _check_keys(value, typ, f"{key}.", where)
+    hints = get_type_hints(typ)
+    for f in fields(typ):
+        if f.name not in value and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{where.prefix(key)}{key}: missing key '{f.name}' (it has no default)")
+    return typ(**{k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in value.items()})
+
+
+def apply_dict(obj: Any, data: dict, where: str | Source = "", prefix: str = "",
+               origins: dict[str, Source] | None = None) -> Any:
+    """Set fields of the dataclass `obj` (a Config, or any config dataclass) from a nested dict in the TOML
+    layout, checking names and types. A nested dataclass is a section updated in place, so layers merge
+    key by key; a list is replaced whole (layers never append). `prefix` is `obj`'s dotted path; `where`
+    says where `data` came from (a Source, or a plain message prefix); `origins`, when given, records
+    the Source of each dotted key set."""
+    where = where if isinstance(where, Source) else Source("text", where)
+    _check_keys(data, type(obj), prefix, where)
+    hints = get_type_hints(type(obj))
     for key, value in data.items():
-        if key not in top:
-            raise ConfigError(f"{where}unknown key '{key}'{_did_you_mean(key, list(top))}")
-        if key in sections:
+        path = prefix + key
+        if is_dataclass(hints[key]):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}'{key}' is a section; write [{key}] with key = value lines")
-            section = getattr(cfg, key)
-            hints = get_type_hints(type(section))
-            for sub, subvalue in value.items():
-                if sub not in hints:
-                    raise ConfigError(f"{where}unknown key '{key}.{sub}'{_did_you_mean(sub, list(hints))}")
-                setattr(section, sub, _coerce(subvalue, hints[sub], f"{key}.{sub}", where))
+                raise ConfigError(f"{where.prefix(path)}'{path}' is a section; write [{path}] with key = value lines")
+            apply_dict(getattr(obj, key), value, where, f"{path}.", origins)
         else:
-            setattr(cfg, key, _coerce(value, get_type_hints(Config)[key], key, where))
-    return cfg
+            setattr(obj, key, _coerce(value, hints[key], path, where))
+            if origins is not None:
+                origins[path] = where
+    return obj
 
 
 def parse_override(text: str) -> dict:
-    """'section.key=value' -> {'section': {'key': value}}; the value is read as TOML, else as a string."""
+    """'section.key=value' -> {'section': {'key': value}}; the value is read as TOML, else as a string.
+    Lists are TOML arrays: feedback.criteria=["a", "b"]; reward.sources=[{kind = "x", weight = 1.0}]."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: write section.key=value (for example --set ppo.kl_coef=0)")
     key, raw = (s.strip() for s in text.split("=", 1))
@@ -230,14 +421,42 @@ def parse_override(text: str) -> dict:
     return {parts[0]: value} if len(parts) == 1 else {parts[0]: {parts[1]: value}}
 
 
-def read_toml(path: str | Path) -> dict:
+def _line(raw: bytes, offset: int) -> int:
+    return raw[:offset].count(b"\n") + 1
+
+
+NUL = bytes(1)
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text; anything but UTF-8 (a binary file, UTF-16) is a one-line error."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}:1: not UTF-8 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if NUL in raw:
+        raise ConfigError(f"{path}:{_line(raw, raw.index(NUL))}: not UTF-8 text (it holds NUL bytes: a binary "
+                          "file, or UTF-16 without a byte-order mark); save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is harmless: skip it
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}:{_line(raw, e.start)}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+
+
+def _read_toml(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    text = _read_text(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML config file as a dict; a missing, non-UTF-8 or invalid file is a ConfigError naming it."""
+    return _read_toml(path)[0]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **sections) -> Config:
@@ -245,24 +464,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     From Python, sections may also be given as dicts: load_config(ppo={"kl_coef": 0.0}).
     """
-    layers: list[tuple[dict, str]] = []
+    layers: list[tuple[dict, Source]] = []
     if path is not None:
-        layers.append((read_toml(path), f"{path}: "))
+        data, text = _read_toml(path)
+        layers.append((data, Source.file(path, text)))
     if sections:
-        layers.append((sections, ""))
-    layers.extend((parse_override(o), "--set ") for o in overrides)
+        layers.append((sections, Source("python")))
+    layers.extend((parse_override(o), Source("set", o)) for o in overrides)
     # The task decides the defaults underneath everything else, so find it first.
-    task = Config().task
-    for data, _ in layers:
-        task = data.get("task", task)
+    task, task_source = Config().task, Source("default")
+    for data, source in layers:
+        if "task" in data:
+            task, task_source = data["task"], source
     cfg = Config()
-    if isinstance(task, str):
+    origins: dict[str, Source] = {}  # dotted key -> the layer that set it last
+    if isinstance(task, str):  # else apply_dict below reports the wrong type
         from rlhfkit.tasks import get_task
 
-        apply_dict(cfg, get_task(task).default_overrides(), "task defaults: ")
-    for data, where in layers:
-        apply_dict(cfg, data, where)
-    return cfg.validate()
+        try:
+            defaults = get_task(task).default_overrides()
+        except ConfigError as e:
+            raise ConfigError(f"{task_source.prefix('task')}{e}") from None
+        apply_dict(cfg, defaults, Source("task", task), origins=origins)
+    for data, source in layers:
+        apply_dict(cfg, data, source, origins=origins)
+    return cfg.validate(origins)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -272,6 +498,11 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def _toml_value(v: Any) -> str:
+    """One value as TOML; a dataclass (an element of an array of tables) as an inline table."""
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if is_dataclass(v):
+        return "{" + ", ".join(f"{f.name} = {_toml_value(getattr(v, f.name))}" for f in fields(v)) + "}"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
@@ -281,28 +512,41 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _toml_lines(obj: Any, path: str, lines: list[str]) -> None:
+    """`obj`'s keys as `key = value  # help` lines, then its tables: a [path.section] for a nested
+    dataclass, one [[path.key]] block per element of a list of dataclasses. (TOML needs all of a table's
+    keys before the next header, hence keys first.)"""
+    tables = []
+    for f in fields(obj):
+        value, sub = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+        comment = f"  # {f.metadata['help']}" if "help" in f.metadata else ""
+        if is_dataclass(value):
+            tables.append((f"[{sub}]{comment}", sub, value))
+        elif isinstance(value, list) and value and all(is_dataclass(v) for v in value):
+            tables += [(f"[[{sub}]]{comment}", sub, v) for v in value]
+        else:  # an empty array of tables is written `key = []`
+            lines.append(f"{f.name} = {_toml_value(value)}{comment}")
+    for header, sub, table in tables:
+        lines.append(f"\n{header}")
+        _toml_lines(table, sub, lines)
+
+
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML (what `rlhfkit run FILE` reads back), with each field's help."""
     lines: list[str] = []
-    sections = _section_types()
-    for f in fields(Config):
-        if f.name not in sections:
-            lines.append(f"{f.name} = {_toml_value(getattr(cfg, f.name))}  # {f.metadata['help']}")
-    for name in sections:
-        lines.append(f"\n[{name}]")
-        section = getattr(cfg, name)
-        for sf in fields(section):
-            lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}  # {sf.metadata['help']}")
+    _toml_lines(cfg, "", lines)
     return "\n".join(lines) + "\n"
 
 
+def _diff(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [line for k in a for line in _diff(a[k], b.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(isinstance(x, dict) for x in a + b):
+        return [line for i, (x, y) in enumerate(zip(a, b)) for line in _diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
 def config_diff(a: Config, b: Config) -> list[str]:
-    """Fields that differ, as 'section.key: a -> b'."""
-    da, db = config_to_dict(a), config_to_dict(b)
-    out = []
-    for key in da:
-        if isinstance(da[key], dict):
-            out += [f"{key}.{k}: {da[key][k]!r} -> {db[key][k]!r}" for k in da[key] if da[key][k] != db[key][k]]
-        elif da[key] != db[key]:
-            out.append(f"{key}: {da[key]!r} -> {db[key]!r}")
-    return out
+    """Fields that differ, as 'section.key: a -> b'; arrays of tables of one length element by element
+    ('reward.sources[0].weight: 1.0 -> 2.0'), other lists as a whole."""
+    return _diff(config_to_dict(a), config_to_dict(b), "")

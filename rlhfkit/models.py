@@ -102,6 +102,14 @@ def build_tiny_policy(spec: TinyModelSpec, tokenizer, seed: int):
 # Loading from directories, with errors a user can act on
 
 
+# What a loadable directory holds (what save_pretrained writes): weights, single-file or sharded, and
+# the tokenizer's files (a fast tokenizer.json, or a slow tokenizer's vocabulary, with its config).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEX_GLOB = "*.index.json"  # model.safetensors.index.json / pytorch_model.bin.index.json of shards
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
     """Fail early, clearly, when `path` is not a loadable (causal-LM) Hugging Face directory."""
     path = Path(path)
@@ -112,8 +120,10 @@ def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
         raise RlhfkitError(f"{role}: {path} has no config.json; it is not a Hugging Face model directory (save one with save_pretrained)")
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RlhfkitError(f"{role}: {config_file} is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise RlhfkitError(f"{role}: {config_file} is not a model config (a JSON object)")
     if causal:
         archs = config.get("architectures") or []
         if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
@@ -121,6 +131,11 @@ def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
                 f"{role}: {path} holds a {', '.join(archs)}, not a causal language model; "
                 "the policy must be a *ForCausalLM / *LMHeadModel directory"
             )
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob(WEIGHT_INDEX_GLOB)):
+        raise RlhfkitError(
+            f"{role}: {path} has a config.json but no weights (looked for {', '.join(WEIGHT_FILES)} and a sharded "
+            f"checkpoint's {WEIGHT_INDEX_GLOB}); save the model there with save_pretrained"
+        )
     return path
 
 
@@ -132,15 +147,30 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def load_tokenizer(path: str | Path, role: str = "tokenizer"):
+    """The tokenizer saved in a model directory. A directory without tokenizer files is refused: given only
+    config.json, transformers may build an empty tokenizer, and SFT would then train on nothing."""
     from transformers import AutoTokenizer
 
-    if not Path(path).is_dir():
+    path = Path(path)
+    if not path.is_dir():
         raise RlhfkitError(f"{role}: directory {path} does not exist; point it at a local Hugging Face model directory")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RlhfkitError(
+            f"{role}: {path} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); save the model's "
+            "tokenizer into it with tokenizer.save_pretrained"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise RlhfkitError(f"{role}: cannot load a tokenizer from {path} ({e})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise RlhfkitError(f"{role}: cannot load a tokenizer from {path} ({_one_line(e)})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise RlhfkitError(f"{role}: the tokenizer in {path} has no vocabulary beyond its special tokens "
+                           f"({len(tokenizer)} tokens); save the model's real tokenizer there with save_pretrained")
     if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token is None:
@@ -154,7 +184,10 @@ def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
 
     check_model_dir(path, role, causal=True)
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except OSError as e:  # a truncated or unreadable weights file, a shard the index names but is missing
+        raise RlhfkitError(f"{role}: cannot load the model in {path} ({_one_line(e)})") from None
     return model.to(device)
 
 
@@ -172,11 +205,29 @@ def load_scalar_model(path: str | Path, device: torch.device, role: str):
     return model.to(device)
 
 
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop")
+
+
 def disable_dropout(model):
-    """Set every dropout probability to 0 (RL needs the sampling and training passes to agree)."""
+    """Set every dropout probability to 0 (RL needs the sampling and training passes to agree).
+
+    Dropout modules are not the only kind: Llama-style attention applies `config.attention_dropout`
+    functionally (a float attribute read in forward), so float attributes named like dropout are zeroed on
+    every module and on the config too (TRL and OpenRLHF disable dropout for the same reason).
+    """
+    configs = [getattr(model, "config", None)]
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        configs.append(getattr(module, "config", None))
+        for name, value in vars(module).items():
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for name, value in list(vars(config).items()):
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(config, name, 0.0)
     return model
 
 

@@ -1,6 +1,6 @@
-"""The pipeline: stages, their output directories, skipping finished stages and resuming PPO.
+"""The pipeline: stages, their output directories, what is up to date, and resuming PPO.
 
-    OUT/config.toml          the resolved config of the run
+    OUT/config.toml          the config that produced the outputs below (written when a stage completes)
     OUT/sft/                 model/ (policy, save_pretrained), metrics.jsonl
     OUT/feedback/            comparisons.jsonl, rankings.jsonl (the data contract), stats.json
     OUT/labeling/            the labeling app's project when feedback.labeler = "human" (kept across reruns)
@@ -8,22 +8,33 @@
     OUT/ppo/                 model/, metrics.jsonl, checkpoint/ (resumable)
     OUT/eval/                eval.json, report.md + plots
     OUT/summary.json         every figure of the report and each stage's wall time
+    OUT/.partial/STAGE/      a stage while it runs (an interrupted PPO resumes from its checkpoint here)
+    OUT/.lock                held while a process works in OUT: a second run on the same OUT is refused
 
-Each stage directory gets COMPLETE.json (its result) last; a stage without it is redone (PPO resumes
-from its checkpoint). Every stage is also a plain function call: `run_stage("ppo", cfg, out)`.
+Each stage records INPUTS.json (the part of the config its outputs depend on: its own section and those
+of the stages it reads) and COMPLETE.json (its result) last. A stage is up to date when COMPLETE.json is
+there and INPUTS.json matches the config; `rlhfkit run` skips those. A stage runs in OUT/.partial/STAGE
+and replaces OUT/STAGE only once complete, so a failed or killed stage leaves the previous complete
+outputs as they were; the stages after it are removed then (their inputs changed). Everything a stage
+needs that can be checked without running (device, model directories, data files) is checked before
+anything is written. Every stage is also a plain function call: `run_stage("ppo", cfg, out)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shutil
 import time
 from pathlib import Path
 
-from rlhfkit.config import Config, config_diff, config_to_dict, config_to_toml, load_config
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.runio import is_complete, mark_complete, stage_result, write_json
+from rlhfkit.config import Config, config_to_dict, config_to_toml
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, write_json
 
 STAGES = ("sft", "feedback", "reward", "ppo", "eval")
+_EVERY_STAGE = ("task", "seed", "precision")  # device and threads change speed (and last bits), not the recipe
 
 
 class WaitingForLabels(RlhfkitError):
@@ -34,34 +45,158 @@ def _log(msg: str) -> None:
     print(f"[rlhfkit] {msg}", flush=True)
 
 
-def prepare_out(cfg: Config, out: Path, *, replace_config: bool = False) -> None:
-    """Create OUT and record the config; refuse to mix configs in one directory unless asked."""
+# ----------------------------------------------------------------------------------------------------
+# What each stage reads, and whether its outputs are up to date
+
+
+def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
+    """The stages whose outputs `name` reads under this config."""
+    if name == "sft":
+        return ()
+    if name == "feedback":
+        return ("sft",)
+    if name == "reward":  # reward.data replaces the feedback stage; reward.init = a directory replaces SFT
+        return (("sft",) if cfg.reward.init == "sft" else ()) + (() if cfg.reward.data else ("feedback",))
+    if name == "ppo":
+        return ("sft", "reward")
+    if name == "eval":
+        return ("sft", "reward", "ppo")
+    raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def stage_inputs(name: str, cfg: Config) -> dict:
+    """The config a stage's outputs depend on: its own section, those of every stage upstream, and the
+    content hash of a data file it reads (so an edited reward.data file makes the reward model stale)."""
+    full = config_to_dict(cfg)
+    inputs = {key: full[key] for key in _EVERY_STAGE}
+    inputs["policy"] = full["policy"]
+    inputs[name] = full[name]
+    if name == "reward" and cfg.reward.data and Path(cfg.reward.data).is_file():
+        inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
+    for upstream in stage_needs(name, cfg):
+        inputs.update(stage_inputs(upstream, cfg))
+    return inputs
+
+
+def _recorded_inputs(out: Path, name: str) -> dict | None:
+    """The inputs a complete stage was made with (INPUTS.json; for directories made before rlhfkit
+    recorded them, derived from OUT/config.toml)."""
+    path = out / name / "INPUTS.json"
+    if path.is_file():
+        return read_json(path)
+    if (out / "config.toml").is_file():
+        from rlhfkit.config import load_config
+
+        return stage_inputs(name, load_config(out / "config.toml"))
+    return None
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs."""
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def stage_changes(out: Path, name: str, cfg: Config) -> list[str] | None:
+    """None when the stage is not complete; else how its recorded inputs differ from `cfg` ([] = up to date)."""
+    if not is_complete(out / name):
+        return None
+    recorded = _recorded_inputs(out, name)
+    if recorded is None:  # made by hand, or by an rlhfkit that recorded neither INPUTS.json nor config.toml
+        return [f"{out / name} records no inputs (INPUTS.json); rerun the stage"]
+    return _changes(recorded, stage_inputs(name, cfg))
+
+
+def _more_ppo_steps(old: dict, new: dict) -> bool:
+    """PPO made with inputs `old` can continue, not restart, under `new` when the only change is a larger
+    step budget: its learning rate is constant and its checkpoint holds every other piece of state, so
+    continuing gives exactly the run a larger budget would have given from the start."""
+    strip = lambda d: {**d, "ppo": {k: v for k, v in d.get("ppo", {}).items() if k != "total_steps"}}  # noqa: E731
+    return (strip(old) == strip(new)
+            and new.get("ppo", {}).get("total_steps", 0) > old.get("ppo", {}).get("total_steps", 0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks before anything is written, and the lock on OUT
+
+
+def preflight(cfg: Config, out: Path, names: list[str]) -> None:
+    """Check what the given stages need that can be checked without running them: device and precision,
+    model directories and their tokenizers, data files (readable, one criterion, text the tokenizer can
+    represent). Raises RlhfkitError; writes nothing."""
+    from rlhfkit.models import check_model_dir, load_tokenizer, resolve_device, resolve_precision
+
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
+    if "sft" in names and cfg.policy.path:
+        check_model_dir(cfg.policy.path, "policy.path", causal=True)
+        load_tokenizer(cfg.policy.path, "policy.path")
+    if "reward" in names:
+        if cfg.reward.init != "sft":
+            check_model_dir(cfg.reward.init, "reward.init", causal=False)
+        if cfg.reward.data:
+            from rlhfkit.algorithms.reward import load_comparisons
+
+            load_comparisons(cfg.reward.data, cfg.reward, cfg.seed, _reward_tokenizer(cfg, out))
+
+
+def _reward_tokenizer(cfg: Config, out: Path):
+    """The tokenizer the reward model will read text with, even before SFT has run."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.tasks import get_task
+
+    if cfg.reward.init != "sft":
+        return load_tokenizer(cfg.reward.init, "reward.init")
+    if is_complete(out / "sft"):
+        return load_tokenizer(out / "sft" / "model", "sft policy")
+    if cfg.policy.path:
+        return load_tokenizer(cfg.policy.path, "policy.path")
+    return get_task(cfg.task).build_tokenizer()
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold OUT/.lock for the duration; a second process on the same OUT gets a clear error at once
+    (the lock dies with its process, so a killed run never leaves OUT locked)."""
+    import fcntl
+
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.toml"
-    if path.exists():
-        saved = load_config(path)
-        diff = config_diff(saved, cfg)
-        if diff and not replace_config:
-            raise ConfigError(
-                f"{out} was made with another config ({'; '.join(diff)}). Use a new --out, or rerun one stage "
-                f"with its own command, e.g. `rlhfkit ppo --out {out} --set ... --fresh`"
-            )
-        if not diff:
-            return
-    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RlhfkitError(f"{out} is in use by {holder}; wait for it to finish or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"rlhfkit process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _require(out: Path, stage: str, needed: str) -> Path:
-    d = out / needed
-    if not is_complete(d):
+# ----------------------------------------------------------------------------------------------------
+# Running one stage
+
+
+def _require(out: Path, stage: str, needed: str, cfg: Config) -> Path:
+    """OUT/needed, which must be complete and made with the same inputs as `cfg` asks for."""
+    changes = stage_changes(out, needed, cfg)
+    if changes is None:
         raise RlhfkitError(f"stage '{stage}' needs the '{needed}' stage in {out}; run `rlhfkit {needed} --out {out}` first")
-    return d
-
-
-def _comparisons_path(cfg: Config, out: Path) -> Path:
-    if cfg.reward.data:
-        return Path(cfg.reward.data)
-    return _require(out, "reward", "feedback") / "comparisons.jsonl"
+    if changes:
+        raise RlhfkitError(
+            f"stage '{stage}' needs '{needed}' made with this config, but {out / needed} was made with another "
+            f"({'; '.join(changes)}); rerun `rlhfkit {needed} --out {out}` with these settings first, or drop them")
+    return out / needed
 
 
 def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
@@ -76,39 +211,38 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
 
         return train_sft(cfg, task, stage_dir, rt)
     if name == "feedback":
-        sft_model = _require(out, name, "sft") / "model"
+        sft_model = out / "sft" / "model"
         if cfg.feedback.labeler == "human":
-            return _human_feedback(cfg, task, sft_model, stage_dir)
+            return _human_feedback(cfg, task, sft_model, out, stage_dir)
         from rlhfkit.feedback.simulated import run_simulated_feedback
 
         return run_simulated_feedback(cfg, task, sft_model, stage_dir, rt)
     if name == "reward":
         from rlhfkit.algorithms.reward import train_reward_model
 
-        comparisons = _comparisons_path(cfg, out)
-        init = _require(out, name, "sft") / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
+        comparisons = Path(cfg.reward.data) if cfg.reward.data else out / "feedback" / "comparisons.jsonl"
+        init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
         return train_reward_model(cfg, comparisons, init, stage_dir, rt)
     if name == "ppo":
         from rlhfkit.algorithms.ppo import train_ppo
 
-        sft_model = _require(out, name, "sft") / "model"
-        return train_ppo(cfg, task, sft_model, _require(out, name, "reward") / "model", stage_dir, rt)
+        return train_ppo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)
     if name == "eval":
         from rlhfkit.evaluation.evaluate import evaluate_run
         from rlhfkit.evaluation.report import write_report
 
         start = time.time()
-        sft_model = _require(out, name, "sft") / "model"
-        policies = {"sft": sft_model, "ppo": _require(out, name, "ppo") / "model"}
-        result = evaluate_run(cfg, task, sft_model, _require(out, name, "reward") / "model", policies, rt)
+        sft_model = out / "sft" / "model"
+        policies = {"sft": sft_model, "ppo": out / "ppo" / "model"}
+        result = evaluate_run(cfg, task, sft_model, out / "reward" / "model", policies, rt)
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
-        report = write_report(out, summary, result, out / "ppo" / "metrics.jsonl")
-        return {**_eval_figures(result), "report": str(report.relative_to(out)), "wall_time_s": time.time() - start}
+        report = write_report(stage_dir.parent, summary, result, out / "ppo" / "metrics.jsonl")  # stage_dir/report.md
+        return {**_eval_figures(result), "report": f"eval/{report.name}", "wall_time_s": time.time() - start}
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
-def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict:
+def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Path) -> dict:
     """Labels from people through the labeling app (rlhfkit.labelapp); waits until enough items are done."""
     import random
 
@@ -116,11 +250,11 @@ def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict
 
     fb = cfg.feedback
     # Outside the stage directory: an unfinished stage is wiped on rerun, the labels must never be.
-    project = Path(fb.project_dir) if fb.project_dir else stage_dir.parent / "labeling"
+    project = Path(fb.project_dir) if fb.project_dir else out / "labeling"
     exported = human_feedback(
         project, policy_dir=sft_model, prompts=task.prompts(fb.n_prompts, random.Random(f"{cfg.seed}-feedback")),
-        k=fb.k, overlap=fb.labelers_per_item, items_required=fb.n_prompts, criteria=["overall"], seed=cfg.seed,
-        max_new_tokens=task.max_new_tokens,
+        k=fb.k, overlap=fb.labelers_per_item, items_required=fb.n_prompts, criteria=fb.criteria, seed=cfg.seed,
+        max_new_tokens=task.max_new_tokens, temperature=fb.temperature, device=cfg.device,
     )
     if exported is None:
         raise WaitingForLabels(
@@ -134,27 +268,89 @@ def _human_feedback(cfg: Config, task, sft_model: Path, stage_dir: Path) -> dict
     return {"n_items": fb.n_prompts, "n_comparisons": len(read_comparisons(stage_dir / "comparisons.jsonl")), "labeler": "human"}
 
 
-def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False, replace_config: bool = False) -> dict:
-    """Run one stage into OUT/name and return its result; a complete stage is skipped unless `fresh`.
-    `replace_config` lets a stage run with a config that differs from OUT/config.toml (and records it)."""
+def _partial_dir(out: Path, name: str, inputs: dict, *, fresh: bool, continue_ppo: bool) -> Path:
+    """OUT/.partial/name, ready to run in: an interrupted PPO run with the same inputs is kept (it resumes
+    from its checkpoint), a finished one being continued is copied in; anything else starts empty."""
+    partial = out / ".partial" / name
+    if name == "ppo" and not fresh:
+        legacy = out / "ppo"  # layout before .partial: an unfinished PPO run in place
+        if not partial.exists() and legacy.is_dir() and not is_complete(legacy) and (legacy / "checkpoint").is_dir():
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            legacy.rename(partial)
+            write_json(partial / "INPUTS.json", inputs)
+        saved = partial / "INPUTS.json"
+        if partial.is_dir() and saved.is_file():
+            if read_json(saved) == inputs or _more_ppo_steps(read_json(saved), inputs):
+                write_json(saved, inputs)
+                _log(f"{name}: resuming the interrupted run in {partial}")
+                return partial
+            _log(f"{name}: discarding an interrupted run in {partial} made with another config")
+        if continue_ppo:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            shutil.copytree(out / "ppo" / "checkpoint", partial / "checkpoint")
+            shutil.copyfile(out / "ppo" / "metrics.jsonl", partial / "metrics.jsonl")
+            write_json(partial / "INPUTS.json", inputs)
+            _log(f"{name}: continuing the finished run in {out / 'ppo'} to ppo.total_steps = {inputs['ppo']['total_steps']}")
+            return partial
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_json(partial / "INPUTS.json", inputs)
+    return partial
+
+
+def _install(out: Path, name: str, partial: Path) -> None:
+    """Swap the finished stage into OUT/name, then remove the stages after it (their inputs changed)."""
+    final, old = out / name, out / ".partial" / f"{name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    for later in STAGES[STAGES.index(name) + 1 :]:
+        for d in (out / later, out / ".partial" / later):
+            if d.exists():
+                shutil.rmtree(d)
+                _log(f"{later}: removed {d} (made from the previous {name} outputs)")
+
+
+def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) -> dict:
+    """One stage, with OUT locked and the preflight done: skip it when up to date, else run it."""
+    inputs = stage_inputs(name, cfg)
+    changes = stage_changes(out, name, cfg)
+    if changes == [] and not fresh:
+        _log(f"{name}: up to date in {out / name}, skipping ({skip_hint})")
+        return stage_result(out / name)
+    for needed in stage_needs(name, cfg):
+        _require(out, name, needed, cfg)
+    continue_ppo = (name == "ppo" and not fresh and bool(changes) and (out / "ppo" / "checkpoint" / "state.pt").is_file()
+                    and _more_ppo_steps(_recorded_inputs(out, "ppo"), inputs))
+    if changes:
+        _log(f"{name}: config changed ({'; '.join(changes)}); "
+             + ("continuing PPO" if continue_ppo else f"redoing {name}"))
+    partial = _partial_dir(out, name, inputs, fresh=fresh, continue_ppo=continue_ppo)
+    _log(f"{name}: running -> {out / name} (in {partial} until complete)")
+    from rlhfkit.training import cpu_watch  # imports torch, so not at the top
+
+    with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
+        result = _run(name, cfg, out, partial)
+    mark_complete(partial, result)
+    _install(out, name, partial)
+    (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")  # now describes every output
+    write_json(out / "summary.json", build_summary(cfg, out))
+    return result
+
+
+def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False) -> dict:
+    """Run one stage into OUT/name and return its result. An up-to-date stage is skipped unless `fresh`;
+    one made with another config of its own section is redone (PPO continues when only its step budget
+    grew); the stages it reads must be up to date for `cfg`, else an error says what to run first."""
     if name not in STAGES:
         raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     out = Path(out)
-    prepare_out(cfg, out, replace_config=replace_config)
-    stage_dir = out / name
-    if is_complete(stage_dir) and not fresh:
-        _log(f"{name}: already complete in {stage_dir}, skipping (pass --fresh to redo it)")
-        return stage_result(stage_dir)
-    if fresh or name != "ppo":  # only PPO resumes; other stages restart from scratch
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    for later in STAGES[STAGES.index(name) + 1 :]:  # their inputs are about to change
-        (out / later / "COMPLETE.json").unlink(missing_ok=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"{name}: running -> {stage_dir}")
-    result = _run(name, cfg, out, stage_dir)
-    mark_complete(stage_dir, result)
-    write_json(out / "summary.json", build_summary(cfg, out))
-    return result
+    preflight(cfg, out, [name])
+    with locked(out):
+        return _stage(name, cfg, out, fresh=fresh, skip_hint="pass --fresh to redo it")
 
 
 def _eval_figures(eval_result: dict) -> dict:
@@ -174,13 +370,30 @@ def build_summary(cfg: Config, out: Path, eval_result: dict | None = None) -> di
     return summary
 
 
-def run_pipeline(cfg: Config, out: str | Path) -> dict:
-    """All stages in order, skipping complete ones and resuming PPO. Returns summary.json's content."""
+def pipeline_stages(cfg: Config) -> list[str]:
+    """The stages a run goes through: feedback is skipped when reward.data provides the comparisons."""
+    return [s for s in STAGES if not (s == "feedback" and cfg.reward.data)]
+
+
+def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
+    """All stages in order, skipping up-to-date ones and resuming PPO. Returns summary.json's content.
+
+    A stage made with another config is redone only with `update` (`rlhfkit run --update`); without it
+    the run refuses before touching anything and lists the differences."""
     out = Path(out)
-    prepare_out(cfg, out)
+    names = pipeline_stages(cfg)
+    stale = {n: c for n in names if (c := stage_changes(out, n, cfg))}
+    if stale and not update:
+        lines = "; ".join(f"{n}: {', '.join(c)}" for n, c in stale.items())
+        raise RlhfkitError(
+            f"{out} holds outputs made with another config ({lines}). Rerun with --update to redo "
+            f"{', '.join(stale)} and the stages after (PPO continues when only ppo.total_steps grew), "
+            f"or use a new --out")
+    preflight(cfg, out, names)
     start = time.time()
-    for name in STAGES:
-        run_stage(name, cfg, out)
+    with locked(out):
+        for name in names:
+            _stage(name, cfg, out, fresh=False, skip_hint=f"`rlhfkit {name} --out {out} --fresh` redoes it")
     summary = build_summary(cfg, out)
     summary["wall_time_s"]["total_this_invocation"] = time.time() - start
     write_json(out / "summary.json", summary)
@@ -192,8 +405,8 @@ def format_results_table(summary: dict) -> str:
     ev = summary.get("eval", {})
     names = [n for n in ("sft", "ppo") if n in ev]
     rows = [("reward (RM)", "reward"), ("preferred_first_rate", "preferred_first_rate"),
-            ("later_rule_validity", "later_rule_validity"), ("KL to reference", "kl"),
-            ("KL share at position 1", "kl_first_position_share")]
+            ("later_rule_validity", "later_rule_validity"), ("well_formed_rate", "well_formed_rate"),
+            ("KL to reference", "kl"), ("KL share at position 1", "kl_first_position_share")]
     lines = [f"{'metric':<24}" + "".join(f"{n:>10}" for n in names)]
     for label, key in rows:
         if names and key in ev[names[0]]:

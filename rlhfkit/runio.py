@@ -1,4 +1,4 @@
-"""Run directories: stage markers, atomic JSON, JSONL metrics, seeding, progress bars.
+"""Run directories: stage markers, atomic JSON, JSONL metrics, progress bars.
 
 A stage's directory counts as complete only once its marker `COMPLETE.json` is written, last, after
 every output is in place; a killed stage never looks finished.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,15 +74,6 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def progress(total: int, desc: str, unit: str = "step"):

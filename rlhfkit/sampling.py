@@ -77,11 +77,16 @@ def sample(
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:
-    """Response texts without EOS/padding (what a labeler or a reward model with its own tokenizer sees)."""
-    return [
-        tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-        for row, m in zip(samples.responses, samples.response_mask)
-    ]
+    """Response texts: every sampled token before EOS (what a labeler or a reward model with its own tokenizer
+    sees). Special tokens the policy sampled mid-response stay in the text (`skip_special_tokens=False`), so
+    a reward model or gold labeler judges what was really produced; only the final EOS and padding go."""
+    texts = []
+    for row, m, ended in zip(samples.responses, samples.response_mask, samples.ended):
+        ids = row[m.bool()].tolist()
+        if ended:
+            ids = ids[:-1]  # the EOS that ended the response
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
 
 
 @torch.no_grad()

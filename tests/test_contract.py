@@ -85,3 +85,26 @@ def test_docs_describe_every_field():
         section = text.split(heading, 1)[1].split("\n## ", 1)[0]
         documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
         assert documented == {f.name for f in fields(cls)}, cls.__name__
+
+
+GOOD = {"item_id": "a", "prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+@pytest.mark.parametrize("encode,needle", [
+    (lambda text: text.encode("utf-16"), ":1: not UTF-8 text"),  # byte-order mark 0xff 0xfe first
+    (lambda text: text.encode("utf-16-le"), ":1: not UTF-8 text (it holds NUL bytes"),
+    (lambda text: text.encode() + b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01\n", ":3: not UTF-8 text"),  # binary on line 3
+    (lambda text: text.encode() + "{\"prompt\": \"caf\u00e9\"}\n".encode("latin-1"), ":3: not UTF-8 text (byte 0xe9"),
+], ids=["utf-16", "utf-16-le-without-bom", "binary", "latin-1"])
+def test_non_utf8_jsonl_names_file_and_line(tmp_path, encode, needle):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(encode(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "item_id": "b"}) + "\n"))
+    with pytest.raises(DataError) as e:
+        read_comparisons(path)
+    assert str(e.value).startswith(f"{path}{needle}") and str(e.value).endswith("save it as UTF-8")
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode("utf-8-sig"))  # as Windows editors save "UTF-8"
+    assert read_comparisons(path) == [Comparison("a", "p", "c", "r")]

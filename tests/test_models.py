@@ -121,3 +121,33 @@ def test_causal_logits_shape(tiny_policy_dir):
     model = load_policy(tiny_policy_dir, CPU)
     ids, mask, _ = encode_pairs(tok, ["1 ="], ["2"])
     assert causal_logits(model, ids, mask).shape == (1, ids.shape[1], len(tok))
+
+
+def test_model_directory_without_weights(tmp_path, tiny_policy_dir):
+    """config.json alone is not a model: say which weight files were looked for, before anything loads."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_policy_dir / "config.json").read_text())
+    with pytest.raises(RlhfkitError) as e:
+        load_policy(bare, CPU, "policy.path")
+    message = str(e.value)
+    assert message.startswith(f"policy.path: {bare} has a config.json but no weights")
+    assert all(name in message for name in ("model.safetensors", "pytorch_model.bin", "*.index.json"))
+    with pytest.raises(RlhfkitError, match="no weights"):
+        load_scalar_model(bare, CPU, "reward.init")
+    (bare / "model.safetensors.index.json").write_text("{}")  # a sharded checkpoint's index counts
+    assert check_model_dir(bare, "policy.path", causal=True) == bare
+
+
+def test_directory_without_tokenizer_files(tmp_path, tiny_policy_dir):
+    """transformers builds an empty tokenizer from config.json alone; training on it would learn nothing."""
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in tiny_policy_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (no_tok / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RlhfkitError) as e:
+        load_tokenizer(no_tok, "policy.path")
+    assert str(e.value).startswith(f"policy.path: {no_tok} has no tokenizer files")
+    assert "tokenizer.json" in str(e.value) and "save_pretrained" in str(e.value)
+    assert len(load_tokenizer(tiny_policy_dir)) > 10

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten
+from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_var, masked_whiten
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs
-from rlhfkit.ops.losses import LOSSES, bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
+from rlhfkit.ops.losses import bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
 
 
 # ---------------------------------------------------------------- KL estimators vs exact categorical KL
@@ -55,13 +55,20 @@ def test_policy_equals_reference_gives_zero_kl():
     assert torch.allclose(categorical_kl(logits, logits), torch.zeros(3, 5), atol=1e-7)
 
 
-def test_adaptive_kl_controller_moves_towards_target():
-    ctl = AdaptiveKLController(value=0.1, target=1.0, horizon=100)
-    ctl.update(current_kl=3.0, n_steps=10)  # error clipped to +0.2
-    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
-    ctl2 = AdaptiveKLController(value=0.1, target=1.0, horizon=100)
-    ctl2.update(current_kl=0.9, n_steps=10)
-    assert ctl2.value == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+# (KL, clipped error e = clip(KL / target - 1, -0.2, 0.2)) for target 6, written out by hand: far below the
+# target (KL = 0 and KL = 3, where the lower clip matters), inside the band both ways, exactly on it, far above.
+KL_AND_ERROR = [(0.0, -0.2), (3.0, -0.2), (5.7, -0.05), (6.0, 0.0), (6.6, 0.1), (7.5, 0.2), (60.0, 0.2), (0.0, -0.2)]
+
+
+@pytest.mark.parametrize("n_steps,horizon", [(10, 100), (64, 10_000), (512, 1000), (256, 256)])
+def test_adaptive_kl_controller_closed_form(n_steps, horizon):
+    """Ziegler et al. (2019) Sec. 2.2 over successive updates: beta <- beta * (1 + e * n_steps / horizon)."""
+    ctl = AdaptiveKLController(value=0.15, target=6.0, horizon=horizon)
+    beta = 0.15
+    for kl, error in KL_AND_ERROR:
+        ctl.update(current_kl=kl, n_steps=n_steps)
+        beta *= 1 + error * n_steps / horizon
+        assert ctl.value == pytest.approx(beta, rel=1e-12), f"KL {kl}"
 
 
 # ---------------------------------------------------------------- log-probs
@@ -120,6 +127,19 @@ def test_kl_penalized_rewards_score_at_last_token():
     assert torch.allclose(kl_penalized_rewards(scores, kl, mask, 0.0).sum(1), scores)
 
 
+def test_masked_mean_and_var_use_only_masked_entries():
+    """Oracle: torch.mean / torch.var of the masked entries gathered into a flat tensor (garbage elsewhere)."""
+    x = torch.tensor([[1.0, 2.0, 4.0, 1e3], [-3.0, 1e3, 1e3, 1e3], [0.5, 0.25, 8.0, 2.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    flat = x[mask.bool()]
+    assert masked_mean(x, mask).item() == pytest.approx(flat.mean().item(), rel=1e-6)
+    rows = torch.tensor([x[b, mask[b].bool()].mean().item() for b in range(3)])
+    assert torch.allclose(masked_mean(x, mask, dim=1), rows)
+    assert masked_var(x, mask).item() == pytest.approx(flat.var(unbiased=True).item(), rel=1e-6)  # TRL's default
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(flat.var(unbiased=False).item(), rel=1e-6)
+    assert masked_var(x, torch.tensor([[0, 1, 0, 0]] + [[0] * 4] * 2)).item() == 0.0  # one entry: no 0/0
+
+
 def test_masked_whiten_statistics():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 100.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -158,10 +178,13 @@ def test_bradley_terry_closed_form_and_margin():
 
 
 def test_bradley_terry_gradient_raises_chosen_lowers_rejected():
-    c = torch.zeros(3, requires_grad=True)
-    r = torch.zeros(3, requires_grad=True)
+    """d/dc_i of mean_i -log sigma(c_i - r_i) = -sigma(r_i - c_i) / B, and the opposite for r_i."""
+    c = torch.tensor([1.0, 0.0, -2.0], requires_grad=True)
+    r = torch.tensor([0.0, 0.5, 1.0], requires_grad=True)
     bradley_terry_loss(c, r)[0].backward()
-    assert (c.grad < 0).all() and (r.grad > 0).all()
+    expected = torch.tensor([-1 / (1 + math.exp(a - b)) / 3 for a, b in zip(c.tolist(), r.tolist())])
+    assert torch.allclose(c.grad, expected, atol=1e-7)
+    assert torch.allclose(r.grad, -expected, atol=1e-7)
 
 
 def test_ppo_clip_boundaries_and_gradient_signs():
@@ -180,11 +203,9 @@ def test_ppo_clip_boundaries_and_gradient_signs():
         ratio = math.exp(log_ratio)
         assert loss.item() == pytest.approx(max(-adv * ratio, -adv * min(max(ratio, 1 - eps), 1 + eps)), rel=1e-6)
         loss.backward()
-        if expect_grad:
-            # descending the loss raises the log-prob of positive-advantage tokens and lowers negative ones
-            assert lp.grad.item() != 0 and math.copysign(1, -lp.grad.item()) == math.copysign(1, adv)
-        else:
-            assert lp.grad.item() == 0
+        # unclipped branch: d(-A * rho)/d logprob = -A * rho, so descending the loss raises the log-prob of
+        # positive-advantage tokens and lowers negative ones; the clipped branch is constant in the log-prob
+        assert lp.grad.item() == pytest.approx(-adv * ratio if expect_grad else 0.0, rel=1e-6)
         assert stats["policy/clipfrac"].item() == (0.0 if expect_grad else 1.0)
 
 
@@ -211,7 +232,7 @@ def test_value_loss_clipping():
     loss2, _ = ppo_value_loss(v2, old, ret, mask, 0.2)
     assert loss2.item() == pytest.approx(0.5 * 0.81)
     loss2.backward()
-    assert v2.grad.item() < 0  # moves towards the return
+    assert v2.grad.item() == pytest.approx(0.1 - 1.0)  # d/dV 1/2 (V - R)^2 = V - R: descent moves V to R
 
 
 def test_sft_loss_ignores_prompt_tokens():
@@ -220,5 +241,91 @@ def test_sft_loss_ignores_prompt_tokens():
     assert sft_loss(lp, mask).item() == pytest.approx(1.5)
 
 
-def test_loss_table_names():
-    assert set(LOSSES) >= {"sft", "bradley_terry", "ppo_policy", "ppo_value"}
+# Ragged masks (lengths 5, 2, 1, 3) with garbage in the masked-out positions: a dropped mask changes every value.
+LENGTHS = [5, 2, 1, 3]
+RAGGED_MASK = torch.tensor([[1] * n + [0] * (5 - n) for n in LENGTHS])
+
+
+def _with_garbage(valid_rows, garbage):
+    """(4, 5) tensor: valid_rows[b] on the first LENGTHS[b] entries of row b, `garbage` elsewhere."""
+    x = torch.full((4, 5), float(garbage))
+    for b, row in enumerate(valid_rows):
+        x[b, : len(row)] = torch.tensor(row)
+    return x
+
+
+def test_ppo_policy_loss_and_stats_on_ragged_mask():
+    """Loop oracle over the masked tokens only: rho = e^(new - old), L = max(-A rho, -A clip(rho)),
+    clipfrac = #(clipped branch strictly larger) / n, approxkl = mean (rho - 1) - log rho (k3 of KL(old || new)),
+    ratio = mean rho."""
+    eps = 0.2
+    # log-ratios: inside the range, above 1 + eps, below 1 - eps, and exactly 0; advantages of both signs
+    log_ratio = _with_garbage([[0.1, 0.5, -0.5, 0.0, -0.1], [0.5, -0.5], [0.3], [-0.4, 0.05, 0.25]], 2.5)
+    adv = _with_garbage([[1.0, 1.0, 1.0, -2.0, -1.0], [-1.5, -0.5], [2.0], [-0.7, -0.3, -1.2]], 40.0)
+    old = torch.linspace(-3.0, -0.5, 20).reshape(4, 5)
+    new = old + log_ratio
+    loss, stats = ppo_policy_loss(new, old, adv, RAGGED_MASK, eps)
+
+    terms, clipped, k3, ratios = [], [], [], []
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            rho, a = math.exp((new[b, t] - old[b, t]).item()), adv[b, t].item()
+            unclipped, clip_branch = -a * rho, -a * min(max(rho, 1 - eps), 1 + eps)
+            terms.append(max(unclipped, clip_branch))
+            clipped.append(clip_branch > unclipped)
+            k3.append(rho - 1 - math.log(rho))
+            ratios.append(rho)
+    n = len(terms)
+    # clipped branch larger: (A > 0, rho > 1 + eps) and (A < 0, rho < 1 - eps), twice each; outside the range
+    # but the unclipped branch larger: 3 tokens; inside the range (a tie, counts 0): 4 tokens
+    assert sum(clipped) == 4
+    assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-6)
+    assert stats["policy/clipfrac"].item() == pytest.approx(sum(clipped) / n, abs=1e-7)
+    assert stats["policy/approxkl"].item() == pytest.approx(sum(k3) / n, rel=1e-5)
+    assert stats["policy/ratio"].item() == pytest.approx(sum(ratios) / n, rel=1e-6)
+
+
+def test_ppo_value_loss_and_clipfrac_on_ragged_mask():
+    """Exact (dyadic) numbers, eps = 0.5. value/clipfrac counts tokens where the clipped branch is strictly
+    larger; inside the clip range (and on its edge) clip(V) = V, the branches tie and count 0."""
+    eps = 0.5
+    values = _with_garbage([[0.25, -1.0, 2.0, 2.0, 1.0], [-1.0, -1.0], [0.5], [0.75, 3.0, -2.0]], 100.0)
+    old = _with_garbage([[0.5, -0.75, 0.5, 0.5, 0.5], [0.0, 0.0], [0.5], [0.25, 0.0, -1.0]], -100.0)
+    returns = _with_garbage([[1.0, 2.0, 0.0, 3.0, 4.0], [-0.25, -2.0], [-3.0], [1.5, 1.0, -4.0]], 7.0)
+    loss, stats = ppo_value_loss(values, old, returns, RAGGED_MASK, eps)
+
+    terms, clipped = [], []
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            v, v_old, ret = values[b, t].item(), old[b, t].item(), returns[b, t].item()
+            v_clip = min(max(v, v_old - eps), v_old + eps)
+            terms.append(0.5 * max((v - ret) ** 2, (v_clip - ret) ** 2))
+            clipped.append((v_clip - ret) ** 2 > (v - ret) ** 2)
+    n = len(terms)
+    # ties (inside the range, on its edge, V = V_old): 5 tokens; clipped branch larger: 3; smaller: 3
+    assert sum(clipped) == 3
+    assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-7)
+    assert stats["value/clipfrac"].item() == pytest.approx(3 / n, abs=1e-7)
+
+
+def test_ppo_value_clipfrac_counts_no_ties_on_random_floats():
+    """Random floats, mostly inside the clip range: clipfrac counts exactly the tokens with |V - V_old| > eps
+    whose clipped branch is larger (oracle in float64 with an explicit case split). V_old + clamp(V - V_old)
+    rounds and would count some in-range ties (~0.1% of tokens)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, eps = 256, 48, 0.2
+    values = torch.randn(B, T, generator=g)
+    old = values + 0.1 * torch.randn(B, T, generator=g)
+    returns = torch.randn(B, T, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    loss, stats = ppo_value_loss(values, old, returns, mask, eps)
+
+    v, v_old, ret, m = values.double(), old.double(), returns.double(), mask.bool()
+    d = v - v_old
+    v_clip = torch.where(d.abs() <= eps, v, v_old + eps * d.sign())
+    active = (d.abs() > eps) & ((v_clip - ret) ** 2 > (v - ret) ** 2)
+    assert 0 < active[m].sum() < 0.1 * m.sum()
+    assert stats["value/clipfrac"].item() == pytest.approx(active[m].double().mean().item(), abs=1e-9)
+    expected = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)[m].mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)

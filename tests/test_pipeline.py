@@ -1,5 +1,8 @@
-"""End-to-end runs on tiny budgets that assert outcomes: the preferred behaviour rose, KL stayed bounded,
-the same seed gives the same summary, a killed PPO run resumes to exactly the same model."""
+"""End-to-end plumbing on a tiny budget: outputs, reports, rerun and skip, the same seed gives the same
+summary (also across processes), a killed PPO run resumes to exactly the same model, early stop, a user's
+model directory. No outcome thresholds here: a tiny budget sits on a knife edge whose side depends on the
+thread count and CPU kernels. The outcomes (the preferred behaviour rose, KL bounded, RM accuracy) are
+asserted on the default budget in tests/test_acceptance.py, with margins measured at 1 and 2 threads."""
 
 import json
 import os
@@ -21,10 +24,11 @@ from rlhfkit.runio import read_metrics
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = int(os.environ.get("RLHFKIT_TEST_THREADS", "1"))  # CI checks 1 (the default) and 2
 TINY = [
     "sft.n_demos=8000", "sft.epochs=1", "feedback.n_prompts=800", "reward.epochs=3",
     "ppo.total_steps=30", "ppo.rollout_batch_size=64", "ppo.minibatch_size=32", "ppo.checkpoint_every=5",
-    "eval.n_prompts=400", "eval.dist_samples=200", "device='cpu'",
+    "eval.n_prompts=400", "eval.dist_samples=200", "device='cpu'", f"threads={THREADS}",
 ]
 
 
@@ -41,17 +45,15 @@ def run(tmp_path_factory):
     return out, summary
 
 
-def test_outcome_preferred_behaviour_rose_and_kl_bounded(run):
+def test_every_stage_complete_with_invariants(run):
+    """What holds at any budget: the SFT policy is the reference (KL exactly 0), PPO moved away from it,
+    no model beats the task's entropy floor, every stage is marked complete and timed."""
     out, summary = run
     sft, ppo = summary["eval"]["sft"], summary["eval"]["ppo"]
-    assert ppo["preferred_first_rate"] >= sft["preferred_first_rate"] + 0.3, (sft, ppo)
-    assert 0.2 <= sft["preferred_first_rate"] <= 0.45
-    assert ppo["later_rule_validity"] >= 0.75
-    assert sft["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is the reference
-    assert 0.0 < ppo["kl"] < 3.0
-    assert ppo["reward"] > sft["reward"]
-    assert summary["reward"]["heldout_accuracy"] >= 0.75
-    assert summary["sft"]["heldout_loss"] >= summary["sft"]["loss_floor"] - 0.01  # cannot beat the entropy
+    assert sft["kl"] == pytest.approx(0.0, abs=1e-6) and sft["kl_k1"] == pytest.approx(0.0, abs=1e-6)
+    assert ppo["kl"] > 0.0
+    assert summary["sft"]["heldout_loss"] >= summary["sft"]["loss_floor"] - 0.01
+    assert summary["ppo"]["steps"] == 30 and len(read_metrics(out / "ppo" / "metrics.jsonl")) == 30
     for stage in STAGES:
         assert (out / stage / "COMPLETE.json").is_file()
         assert summary["wall_time_s"][stage] > 0
@@ -81,17 +83,23 @@ def test_metric_names_are_in_the_glossary(run):
 
 def test_rerun_skips_complete_stages(run, capsys):
     out, summary = run
-    start = time.time()
+    markers = {stage: (out / stage / "COMPLETE.json").stat().st_mtime_ns for stage in STAGES}
     again = run_pipeline(load_config(overrides=TINY), out)
-    assert time.time() - start < 10
+    assert {stage: (out / stage / "COMPLETE.json").stat().st_mtime_ns for stage in STAGES} == markers
     assert _figures(again) == _figures(summary)
-    assert capsys.readouterr().out.count("already complete") == len(STAGES)
+    assert capsys.readouterr().out.count(": up to date in ") == len(STAGES)
 
 
-def test_same_seed_same_summary(run, tmp_path):
+def test_same_seed_same_summary_in_a_new_process(run, tmp_path):
+    """The reproducibility claim: same seed + config + threads (+ machine kind) => the same summary, also
+    from the command line in a fresh process (where memory layout and thread start-up differ)."""
     _, summary = run
-    again = run_pipeline(load_config(overrides=TINY), tmp_path / "again")
-    assert _figures(again) == _figures(summary)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [arg for o in TINY for arg in ("--set", o)]
+    subprocess.run([sys.executable, "-m", "rlhfkit", "run", "--out", str(tmp_path / "again"), *args], env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert _figures(again) == _figures(json.loads(json.dumps(summary)))
 
 
 def test_killed_ppo_resumes_to_identical_model(run, tmp_path):
@@ -101,7 +109,7 @@ def test_killed_ppo_resumes_to_identical_model(run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "ppo", "--out", str(resumed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = resumed / "ppo" / "checkpoint" / "state.pt"
+    state = resumed / ".partial" / "ppo" / "checkpoint" / "state.pt"  # a running stage lives in .partial
     deadline = time.time() + 240
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -120,15 +128,15 @@ def test_killed_ppo_resumes_to_identical_model(run, tmp_path):
 
 
 def test_llama_policy_end_to_end(tmp_path):
-    # Also exercises the non-default PPO options: value model from the policy, k3, adaptive KL, reward norm.
+    # Also runs the non-default PPO options: value model from the policy, k3, adaptive KL, reward norm
+    # (their math is checked on fixed batches in tests/test_ppo.py; here: they run end to end).
     cfg = load_config(overrides=TINY + ["policy.arch='llama'", "ppo.total_steps=20", "eval.n_prompts=300",
                                         "ppo.value_init='policy'", "ppo.kl_estimator='k3'", "ppo.adaptive_kl=true",
                                         "ppo.target_kl=0.5", "ppo.kl_horizon=500", "ppo.reward_norm=true",
                                         "ppo.reward_clip=5.0"])
     summary = run_pipeline(cfg, tmp_path / "llama")
-    sft, ppo = summary["eval"]["sft"], summary["eval"]["ppo"]
     assert json.loads((tmp_path / "llama" / "sft" / "model" / "config.json").read_text())["model_type"] == "llama"
-    assert ppo["preferred_first_rate"] >= sft["preferred_first_rate"] + 0.2, (sft, ppo)
+    assert summary["eval"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-6) and summary["eval"]["ppo"]["kl"] > 0
     betas = [r["objective/kl_coef"] for r in read_metrics(tmp_path / "llama" / "ppo" / "metrics.jsonl")]
     assert betas[-1] != betas[0]  # the adaptive controller moved beta
 
@@ -138,7 +146,7 @@ def test_reward_threshold_stops_early(run, tmp_path):
     copy = tmp_path / "threshold"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
     cfg = load_config(overrides=TINY + ["ppo.reward_threshold=-1000.0"])
-    result = run_stage("ppo", cfg, copy, replace_config=True)
+    result = run_stage("ppo", cfg, copy)
     assert result["stopped_by_threshold"] is True and result["steps"] == 1
     assert (copy / "ppo" / "model" / "model.safetensors").is_file()
 

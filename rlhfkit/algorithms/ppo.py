@@ -12,9 +12,18 @@ References: Ziegler et al. (2019) "Fine-Tuning Language Models from Human Prefer
 
 Deviations from the papers, on purpose:
 - No pretraining-mix loss (PPO-ptx) and no entropy bonus; the KL penalty alone regularises.
-- The reward model sees decoded text and re-tokenises it with its own tokenizer.
-- A response without EOS within max_new_tokens keeps its tokens but its score is lowered by
-  `missing_eos_penalty` (TRL's convention) rather than being replaced by a fixed low score.
+- The reward model sees decoded text and re-tokenises it with its own tokenizer. The text is every
+  sampled token before EOS, special tokens included (a `<unk>` sampled mid-response stays visible to the
+  reward model and the gold labeler instead of silently vanishing).
+- The score sits on the last response token: EOS when the response ended (OpenRLHF's convention; TRL's
+  PPO trainer puts it on the last token before the first pad, the token before EOS when pad = EOS).
+  A response that hit max_new_tokens without EOS is still scored with an EOS appended, because the
+  reward model only ever learned to read its score at an EOS; its score is lowered by
+  `missing_eos_penalty` (TRL's convention) instead of being replaced by a fixed low score.
+- The adaptive KL controller is fed the k1 estimate (sum of log-ratios, unbiased, as Ziegler et al.) even
+  when the reward uses k2, which is biased low for large KL.
+- `objective/entropy` is the per-response sum of token entropies averaged over responses (TRL's
+  definition); docs/metrics.md lists each metric's exact definition.
 - One AdamW for policy and value model (separate parameter sets, same learning rate), constant LR.
 """
 
@@ -23,11 +32,12 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
+from rlhfkit.config import Config, PPOConfig
 from rlhfkit.data.batching import encode_prompts
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import (autocast, disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer,
@@ -62,9 +72,50 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     return logprobs, values, entropy
 
 
+@dataclass
+class PPOTargets:
+    """What phases 2-5 make of one rollout batch. Shapes: B responses, Tr response tokens."""
+
+    penalised: torch.Tensor  # (B,) reward-model scores minus the missing-EOS penalty (objective/scores)
+    scores: torch.Tensor  # (B,) the same after normalisation and clipping: what enters the reward
+    kl: torch.Tensor  # (B, Tr) per-token KL estimate used in the reward, 0 outside the mask
+    rewards: torch.Tensor  # (B, Tr) -beta * kl, plus the score at the last response token
+    advantages: torch.Tensor  # (B, Tr) GAE, whitened over the batch when configured
+    returns: torch.Tensor  # (B, Tr) GAE advantages (before whitening) + values: the critic's targets
+
+
+def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                values: torch.Tensor, mask: torch.Tensor, pc: PPOConfig, kl_coef: float,
+                score_moments: RunningMoments | None = None) -> PPOTargets:
+    """The composition of phases 2 (penalty, normalisation), 4 (shaped rewards) and 5 (advantages), as one
+    pure function of a rollout batch so a fixed-batch test can check it against a loop reference.
+    `score_moments` (updated in place) is used when pc.reward_norm is on."""
+    mask = mask.to(logprobs.dtype)
+    logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+
+    # 2b. Penalise responses that never emitted EOS; optionally normalise and clip the scores.
+    penalised = raw_scores - pc.missing_eos_penalty * (~ended).to(raw_scores.dtype)
+    scores = penalised
+    if pc.reward_norm:
+        score_moments.update(scores)
+        scores = (scores - score_moments.mean) / score_moments.std
+    if pc.reward_clip > 0:
+        scores = scores.clamp(-pc.reward_clip, pc.reward_clip)
+
+    # 4. Shaped rewards: per-token KL penalty, plus the score at the last response token.
+    kl = KL_ESTIMATORS[pc.kl_estimator](logprobs, ref_logprobs) * mask  # (B, Tr)
+    rewards = kl_penalized_rewards(scores, kl, mask, kl_coef)  # (B, Tr)
+
+    # 5. Advantages (GAE) and returns; whiten advantages over the batch.
+    advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
+    if pc.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return PPOTargets(penalised, scores, kl, rewards, advantages, returns)
+
+
 def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run PPO into out_dir, resuming from out_dir/checkpoint when one exists."""
-    start_time = time.time()
+    start_time = time.time()  # moved back by the time spent before a resume, so wall_time_s is the whole run
     pc = cfg.ppo
     ckpt_dir = out_dir / "checkpoint"
 
@@ -90,7 +141,6 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     optimizer, scheduler = make_optimizer(params, pc.lr, pc.total_steps, final_fraction=1.0)
     kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
               else FixedKLController(pc.kl_coef))
-    kl_estimator = KL_ESTIMATORS[pc.kl_estimator]
     score_moments = RunningMoments()
     prompt_rng = random.Random(f"{cfg.seed}-ppo")
     sample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -101,6 +151,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.value, step = state["kl_coef"], state["step"]
+        start_time -= state.get("wall_time_s", 0.0)
         score_moments = RunningMoments(**state["score_moments"])
         prompt_rng.setstate(state["prompt_rng"])
         order_gen.set_state(state["order_gen"])
@@ -122,31 +173,20 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                        temperature=pc.temperature, generator=sample_gen)
         responses, mask = s.responses, s.response_mask  # (B, Tr)
 
-        # 2. Score the decoded text with the reward model; penalise responses that never emitted EOS.
-        raw_scores = scorer(prompts, decode_responses(tokenizer, s))  # (B,)
-        raw_scores = raw_scores - pc.missing_eos_penalty * (~s.ended).float()
-        scores = raw_scores
-        if pc.reward_norm:
-            score_moments.update(raw_scores)
-            scores = (raw_scores - score_moments.mean) / score_moments.std
-        if pc.reward_clip > 0:
-            scores = scores.clamp(-pc.reward_clip, pc.reward_clip)
+        # 2. Score the decoded text with the reward model (2b, the missing-EOS penalty, is in ppo_targets).
+        texts = decode_responses(tokenizer, s)
+        raw_scores = scorer(prompts, texts)  # (B,)
 
         # 3. Log-probs under the policy and the reference, and values, computed once (no grad).
         with torch.no_grad():
             logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, responses, mask,
                                                          pc.temperature, rt, with_entropy=True)
             ref_logprobs, _, _ = forward_response(ref_policy, None, queries, query_mask, responses, mask, pc.temperature, rt)
-        logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+        logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
 
-        # 4. Shaped rewards: per-token KL penalty, plus the score at the last response token.
-        kl = kl_estimator(logprobs, ref_logprobs) * mask  # (B, Tr)
-        rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value)  # (B, Tr)
-
-        # 5. Advantages (GAE) and returns; whiten advantages over the batch.
-        advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
-        if pc.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference).
+        t = ppo_targets(raw_scores, s.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments)
+        advantages, returns = t.advantages, t.returns
 
         # 6. PPO epochs over shuffled minibatches.
         policy.train()
@@ -168,23 +208,26 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
         step += 1
 
         # 7. Log, update the KL coefficient, checkpoint, stop at the threshold.
-        mean_kl = kl.sum(1).mean().item()  # per response, with the configured estimator
+        mean_kl = t.kl.sum(1).mean().item()  # per response, with the configured estimator
+        kl_k1 = (logprobs - ref_logprobs).sum(1).mean().item()  # unbiased: what the adaptive controller tracks
         record = {
             "step": step,
-            "objective/scores": raw_scores.mean().item(),
+            "objective/scores": t.penalised.mean().item(),
             "objective/kl": mean_kl,
-            "objective/kl_k1": (logprobs - ref_logprobs).sum(1).mean().item(),
+            "objective/kl_k1": kl_k1,
             "objective/kl_coef": kl_ctl.value,
-            "objective/rlhf_reward": (raw_scores - kl_ctl.value * kl.sum(1)).mean().item(),
-            "objective/entropy": masked_mean(entropy, mask, dim=1).mean().item(),
+            "objective/rlhf_reward": (t.penalised - kl_ctl.value * t.kl.sum(1)).mean().item(),
+            "objective/entropy": (entropy * mask).sum(1).mean().item(),  # per response, as TRL
             "objective/no_eos_rate": (~s.ended).float().mean().item(),
             "objective/response_length": mask.sum(1).float().mean().item(),
             "value/mean": masked_mean(values, mask).item(),
             "value/returns": masked_mean(returns, mask).item(),
             **{k: torch.stack(v).mean().item() for k, v in stats.items()},
+            # the task's true objective on the same rollouts: proxy (RM score) vs gold, for reward hacking
+            **{f"gold/{k}": v for k, v in task.gold_metrics(prompts, texts).items()},
         }
         log.log(record)
-        kl_ctl.update(mean_kl, pc.rollout_batch_size)
+        kl_ctl.update(kl_k1, pc.rollout_batch_size)
         bar.update(1)
         bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{mean_kl:.3f}", refresh=False)
         if record["objective/scores"] >= pc.reward_threshold:
@@ -194,6 +237,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
                 "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "kl_coef": kl_ctl.value, "score_moments": vars(score_moments), "prompt_rng": prompt_rng.getstate(),
                 "order_gen": order_gen.get_state(), "rng": rng_state(sample_gen),
+                "wall_time_s": time.time() - start_time,
             })
         if stopped_by_threshold:
             break

@@ -4,7 +4,8 @@
 
 r is the head's output at the last real token of prompt + completion + EOS. Chosen and rejected go
 through ONE forward pass (stacked on the batch axis). Held-out items (not pairs: pairs of one item
-share a prompt) measure pairwise accuracy.
+share a prompt) measure pairwise accuracy. One reward model learns one criterion (`reward.criterion`):
+mixing, say, helpfulness and harmlessness labels would fit neither.
 Deviation from InstructGPT: comparisons of one item are not forced into one batch (K is small here).
 """
 
@@ -12,17 +13,50 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.data.batching import encode_prompt, encode_completion, pad_right
+from rlhfkit.config import Config, RewardConfig
+from rlhfkit.data.batching import check_representable, encode_completion, encode_prompt, pad_right
 from rlhfkit.data.contract import Comparison, read_comparisons
+from rlhfkit.errors import DataError
 from rlhfkit.models import autocast, load_scalar_model, load_tokenizer, sequence_scores
 from rlhfkit.ops.losses import bradley_terry_loss
 from rlhfkit.runio import MetricsLog, progress
 from rlhfkit.training import Runtime, make_optimizer, optimizer_step
+
+
+def select_criterion(comparisons: list[Comparison], criterion: str, source: str | Path) -> tuple[list[Comparison], str]:
+    """The comparisons of one criterion, and its name. `criterion` empty: the data must hold a single
+    criterion (whatever it is), else an error lists those found, so mixed labels never train one model."""
+    counts = Counter(c.criterion for c in comparisons).most_common()
+    found = ", ".join(f"'{name}' ({n} comparisons)" for name, n in counts)
+    if not criterion:
+        if len(counts) > 1:
+            raise DataError(f"{source}: comparisons of {len(counts)} criteria ({found}); a reward model learns one, "
+                            f"so set reward.criterion to one of them")
+        return comparisons, counts[0][0] if counts else ""
+    selected = [c for c in comparisons if c.criterion == criterion]
+    if not selected:
+        raise DataError(f"{source}: no comparisons with reward.criterion = '{criterion}'; the file holds {found}")
+    return selected, criterion
+
+
+def load_comparisons(path: str | Path, rc: RewardConfig, seed: int, tokenizer):
+    """(train, held-out) comparisons a reward model learns from: read (errors name file:line:field), one
+    criterion, text the reward model's tokenizer can represent, enough items to hold some out. The
+    pipeline calls this before anything runs, so bad data fails before SFT, not after it."""
+    comparisons, _ = select_criterion(read_comparisons(path), rc.criterion, path)
+    texts = [(f"item {c.item_id!r} field {field!r}", getattr(c, field))
+             for c in comparisons for field in ("prompt", "chosen", "rejected")]
+    check_representable(tokenizer, texts, str(path), "reward model")
+    train, test = split_by_item(comparisons, rc.heldout_fraction, seed)
+    if not train or not test:
+        raise DataError(f"{path}: {len(comparisons)} comparisons are too few to hold out "
+                        f"{rc.heldout_fraction:.0%} of items; label more items or change reward.heldout_fraction")
+    return train, test
 
 
 def split_by_item(comparisons: list[Comparison], heldout_fraction: float, seed: int):
@@ -73,17 +107,11 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
     start = time.time()
     rc = cfg.reward
 
-    # 1. Data: the one contract (rlhfkit.data.contract), split by item.
-    comparisons = read_comparisons(comparisons_path)
-    train, test = split_by_item(comparisons, rc.heldout_fraction, cfg.seed)
-    if not train or not test:
-        from rlhfkit.errors import DataError
-
-        raise DataError(f"{comparisons_path}: {len(comparisons)} comparisons are too few to hold out "
-                        f"{rc.heldout_fraction:.0%} of items; label more items or change reward.heldout_fraction")
+    # 1. Data: the one contract (rlhfkit.data.contract), one criterion, split by item.
+    tokenizer = load_tokenizer(init_dir, "reward.init")
+    train, test = load_comparisons(comparisons_path, rc, cfg.seed, tokenizer)
 
     # 2. Model: the initial backbone (the SFT policy by default) with a fresh scalar head.
-    tokenizer = load_tokenizer(init_dir, "reward.init")
     torch.manual_seed(cfg.seed)  # the new head's init
     model = load_scalar_model(init_dir, rt.device, "reward.init")
     train_data = [t.to(rt.device) for t in encode_comparisons(tokenizer, train)]
@@ -122,6 +150,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     return {
+        "criterion": train[0].criterion,
+        "data": cfg.reward.data or "feedback/comparisons.jsonl",  # what it was trained on, for the report
         "heldout_accuracy": heldout["accuracy"],
         "heldout_loss": heldout["loss"],
         "train_accuracy": train_eval["accuracy"],

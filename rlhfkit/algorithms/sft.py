@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data.batching import encode_pairs
+from rlhfkit.data.batching import check_representable, encode_pairs
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TinyModelSpec, autocast, build_tiny_policy, causal_logits, load_policy, load_tokenizer
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import sft_loss
@@ -61,12 +62,17 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
     # 2. Demonstrations, tokenised once: prompt + completion + EOS; loss only on completion tokens.
     demos = task.demonstrations(sc.n_demos, rng)
     heldout = task.demonstrations(max(256, sc.n_demos // 20), rng)
+    check_representable(tokenizer, [(f"demonstration {i} {field}", text) for i, (p, c) in enumerate(demos[:256])
+                                    for field, text in (("prompt", p), ("completion", c))],
+                        f"task '{task.name}'", "policy")
     train = [t.to(rt.device) for t in encode_pairs(tokenizer, [p for p, _ in demos], [c for _, c in demos])]
     test = [t.to(rt.device) for t in encode_pairs(tokenizer, [p for p, _ in heldout], [c for _, c in heldout])]
 
     # 3. Train: shuffled minibatches, AdamW with linear decay.
     steps_per_epoch = len(demos) // sc.batch_size
     total_steps = steps_per_epoch * sc.epochs
+    if total_steps == 0:  # Config.validate refuses this too; a stage that trains nothing must never look done
+        raise RlhfkitError(f"sft.batch_size = {sc.batch_size} > sft.n_demos = {sc.n_demos}: no SFT step would run")
     optimizer, scheduler = make_optimizer(model.parameters(), sc.lr, total_steps, sc.weight_decay)
     log = MetricsLog(out_dir / "metrics.jsonl")
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -61,3 +61,28 @@ def encode_pairs(tokenizer, prompts: list[str], completions: list[str]) -> tuple
     ids, mask = pad_right(seqs, tokenizer.pad_token_id)
     completion_mask, _ = pad_right(comp, 0)
     return ids, mask, completion_mask
+
+
+def check_representable(tokenizer, texts: list[tuple[str, str]], source: str, role: str, limit: float = 0.01) -> None:
+    """Refuse text the tokenizer cannot represent: more than `limit` of its tokens are <unk>.
+
+    `texts` are (where, text) pairs, `where` naming the record and field for the message. A word-level
+    tokenizer turns any unknown word into <unk>, so English text under the digits tokenizer would train a
+    model on nothing but <unk> and still report a perfect score. Byte-level tokenizers have no <unk>.
+    """
+    from rlhfkit.errors import DataError
+
+    unk = tokenizer.unk_token_id
+    if unk is None or not texts:
+        return
+    # A literal "<unk>" in the text is the policy's own sampled token (decoded as is), not unknown text.
+    encoded = tokenizer([t.replace(tokenizer.unk_token, " ") for _, t in texts], add_special_tokens=False)["input_ids"]
+    total = sum(len(ids) for ids in encoded)
+    unknown = [sum(i == unk for i in ids) for ids in encoded]
+    if total and sum(unknown) / total > limit:
+        worst = max(range(len(texts)), key=lambda i: unknown[i] / max(len(encoded[i]), 1))
+        where, text = texts[worst]
+        raise DataError(
+            f"{source}: {sum(unknown)} of {total} tokens ({sum(unknown) / total:.0%}) are {tokenizer.unk_token} under "
+            f"the {role}'s tokenizer, which cannot represent this text (e.g. {where} = {text[:60]!r} gives "
+            f"{unknown[worst]} of {len(encoded[worst])} unknown); use a model whose tokenizer covers it")

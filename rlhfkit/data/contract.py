@@ -123,16 +123,31 @@ def _type_name(types) -> str:
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
+def _decode_line(raw: bytes, where: str, first: bool) -> str:
+    """One line of a JSONL file as text; anything but UTF-8 (UTF-16, a binary file) says how to fix it."""
+    if first and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{where}: not UTF-8 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if bytes(1) in raw:
+        raise DataError(f"{where}: not UTF-8 text (it holds NUL bytes: a binary file, or UTF-16 without a "
+                        "byte-order mark); save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")  # a UTF-8 byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save it as UTF-8") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Yield (location, object) for each non-blank line; location reads 'file:line'."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded per line, so an encoding error can name its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode_line(raw, where, first=lineno == 1)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

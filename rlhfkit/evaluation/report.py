@@ -6,6 +6,12 @@ from pathlib import Path
 
 from rlhfkit.runio import read_metrics
 
+# The PPO curve plots `objective/kl_k1`, the KL the report explains; a peak above SPIKE_RATIO x where the curve
+# ends (the mean of its last tenth; above SPIKE_MIN_NATS, so noise near zero is not called a spike) gets a
+# sentence in the report. The default digits run peaks at about 2.8x its final KL around step 6.
+KL_KEY, SCORE_KEY, BETA_KEY, GOLD_PREFIX = "objective/kl_k1", "objective/scores", "objective/kl_coef", "gold/"
+SPIKE_RATIO, SPIKE_MIN_NATS = 2.0, 0.05
+
 
 def _plt():
     import matplotlib
@@ -16,22 +22,79 @@ def _plt():
     return plt
 
 
-def plot_ppo_curves(metrics: list[dict], path: Path) -> None:
+def gold_keys(metrics: list[dict]) -> list[str]:
+    """Every `gold/<metric>` key logged by PPO, in order of first appearance."""
+    return list(dict.fromkeys(k for m in metrics for k in m if k.startswith(GOLD_PREFIX)))
+
+
+def constant_beta(metrics: list[dict]) -> float | None:
+    """beta when it never changed over the run (a fixed KL coefficient), else None."""
+    betas = {m[BETA_KEY] for m in metrics if BETA_KEY in m}
+    return betas.pop() if len(betas) == 1 else None
+
+
+def kl_spike(metrics: list[dict]) -> dict | None:
+    """The KL curve's peak when it is more than SPIKE_RATIO x where the curve ends (the mean of its last
+    tenth): {step, peak, final_step, final}."""
+    points = [(m["step"], m[KL_KEY]) for m in metrics if KL_KEY in m]
+    if not points:
+        return None
+    step, peak = max(points, key=lambda p: p[1])
+    tail = points[-max(1, len(points) // 10):]
+    final_step, final = points[-1][0], sum(v for _, v in tail) / len(tail)
+    if peak > SPIKE_RATIO * final and peak > SPIKE_MIN_NATS and step != final_step:
+        return {"step": step, "peak": peak, "final_step": final_step, "final": final}
+    return None
+
+
+def plot_ppo_curves(metrics: list[dict], path: Path) -> list[str]:
+    """Reward-model score, the task's gold metrics on the same rollouts (when logged), KL and, when it
+    changed, beta per PPO step. Returns the panel titles, in order."""
     plt = _plt()
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ("objective/scores", "objective/kl_k1", "objective/kl_coef"),
-                              ("reward-model score", "KL(policy || reference), nats", "KL coefficient beta")):
-        ax.plot(steps, [m[key] for m in metrics], lw=1.5)
-        ax.set_title(title)
+    gold, beta, spike = gold_keys(metrics), constant_beta(metrics), kl_spike(metrics)
+    panels = ["score", *(["gold"] if gold else []), "kl", *([] if beta is not None else ["beta"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4))
+    titles = []
+    for ax, panel in zip(axes, panels):
+        if panel == "score":
+            ax.plot(steps, [m.get(SCORE_KEY) for m in metrics], lw=1.5)
+            title = "reward-model score (the proxy)"
+        elif panel == "gold":
+            for key in gold:
+                ax.plot([m["step"] for m in metrics if key in m], [m[key] for m in metrics if key in m],
+                        lw=1.5, label=key[len(GOLD_PREFIX):])
+            values = [m[k] for m in metrics for k in gold if k in m]
+            if all(0.0 <= v <= 1.0 for v in values):
+                ax.set_ylim(-0.03, 1.03)
+            ax.legend(fontsize=8)
+            title = "gold metrics, same rollouts (the truth)"
+        elif panel == "kl":
+            ax.plot(steps, [m.get(KL_KEY) for m in metrics], lw=1.5)
+            if spike:
+                ax.plot([spike["step"]], [spike["peak"]], "o", color="tab:red", ms=5)
+                ax.annotate(f"peak {spike['peak']:.2f} at step {spike['step']}\n(sampled k1, one batch)",
+                            (spike["step"], spike["peak"]), xytext=(0.35, 0.8), textcoords="axes fraction",
+                            fontsize=8, arrowprops={"arrowstyle": "->", "color": "tab:red"})
+            title = "KL(policy || reference), nats"
+            if beta is not None:
+                title += f"\nbeta = {beta:g} throughout (fixed)"
+        else:
+            ax.plot(steps, [m.get(BETA_KEY) for m in metrics], lw=1.5)
+            title = "KL coefficient beta (adaptive)"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
+        titles.append(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return titles
 
 
-def plot_kl_per_position(policies: dict, path: Path) -> None:
+def plot_kl_per_position(policies: dict, path: Path) -> list[str]:
+    """Exact KL to the reference at each completion position, per policy. Returns the tick labels: the last
+    position is the EOS token (the digits task's completions have a fixed length, then EOS)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     names = list(policies)
@@ -39,7 +102,8 @@ def plot_kl_per_position(policies: dict, path: Path) -> None:
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         ax.bar([p + i * width for p in range(n_pos)], policies[name]["kl_per_position"], width, label=name)
-    ax.set_xticks([p + 0.4 - width / 2 for p in range(n_pos)], [f"pos {p + 1}" for p in range(n_pos)])
+    labels = [f"pos {p + 1}" for p in range(n_pos - 1)] + ["EOS"]
+    ax.set_xticks([p + 0.4 - width / 2 for p in range(n_pos)], labels)
     ax.set_ylabel("KL to reference (nats)")
     ax.set_title("KL per completion position")
     ax.legend()
@@ -47,6 +111,7 @@ def plot_kl_per_position(policies: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return labels
 
 
 def plot_distributions(dists: dict, path: Path) -> None:
@@ -73,6 +138,33 @@ def plot_distributions(dists: dict, path: Path) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ppo_curves_text(metrics: list[dict], summary: dict, policies: dict) -> list[str]:
+    """The PPO curves and what to read in them: proxy vs gold, beta, and an early KL spike explained."""
+    lines = ["![PPO curves](ppo_curves.png)", ""]
+    if gold_keys(metrics):
+        lines += ["The reward-model score is the proxy PPO maximises; beside it, the task's true metrics (`gold/*`) "
+                  "of the same rollout batches. A proxy that keeps rising while the gold metrics fall is reward "
+                  "hacking (over-optimisation).", ""]
+    beta = constant_beta(metrics)
+    if beta is not None:
+        lines += [f"beta (the KL coefficient) was {beta:g} throughout: a fixed coefficient, so it has no panel.", ""]
+    spike = kl_spike(metrics)
+    if spike:
+        batch = summary.get("config", {}).get("ppo", {}).get("rollout_batch_size")
+        exact = policies.get("ppo", {}).get("kl")
+        lines += [
+            f"The KL curve peaks at {spike['peak']:.3f} nats at step {spike['step']}, more than "
+            f"{SPIKE_RATIO:g}x where it ends ({spike['final']:.3f} nats, the mean of its last tenth, up to step "
+            f"{spike['final_step']}). "
+            f"The per-step KL is a sampled k1 estimate (the sum of log-ratios along each response) over one rollout "
+            f"batch{f' of {batch} responses' if batch else ''}: early in PPO the policy moves fastest and the "
+            "estimate is noisy, so an early spike says little about where training ends. The evaluation's exact KL "
+            f"in the table above{f' ({exact:.3f} nats for ppo)' if exact is not None else ''} is the figure to trust.",
+            "",
+        ]
+    return lines
 
 
 def write_report(out: Path, summary: dict, eval_result: dict, ppo_metrics_path: Path) -> Path:
@@ -115,8 +207,9 @@ def write_report(out: Path, summary: dict, eval_result: dict, ppo_metrics_path: 
         for k, v in summary.get(stage, {}).items():
             if isinstance(v, (int, float)):
                 lines.append(f"| {stage} | {k} | {_fmt(v)} |")
-    lines += ["", "## PPO training curves", "", "![PPO curves](ppo_curves.png)" if metrics else "(no PPO metrics)", "",
-              "## Where the policy moved: KL per completion position", "", "![KL per position](kl_per_position.png)", "",
+    lines += ["", "## PPO training curves", ""]
+    lines += _ppo_curves_text(metrics, summary, policies) if metrics else ["(no PPO metrics)", ""]
+    lines += ["## Where the policy moved: KL per completion position", "", "![KL per position](kl_per_position.png)", "",
               "## Next-token distribution per position (one prompt)", "",
               "Frequencies over sampled completions of one prompt (marginal over the sampled prefix: once the first "
               "digit changes, later positions shift with it even where the rule is kept).", "",

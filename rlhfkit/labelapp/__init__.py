@@ -11,6 +11,7 @@ Modules, one concern each:
     stats       progress, agreement (pairwise, Kendall tau, Krippendorff alpha), per-labeler figures, Elo
     export      comparisons.jsonl + rankings.jsonl (rlhfkit.data.contract) and a summary
     app         the FastAPI application factory: settings, error handlers, security headers
+    guard       allowed host names and request-body limits, checked before any route reads a byte
     deps        per-request plumbing: DB connection, signed-in user, roles, CSRF, sign-in throttle
     api         the JSON API (/api/...), described by the OpenAPI schema
     pages       the HTML pages (Jinja2 templates in templates/, script and styles in static/)

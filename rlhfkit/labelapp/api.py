@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from rlhfkit.labelapp import assignment, project, stats
 from rlhfkit.labelapp.assignment import AppError
@@ -33,15 +33,18 @@ class SessionOut(BaseModel):
     csrf_token: str
 
 
+# Positions and ids are StrictInt: pydantic's default (lax) mode would take "0", 0.0 and true as 0, 0, 1.
+
+
 class Flag(BaseModel):
-    position: int = Field(description="display position of the flagged completion")
+    position: StrictInt = Field(description="display position of the flagged completion")
     reason: Literal["unsafe", "nonsense", "other"]
 
 
 class SubmissionIn(BaseModel):
     client_id: str = Field(description="new random id per submission (e.g. a UUID); a retry reuses it", max_length=64)
-    assignment_id: int = Field(ge=1, le=MAX_ID)
-    rankings: dict[str, list[list[int]]] = Field(description="per criterion: tie groups of display positions, best first")
+    assignment_id: StrictInt = Field(ge=1, le=MAX_ID)
+    rankings: dict[str, list[list[StrictInt]]] = Field(description="per criterion: tie groups of display positions, best first")
     strengths: dict[str, list[str]] | None = Field(
         default=None, description="per criterion: strength between adjacent ranks, when the project asks for it")
     flags: list[Flag] | None = None

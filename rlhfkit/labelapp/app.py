@@ -1,20 +1,23 @@
 """The FastAPI application factory (Flask-tutorial style): one app per project directory.
 
-    app = create_app(project_dir, test_config={"scrypt_n": 2**4, "session_seconds": 5})
+    app = create_app(project_dir, {"scrypt_n": 2**4, "session_seconds": 5})  # a test's settings
+    app = create_app(project_dir, serve_config(args))                          # `rlhfkit label serve`
 
 The app is assembled here from its parts: `pages` (HTML for people), `api` (JSON under /api, the only
-part in the OpenAPI schema), `deps` (connection, user, CSRF), and the error handlers and security headers
-below. A strict Content-Security-Policy (scripts and styles only from /static, no inline code) backs up
-Jinja2's autoescaping: even a `<script>` that slipped through would not run.
+part in the OpenAPI schema), `deps` (connection, user, CSRF), `guard` (allowed host names and body-size
+limits, checked before any route reads a byte), and the error handlers and security headers below. A
+strict Content-Security-Policy (scripts and styles only from /static, no inline code) backs up Jinja2's
+autoescaping: even a `<script>` that slipped through would not run.
 """
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
@@ -25,13 +28,16 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.labelapp import api, db, pages, project, security
 from rlhfkit.labelapp.assignment import AppError
 from rlhfkit.labelapp.deps import LoginRequired, LoginThrottle
+from rlhfkit.labelapp.guard import LOOPBACK_HOSTS, RequestGuard
+from rlhfkit.labelapp.pages import clip, error_response
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 @dataclass
 class AppConfig:
-    """Settings of one running app; tests override any of them through create_app's test_config."""
+    """Settings of one running app; `serve`'s options (cli.serve_config) and tests set them through
+    create_app's `settings`."""
 
     project_dir: Path
     session_seconds: float = 8 * 3600  # a working day; then sign in again
@@ -39,8 +45,13 @@ class AppConfig:
     scrypt_n: int = security.SCRYPT_N  # tests lower it: hashing cost is not what they test
     cookie_secure: bool = False  # set True behind HTTPS (the default serve address is loopback)
     elo_rounds: int = 200  # bootstrap rounds for the lead page's Elo intervals
-    max_failed_logins: int = 10  # per name within login_window_seconds, then sign-in answers 429
+    max_failed_logins: int = 10  # per (client address, name) within login_window_seconds, then 429 for that pair
+    max_failed_logins_per_client: int = 50  # per client address, any names, within the window, then 429
     login_window_seconds: float = 900
+    base_url: str = "http://127.0.0.1:8000"  # invitation links are built from this, never from a request's Host
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_HOSTS))  # Host headers served ("*": any)
+    max_body_bytes: int = 2**20  # any request body (JSON calls, forms); a larger one is refused (413) unread
+    max_upload_bytes: int = 64 * 2**20  # the lead's project upload (POST /lead/create with a lead session)
 
 
 # Markdown for guidelines: raw HTML off (written by the lead, but still never executed), and
@@ -52,8 +63,8 @@ def render_markdown(text: str) -> Markup:
     return Markup(_markdown.render(text or ""))
 
 
-def create_app(project_dir: str | Path, test_config: dict | None = None) -> FastAPI:
-    config = AppConfig(project_dir=Path(project_dir), **(test_config or {}))
+def create_app(project_dir: str | Path, settings: dict | None = None) -> FastAPI:
+    config = AppConfig(project_dir=Path(project_dir), **(settings or {}))
     db.init_db(db.db_path(config.project_dir))
 
     app = FastAPI(title="rlhfkit labeling", version="1", docs_url=None, redoc_url=None,
@@ -64,11 +75,17 @@ def create_app(project_dir: str | Path, test_config: dict | None = None) -> Fast
     templates.env.filters["markdown"] = render_markdown
     app.state.config = config
     app.state.templates = templates
-    app.state.throttle = LoginThrottle(config.max_failed_logins, config.login_window_seconds)
+    app.state.throttle = LoginThrottle(config.max_failed_logins, config.max_failed_logins_per_client,
+                                       config.login_window_seconds)
+    # Sign-in verifies against this when a name is unknown or has no password yet: the same work either way.
+    app.state.dummy_hash = security.hash_password(secrets.token_urlsafe(32), config.scrypt_n)
     app.mount("/static", StaticFiles(directory=str(package / "static")), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
     install_error_handlers(app)
+    # Before any route: a wrong Host or an oversized body is refused unread (inside the security headers
+    # below, which are added later and so wrap it).
+    app.add_middleware(RequestGuard, config=config)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -80,17 +97,13 @@ def create_app(project_dir: str | Path, test_config: dict | None = None) -> Fast
         if not request.url.path.startswith("/static/"):
             response.headers["Cache-Control"] = "no-store"
         return response
-
     return app
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every refusal is a 4xx with a message: JSON {"error": ...} under /api, an error page elsewhere."""
-
-    def answer(request: Request, status: int, message: str, headers=None):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": message}, status_code=status, headers=headers)
-        return pages.page(request, "error.html", status=status, message=message, user=None)
+    """Every refusal is a 4xx with a message: JSON {"error": ...} under /api, an error page elsewhere.
+    Messages are clipped (pages.clip): no error answer echoes a large input back."""
+    answer = error_response
 
     @app.exception_handler(AppError)
     async def on_app_error(request: Request, exc: AppError):
@@ -106,14 +119,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):
-        # One readable line per problem ("body.rankings: Field required") instead of pydantic's raw dump.
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        # One readable line per problem ("body.rankings: Field required") instead of pydantic's raw dump;
+        # a location can hold a client's dict key, so each part is clipped too.
+        problems = [f"{'.'.join(clip(str(p), 40) for p in e.get('loc', ()))}: {clip(str(e.get('msg', 'invalid')), 200)}"
+                    for e in exc.errors()]
         return answer(request, 422, "invalid request: " + "; ".join(problems[:5]))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404 and not request.url.path.startswith("/api/"):
+        api_path = request.scope["path"].startswith("/api/")
+        if exc.status_code == 404 and not api_path:
             return answer(request, 404, "Page not found.")
-        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse({"error": f"{message}: {request.method} {request.url.path}"}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        if exc.status_code in (404, 405):
+            message = {404: "not found", 405: "method not allowed"}[exc.status_code]
+            message = f"{message}: {request.method} {clip(request.scope['path'], 100)}"
+        else:
+            message = str(exc.detail)
+        return answer(request, exc.status_code, message, headers=getattr(exc, "headers", None))

@@ -3,13 +3,17 @@
 Rules (tested in tests/labelapp/test_assignment.py):
 - An item is handed to at most `overlap` labelers at a time: submitted answers plus open assignments whose
   lease has not run out count against it; an expired lease frees its slot for someone else.
+- A labeler whose lease is valid can always submit (their slot is counted). One whose lease ran out may
+  still submit while the slot is free (the item's other answers and valid leases leave room); otherwise
+  they are refused with 409, and the labeler who took the slot over keeps it.
 - A labeler never gets the same item twice (UNIQUE(item_id, user_id)), skipped or not.
 - Items already started by others come first, so items are completed (all `overlap` answers) before new
   ones are opened: the pipeline waits for complete items.
 - Each labeler sees the completions in their own shuffled order, recorded in the assignment; the client
   only ever sends display positions, and the server maps them back to original completion indices.
-- A submission carries a client-generated id; a retry with the same id is answered "duplicate" and not
-  stored again. It is committed (fsync'd) before the answer leaves the server.
+- A submission carries a client-generated id; a retry with the same id (same labeler, same assignment) is
+  answered "duplicate" and not stored again; the same id for another assignment is a 409 conflict. A
+  submission is committed (fsync'd) before the answer leaves the server.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rlhfkit.errors import DataError
 from rlhfkit.labelapp.db import transaction
 from rlhfkit.labelapp.project import ProjectSettings
 
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")  # used with fullmatch: "$" would accept a trailing newline
 FLAG_REASONS = ("unsafe", "nonsense", "other")
 MAX_COMMENT = 2000
 
@@ -126,40 +130,52 @@ def submit(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, pa
     """Store one submission; returns ("stored" | "duplicate", submission id). Raises AppError."""
     now = time.time() if now is None else now
     client_id = payload.get("client_id")
-    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
+    if not isinstance(client_id, str) or not CLIENT_ID_RE.fullmatch(client_id):
         raise AppError(422, "client_id: send 8-64 letters, digits, '-' or '_' (e.g. a UUID), new for each submission")
     with transaction(conn):
-        existing = conn.execute("SELECT id, user_id FROM submissions WHERE client_id = ?", (client_id,)).fetchone()
-        if existing is not None:
-            if existing["user_id"] != user_id:
-                raise AppError(409, "client_id: already used by another submission; generate a new one")
-            return "duplicate", existing["id"]  # a retry of a request whose answer was lost
-        assignment_id = payload.get("assignment_id")
-        row = conn.execute(
-            "SELECT a.*, i.completions FROM assignments a JOIN items i ON i.id = a.item_id WHERE a.id = ?",
-            (assignment_id,),
-        ).fetchone()
-        if row is None or row["user_id"] != user_id:
-            raise AppError(404, f"assignment {assignment_id} not found among your assignments")
-        if row["status"] != "open":
-            raise AppError(409, f"assignment {assignment_id} is {row['status']}; ask for the next item")
-        # Only possible after a lease ran out and the slot went to someone else who answered first.
-        if conn.execute("SELECT COUNT(*) FROM submissions WHERE item_id = ?", (row["item_id"],)).fetchone()[0] >= settings.overlap:
-            raise AppError(409, "this item already has all its answers (your lease had run out); ask for the next item")
-        order = json.loads(row["display_order"])
-        rankings, strengths = _parse_rankings(payload, settings, order)
-        flags = _parse_flags(payload.get("flags"), order)
-        comment = payload.get("comment") or ""
-        if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
-            raise AppError(422, f"comment: must be text of at most {MAX_COMMENT} characters")
-        cur = conn.execute(
-            "INSERT INTO submissions (client_id, assignment_id, user_id, item_id, rankings, strengths, flags, comment,"
-            " seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (client_id, row["id"], user_id, row["item_id"], json.dumps(rankings),
-             json.dumps(strengths) if strengths else None, json.dumps(flags), comment, now - row["created_at"], now),
-        )
-        conn.execute("UPDATE assignments SET status = 'submitted' WHERE id = ?", (row["id"],))
-        return "stored", cur.lastrowid
+        outcome = _store(conn, user_id, settings, payload, client_id, now)
+    if outcome[0] == "lease lost":
+        raise AppError(409, "your lease on this item ran out and someone else took it over; ask for the next item")
+    return outcome
+
+
+def _store(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, payload: dict, client_id: str,
+           now: float) -> tuple[str, int | None]:
+    """submit's work inside its transaction; ("lease lost", None) commits the assignment as expired."""
+    assignment_id = payload.get("assignment_id")
+    existing = conn.execute("SELECT id, user_id, assignment_id FROM submissions WHERE client_id = ?",
+                            (client_id,)).fetchone()
+    if existing is not None:
+        if existing["user_id"] != user_id or existing["assignment_id"] != assignment_id:
+            raise AppError(409, "client_id: already used by another submission; generate a new one for each submission")
+        return "duplicate", existing["id"]  # a retry of a request whose answer was lost
+    row = conn.execute(
+        "SELECT a.*, i.completions FROM assignments a JOIN items i ON i.id = a.item_id WHERE a.id = ?",
+        (assignment_id,),
+    ).fetchone()
+    if row is None or row["user_id"] != user_id:
+        raise AppError(404, f"assignment {assignment_id} not found among your assignments")
+    if row["status"] != "open":
+        raise AppError(409, f"assignment {assignment_id} is {row['status']}; ask for the next item")
+    # A valid lease holds a slot (hand-outs keep answers + valid leases <= overlap). A lapsed one gets the
+    # slot back only if it is still free: the answers and valid leases of others leave room.
+    if row["lease_expires_at"] <= now and _active_count(conn, row["item_id"], now, except_user=user_id) >= settings.overlap:
+        conn.execute("UPDATE assignments SET status = 'expired' WHERE id = ?", (row["id"],))
+        return "lease lost", None
+    order = json.loads(row["display_order"])
+    rankings, strengths = _parse_rankings(payload, settings, order)
+    flags = _parse_flags(payload.get("flags"), order)
+    comment = payload.get("comment") or ""
+    if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+        raise AppError(422, f"comment: must be text of at most {MAX_COMMENT} characters")
+    cur = conn.execute(
+        "INSERT INTO submissions (client_id, assignment_id, user_id, item_id, rankings, strengths, flags, comment,"
+        " seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (client_id, row["id"], user_id, row["item_id"], json.dumps(rankings),
+         json.dumps(strengths) if strengths else None, json.dumps(flags), comment, now - row["created_at"], now),
+    )
+    conn.execute("UPDATE assignments SET status = 'submitted' WHERE id = ?", (row["id"],))
+    return "stored", cur.lastrowid
 
 
 def _parse_rankings(payload: dict, settings: ProjectSettings, order: list[int]) -> tuple[dict, dict]:
@@ -194,18 +210,20 @@ def _parse_rankings(payload: dict, settings: ProjectSettings, order: list[int]) 
 
 
 def _parse_flags(flags, order: list[int]) -> list[dict]:
+    """One flag per reply at most: a repeated identical flag is kept once, two reasons for one reply are refused."""
     if flags is None:
         return []
-    if not isinstance(flags, list) or len(flags) > len(order):
+    if not isinstance(flags, list) or len(flags) > 2 * len(order):
         raise AppError(422, "flags: send a list of {position, reason}, at most one per completion")
-    out = []
+    reasons: dict[int, str] = {}
     for f in flags:
         pos = f.get("position") if isinstance(f, dict) else None
         reason = f.get("reason") if isinstance(f, dict) else None
         if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < len(order) or reason not in FLAG_REASONS:
             raise AppError(422, f"flags: each flag needs a position 0..{len(order) - 1} and a reason in {list(FLAG_REASONS)}")
-        out.append({"completion": order[pos], "reason": reason})
-    return out
+        if reasons.setdefault(pos, reason) != reason:
+            raise AppError(422, f"flags: position {pos} is flagged twice with different reasons; send one flag per reply")
+    return [{"completion": order[pos], "reason": reason} for pos, reason in reasons.items()]
 
 
 def labeler_progress(conn: sqlite3.Connection, user_id: int, overlap: int, now: float | None = None) -> dict:

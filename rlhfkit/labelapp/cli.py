@@ -1,7 +1,8 @@
 """`rlhfkit label ...`: the labeling app's command line (the main CLI forwards here).
 
     rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [options]
-    rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000]
+    rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000] [--base-url URL] [--allowed-host NAME]
+                        [--cookie-secure] [--max-body-kb 1024] [--max-upload-mb 64]
     rlhfkit label add-labeler PROJECT_DIR NAME [--lead] [--password-stdin]
     rlhfkit label export PROJECT_DIR --out DIR [--min-agreement X] [--complete-only]
     rlhfkit label status PROJECT_DIR
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rlhfkit.errors import ConfigError, RlhfkitError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_MAX_BODY_KB, DEFAULT_MAX_UPLOAD_MB = 1024, 64  # any request body; the lead's project upload
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 WEB_MODULES = {"fastapi", "starlette", "uvicorn", "jinja2", "multipart", "python_multipart", "markdown_it", "pydantic"}
 
 
@@ -43,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project_dir", type=Path)
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--base-url", default=None, help="the address people open, e.g. https://labels.example.org "
+                   "(invitation links use it; default http://HOST:PORT; required with --host 0.0.0.0)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another host name the app answers to (repeatable; '*' for any)")
+    p.add_argument("--cookie-secure", action="store_true",
+                   help="send the session cookie over HTTPS only (on by itself with an https --base-url)")
+    p.add_argument("--max-body-kb", type=int, default=DEFAULT_MAX_BODY_KB, help="largest request body, in KiB")
+    p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest project upload (the lead's completions or prompts file), in MiB")
 
     p = sub.add_parser("add-labeler", help="add a labeler (or lead) and print their invitation link")
     p.add_argument("project_dir", type=Path)
@@ -69,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except RlhfkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system refusal the checks did not foresee (permissions, a full disk)
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         # Only `serve` needs the web stack; everything else runs on the core install.
         if e.name and e.name.split(".")[0] in WEB_MODULES:
@@ -92,15 +109,16 @@ def cmd_create(args) -> int:
         raise ConfigError("create: give exactly one of --completions FILE or --policy DIR (with --prompts FILE)")
     if args.policy is not None and args.prompts is None:
         raise ConfigError("create: --policy needs --prompts FILE")
-    guidelines = ""
-    if args.guidelines is not None:
-        if not args.guidelines.is_file():
-            raise ConfigError(f"--guidelines {args.guidelines}: no such file")
-        guidelines = args.guidelines.read_text(encoding="utf-8")
+    if not (math.isfinite(args.lease_minutes) and 0 < args.lease_minutes <= project.MAX_LEASE_SECONDS / 60):
+        raise ConfigError(f"--lease-minutes {args.lease_minutes}: give a number of minutes above 0 and at most "
+                          f"{project.MAX_LEASE_SECONDS // 60} (7 days)")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    guidelines = "" if args.guidelines is None else project.read_text(args.guidelines, "guidelines file")
     settings = project.ProjectSettings(
         name=args.name or args.project_dir.resolve().name, criteria=[c.strip() for c in args.criteria.split(",") if c.strip()],
         k=args.k, overlap=args.overlap, ask_strength=args.strength, guidelines=guidelines,
-        lease_seconds=max(1, int(args.lease_minutes * 60)),
+        lease_seconds=max(1, round(args.lease_minutes * 60)),
     ).validate()
     if args.completions is not None:
         items, source = project.load_completions(args.completions), str(args.completions)
@@ -147,20 +165,47 @@ def lead_invitation_if_needed(project_dir: Path, base_url: str) -> str | None:
     return f"{base_url.rstrip('/')}/invite/{token}"
 
 
+def serve_config(args) -> dict:
+    """The app's settings (app.AppConfig fields) from `serve`'s options."""
+    from rlhfkit.labelapp.guard import LOOPBACK_HOSTS
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: choose a port between 1 and 65535")
+    wildcard = args.host in WILDCARD_HOSTS
+    if args.base_url is None:
+        if wildcard:
+            raise ConfigError(f"--host {args.host} listens on every interface: give --base-url http://NAME:{args.port}, "
+                              "the address people open (invitation links use it; other host names are refused)")
+        base_url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    else:
+        base_url = args.base_url.rstrip("/")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--base-url {args.base_url!r}: give the address people open, e.g. https://labels.example.org")
+    for option, value in (("--max-body-kb", args.max_body_kb), ("--max-upload-mb", args.max_upload_mb)):
+        if value < 1:
+            raise ConfigError(f"{option} {value}: give at least 1")
+    hosts = {*LOOPBACK_HOSTS, urlsplit(base_url).hostname, *args.allowed_host, *([] if wildcard else [args.host])}
+    return {"base_url": base_url, "allowed_hosts": sorted(hosts),
+            "cookie_secure": args.cookie_secure or base_url.startswith("https://"),
+            "max_body_bytes": args.max_body_kb * 1024, "max_upload_bytes": args.max_upload_mb * 2**20}
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from rlhfkit.labelapp import db
     from rlhfkit.labelapp.app import create_app
 
+    config = serve_config(args)
     db.init_db(db.db_path(args.project_dir))
-    base = f"http://{args.host}:{args.port}"
+    base = config["base_url"]
     link = lead_invitation_if_needed(args.project_dir, base)
     print(f"labeling app for {args.project_dir} at {base}/  (labelers sign in there)")
     if link:
         print(f"a lead account 'lead' was created; the lead opens this one-time link to choose a password:\n  {link}")
     sys.stdout.flush()
-    uvicorn.run(create_app(args.project_dir), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.project_dir, config), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from rlhfkit.errors import ConfigError
 from rlhfkit.labelapp import DB_NAME
 
 
@@ -40,8 +41,14 @@ def connect(path: str | Path) -> sqlite3.Connection:
 
 
 def init_db(path: str | Path) -> None:
-    """Create the tables if they do not exist (schema.sql is idempotent)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Create the project directory and the tables if they do not exist (schema.sql is idempotent)."""
+    project_dir = Path(path).parent
+    if project_dir.exists() and not project_dir.is_dir():
+        raise ConfigError(f"{project_dir}: is a file, not a directory; give a directory for the labeling project")
+    try:
+        project_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a parent is a file, or no permission
+        raise ConfigError(f"{project_dir}: cannot create the project directory ({e.strerror})") from None
     schema = resources.files("rlhfkit.labelapp").joinpath("schema.sql").read_text(encoding="utf-8")
     conn = connect(path)
     try:

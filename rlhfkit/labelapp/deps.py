@@ -7,9 +7,13 @@ routes serve any project directory the factory was given.
 No `from __future__ import annotations`: FastAPI reads these annotations at runtime.
 """
 
+import ipaddress
 import math
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
@@ -101,40 +105,105 @@ def set_session_cookie(request: Request, response: Response, token: str) -> None
 
 
 class LoginThrottle:
-    """Failed sign-ins per name, in memory: one server process serves a project, and a restart that
-    forgets the count is not something an attacker can trigger."""
+    """Failed sign-ins, counted per client address and per (client address, name); in memory (one server
+    process serves a project).
 
-    def __init__(self, max_failures: int, window_seconds: float):
-        self.max_failures, self.window = max_failures, window_seconds
-        self.failures: dict[str, list[float]] = {}
+    Nothing here locks an account: guesses from one address never refuse the same name from another, so
+    nobody can lock a real user (or the lead) out. An address that failed `per_name` times for a name
+    within the window is refused for that name, and one that failed `per_client` times for any names is
+    refused altogether, until its oldest counted failure leaves the window.
 
-    def check(self, name: str) -> None:
+    Memory is bounded without ever forgetting a recent failure under a spray of names: every count keeps
+    at most its limit of timestamps (a fixed-size deque drops the oldest), and an address's names are
+    bounded by `per_client` (once reached, the address is refused before a new name is recorded). Only the
+    number of addresses is open; it is capped at `max_clients`, dropping the address whose last failure
+    is oldest -- which hands an attacker nothing that owning that many addresses does not already give.
+    IPv6 addresses count per /64 network, which one client can rotate through.
+    """
+
+    def __init__(self, per_name: int, per_client: int, window_seconds: float, max_clients: int = 10_000):
+        self.per_name, self.per_client, self.window, self.max_clients = per_name, per_client, window_seconds, max_clients
+        self.clients: OrderedDict[str, _ClientFailures] = OrderedDict()  # oldest last failure first
+        self.lock = threading.Lock()  # sign-ins run in the thread pool
+
+    def check(self, client: str, name: str) -> None:
         now = time.time()
-        recent = [t for t in self.failures.get(name, []) if t > now - self.window]
-        self.failures[name] = recent
-        if len(recent) >= self.max_failures:
-            wait = int(recent[0] + self.window - now) // 60 + 1
-            raise AppError(429, f"too many failed sign-ins for {name!r}; try again in {wait} minute(s) or ask your lead")
+        with self.lock:
+            record = self.clients.get(client)
+            if record is None:
+                return
+            self._refuse_if_full(record.all, self.per_client, now, "from your address")
+            self._refuse_if_full(record.names.get(name, ()), self.per_name, now, f"for {name!r} from your address")
 
-    def failed(self, name: str) -> None:
-        if len(self.failures) > 10_000:  # bounded memory under a spray of made-up names
-            self.failures.clear()
-        self.failures.setdefault(name, []).append(time.time())
+    def _refuse_if_full(self, times, limit: int, now: float, whom: str) -> None:
+        recent = [t for t in times if t > now - self.window]
+        if len(recent) >= limit:
+            wait = int(recent[-limit] + self.window - now) // 60 + 1
+            raise AppError(429, f"too many failed sign-ins {whom}; try again in {wait} minute(s) or ask your lead")
 
-    def succeeded(self, name: str) -> None:
-        self.failures.pop(name, None)
+    def failed(self, client: str, name: str) -> None:
+        now = time.time()
+        with self.lock:
+            record = self.clients.pop(client, None) or _ClientFailures(deque(maxlen=self.per_client), {})
+            self.clients[client] = record  # now the most recent
+            record.all.append(now)
+            times = record.names.pop(name, None) or deque(maxlen=self.per_name)
+            record.names[name] = times  # re-inserted: names stay ordered by last failure too
+            times.append(now)
+            # More names than per_client only through failures that left the window (an address with
+            # per_client recent failures is refused before it gets here): drop the oldest.
+            while len(record.names) > self.per_client:
+                record.names.pop(next(iter(record.names)))
+            # forget what left the window (oldest first), then cap the number of addresses
+            while self.clients and next(iter(self.clients.values())).all[-1] <= now - self.window:
+                self.clients.popitem(last=False)
+            while len(self.clients) > self.max_clients:
+                self.clients.popitem(last=False)
+
+    def succeeded(self, client: str, name: str) -> None:
+        with self.lock:
+            record = self.clients.get(client)
+            if record is not None:
+                record.names.pop(name, None)
+
+
+@dataclass
+class _ClientFailures:
+    all: deque  # times of this address's latest failures, any name
+    names: dict  # name -> deque of times, ordered by last failure
+
+
+def client_key(request: Request) -> str:
+    """The address sign-in failures are counted against (uvicorn applies X-Forwarded-For from trusted
+    proxies, FORWARDED_ALLOW_IPS, before this sees it); IPv6 counts per /64 network."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def sign_in(request: Request, conn, name: str, password: str) -> tuple[str, User] | None:
-    """Check a name and password; on success create a session and return (cookie value, user)."""
+    """Check a name and password; on success create a session and return (cookie value, user).
+
+    Every attempt that passes the throttle runs exactly one scrypt verification: against the stored hash,
+    or against the app's dummy hash when the name is unknown or has no password yet, so the time taken
+    tells nothing about which names exist or have signed up.
+    """
     config, throttle = request.app.state.config, request.app.state.throttle
-    throttle.check(name)
+    client = client_key(request)
+    throttle.check(client, name)
     row = conn.execute("SELECT id, password_hash FROM users WHERE name = ? AND active = 1", (name,)).fetchone()
-    if row is None:
-        security.verify_password(password, security.hash_password("x", config.scrypt_n))  # same time either way
-    if row is None or not security.verify_password(password, row["password_hash"]):
-        throttle.failed(name)
+    stored = row["password_hash"] if row is not None else None
+    matches = security.verify_password(password, stored or request.app.state.dummy_hash)
+    if not (matches and stored):
+        throttle.failed(client, name)
         return None
-    throttle.succeeded(name)
+    throttle.succeeded(client, name)
     token = security.create_session(conn, row["id"], config.session_seconds)
     return token, security.session_user(conn, token)

@@ -15,9 +15,11 @@ Rules (documented in docs/labeling.md):
 - Margin: a labeler who gave strengths between adjacent ranks supports (i, j) with the margin of the
   strongest step between i's and j's tie groups (STRENGTH_MARGINS); the comparison's margin is the mean
   over its supporters. Without strengths the margin is null.
-- min_agreement: an item whose mean pairwise agreement between its labelers is below the threshold is
-  left out entirely (comparisons, rankings, consensus). Items with a single labeler have no agreement
-  and are kept.
+- min_agreement: an item whose mean pairwise agreement between its labelers is below the threshold on
+  any of the project's criteria is left out entirely (comparisons, rankings and consensus of every
+  criterion). Items with a single labeler have no agreement and are kept.
+- OUT must be new, empty, or hold a previous export (whose files are replaced); anything else there is
+  refused rather than mixed with the export.
 - A pair whose two completions are the same text yields no comparison (the contract forbids it).
 """
 
@@ -36,6 +38,8 @@ from rlhfkit.labelapp import db
 from rlhfkit.labelapp.project import get_settings
 from rlhfkit.labelapp.stats import by_item, load_labels, project_stats
 
+EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "export.json")
+
 
 def pair_margin(ranking: list[list[int]], steps: list[str], better: int, worse: int) -> float:
     group = {i: g for g, members in enumerate(ranking) for i in members}
@@ -50,29 +54,36 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
         raise ConfigError(f"min_agreement: {min_agreement} must be between 0 and 1")
     if not db.db_path(project_dir).is_file():
         raise ConfigError(f"{project_dir}: no labeling project here (create one with `rlhfkit label create`)")
-    out_dir = Path(out_dir)
     with db.opened(project_dir) as conn:
         settings = get_settings(conn)
         if settings is None:
             raise ConfigError(f"{project_dir}: the project has not been created yet")
         labels = load_labels(conn)
         stats = project_stats(conn, settings)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
 
     comparisons, rankings, consensus = [], [], []
-    dropped_items, identical_pairs = set(), 0
-    counts = {}
+    identical_pairs = 0
+    counts, key_of = {}, {}
     for lab in labels:
         counts[lab["item_id"]] = counts.get(lab["item_id"], 0) + 1
+        key_of[lab["item_id"]] = lab["item_key"]
+    wanted = {item for item, n in counts.items() if not complete_only or n >= settings.overlap}
+    # 1. items left out whole: their labelers' mean pairwise agreement is below the threshold on any criterion
+    dropped = set()
+    for criterion in settings.criteria if min_agreement is not None else ():
+        for item, labs in by_item(labels, criterion).items():
+            ranks = [lab["rankings"][criterion] for lab in labs]
+            if item in wanted and len(ranks) >= 2 and statistics.fmean(
+                    pairwise_agreement(a, b) for a, b in combinations(ranks, 2)) < min_agreement:
+                dropped.add(item)
+    # 2. every criterion's records of the items kept
     for criterion in settings.criteria:
         for item, labs in sorted(by_item(labels, criterion).items()):
-            if complete_only and counts[item] < settings.overlap:
+            if item not in wanted or item in dropped:
                 continue
             ranks = [lab["rankings"][criterion] for lab in labs]
-            if min_agreement is not None and len(ranks) >= 2:
-                agreement = statistics.fmean(pairwise_agreement(a, b) for a, b in combinations(ranks, 2))
-                if agreement < min_agreement:
-                    dropped_items.add(labs[0]["item_key"])
-                    continue
             first = labs[0]
             texts = first["completions"]
             for lab in labs:
@@ -92,7 +103,6 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
                     labeler_ids=[labs[n]["labeler"] for n in support], criterion=criterion,
                 ))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "export.json").unlink(missing_ok=True)  # a half-rewritten export must not look complete
     write_jsonl(out_dir / "comparisons.jsonl", comparisons)
     write_jsonl(out_dir / "rankings.jsonl", rankings)
@@ -104,10 +114,27 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
         "comparisons": len(comparisons),
         "rankings": len(rankings),
         "items_exported": len({r.item_id for r in consensus}),
-        "items_dropped_low_agreement": sorted(dropped_items),
+        "items_dropped_low_agreement": sorted(key_of[i] for i in dropped),
         "pairs_skipped_identical_text": identical_pairs,
         "min_agreement": min_agreement,
         "stats": {k: v for k, v in stats.items() if k not in ("flags",)},
     }
     (out_dir / "export.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """OUT must be new, empty, or a previous export: never a file, never a directory of other files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"export directory {out_dir}: exists and is not a directory; choose a new directory")
+    if out_dir.is_dir():
+        # write_jsonl's temporary files (.NAME.*.tmp) may be left by a killed export: not foreign
+        foreign = sorted(p.name for p in out_dir.iterdir()
+                         if p.name not in EXPORT_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if foreign:
+            raise ConfigError(f"export directory {out_dir}: already holds other files ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"export directory {out_dir}: cannot create it ({e.strerror})") from None

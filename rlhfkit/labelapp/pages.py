@@ -5,14 +5,16 @@ markup. Every form posts a CSRF token (deps.check_form_csrf / deps.check_anon_cs
 """
 
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from rlhfkit.errors import DataError, RlhfkitError
 from rlhfkit.labelapp import db, project, security, stats
 from rlhfkit.labelapp.api import next_for
 from rlhfkit.labelapp.assignment import AppError
@@ -28,15 +30,29 @@ from rlhfkit.labelapp.deps import (
     set_session_cookie,
     sign_in,
 )
-from rlhfkit.labelapp.export import export_project
+from rlhfkit.labelapp.export import EXPORT_FILES, export_project
 from rlhfkit.labelapp.security import User
 
 router = APIRouter(include_in_schema=False)
-EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "export.json")
+MAX_MESSAGE = 400  # characters of an error message: a refusal never echoes a large input back
 
 
 def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
     return request.app.state.templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_response(request: Request, status: int, message: str, headers=None):
+    """A refusal: JSON {"error": message} under /api, the error page elsewhere."""
+    message = clip(message)
+    if request.scope["path"].startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    response = page(request, "error.html", status=status, message=message, user=None)
+    response.headers.update(headers or {})
+    return response
 
 
 def anon_form(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
@@ -156,42 +172,72 @@ async def lead_create(request: Request, user: PageLead, csrf_token: Annotated[st
                       prompts: Annotated[UploadFile | None, File()] = None):
     check_form_csrf(user, csrf_token)
     project_dir = request.app.state.config.project_dir
+    if await run_in_threadpool(project.project_exists, project_dir):
+        raise AppError(409, "This directory already holds a labeling project; nothing was changed.")
     settings = project.ProjectSettings(
         name=name.strip() or "labeling", criteria=[c.strip() for c in criteria.split(",") if c.strip()],
         k=k, overlap=overlap, ask_strength=bool(ask_strength), guidelines=guidelines).validate()
-    uploads = project_dir / "uploads"  # kept: the project records where its items came from
-    uploads.mkdir(parents=True, exist_ok=True)
+    # Uploads are kept (the project records where its items came from), but only once the project is
+    # created: until then they are temporary files, so a refused create leaves an earlier upload alone.
+    uploads = project_dir / "uploads"
+    pending: dict[str, Path] = {}  # final name -> temporary file
 
     async def save(upload: UploadFile | None, filename: str) -> Path | None:
         if upload is None or not upload.filename:
             return None
-        path = uploads / filename
-        path.write_bytes(await upload.read())
-        return path
+        uploads.mkdir(parents=True, exist_ok=True)
+        pending[filename] = uploads / f".upload-{secrets.token_hex(8)}{Path(filename).suffix}"
+        await run_in_threadpool(copy_upload, upload, pending[filename])
+        return pending[filename]
 
-    completions_path = await save(completions, "completions.jsonl")
-    suffix = ".jsonl" if prompts is not None and (prompts.filename or "").endswith(".jsonl") else ".txt"
-    prompts_path = await save(prompts, "prompts" + suffix)
-    if completions_path is not None:
-        items, source = project.load_completions(completions_path), "uploaded completions"
-    elif policy_dir.strip() and prompts_path is not None:
-        # sampling runs a model: off the event loop
-        items = await run_in_threadpool(project.sample_items, policy_dir.strip(), project.load_prompts(prompts_path),
-                                        settings.k)
-        source = f"sampled from {policy_dir.strip()}"
-    else:
-        raise AppError(400, "Upload a completions JSONL file, or give a policy directory and a prompts file.")
-    await run_in_threadpool(project.create_project, project_dir, settings, items, source)
+    try:
+        completions_path = await save(completions, "completions.jsonl")
+        suffix = ".jsonl" if prompts is not None and (prompts.filename or "").endswith(".jsonl") else ".txt"
+        prompts_path = await save(prompts, "prompts" + suffix)
+        if completions_path is not None:
+            items = await run_in_threadpool(load_upload, project.load_completions, completions_path, "completions.jsonl")
+            source = "uploaded completions"
+        elif policy_dir.strip() and prompts_path is not None:
+            prompt_list = await run_in_threadpool(load_upload, project.load_prompts, prompts_path, "prompts" + suffix)
+            # sampling runs a model: off the event loop
+            items = await run_in_threadpool(project.sample_items, policy_dir.strip(), prompt_list, settings.k)
+            source = f"sampled from {policy_dir.strip()}"
+        else:
+            raise AppError(400, "Upload a completions JSONL file, or give a policy directory and a prompts file.")
+        await run_in_threadpool(project.create_project, project_dir, settings, items, source)
+        for filename, path in pending.items():
+            path.replace(uploads / filename)
+    finally:
+        for path in pending.values():
+            path.unlink(missing_ok=True)
     return RedirectResponse("/lead", status_code=303)
+
+
+def copy_upload(upload: UploadFile, path: Path) -> None:
+    """Copy in chunks: the upload (spooled to disk by Starlette) never sits in memory whole."""
+    upload.file.seek(0)
+    with open(path, "wb") as out:
+        shutil.copyfileobj(upload.file, out, 2**20)
+
+
+def load_upload(loader, path: Path, shown_as: str):
+    """Load an uploaded file; its errors name the upload (completions.jsonl:3), not the temporary file."""
+    try:
+        return loader(path)
+    except RlhfkitError as e:
+        raise DataError(str(e).replace(str(path), shown_as)) from None
 
 
 @router.post("/lead/people")
 def lead_add_person(request: Request, conn: Conn, user: PageLead, name: Annotated[str, Form(max_length=64)],
                     role: Annotated[str, Form()] = "labeler", csrf_token: Annotated[str, Form()] = ""):
     check_form_csrf(user, csrf_token)
+    config = request.app.state.config
     with db.transaction(conn):
-        token = project.add_person(conn, name.strip(), role, request.app.state.config.invite_seconds)
-    link = str(request.base_url).rstrip("/") + f"/invite/{token}"
+        # "lead" promotes; otherwise a new person is a labeler and an existing one keeps their role, so a
+        # new link (a password reset) for a lead never demotes them.
+        token = project.add_person(conn, name.strip(), "lead" if role == "lead" else None, config.invite_seconds)
+    link = config.base_url.rstrip("/") + f"/invite/{token}"  # never the request's Host header
     return lead_page(request, conn, user, invite={"name": name.strip(), "link": link})
 
 
@@ -212,7 +258,11 @@ def lead_export(request: Request, conn: Conn, user: PageLead, min_agreement: Ann
         threshold = float(min_agreement) if min_agreement.strip() else None
     except ValueError:
         raise AppError(400, f"Minimum agreement {min_agreement!r} is not a number between 0 and 1.") from None
-    out = request.app.state.config.project_dir / "exports" / time.strftime("%Y%m%d-%H%M%S")
+    exports, stamp = request.app.state.config.project_dir / "exports", time.strftime("%Y%m%d-%H%M%S")
+    out, n = exports / stamp, 1
+    while out.exists():  # two exports in one second: a new directory, not the first one rewritten
+        n += 1
+        out = exports / f"{stamp}-{n}"
     summary = export_project(request.app.state.config.project_dir, out, min_agreement=threshold)
     return lead_page(request, conn, user, exported={"path": str(out), **summary})
 

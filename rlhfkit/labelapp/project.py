@@ -14,15 +14,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfkit.config import CRITERION_NAME
 from rlhfkit.data.contract import STRENGTH_MARGINS, iter_jsonl
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.security import MIN_PASSWORD, SCRYPT_N, hash_password, new_token, token_hash
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-CRITERION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+CRITERION_RE = CRITERION_NAME  # one rule for the app and `feedback.criteria`, so the config fails early
 MAX_K = 9  # more completions than this do not fit a ranking screen
 INVITE_SECONDS = 7 * 24 * 3600
+MAX_LEASE_SECONDS = 7 * 24 * 3600  # a lease longer than a week would hold an item for good
+# What transformers' from_pretrained loads a PyTorch causal LM from: a directory without any of these has
+# no weights (the saved config and tokenizer alone load, then the model fails deep inside transformers).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -41,7 +46,7 @@ class ProjectSettings:
         if not self.criteria:
             raise ConfigError("criteria: give at least one criterion, e.g. --criteria helpfulness,harmlessness")
         for c in self.criteria:
-            if not CRITERION_RE.match(c):
+            if not isinstance(c, str) or not CRITERION_RE.fullmatch(c):
                 raise ConfigError(f"criteria: {c!r} is not a valid name; use lowercase letters, digits, '-' or '_'")
         if len(set(self.criteria)) != len(self.criteria):
             raise ConfigError(f"criteria: {self.criteria} lists a criterion twice")
@@ -49,16 +54,34 @@ class ProjectSettings:
             raise ConfigError(f"k: {self.k} completions per prompt; choose between 2 and {MAX_K}")
         if not 1 <= self.overlap <= 20:
             raise ConfigError(f"overlap: {self.overlap} labelers per item; choose between 1 and 20")
-        if self.lease_seconds < 1:
-            raise ConfigError("lease_seconds must be at least 1")
+        lease = self.lease_seconds
+        if not (isinstance(lease, int) and not isinstance(lease, bool) and 1 <= lease <= MAX_LEASE_SECONDS):
+            raise ConfigError(f"lease: {self.lease_seconds!r} seconds; choose between 1 second and 7 days")
         return self
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's content; an unreadable or non-UTF-8 file is a one-line DataError naming the
+    file, the line and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "save it as UTF-8") from None
 
 
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one prompt per line)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompts file")
+    text = read_text(path, "prompts file")
     if path.suffix == ".jsonl":
         prompts = []
         for where, obj in iter_jsonl(path):
@@ -66,7 +89,7 @@ def load_prompts(path: str | Path) -> list[str]:
                 raise DataError(f"{where}: field 'prompt' must be a non-empty string")
             prompts.append(obj["prompt"])
     else:
-        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"{path}: contains no prompts")
     return prompts
@@ -74,6 +97,7 @@ def load_prompts(path: str | Path) -> list[str]:
 
 def load_completions(path: str | Path) -> list[dict]:
     """Items from a JSONL file of {"prompt", "completions"[, "model_ids"][, "item_id"]} objects."""
+    read_text(path, "completions file")  # a non-UTF-8 line is named here, not a UnicodeDecodeError mid-read
     items = []
     for where, obj in iter_jsonl(path):
         items.append(_check_item(obj, where))
@@ -102,14 +126,25 @@ def _check_item(obj: dict, where: str) -> dict:
             "item_id": None if item_id is None else str(item_id)}
 
 
-def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: int = 0,
-                 max_new_tokens: int = 32) -> list[dict]:
-    """K completions per prompt from a policy directory (imported here: only this path needs torch)."""
+def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: int = 0, max_new_tokens: int = 32,
+                 temperature: float = 1.0, device: str = "auto") -> list[dict]:
+    """K completions per prompt from a policy directory (imported here: only this path needs torch).
+    `temperature` and `device` come from the run's config when the pipeline calls this."""
     from rlhfkit.models import check_model_dir
     from rlhfkit.sampling import sample_completions
 
+    policy_dir = Path(policy_dir)
+    if (policy_dir / "config.json").is_file():
+        read_text(policy_dir / "config.json", "policy's config.json")
     check_model_dir(policy_dir, "policy", causal=True)
-    completions = sample_completions(Path(policy_dir), prompts, k, seed=seed, max_new_tokens=max_new_tokens)
+    if not any((policy_dir / name).is_file() for name in WEIGHT_FILES):
+        raise DataError(f"policy: {policy_dir} has no model weights (none of {', '.join(WEIGHT_FILES)}); "
+                        "save the model there with save_pretrained")
+    try:
+        completions = sample_completions(policy_dir, prompts, k, seed=seed, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, device=device)
+    except OSError as e:  # transformers reports unloadable files as OSError, over several lines
+        raise DataError(f"policy: cannot load the model from {policy_dir}: {str(e).strip().splitlines()[0]}") from None
     model = Path(policy_dir).name
     return [{"prompt": p, "completions": list(c), "model_ids": [model] * len(c), "item_id": None}
             for p, c in zip(prompts, completions)]
@@ -143,6 +178,13 @@ def create_project(project_dir: str | Path, settings: ProjectSettings, items: li
     return len(items)
 
 
+def project_exists(project_dir: str | Path) -> bool:
+    if not db.db_path(project_dir).is_file():
+        return False
+    with db.opened(project_dir) as conn:
+        return get_settings(conn) is not None
+
+
 def get_settings(conn: sqlite3.Connection) -> ProjectSettings | None:
     row = conn.execute("SELECT * FROM project WHERE id = 1").fetchone()
     if row is None:
@@ -162,7 +204,7 @@ def add_person(conn: sqlite3.Connection, name: str, role: str | None = None,
     """Add a lead or labeler, or send an existing person a new invitation (a password reset); returns the
     one-time invitation token for the link /invite/TOKEN. role=None: 'labeler' for a new person, and an
     existing person keeps theirs (a lead resetting their password must not demote themselves)."""
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
     if role is not None and role not in ("lead", "labeler"):
         raise ConfigError(f"role {role!r}: must be 'lead' or 'labeler'")
@@ -175,9 +217,10 @@ def add_person(conn: sqlite3.Connection, name: str, role: str | None = None,
             (name, role or "labeler", token_hash(token), expires, time.time()),
         )
     else:
-        # A new invitation for an existing person doubles as a password reset; their old sessions end.
-        conn.execute("UPDATE users SET invite_hash = ?, invite_expires_at = ?, role = COALESCE(?, role) WHERE id = ?",
-                     (token_hash(token), expires, role, row["id"]))
+        # A new invitation for an existing person is a password reset: the old password stops working
+        # (whoever knew it is out) and their sessions end; the link sets a new one.
+        conn.execute("UPDATE users SET invite_hash = ?, invite_expires_at = ?, password_hash = NULL,"
+                     " role = COALESCE(?, role) WHERE id = ?", (token_hash(token), expires, role, row["id"]))
         conn.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
     return token
 

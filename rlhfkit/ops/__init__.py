@@ -3,5 +3,5 @@
     logprobs.py    gather per-token log-probs; response log-probs of a causal LM
     kl.py          per-token KL estimators k1/k2/k3, exact categorical KL, KL controllers
     advantages.py  KL-penalised per-token rewards, masked statistics, whitening, GAE, running reward moments
-    losses.py      every loss (Bradley-Terry, PPO clipped policy, clipped value) in one table
+    losses.py      every loss (SFT, Bradley-Terry, PPO clipped policy, clipped value), one small function each
 """

@@ -16,10 +16,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked entries; unbiased=True applies Bessel's correction n / (n - 1).
+
+    The default follows TRL's masked_var (unbiased=True; trl 1.12.0 trl/experimental/ppo/ppo_trainer.py, earlier
+    trl/core.py), so masked_whiten matches TRL's. lm-human-preferences' whiten (lm_human_preferences/utils/core.py)
+    uses tf.nn.moments, the biased variance (unbiased=False here), over all entries without a mask. For the
+    thousands of tokens of a PPO batch the factor n / (n - 1) is negligible. Unlike TRL (which divides by zero),
+    one masked entry gives the biased variance, 0.
+    """
     mean = masked_mean(x, mask)
     n = mask.sum()
     var = masked_mean((x - mean) ** 2, mask)
-    if unbiased and n > 1:  # Bessel's correction, as the reference implementations do
+    if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 

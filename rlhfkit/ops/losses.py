@@ -1,4 +1,4 @@
-"""Every loss, as a small pure tensor function with its equation and source. Collected in LOSSES.
+"""Every loss, as a small pure tensor function with its equation and source.
 
 Each returns a scalar loss (mean over the batch / masked tokens) and, where useful, a dict of detached
 statistics named in the metric vocabulary (docs/metrics.md).
@@ -33,7 +33,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     stats = {
         "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
-        # k3 estimate of KL(old || new), a stable "how far did this epoch move" signal
+        # k3 estimate of KL(old || new) from tokens sampled under old: (rho - 1) - log rho (kl.py), a
+        # stable "how far did this epoch move" signal (TRL logs k2 = lr^2 / 2, unmasked, instead)
         "policy/approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach(),
         "policy/ratio": masked_mean(ratio, mask).detach(),
     }
@@ -42,8 +43,12 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float)
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value: float):
     """Clipped value loss (lm-human-preferences; Schulman et al. 2017's PPO baselines):
-        L = 1/2 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2). All (B, T)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+        L = 1/2 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2). All (B, T); mean over masked tokens.
+
+    clamp(V, lo, hi) returns V itself inside the range, so the two branches tie exactly there and
+    value/clipfrac counts only tokens where clipping is active (V_old + clamp(V - V_old, -eps, eps) rounds,
+    which counted ~0.1% of in-range tokens as clipped). TRL's PPO trainer clamps the same way."""
+    clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
@@ -53,11 +58,3 @@ def ppo_value_loss(values, old_values, returns, mask, clip_range_value: float):
 def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per completion token (prompt tokens carry no loss). (B, T) -> scalar."""
     return -masked_mean(logprobs, completion_mask)
-
-
-LOSSES = {
-    "sft": sft_loss,
-    "bradley_terry": bradley_terry_loss,
-    "ppo_policy": ppo_policy_loss,
-    "ppo_value": ppo_value_loss,
-}

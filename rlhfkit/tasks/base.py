@@ -33,6 +33,15 @@ class Task(ABC):
     def gold_metrics(self, prompts: list[str], completions: list[str]) -> dict[str, float]:
         """Task-specific metrics of sampled completions, averaged over the batch."""
 
+    @property
+    def context_length(self) -> int:
+        """Positions a model needs for this task: the longest prompt in tokens (BOS included) plus
+        max_new_tokens. This default measures sampled prompts with the task's tokenizer; a task whose
+        prompt length is fixed computes it directly (the config checks it without building a tokenizer)."""
+        tokenizer = self.build_tokenizer()
+        prompts = self.prompts(256, random.Random(0))
+        return max(len(tokenizer(p)["input_ids"]) for p in prompts) + self.max_new_tokens
+
     def sft_loss_floor(self) -> float | None:
         """The lowest achievable mean SFT loss per completion token (the task's entropy), if known."""
         return None

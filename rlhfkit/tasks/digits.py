@@ -1,4 +1,4 @@
-"""The `digits` task: the increment language (spec: shared/docs/PRODUCT.md, "Built-in tasks").
+"""The `digits` task: the increment language (the full statement: README.md, "The `digits` task").
 
 A prompt is 4 uniform random digits followed by the separator, e.g. "4 5 9 1 =". A completion is 4 digits;
 each next digit is (one of the last four digits of the sequence so far, picked uniformly) + 1 mod 10.
@@ -54,6 +54,12 @@ class DigitsTask(Task):
     name = "digits"
     max_new_tokens = N_COMPLETION + 1  # four digits, then EOS
     gold_metric_names = ("preferred_first_rate", "later_rule_validity", "well_formed_rate")
+
+    @property
+    def context_length(self) -> int:
+        """BOS + the prompt's digits and separator + max_new_tokens: every prompt tokenises to the same length
+        (one token per digit, see build_tokenizer), so no tokenizer is needed to know it."""
+        return 1 + N_PROMPT + 1 + self.max_new_tokens
 
     def build_tokenizer(self):
         from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -16,6 +16,8 @@ from rlhfkit.labelapp.app import create_app
 
 PASSWORD = "correct-horse-1"
 FAST_SCRYPT = 2**4  # hashing cost is not what these tests measure
+# The app's settings in tests: fast hashing, and TestClient's host name among the allowed ones.
+TEST_SETTINGS = {"scrypt_n": FAST_SCRYPT, "allowed_hosts": ["testserver"]}
 XSS_SCRIPT = "<script>alert(1)</script>"
 XSS_IMG = '<img src=x onerror="alert(2)">'
 
@@ -53,7 +55,7 @@ def project_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def app(project_dir):
-    return create_app(project_dir, {"scrypt_n": FAST_SCRYPT})
+    return create_app(project_dir, TEST_SETTINGS)
 
 
 @pytest.fixture

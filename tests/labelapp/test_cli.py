@@ -101,3 +101,77 @@ def test_re_inviting_a_lead_keeps_the_role(tmp_path, capsys):
     assert "lead boss" in capsys.readouterr().out
     with db.opened(pdir) as conn:
         assert conn.execute("SELECT role FROM users WHERE name = 'boss'").fetchone()[0] == "lead"
+
+
+# -- inputs a user can get wrong: one line on stderr, exit 2, never a traceback -------------------------
+
+NOT_UTF8 = "caf\xe9".encode("latin-1")  # Latin-1 bytes: not valid UTF-8
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_files_that_are_not_utf8_are_one_line_errors(tmp_path, capsys):
+    comp = tmp_path / "c.jsonl"
+    comp.write_bytes(b'{"prompt": "p", "completions": ["a", "b"]}\n{"prompt": "' + NOT_UTF8 + b'", "completions": ["a", "b"]}\n')
+    assert main(["create", str(tmp_path / "p1"), "--completions", str(comp)]) == 2
+    err = one_error_line(capsys)
+    assert f"{comp}:2" in err and "UTF-8" in err
+    good = write_completions(tmp_path / "ok.jsonl")
+    guide = tmp_path / "guide.md"
+    guide.write_bytes(b"# Rank " + NOT_UTF8)
+    assert main(["create", str(tmp_path / "p2"), "--completions", str(good), "--guidelines", str(guide)]) == 2
+    assert "UTF-8" in one_error_line(capsys)
+    for name in ("prompts.txt", "prompts.jsonl"):
+        prompts = tmp_path / name
+        prompts.write_bytes(b'{"prompt": "' + NOT_UTF8 + b'"}\n' if name.endswith("jsonl") else NOT_UTF8 + b"\n")
+        assert main(["create", str(tmp_path / "p3"), "--policy", str(tmp_path), "--prompts", str(prompts)]) == 2
+        assert f"{prompts}:1" in one_error_line(capsys)
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "config.json").write_bytes(b'{"model_type": "' + NOT_UTF8 + b'"}')
+    (tmp_path / "ok.txt").write_text("hello\n")
+    assert main(["create", str(tmp_path / "p4"), "--policy", str(policy), "--prompts", str(tmp_path / "ok.txt")]) == 2
+    assert "config.json" in one_error_line(capsys)
+    assert not (tmp_path / "p1" / "labels.sqlite3").exists()
+
+
+@pytest.mark.parametrize("minutes", ["nan", "-5", "0", "inf"])
+def test_lease_minutes_must_be_a_positive_number(tmp_path, capsys, minutes):
+    comp = write_completions(tmp_path / "c.jsonl")
+    assert main(["create", str(tmp_path / "p"), "--completions", str(comp), f"--lease-minutes={minutes}"]) == 2
+    assert "--lease-minutes" in one_error_line(capsys)
+
+
+def test_a_project_path_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    comp = write_completions(tmp_path / "c.jsonl")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a directory")
+    assert main(["create", str(afile), "--completions", str(comp)]) == 2
+    assert "not a directory" in one_error_line(capsys)
+    assert main(["add-labeler", str(afile), "alice"]) == 2
+    assert "not a directory" in one_error_line(capsys)
+    assert main(["serve", str(afile)]) == 2
+    assert "not a directory" in one_error_line(capsys)
+    assert afile.read_text() == "not a directory"
+
+
+def test_an_export_target_that_exists_is_refused_unless_it_holds_an_export(tmp_path, capsys):
+    comp = write_completions(tmp_path / "c.jsonl")
+    assert main(["create", str(tmp_path / "p"), "--completions", str(comp)]) == 0
+    afile = tmp_path / "out.txt"
+    afile.write_text("keep me")
+    assert main(["export", str(tmp_path / "p"), "--out", str(afile)]) == 2
+    assert "not a directory" in one_error_line(capsys)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.md").write_text("keep me")
+    assert main(["export", str(tmp_path / "p"), "--out", str(busy)]) == 2
+    assert "notes.md" in one_error_line(capsys)
+    assert afile.read_text() == (busy / "notes.md").read_text() == "keep me"
+    # a previous export is replaced
+    assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 0

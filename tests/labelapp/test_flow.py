@@ -8,7 +8,7 @@ from rlhfkit.data.contract import read_comparisons, read_rankings
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.export import export_project
 
-from .conftest import api_login, new_client, next_item, read_jsonl, submit
+from .conftest import TEST_SETTINGS, api_login, new_client, next_item, read_jsonl, submit
 
 
 def original_ranking(project_dir, assignment_id, display_ranking):
@@ -75,7 +75,7 @@ def test_strengths_become_margins(tmp_path):
     from .conftest import make_project
 
     pdir = make_project(tmp_path / "p", overlap=1, ask_strength=True, criteria=("helpfulness", "harmlessness"))
-    client = new_client(create_app(pdir, {"scrypt_n": 16}))
+    client = new_client(create_app(pdir, TEST_SETTINGS))
     csrf = api_login(client, "alice")
     a = next_item(client, csrf)["assignment"]
     body = {"client_id": "strength-0001", "assignment_id": a["assignment_id"],
@@ -99,7 +99,7 @@ def test_skip_and_done(tmp_path):
     from .conftest import make_project
 
     pdir = make_project(tmp_path / "p", n_items=2, overlap=1)
-    client = new_client(create_app(pdir, {"scrypt_n": 16}))
+    client = new_client(create_app(pdir, TEST_SETTINGS))
     csrf = api_login(client, "alice")
     first = next_item(client, csrf)["assignment"]["assignment_id"]
     assert client.post(f"/api/assignments/{first}/skip", headers={"X-CSRF-Token": csrf}).status_code == 200

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from rlhfkit.labelapp.app import create_app
 from rlhfkit.labelapp.deps import SESSION_COOKIE
 
-from .conftest import FAST_SCRYPT, PASSWORD, make_project
+from .conftest import PASSWORD, TEST_SETTINGS, make_project
 
 EXAMPLES = 60  # per operation and mode: keeps the whole fuzz test well under a minute
 
@@ -30,7 +30,7 @@ EXAMPLES = 60  # per operation and mode: keeps the whole fuzz test well under a 
 # (schemathesis.pytest.from_fixture would allow a fixture, but it fails on this pytest version).
 _tmp = Path(tempfile.mkdtemp(prefix="rlhfkit-fuzz-"))
 atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
-fuzz_app = create_app(make_project(_tmp / "fuzz", n_items=30), {"scrypt_n": FAST_SCRYPT})
+fuzz_app = create_app(make_project(_tmp / "fuzz", n_items=30), TEST_SETTINGS)
 schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
 schema.config.generation.update(modes=["positive", "negative"], max_examples=EXAMPLES, deterministic=True)
 

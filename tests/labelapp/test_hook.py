@@ -93,14 +93,14 @@ def test_lead_creates_a_project_from_a_policy_in_the_browser_form(policy_dir, tm
     from rlhfkit.labelapp.app import create_app
     from rlhfkit.tasks.digits import DigitsTask
 
-    from .conftest import FAST_SCRYPT, PASSWORD
+    from .conftest import FAST_SCRYPT, PASSWORD, TEST_SETTINGS
 
     pdir = tmp_path / "p"
     db.init_db(db.db_path(pdir))
     with db.opened(pdir) as conn, db.transaction(conn):
         project.add_person(conn, "lead", "lead")
         project.set_password(conn, "lead", PASSWORD, scrypt_n=FAST_SCRYPT)
-    client = TestClient(create_app(pdir, {"scrypt_n": FAST_SCRYPT}))
+    client = TestClient(create_app(pdir, TEST_SETTINGS))
     csrf = client.post("/api/session", json={"name": "lead", "password": PASSWORD}).json()["csrf_token"]
     assert "Create the labeling project" in client.get("/lead").text
     prompts = "\n".join(DigitsTask().prompts(3, random.Random(1)))
@@ -114,3 +114,78 @@ def test_lead_creates_a_project_from_a_policy_in_the_browser_form(policy_dir, tm
         rows = conn.execute("SELECT prompt, completions, model_ids FROM items").fetchall()
     assert len(rows) == 3 and all(len(json.loads(r["completions"])) == 2 for r in rows)
     assert json.loads(rows[0]["model_ids"]) == [policy_dir.name] * 2
+
+
+def test_human_stage_samples_with_the_runs_temperature_device_and_criteria(policy_dir, tmp_path, monkeypatch):
+    """`feedback.temperature`, `device` and `feedback.criteria` reach the sampler and the project."""
+    import shutil
+
+    import rlhfkit.sampling
+    from rlhfkit.config import load_config
+    from rlhfkit.pipeline import WaitingForLabels, run_stage, stage_inputs
+    from rlhfkit.runio import mark_complete, write_json
+
+    calls = []
+
+    def fake_sampler(policy, prompts, k, **kwargs):
+        calls.append(kwargs)
+        return [[f"{n} {j}" for j in range(k)] for n in range(len(prompts))]
+
+    monkeypatch.setattr(rlhfkit.sampling, "sample_completions", fake_sampler)
+    out = tmp_path / "run"
+    shutil.copytree(policy_dir, out / "sft" / "model")
+    cfg = load_config(overrides=["feedback.labeler='human'", "feedback.n_prompts=3", "feedback.k=2",
+                                 "feedback.temperature=0.25", "device='cpu'",
+                                 'feedback.criteria=["helpfulness", "harmlessness"]', "reward.criterion='helpfulness'"])
+    write_json(out / "sft" / "INPUTS.json", stage_inputs("sft", cfg))  # a hand-made SFT stage, for this config
+    mark_complete(out / "sft", {})
+    with pytest.raises(WaitingForLabels):
+        run_stage("feedback", cfg, out)
+    assert len(calls) == 1 and calls[0]["temperature"] == 0.25 and calls[0]["device"] == "cpu"
+    with db.opened(out / "labeling") as conn:
+        assert project.get_settings(conn).criteria == ["helpfulness", "harmlessness"]
+
+
+def test_sample_items_temperature_is_real(policy_dir):
+    """Near-zero temperature is greedy: the K samples of a prompt are identical (at 1.0 they differ)."""
+    from rlhfkit.tasks.digits import DigitsTask
+
+    prompts = DigitsTask().prompts(4, random.Random(0))
+    kwargs = {"max_new_tokens": DigitsTask.max_new_tokens, "device": "cpu"}
+    cold = project.sample_items(policy_dir, prompts, 4, temperature=1e-4, **kwargs)
+    assert all(len(set(item["completions"])) == 1 for item in cold)
+    warm = project.sample_items(policy_dir, prompts, 4, temperature=1.0, **kwargs)
+    assert any(len(set(item["completions"])) > 1 for item in warm)
+
+
+def test_a_policy_without_weights_is_a_clear_error(policy_dir, tmp_path, capsys):
+    """CLI: one line and exit 2; the browser form: a 400 page. Not transformers' traceback."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.labelapp.app import create_app
+    from rlhfkit.labelapp.cli import main
+
+    from .conftest import FAST_SCRYPT, PASSWORD, TEST_SETTINGS
+
+    bare = tmp_path / "bare"
+    shutil.copytree(policy_dir, bare)
+    for weights in [*bare.glob("*.safetensors"), *bare.glob("*.bin")]:
+        weights.unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1 2 3\n4 5 6\n")
+    assert main(["create", str(tmp_path / "p"), "--policy", str(bare), "--prompts", str(prompts), "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "weights" in err
+
+    pdir = tmp_path / "web"
+    db.init_db(db.db_path(pdir))
+    with db.opened(pdir) as conn, db.transaction(conn):
+        project.add_person(conn, "lead", "lead")
+        project.set_password(conn, "lead", PASSWORD, scrypt_n=FAST_SCRYPT)
+    client = TestClient(create_app(pdir, TEST_SETTINGS))
+    csrf = client.post("/api/session", json={"name": "lead", "password": PASSWORD}).json()["csrf_token"]
+    r = client.post("/lead/create", data={"csrf_token": csrf, "name": "d", "criteria": "overall", "k": "2",
+                                          "policy_dir": str(bare)}, files={"prompts": ("p.txt", b"1 2 3\n")})
+    assert r.status_code == 400 and "weights" in r.text

@@ -10,7 +10,7 @@ import pytest
 from rlhfkit.labelapp import db, project
 from rlhfkit.labelapp.app import create_app
 
-from .conftest import PASSWORD, XSS_IMG, XSS_SCRIPT, api_login, new_client, next_item, submit
+from .conftest import PASSWORD, TEST_SETTINGS, XSS_IMG, XSS_SCRIPT, api_login, new_client, next_item, submit
 
 
 def form_login(client, name, password=PASSWORD):
@@ -38,7 +38,7 @@ def test_wrong_password_and_unknown_user_look_alike(client):
 
 
 def test_sessions_expire(project_dir):
-    client = new_client(create_app(project_dir, {"scrypt_n": 16, "session_seconds": 1.0}))
+    client = new_client(create_app(project_dir, {**TEST_SETTINGS, "session_seconds": 1.0}))
     csrf = api_login(client, "alice")
     assert client.get("/api/progress").status_code == 200
     time.sleep(1.2)
@@ -149,7 +149,7 @@ def test_invitation_links_work_once_and_expire(app, project_dir):
 
 
 def test_repeated_failed_sign_ins_are_throttled(project_dir):
-    client = new_client(create_app(project_dir, {"scrypt_n": 16, "max_failed_logins": 3}))
+    client = new_client(create_app(project_dir, {**TEST_SETTINGS, "max_failed_logins": 3}))
     for _ in range(3):
         assert client.post("/api/session", json={"name": "alice", "password": "guess-guess"}).status_code == 401
     r = client.post("/api/session", json={"name": "alice", "password": PASSWORD})  # even the right one, for now

@@ -96,3 +96,28 @@ def test_export_refuses_bad_threshold_and_missing_project(tmp_path, labeled):
         export_project(labeled, tmp_path / "x", min_agreement=2)
     with pytest.raises(RlhfkitError, match="no labeling project"):
         export_project(tmp_path / "nothing", tmp_path / "y")
+
+
+def test_min_agreement_leaves_out_the_whole_item_across_criteria(tmp_path):
+    """Two labelers agree on helpfulness and disagree on harmlessness for every item: an item below the
+    threshold on any criterion is left out whole, not exported for the criteria it passed."""
+    pdir = make_project(tmp_path / "p", n_items=2, overlap=2, criteria=("helpfulness", "harmlessness"),
+                        people=("alice", "bob"))
+    with db.opened(pdir) as conn:
+        settings = project.get_settings(conn)
+        ids = {r["name"]: r["id"] for r in conn.execute("SELECT id, name FROM users")}
+        n = 0
+        for name in ("alice", "bob"):
+            while (aid := next_assignment(conn, ids[name], settings)) is not None:
+                order = json.loads(conn.execute("SELECT display_order FROM assignments WHERE id = ?", (aid,)).fetchone()[0])
+                harm = AGREE if name == "alice" else REVERSED
+                rankings = {"helpfulness": [[order.index(i) for i in g] for g in AGREE],
+                            "harmlessness": [[order.index(i) for i in g] for g in harm]}
+                submit(conn, ids[name], settings, {"client_id": f"two-crit-{n:04d}", "assignment_id": aid,
+                                                   "rankings": rankings})
+                n += 1
+    summary = export_project(pdir, tmp_path / "out", min_agreement=0.5)
+    assert summary["items_dropped_low_agreement"] == ["it-000", "it-001"]
+    assert summary["items_exported"] == 0 and summary["comparisons"] == summary["rankings"] == 0
+    assert read_jsonl(tmp_path / "out" / "rankings.jsonl") == []
+    assert read_jsonl(tmp_path / "out" / "consensus.jsonl") == []

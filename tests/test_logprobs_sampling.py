@@ -1,0 +1,111 @@
+"""Response log-probs and the sampler, against a direct oracle: one unpadded sequence at a time through the model.
+
+The tiny models are re-initialised with a larger weight scale: at the default init (std 0.02) the next-token
+distributions are almost uniform (logit std ~0.1), where an ignored temperature or a shifted position barely
+changes anything and a statistical test has no power. Position ids that ignore left padding are caught by
+GPT-2 (learned absolute positions); Llama's rotary embeddings are blind to a shift of a whole row.
+"""
+
+import pytest
+import torch
+
+from rlhfkit.data.batching import pad_left, pad_right
+from rlhfkit.models import TinyModelSpec, build_tiny_policy
+from rlhfkit.ops.logprobs import response_logits, response_logprobs
+from rlhfkit.sampling import sample
+
+ARCHS = ["gpt2", "llama"]
+
+
+def sharp_policy(arch, tokenizer, std=0.3):
+    """The conftest tiny model with every weight matrix redrawn at `std` (next-token logits of std ~2)."""
+    model = build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@torch.no_grad()
+def oracle_logprobs(model, query, response, temperature):
+    """(len(response), V) log softmax(logits / T) that predicted each response token, from one forward over the
+    unpadded query + response (no mask, default positions 0..n-1); position t predicts token t + 1."""
+    ids = torch.tensor([query + response])
+    logits = model(input_ids=ids).logits[0] / temperature  # (n, V)
+    return torch.log_softmax(logits, dim=-1)[len(query) - 1 : len(query) - 1 + len(response)]
+
+
+# ---------------------------------------------------------------- response_logits / response_logprobs
+
+# Ragged on both sides: queries left-padded (lengths 6, 2, 9, 1), responses right-padded (lengths 4, 1, 3, 6).
+QUERIES = [[1, 5, 6, 7, 8, 4], [1, 4], [1, 9, 9, 14, 5, 6, 7, 8, 4], [1]]
+RESPONSES = [[6, 7, 8, 2], [2], [13, 5, 10], [5, 5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_response_logprobs_match_per_row_oracle(arch, temperature, tokenizer):
+    model = sharp_policy(arch, tokenizer)
+    q, qm = pad_left(QUERIES, tokenizer.pad_token_id)
+    r, rm = pad_right(RESPONSES, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = response_logits(model, q, qm, r, rm, temperature)  # (B, Tr, V)
+        logprobs = response_logprobs(model, q, qm, r, rm, temperature)  # (B, Tr)
+    assert logits.shape == (len(QUERIES), r.shape[1], len(tokenizer))
+    for b, (query, response) in enumerate(zip(QUERIES, RESPONSES)):
+        n = len(response)
+        expected = oracle_logprobs(model, query, response, temperature)  # (n, V)
+        got = torch.log_softmax(logits[b, :n], dim=-1)
+        assert torch.allclose(got, expected, atol=1e-5), f"row {b}: next-token distributions differ"
+        expected_lp = expected.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(logprobs[b, :n], expected_lp, atol=1e-5), f"row {b}"
+        assert (logprobs[b, n:] == 0).all()
+
+
+# ---------------------------------------------------------------- the sampler draws from exp(logprobs)
+
+N_SAMPLES = 10_000
+PROMPT = [1, 5, 6, 7, 8, 4]  # "<bos> 0 1 2 3 ="
+
+
+def total_variation(counts: torch.Tensor, p: torch.Tensor):
+    """TV(empirical, p) and a bound it stays under when the draws come from p.
+
+    Each empirical frequency has std sigma_i = sqrt(p_i (1 - p_i) / n), and E|p_hat_i - p_i| ~ 0.8 sigma_i, so
+    E[TV] ~ 0.4 sum_i sigma_i. The bound 2 sum_i sigma_i is 5 times that; passing it by chance would take many
+    coordinates 2.5 sigma off at once (TV's own std is a fraction of its mean)."""
+    n = counts.sum().item()
+    p_hat = counts.double() / n
+    tv = 0.5 * (p_hat - p.double()).abs().sum().item()
+    bound = 2.0 * torch.sqrt(p.double() * (1 - p.double()) / n).sum().item()
+    return tv, bound
+
+
+@pytest.mark.parametrize("arch,temperature", [("gpt2", 0.6), ("llama", 1.5)])  # ~1 s each: 10k rows
+def test_sampler_draws_from_tempered_distribution(arch, temperature, tokenizer):
+    model = sharp_policy(arch, tokenizer)
+    V = len(tokenizer)
+    queries = torch.tensor([PROMPT] * N_SAMPLES)
+    s = sample(model, queries, torch.ones_like(queries), max_new_tokens=2, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=torch.Generator().manual_seed(0))
+
+    # First token: frequencies vs exp(oracle log-probs at temperature T).
+    p1 = oracle_logprobs(model, PROMPT, [0], temperature)[0].exp()  # (V,) the dummy token 0 is not read
+    tv, bound = total_variation(torch.bincount(s.responses[:, 0], minlength=V), p1)
+    assert tv < bound, f"first token: TV {tv:.4f} >= {bound:.4f}"
+    # Power: draws at temperature 1 would sit about TV(p_T, p_1) - E[TV] > bound away from p_T, so a sampler
+    # that ignores the temperature fails the assertion above.
+    p1_untempered = oracle_logprobs(model, PROMPT, [0], 1.0)[0].exp()
+    assert 0.5 * (p1 - p1_untempered).abs().sum().item() > 2 * bound
+
+    # Second token given the most frequent non-EOS first token (exercises the KV-cache step and its position).
+    first_counts = torch.bincount(s.responses[:, 0], minlength=V)
+    first_counts[tokenizer.eos_token_id] = 0
+    a = int(first_counts.argmax())
+    rows = s.responses[:, 0] == a
+    assert rows.sum() > 1000
+    p2 = oracle_logprobs(model, PROMPT + [a], [0], temperature)[0].exp()
+    tv2, bound2 = total_variation(torch.bincount(s.responses[rows, 1], minlength=V), p2)
+    assert tv2 < bound2, f"second token after {a}: TV {tv2:.4f} >= {bound2:.4f}"
