@@ -18,22 +18,24 @@ import sys
 import time
 from pathlib import Path
 
-# (name, value from the default run's and the kl_coef=0 run's summaries, lower bound, upper bound)
+# (name, value from the default run's and the kl_coef=0 run's summaries, lower bound, upper bound).
+# Measured 2026-11-22 over seeds 0-2 at 1 and 2 threads (README, "Results"); each bound keeps a margin of at
+# least 0.01 (rates) to 0.1 (drops) below the worst of those six runs.
 TARGETS = [
     ("sft later_rule_validity", lambda d, f: d["eval"]["sft"]["later_rule_validity"], 0.98, None),
     ("sft preferred_first_rate", lambda d, f: d["eval"]["sft"]["preferred_first_rate"], 0.25, 0.40),
     ("sft KL to reference", lambda d, f: d["eval"]["sft"]["kl"], None, 1e-6),
-    ("RM held-out accuracy", lambda d, f: d["reward"]["heldout_accuracy"], 0.93, None),
+    ("RM held-out accuracy", lambda d, f: d["reward"]["heldout_accuracy"], 0.92, None),
     ("ppo preferred_first_rate", lambda d, f: d["eval"]["ppo"]["preferred_first_rate"], 0.95, None),
     ("ppo later_rule_validity", lambda d, f: d["eval"]["ppo"]["later_rule_validity"], 0.95, None),
     ("ppo reward - sft reward", lambda d, f: d["eval"]["ppo"]["reward"] - d["eval"]["sft"]["reward"], 2.0, None),
     ("ppo KL (nats)", lambda d, f: d["eval"]["ppo"]["kl"], 0.3, 3.0),
-    ("ppo KL share at position 1", lambda d, f: d["eval"]["ppo"]["kl_first_position_share"], 0.6, None),
+    ("ppo KL share at position 1", lambda d, f: d["eval"]["ppo"]["kl_first_position_share"], 0.5, None),
     ("kl_coef=0 KL / default KL", lambda d, f: f["eval"]["ppo"]["kl"] / d["eval"]["ppo"]["kl"], 2.0, None),
     ("later validity drop at kl_coef=0",
-     lambda d, f: d["eval"]["ppo"]["later_rule_validity"] - f["eval"]["ppo"]["later_rule_validity"], 0.02, None),
+     lambda d, f: d["eval"]["ppo"]["later_rule_validity"] - f["eval"]["ppo"]["later_rule_validity"], 0.1, None),
     ("KL share drop at kl_coef=0",
-     lambda d, f: d["eval"]["ppo"]["kl_first_position_share"] - f["eval"]["ppo"]["kl_first_position_share"], 0.2, None),
+     lambda d, f: d["eval"]["ppo"]["kl_first_position_share"] - f["eval"]["ppo"]["kl_first_position_share"], 0.3, None),
 ]
 
 

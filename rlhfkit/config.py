@@ -97,7 +97,7 @@ class PPOConfig:
     minibatch_size: int = F(32, "Rollouts per gradient step; must divide rollout_batch_size.")
     ppo_epochs: int = F(4, "Passes over each rollout batch.")
     lr: float = F(5e-4, "AdamW learning rate for policy and value model.")
-    kl_coef: float = F(0.4, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
+    kl_coef: float = F(0.6, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
     kl_estimator: str = F("k1", "Per-token KL estimator in the reward: 'k1', 'k2' or 'k3' (Schulman 2020).")
     adaptive_kl: bool = F(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
     target_kl: float = F(1.0, "Target KL per response (nats) for the adaptive controller.")

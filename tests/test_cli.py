@@ -55,7 +55,7 @@ def test_malformed_comparisons_name_file_and_line(tmp_path, capsys, tiny_policy_
 def test_config_command_prints_valid_toml(capsys):
     assert main(["config", "--set", "seed=7"]) == 0
     parsed = tomllib.loads(capsys.readouterr().out)
-    assert parsed["seed"] == 7 and parsed["ppo"]["kl_coef"] == 0.4
+    assert parsed["seed"] == 7 and parsed["ppo"]["kl_coef"] == 0.6
 
 
 def test_config_command_prints_lists_as_valid_toml(capsys):

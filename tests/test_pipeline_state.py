@@ -68,7 +68,7 @@ def test_stage_command_refuses_inputs_it_cannot_honour(copy):
 
 def test_run_refuses_a_changed_config_unless_update(copy):
     before = snapshot(copy)
-    with pytest.raises(RlhfkitError, match=r"ppo: ppo.kl_coef: 0.4 -> 0.1.*--update"):
+    with pytest.raises(RlhfkitError, match=r"ppo: ppo.kl_coef: 0.6 -> 0.1.*--update"):
         run_pipeline(cfg("ppo.kl_coef=0.1"), copy)
     assert snapshot(copy) == before
     run_pipeline(cfg("ppo.kl_coef=0.1"), copy, update=True)

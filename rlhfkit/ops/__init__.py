@@ -2,6 +2,8 @@
 
     logprobs.py    gather per-token log-probs; response log-probs of a causal LM
     kl.py          per-token KL estimators k1/k2/k3, exact categorical KL, KL controllers
-    advantages.py  KL-penalised per-token rewards, masked statistics, whitening, GAE, running reward moments
-    losses.py      every loss (SFT, Bradley-Terry, PPO clipped policy, clipped value), one small function each
+    advantages.py  KL-penalised per-token rewards, masked statistics, whitening, GAE, running reward moments,
+                   RLOO and GRPO group baselines
+    losses.py      every loss, one small function each: SFT, Bradley-Terry, PPO clipped policy and value; the
+                   DPO family (DPO_LOSSES), listwise DPO and ranking losses (Plackett-Luce), in tables
 """

@@ -1,4 +1,5 @@
-"""Masked statistics, whitening, generalised advantage estimation, running reward moments."""
+"""Masked statistics, whitening, generalised advantage estimation, running reward moments, and the group
+baselines of RLOO and GRPO (K completions per prompt)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,48 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.var, 1e-12))
+
+
+# ---------------------------------------------------------------- group baselines (K completions per prompt)
+
+def _grouped(scores: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(N, K) view of scores given as (N, K), or as (N * K,) with each prompt's K completions consecutive
+    (prompts repeated with repeat_interleave, TRL's layout); K >= 2."""
+    if scores.dim() == 2:
+        if group_size is not None and group_size != scores.shape[1]:
+            raise ValueError(f"scores {tuple(scores.shape)} are (N, K) with K = {scores.shape[1]}, not {group_size}")
+        grouped = scores
+    elif scores.dim() == 1:
+        if group_size is None or group_size < 1 or scores.numel() % group_size:
+            raise ValueError(f"flat scores ({scores.numel()},) need group_size = K dividing their length")
+        grouped = scores.view(-1, group_size)
+    else:
+        raise ValueError(f"scores must be (N, K) or (N * K,), got {tuple(scores.shape)}")
+    if grouped.shape[1] < 2:
+        raise ValueError("a group baseline needs K >= 2 completions per prompt")
+    # Both baselines are shift-invariant; measuring from each group's first score makes an all-equal group
+    # exactly 0 (mean(x, ..., x) can miss x by an ulp, which GRPO's 1 / (std + eps) then multiplies by 1e4).
+    return grouped - grouped[:, :1]
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!";
+    Ahmadian et al. 2024, "Back to Basics", RLOO):  A_i = r_i - 1/(K-1) sum_{j != i} r_j  within each
+    prompt's group. scores (N, K) or (N * K,) with group_size = K; returns advantages of the same shape."""
+    grouped = _grouped(scores, group_size)  # (N, K)
+    K = grouped.shape[1]
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (K - 1)  # (N, K): mean of the other K - 1
+    return (grouped - baseline).reshape(scores.shape)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantage of GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2, outcome supervision):
+        A_i = (r_i - mean(r)) / (std(r) + eps)  within each prompt's group of K.
+    std is the unbiased (Bessel, n - 1) standard deviation: the paper does not say which, and TRL
+    (trainer/grpo_trainer.py, nanstd of trainer/utils.py), OpenRLHF and verl use torch.std's unbiased default;
+    eps = 1e-4 as TRL. For K = 2 the advantages are +-1/sqrt(2). An all-equal group gives exactly 0.
+    scores (N, K) or (N * K,) with group_size = K; returns advantages of the same shape."""
+    grouped = _grouped(scores, group_size)  # (N, K)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)  # (N, 1), unbiased
+    return (centered / (std + eps)).reshape(scores.shape)

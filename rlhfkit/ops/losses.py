@@ -2,6 +2,41 @@
 
 Each returns a scalar loss (mean over the batch / masked tokens) and, where useful, a dict of detached
 statistics named in the metric vocabulary (docs/metrics.md).
+
+Preference losses sit in tables, one signature per table (tests/test_preference_losses.py fails when an
+entry has no value test or a different signature):
+
+    DPO_LOSSES           (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta, label_smoothing=0.0) -> (loss, stats); inputs (B,) sequence log-probs
+    LISTWISE_DPO_LOSSES  (policy_logps, ref_logps, ranks, beta) -> (loss, stats); inputs (N, K)
+    RANKING_LOSSES       (scores, ranks) -> (loss, stats); reward-model scores (N, K)
+
+Sequence log-probs are summed over completion tokens (prompt and padding excluded), as in the DPO paper and
+TRL's DPOTrainer. DPO stats are batch means named as TRL's DPOTrainer logs them: `rewards/chosen`,
+`rewards/rejected` (implicit rewards beta * (logps - ref_logps)), `rewards/margins`, `rewards/accuracies`
+(share with r_chosen > r_rejected) and the raw policy `logps/chosen`, `logps/rejected`.
+
+Rankings as tensors: `ranks` (N, K) integers, ranks[n, i] = position of completion i's tie group in ranking n,
+0 = best, lower = better, equal values = tied; -1 marks padding (a ranking of fewer than K completions);
+scores and log-probs under padding are ignored (they may be anything, NaN included) and get zero gradient.
+`ranks_from_tie_groups` converts the data contract's tie-group lists (docs/data.md).
+
+Tie rule (Plackett-Luce): a tie says nothing about the order inside the tie group, and each member is a Luce
+(1959) choice from itself and every completion ranked strictly below it:
+    log L = sum_i [ s_i - log( e^{s_i} + sum_{j : rank_j > rank_i} e^{s_j} ) ]
+It is exactly Plackett-Luce (Plackett 1975) for a strict ranking, gives a tied pair no loss and no gradient
+(as `ranking_to_pairs` gives it no comparison), and equals the exact likelihood that marginalises over the
+tie's orders when the tie is at the bottom (top-k partial rankings). Elsewhere it is a lower bound on that
+likelihood (its factors are P(U_i > max_{j below} U_j) under Gumbel utilities, positively associated), hence
+an upper bound on the exact loss. Breslow's (1974) rule, the common alternative from Cox regression, puts
+the tied peers in every member's denominator: a looser bound, and it penalises a score gap inside a tie
+(a tied K = 2 pair would carry a loss that Bradley-Terry on the implied pairs does not).
+
+Deviations from TRL 1.12.0 (tests/test_preference_losses.py compares with it):
+- IPO takes the summed log-probs like the other DPO losses (Azar et al. define h on sequence probabilities);
+  TRL divides each log-ratio by its completion length first. Pass per-token mean log-probs to get TRL's.
+- cDPO is its own entry, "conservative"; TRL 1.12's "sigmoid" ignores label_smoothing and its "robust" is
+  rDPO (Chowdhury et al. 2024), a different loss. Losses other than "conservative" reject label_smoothing.
 """
 
 from __future__ import annotations
@@ -58,3 +93,190 @@ def ppo_value_loss(values, old_values, returns, mask, clip_range_value: float):
 def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per completion token (prompt tokens carry no loss). (B, T) -> scalar."""
     return -masked_mean(logprobs, completion_mask)
+
+
+# ---------------------------------------------------------------- DPO family: pairs of sequence log-probs
+
+def _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Batch means of the implicit rewards r = beta * (logps - ref_logps) (Rafailov et al. 2023, Sec. 4) and
+    of the raw policy log-probs (TRL's DPOTrainer metric names)."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+
+
+def _dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """h = log pi(y_c)/pi_ref(y_c) - log pi(y_r)/pi_ref(y_r), (B,): the log-ratio difference every DPO loss uses."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def _reject_label_smoothing(name: str, label_smoothing: float) -> None:
+    if label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing={label_smoothing} has no effect on the {name!r} DPO loss: use the "
+                         "'conservative' loss (cDPO) for noisy labels, or set label_smoothing to 0")
+
+
+def dpo_sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+                     label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7):  L = -log sigma(beta * h), mean over pairs; ln 2 at policy = reference."""
+    _reject_label_smoothing("sigmoid", label_smoothing)
+    h = _dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # (B,)
+    loss = -F.logsigmoid(beta * h).mean()
+    return loss, _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+
+
+def dpo_conservative_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta: float, label_smoothing: float = 0.0):
+    """Conservative DPO, cDPO (Mitchell 2023, "A note on DPO with noisy preferences", eq. 3), labels flipped
+    with probability eps = label_smoothing:  L = (1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h).
+    eps = 0 is DPO; eps must lie in [0, 0.5) (at 0.5 the labels carry no information)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing}: cDPO needs a label-flip probability in [0, 0.5)")
+    h = _dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                     ref_rejected_logps, beta)
+
+
+def dpo_ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+                 label_smoothing: float = 0.0):
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    eq. 17, tau = beta):  L = (h - 1 / (2 beta))^2, a regression of h onto a finite target margin.
+
+    h from summed log-probs (module docstring: TRL averages per token; pass mean log-probs to match it)."""
+    _reject_label_smoothing("ipo", label_smoothing)
+    h = _dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # (B,)
+    loss = ((h - 1 / (2 * beta)) ** 2).mean()
+    return loss, _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+
+
+def dpo_hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+                   label_smoothing: float = 0.0):
+    """Hinge (SLiC-HF, Zhao et al. 2023, calibration loss max(0, delta - log pi(y_c) + log pi(y_r)), on the
+    reference-normalised log-ratios as RSO's hinge-norm, Liu et al. 2023, and TRL's "hinge"):
+        L = max(0, 1 - beta * h),  i.e. beta * max(0, 1/beta - h): margin delta = 1 / beta."""
+    _reject_label_smoothing("hinge", label_smoothing)
+    h = _dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)  # (B,)
+    loss = torch.relu(1 - beta * h).mean()
+    return loss, _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+
+
+DPO_LOSSES = {
+    "sigmoid": dpo_sigmoid_loss,
+    "conservative": dpo_conservative_loss,
+    "ipo": dpo_ipo_loss,
+    "hinge": dpo_hinge_loss,
+}
+
+
+# ---------------------------------------------------------------- K-way rankings (ties and padding: see top)
+
+def ranks_from_tie_groups(rankings: list[list[list[int]]], k: int | None = None) -> torch.Tensor:
+    """(N, K) ranks from the data contract's rankings (tie groups of completion indices, best first):
+    ranks[n, i] = index of the group holding completion i; -1 where ranking n has fewer than K completions.
+    K defaults to the longest ranking. [[1], [0, 3], [2]] -> [1, 0, 2, 1]."""
+    k = max(sum(len(g) for g in r) for r in rankings) if k is None else k
+    ranks = torch.full((len(rankings), k), -1, dtype=torch.long)
+    for n, ranking in enumerate(rankings):
+        for position, group in enumerate(ranking):
+            ranks[n, group] = position
+    return ranks
+
+
+def _ranked_above(ranks: torch.Tensor) -> torch.Tensor:
+    """(N, K, K) bool: [n, i, j] = completion i is ranked strictly above completion j, both present."""
+    present = ranks >= 0  # (N, K)
+    return (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+
+
+def _check_rankings(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Validate shapes; return the scores with padding replaced by 0 (so NaN there cannot reach a gradient)."""
+    if scores.dim() != 2 or scores.shape != ranks.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} must both be (N, K)")
+    if ranks.is_floating_point():
+        raise ValueError("ranks must be an integer tensor (0 = best, equal = tied, -1 = padding)")
+    return scores.masked_fill(ranks < 0, 0.0)
+
+
+def _pair_accuracy(scores: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """Share of the batch's implied pairs (i above j) with s_i > s_j, detached; ties imply no pair."""
+    correct = above & (scores[:, :, None] > scores[:, None, :])
+    return (correct.sum().to(scores.dtype) / above.sum().clamp(min=1)).detach()
+
+
+def plackett_luce_loss(scores: torch.Tensor, ranks: torch.Tensor):
+    """Plackett-Luce negative log-likelihood of each K-way ranking (Plackett 1975; Luce 1959), summed over
+    the ranking's choices, mean over rankings; for a strict ranking tau:
+        L = -sum_k [ s_tau(k) - log sum_{j >= k} e^{s_tau(j)} ]
+    Ties by the rule at the top of this module (each member chosen over itself and everything below). K = 2
+    is Bradley-Terry. scores, ranks (N, K); stats: accuracy over the implied pairs."""
+    scores = _check_rankings(scores, ranks)  # (N, K)
+    present = ranks >= 0
+    above = _ranked_above(ranks)  # (N, K, K)
+    eye = torch.eye(scores.shape[1], dtype=torch.bool, device=scores.device)
+    choice_set = above | eye  # (N, K, K): completion i is chosen from {i} and every j ranked below i
+    log_denominator = torch.logsumexp(scores[:, None, :].masked_fill(~choice_set, float("-inf")), dim=-1)  # (N, K)
+    log_likelihood = torch.where(present, scores - log_denominator, 0.0).sum(dim=1)  # (N,)
+    return -log_likelihood.mean(), {"accuracy": _pair_accuracy(scores, above)}
+
+
+def ranked_pairs_bradley_terry_loss(scores: torch.Tensor, ranks: torch.Tensor):
+    """Bradley-Terry on every pair a ranking implies (InstructGPT, Ouyang et al. 2022, eq. 1: all C(K, 2)
+    comparisons of a K-way ranking in one batch element, weighted 1 / C(K, 2)):
+        L = -1/|P| sum_{(i, j) in P} log sigma(s_i - s_j),  P = pairs with i ranked strictly above j,
+    mean over rankings; ties give no pair (`ranking_to_pairs`), a ranking without pairs contributes 0. K = 2 is
+    `bradley_terry_loss`. The baseline for Plackett-Luce on the same labels. scores, ranks (N, K)."""
+    scores = _check_rankings(scores, ranks)  # (N, K)
+    above = _ranked_above(ranks)  # (N, K, K)
+    nll = -F.logsigmoid(scores[:, :, None] - scores[:, None, :])  # (N, K, K): -log sigma(s_i - s_j)
+    per_ranking = torch.where(above, nll, 0.0).sum(dim=(1, 2)) / above.sum(dim=(1, 2)).clamp(min=1)  # (N,)
+    return per_ranking.mean(), {"accuracy": _pair_accuracy(scores, above)}
+
+
+RANKING_LOSSES = {
+    "plackett_luce": plackett_luce_loss,
+    "bradley_terry": ranked_pairs_bradley_terry_loss,
+}
+
+
+def _listwise_dpo_stats(policy_logps, rewards, ranks):
+    """DPO's metrics over K-way rankings: "chosen" = the best tie group, "rejected" = the worst, each averaged
+    within its group, then over rankings; accuracies over all implied pairs. Equal to _dpo_stats at K = 2."""
+    present = ranks >= 0  # (N, K)
+    best = torch.where(present, ranks, ranks.max() + 1).min(dim=1, keepdim=True).values
+    top = present & (ranks == best)  # (N, K)
+    bottom = present & (ranks == ranks.max(dim=1, keepdim=True).values)
+
+    def group_mean(x, group):  # (N, K), (N, K) bool -> (N,)
+        return torch.where(group, x.detach(), 0.0).sum(dim=1) / group.sum(dim=1).clamp(min=1)
+
+    chosen, rejected = group_mean(rewards, top), group_mean(rewards, bottom)
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": _pair_accuracy(torch.where(present, rewards.detach(), 0.0), _ranked_above(ranks)),
+        "logps/chosen": group_mean(policy_logps, top).mean(),
+        "logps/rejected": group_mean(policy_logps, bottom).mean(),
+    }
+
+
+def dpo_plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: torch.Tensor, beta: float):
+    """DPO over K-way rankings (Rafailov et al. 2023, App. A.3, the Plackett-Luce form of DPO; LiPO's DPO-PL,
+    Liu et al. 2024): Plackett-Luce over the implicit rewards r_i = beta * (logp_i - ref_logp_i),
+        L = -sum_k [ r_tau(k) - log sum_{j >= k} e^{r_tau(j)} ],
+    with `plackett_luce_loss`'s tie rule and padding. K = 2 is `dpo_sigmoid_loss`. Inputs (N, K) sequence
+    log-probs summed over completion tokens and the ranks."""
+    rewards = beta * (policy_logps - ref_logps)  # (N, K)
+    loss, _ = plackett_luce_loss(rewards, ranks)
+    return loss, _listwise_dpo_stats(policy_logps, rewards, ranks)
+
+
+LISTWISE_DPO_LOSSES = {"plackett_luce": dpo_plackett_luce_loss}
