@@ -11,7 +11,7 @@ from rlhfkit.errors import ConfigError
 
 
 def test_spec_example(digits):
-    # shared/docs/PRODUCT.md: prompt 4 5 9 1 -> 6 2 7 8 is valid; the preferred first digit is 2.
+    # README, "The `digits` task": prompt 4 5 9 1 -> 6 2 7 8 is valid; the preferred first digit is 2.
     pref, validity, well_formed = digits.judge("4 5 9 1 =", "6 2 7 8")
     assert (pref, validity, well_formed) == (False, 1.0, True)
     assert digits.judge("4 5 9 1 =", "2 6 7 8")[0] is True
