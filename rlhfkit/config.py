@@ -118,6 +118,26 @@ class PPOConfig:
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
 
 
+# The keys of rlhfkit.ops.losses.DPO_LOSSES (named here so reading a config does not import torch;
+# tests/test_dpo.py keeps the two in step).
+DPO_LOSS_NAMES = ("sigmoid", "conservative", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig:
+    """[dpo] Direct preference optimisation on comparisons, from the SFT policy (rlhfkit/algorithms/dpo.py)."""
+
+    loss: str = F("sigmoid", "'sigmoid' (DPO), 'conservative' (cDPO, with label_smoothing), 'ipo' or 'hinge' (SLiC); docs/methods/dpo.md.")
+    beta: float = F(0.1, "beta: scale of the implicit reward beta * log(pi / pi_ref); smaller lets the policy move further from the reference.")
+    label_smoothing: float = F(0.0, "loss = 'conservative' only: assumed probability in [0, 0.5) that a label is flipped.")
+    epochs: int = F(2, "Passes over the training comparisons.")
+    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
+    lr: float = F(5e-4, "AdamW learning rate (linear decay to 10%).")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    reference: str = F("cached", "'cached' (reference log-probs computed once before training, saved as OUT/dpo/ref_logprobs.safetensors and reused) or 'online' (a frozen copy of the SFT policy, run every step).")
+    heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure implicit-reward accuracy; the same seed and fraction hold out the same items as the reward model.")
+
+
 @dataclass
 class EvalConfig:
     """[eval] Evaluation on held-out prompts and the report."""
@@ -141,6 +161,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, origins: dict[str, "Source"] | None = None) -> "Config":
@@ -213,6 +234,20 @@ class Config:
         need(ppo.clip_range_value > 0, "ppo.clip_range_value", "must be > 0")
         for key in ("sft.lr", "reward.lr", "ppo.lr", "ppo.temperature", "feedback.temperature"):
             need(_get(self, key) > 0, key, "must be > 0")
+        dpo = self.dpo
+        need(dpo.loss in DPO_LOSS_NAMES, "dpo.loss", "choose " + ", ".join(map(repr, DPO_LOSS_NAMES)))
+        need(dpo.beta > 0, "dpo.beta", "must be > 0 (the implicit reward is beta * log(pi / pi_ref))")
+        need(dpo.label_smoothing == 0.0 or dpo.loss == "conservative", "dpo.label_smoothing",
+             f"only the 'conservative' loss (cDPO) models flipped labels, and {ref('dpo.loss')}; set "
+             "dpo.loss = 'conservative' or dpo.label_smoothing = 0")
+        need(0.0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing",
+             "must be in [0, 0.5): a label-flip probability (at 0.5 the labels carry no information)")
+        for key in ("dpo.epochs", "dpo.batch_size"):
+            need(_get(self, key) >= 1, key, "must be at least 1")
+        need(dpo.lr > 0, "dpo.lr", "must be > 0")
+        need(dpo.max_grad_norm >= 0, "dpo.max_grad_norm", "must be >= 0 (0 disables the clip)")
+        need(dpo.reference in ("cached", "online"), "dpo.reference", "choose 'cached' or 'online'")
+        need(0.0 < dpo.heldout_fraction < 1.0, "dpo.heldout_fraction", "must be in (0, 1)")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose 'auto', 'fp32' or 'bf16'")
         need(self.threads >= 0, "threads", "must be >= 0")
         return self

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlhfkit.algorithms.ppo import forward_response, ppo_targets, train_ppo
+from rlhfkit.algorithms.ppo import ppo_targets, train_ppo
+from rlhfkit.rollout import forward_response
 from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.data.batching import encode_prompts
 from rlhfkit.models import TinyModelSpec, build_tiny_policy, disable_dropout, load_scalar_model, token_scalars
@@ -259,3 +260,28 @@ def test_truncated_response_scored_with_one_eos(dropout_dirs, monkeypatch):
     row = ids[0][mask[0].bool()].tolist()
     eos = scorer.tokenizer.eos_token_id
     assert row[-1] == eos and row.count(eos) == 1
+
+
+# ---------------------------------------------------------------- the shared rollout collection
+
+def test_collect_rollouts_groups_and_reference(tokenizer):
+    """K completions per prompt as consecutive rows with their group index; a reference equal to the policy
+    gives identical log-probs (KL exactly 0); the scorer sees each row's own prompt and decoded text."""
+    from rlhfkit.rollout import FrozenReference, collect_rollouts
+
+    policy = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0)
+    policy.train()
+    seen = []
+
+    def scorer(prompts, texts):
+        seen.append((list(prompts), list(texts)))
+        return torch.arange(len(prompts), dtype=torch.float32)
+
+    prompts = ["1 2 3 4 =", "5 =", "9 9 0 1 2 3 ="]
+    r = collect_rollouts(policy, FrozenReference(policy), scorer, tokenizer, prompts, k=2, max_new_tokens=5,
+                         temperature=0.8, generator=torch.Generator().manual_seed(0), rt=CPU)
+    assert r.prompts == [p for p in prompts for _ in range(2)] and r.group.tolist() == [0, 0, 1, 1, 2, 2]
+    assert seen == [(r.prompts, r.texts)] and r.scores.tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(r.logprobs, r.ref_logprobs) and r.values is None
+    assert (r.logprobs[r.response_mask == 0] == 0).all() and (r.logprobs[r.response_mask == 1] < 0).all()
+    assert policy.training  # the policy's mode is restored after sampling in eval mode

@@ -12,12 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rlhfkit.ops import losses
 from rlhfkit.ops.losses import (
     DPO_LOSSES,
-    LISTWISE_DPO_LOSSES,
     RANKING_LOSSES,
     bradley_terry_loss,
     dpo_conservative_loss,

@@ -48,10 +48,10 @@ def test_gather_logprobs_matches_trl_selective_log_softmax():
 
 
 def test_ppo_rollout_logprobs_and_entropy_match_trl(tokenizer):
-    """ppo.forward_response (our padded batch, temperature 0.7) against TRL's recipe on each unpadded row:
+    """rollout.forward_response (our padded batch, temperature 0.7) against TRL's recipe on each unpadded row:
     logits = output.logits[:, context_length - 1 : -1] / (T + 1e-7), then selective_log_softmax and
     entropy_from_logits (and the trainer's own logsumexp(l) - sum(softmax(l) * l))."""
-    from rlhfkit.algorithms.ppo import forward_response
+    from rlhfkit.rollout import forward_response
 
     model = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0).eval()
     with torch.no_grad():  # sharper distributions than the default init, so entropies differ between tokens

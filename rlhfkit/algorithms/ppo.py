@@ -38,38 +38,15 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import Config, PPOConfig
-from rlhfkit.data.batching import encode_prompts
 from rlhfkit.errors import ConfigError
-from rlhfkit.models import (autocast, disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer,
-                            token_scalars)
+from rlhfkit.models import disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer
 from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from rlhfkit.ops.logprobs import gather_logprobs, response_logits
 from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.rollout import FrozenReference, collect_rollouts, forward_response
 from rlhfkit.runio import MetricsLog, progress, read_metrics
-from rlhfkit.sampling import decode_responses, sample
 from rlhfkit.training import Runtime, make_optimizer, optimizer_step, rng_state, set_rng_state
-
-
-def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt,
-                     with_entropy: bool = False):
-    """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
-    model) and, when asked, the policy's entropy (B, Tr); only the rollout pass logs it, so the
-    minibatch passes skip that (B, Tr, V) softmax."""
-    with autocast(rt.device, rt.dtype):
-        logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
-        values = None
-        if value_model is not None:
-            ids = torch.cat([queries, responses], dim=1)
-            mask = torch.cat([query_mask, response_mask], dim=1)
-            values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
-    logprobs = gather_logprobs(logits, responses)
-    entropy = None
-    if with_entropy:
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, values, entropy
 
 
 @dataclass
@@ -126,7 +103,7 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
         old_ckpt.rename(ckpt_dir)  # killed between the two renames of save_checkpoint
     resume = (ckpt_dir / "state.pt").is_file()
     policy = load_policy(ckpt_dir / "policy" if resume else sft_dir, rt.device, "policy")
-    ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
+    reference = FrozenReference(freeze(load_policy(sft_dir, rt.device, "reference policy")))
     scorer = RewardModelScorer(rm_dir, rt)
     if pc.value_init == "reward" and scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {rm_dir} uses another tokenizer than "
@@ -163,29 +140,18 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     stopped_by_threshold = False
 
     while step < pc.total_steps:
-        # 1. Sample a rollout batch with the shared KV-cache sampler.
+        # 1-3. Sample a rollout batch (shared KV-cache sampler), score the decoded text with the reward model,
+        # and compute log-probs under the policy and the reference and the values, once, without grad
+        # (rlhfkit.rollout, shared by every online method).
         prompts = task.prompts(pc.rollout_batch_size, prompt_rng)
-        queries, query_mask = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts))
-        policy.eval()
-        with torch.no_grad(), autocast(rt.device, rt.dtype):
-            s = sample(policy, queries, query_mask, max_new_tokens=task.max_new_tokens,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       temperature=pc.temperature, generator=sample_gen)
-        responses, mask = s.responses, s.response_mask  # (B, Tr)
+        r = collect_rollouts(policy, reference, scorer, tokenizer, prompts, value_model=value_model,
+                             max_new_tokens=task.max_new_tokens, temperature=pc.temperature, generator=sample_gen, rt=rt)
+        queries, query_mask, responses, mask = r.queries, r.query_mask, r.responses, r.response_mask  # (B, Tq|Tr)
+        logprobs, ref_logprobs, values = r.logprobs, r.ref_logprobs, r.values
 
-        # 2. Score the decoded text with the reward model (2b, the missing-EOS penalty, is in ppo_targets).
-        texts = decode_responses(tokenizer, s)
-        raw_scores = scorer(prompts, texts)  # (B,)
-
-        # 3. Log-probs under the policy and the reference, and values, computed once (no grad).
-        with torch.no_grad():
-            logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, responses, mask,
-                                                         pc.temperature, rt, with_entropy=True)
-            ref_logprobs, _, _ = forward_response(ref_policy, None, queries, query_mask, responses, mask, pc.temperature, rt)
-        logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
-
-        # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference).
-        t = ppo_targets(raw_scores, s.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments)
+        # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference);
+        # the missing-EOS penalty (2b) is applied there too.
+        t = ppo_targets(r.scores, r.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments)
         advantages, returns = t.advantages, t.returns
 
         # 6. PPO epochs over shuffled minibatches.
@@ -217,14 +183,14 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
             "objective/kl_k1": kl_k1,
             "objective/kl_coef": kl_ctl.value,
             "objective/rlhf_reward": (t.penalised - kl_ctl.value * t.kl.sum(1)).mean().item(),
-            "objective/entropy": (entropy * mask).sum(1).mean().item(),  # per response, as TRL
-            "objective/no_eos_rate": (~s.ended).float().mean().item(),
+            "objective/entropy": (r.entropy * mask).sum(1).mean().item(),  # per response, as TRL
+            "objective/no_eos_rate": (~r.ended).float().mean().item(),
             "objective/response_length": mask.sum(1).float().mean().item(),
             "value/mean": masked_mean(values, mask).item(),
             "value/returns": masked_mean(returns, mask).item(),
             **{k: torch.stack(v).mean().item() for k, v in stats.items()},
             # the task's true objective on the same rollouts: proxy (RM score) vs gold, for reward hacking
-            **{f"gold/{k}": v for k, v in task.gold_metrics(prompts, texts).items()},
+            **{f"gold/{k}": v for k, v in task.gold_metrics(r.prompts, r.texts).items()},
         }
         log.log(record)
         kl_ctl.update(kl_k1, pc.rollout_batch_size)

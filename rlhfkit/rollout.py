@@ -1,0 +1,105 @@
+"""Rollout collection, shared by every online method (PPO today; RLOO, GRPO, best-of-N, rejection sampling
+and ReST plug in here): sample -> score -> log-probs of policy and reference -> values when there is a critic.
+
+    rollouts = collect_rollouts(policy, reference, scorer, tokenizer, prompts, k=..., ...)
+
+A method owns what happens next (PPO shapes per-token rewards and runs GAE; RLOO/GRPO compare the K
+completions of a prompt). The reference is anything with `.logprobs(...)`: a frozen copy of the SFT model
+today, an adapter-disabled LoRA model later (the same weights, no second copy in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.data.batching import encode_prompts
+from rlhfkit.models import autocast, token_scalars
+from rlhfkit.ops.logprobs import gather_logprobs, response_logits
+from rlhfkit.sampling import decode_responses, sample
+from rlhfkit.training import Runtime
+
+
+def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt: Runtime,
+                     with_entropy: bool = False):
+    """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
+    model) and, when asked, the policy's entropy (B, Tr); only the rollout pass needs that, so training
+    passes skip the extra (B, Tr, V) softmax."""
+    with autocast(rt.device, rt.dtype):
+        logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
+        values = None
+        if value_model is not None:
+            ids = torch.cat([queries, responses], dim=1)
+            mask = torch.cat([query_mask, response_mask], dim=1)
+            values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
+    logprobs = gather_logprobs(logits, responses)
+    entropy = None
+    if with_entropy:
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, values, entropy
+
+
+class FrozenReference:
+    """The reference policy as a frozen model (InstructGPT's pi_SFT). The seam for other references: an
+    object with the same `logprobs` method (e.g. the policy with its LoRA adapter disabled)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logprobs(self, queries, query_mask, responses, response_mask, temperature: float, rt: Runtime) -> torch.Tensor:
+        """(B, Tr) log pi_ref(response_t | query, response_<t), at the sampling temperature."""
+        return forward_response(self.model, None, queries, query_mask, responses, response_mask, temperature, rt)[0]
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled responses with everything an online method needs. B = prompts x k rows; the
+    K completions of one prompt are consecutive rows (TRL's layout), `group` says which prompt."""
+
+    prompts: list[str]  # (B,) the prompt of each row
+    group: torch.Tensor  # (B,) index of the row's prompt in the prompts passed in
+    queries: torch.Tensor  # (B, Tq) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, Tq)
+    responses: torch.Tensor  # (B, Tr) sampled ids, pad after EOS
+    response_mask: torch.Tensor  # (B, Tr) 1 up to and including EOS
+    ended: torch.Tensor  # (B,) bool: the response emitted EOS
+    texts: list[str]  # (B,) decoded responses, what the scorer and the gold labeler judged
+    scores: torch.Tensor  # (B,) raw reward (scorer output), no penalty or normalisation
+    logprobs: torch.Tensor  # (B, Tr) policy log-probs, 0 outside the mask
+    ref_logprobs: torch.Tensor  # (B, Tr) reference log-probs, 0 outside the mask
+    values: torch.Tensor | None  # (B, Tr) critic values before each token (None without a critic)
+    entropy: torch.Tensor  # (B, Tr) policy entropy at each response position
+
+
+@torch.no_grad()
+def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                     temperature: float, generator: torch.Generator, rt: Runtime, k: int = 1,
+                     value_model=None) -> Rollouts:
+    """Sample k responses per prompt with the shared KV-cache sampler, score the decoded text, and compute
+    log-probs under the policy and the reference (and values, with a critic), once and without grad."""
+    rows = [p for p in prompts for _ in range(k)]
+    group = torch.arange(len(prompts), device=rt.device).repeat_interleave(k)
+    queries, query_mask = (t.to(rt.device) for t in encode_prompts(tokenizer, rows))
+
+    # a. Sample (eval mode: no dropout while the tokens are picked or scored).
+    was_training = policy.training
+    policy.eval()
+    with autocast(rt.device, rt.dtype):
+        s = sample(policy, queries, query_mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
+    mask = s.response_mask
+
+    # b. Score the decoded text (every token before EOS, special tokens included) with the scorer's tokenizer.
+    texts = decode_responses(tokenizer, s)
+    scores = scorer(rows, texts)  # (B,)
+
+    # c. Log-probs of policy and reference, values, entropy.
+    logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, s.responses, mask,
+                                                 temperature, rt, with_entropy=True)
+    ref_logprobs = reference.logprobs(queries, query_mask, s.responses, mask, temperature, rt)
+    policy.train(was_training)
+    return Rollouts(rows, group, queries, query_mask, s.responses, mask, s.ended, texts, scores,
+                    logprobs * mask, ref_logprobs * mask, values, entropy)
