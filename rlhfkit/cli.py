@@ -6,12 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlhfkit.methods import METHODS
+
 STAGE_HELP = {
     "sft": "supervised fine-tuning on the task's demonstrations",
     "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
     "reward": "train the reward model on the comparisons (Bradley-Terry)",
-    "ppo": "optimise the policy against the reward model with PPO (resumes from its checkpoint)",
-    "eval": "evaluate SFT and PPO policies on held-out prompts and write the report",
+    **{name: m.summary for name, m in METHODS.items()},
+    "eval": "evaluate the SFT policy and the method's policy on held-out prompts and write the report",
 }
 
 
@@ -29,7 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser, out_required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from rlhfkit import __version__
 
-    parser = argparse.ArgumentParser(prog="rlhfkit", description="The complete RLHF loop: SFT -> feedback -> reward model -> PPO -> evaluation.")
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="The complete RLHF loop: SFT -> feedback -> reward model -> PPO (or another `method`) -> evaluation.")
     parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline (skips finished stages, resumes PPO)",

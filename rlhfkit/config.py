@@ -152,6 +152,7 @@ class Config:
     """A whole pipeline. Top-level fields first, then one section per stage."""
 
     task: str = F("digits", "Built-in task; it supplies prompts, demonstrations, gold labels and default settings.")
+    method: str = F("ppo", "Policy optimisation: 'ppo' (against a reward model) or 'dpo' (directly on the comparisons); stages a method does not need are skipped (no reward model for DPO).")
     seed: int = F(0, "Seed for every random choice: same seed and config give the same result on CPU.")
     device: str = F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     precision: str = F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")
@@ -190,6 +191,9 @@ class Config:
                 raise ConfigError(f"{src.prefix(key)}{key} = {_get(self, key)!r}: {msg}")
 
         p, sft, fb, r, ppo = self.policy, self.sft, self.feedback, self.reward, self.ppo
+        from rlhfkit.methods import METHODS
+
+        need(self.method in METHODS, "method", f"choose one of {', '.join(repr(m) for m in METHODS)}")
         need(p.arch in ("gpt2", "llama"), "policy.arch", "choose 'gpt2' or 'llama'")
         for key in ("policy.n_layer", "policy.n_embd", "policy.n_head", "policy.n_ctx", "sft.n_demos", "sft.epochs",
                     "sft.batch_size", "feedback.n_prompts", "feedback.labelers_per_item", "reward.epochs",

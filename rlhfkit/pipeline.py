@@ -5,7 +5,7 @@
     OUT/feedback/            comparisons.jsonl, rankings.jsonl (the data contract), stats.json
     OUT/labeling/            the labeling app's project when feedback.labeler = "human" (kept across reruns)
     OUT/reward/              model/ (reward model), metrics.jsonl
-    OUT/ppo/                 model/, metrics.jsonl, checkpoint/ (resumable)
+    OUT/ppo/ or OUT/dpo/     the policy-optimisation method's stage (`method`): model/, metrics.jsonl, ...
     OUT/eval/                eval.json, report.md + plots
     OUT/summary.json         every figure of the report and each stage's wall time
     OUT/.partial/STAGE/      a stage while it runs (an interrupted PPO resumes from its checkpoint here)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import shutil
 import time
@@ -31,9 +32,11 @@ from pathlib import Path
 
 from rlhfkit.config import Config, config_to_dict, config_to_toml
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.methods import METHODS
 from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, write_json
 
-STAGES = ("sft", "feedback", "reward", "ppo", "eval")
+# Every stage a run can have, in order; a run goes through those its method needs (pipeline_stages).
+STAGES = ("sft", "feedback", "reward", *METHODS, "eval")
 _EVERY_STAGE = ("task", "seed", "precision")  # device and threads change speed (and last bits), not the recipe
 
 
@@ -50,18 +53,29 @@ def _log(msg: str) -> None:
 
 
 def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
-    """The stages whose outputs `name` reads under this config."""
+    """The stages whose outputs `name` reads under this config. reward.data replaces the feedback stage
+    (it holds the comparisons); reward.init = a directory replaces SFT as the reward model's start."""
+    comparisons = () if cfg.reward.data else ("feedback",)
     if name == "sft":
         return ()
     if name == "feedback":
         return ("sft",)
-    if name == "reward":  # reward.data replaces the feedback stage; reward.init = a directory replaces SFT
-        return (("sft",) if cfg.reward.init == "sft" else ()) + (() if cfg.reward.data else ("feedback",))
-    if name == "ppo":
-        return ("sft", "reward")
-    if name == "eval":
-        return ("sft", "reward", "ppo")
+    if name == "reward":
+        return (("sft",) if cfg.reward.init == "sft" else ()) + comparisons
+    if name in METHODS:
+        needs = METHODS[name].needs
+        return ("sft",) + (comparisons if "feedback" in needs else ()) + (("reward",) if "reward" in needs else ())
+    if name == "eval":  # the reward model scores the policies when the method made one
+        return ("sft", cfg.method) + (("reward",) if "reward" in METHODS[cfg.method].needs else ())
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def _upstream(name: str, cfg: Config) -> set[str]:
+    """Every stage `name` reads, directly or through other stages."""
+    out: set[str] = set()
+    for needed in stage_needs(name, cfg):
+        out |= {needed} | _upstream(needed, cfg)
+    return out
 
 
 def stage_inputs(name: str, cfg: Config) -> dict:
@@ -70,7 +84,7 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     full = config_to_dict(cfg)
     inputs = {key: full[key] for key in _EVERY_STAGE}
     inputs["policy"] = full["policy"]
-    inputs[name] = full[name]
+    inputs[name] = full[name] if name in full else {}
     if name == "reward" and cfg.reward.data and Path(cfg.reward.data).is_file():
         inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
     for upstream in stage_needs(name, cfg):
@@ -98,6 +112,8 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changes(a, b, f"{prefix}{key}.")
+        elif isinstance(a, dict) or isinstance(b, dict):  # a whole section joined or left the inputs
+            out.append(f"{prefix}{key}: {'now read' if a is None else 'no longer read'} (method changed?)")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -223,21 +239,21 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         comparisons = Path(cfg.reward.data) if cfg.reward.data else out / "feedback" / "comparisons.jsonl"
         init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
         return train_reward_model(cfg, comparisons, init, stage_dir, rt)
-    if name == "ppo":
-        from rlhfkit.algorithms.ppo import train_ppo
-
-        return train_ppo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)
+    if name in METHODS:  # the policy-optimisation method: rlhfkit/methods.py says which file runs it
+        return importlib.import_module(METHODS[name].module).run(cfg, task, out, stage_dir, rt)
     if name == "eval":
         from rlhfkit.evaluation.evaluate import evaluate_run
         from rlhfkit.evaluation.report import write_report
 
         start = time.time()
         sft_model = out / "sft" / "model"
-        policies = {"sft": sft_model, "ppo": out / "ppo" / "model"}
-        result = evaluate_run(cfg, task, sft_model, out / "reward" / "model", policies, rt)
+        policies = {"sft": sft_model, cfg.method: out / cfg.method / "model"}
+        rm = out / "reward" / "model" if "reward" in stage_needs("eval", cfg) else None
+        result = evaluate_run(cfg, task, sft_model, rm, policies, rt)
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
-        report = write_report(stage_dir.parent, summary, result, out / "ppo" / "metrics.jsonl")  # stage_dir/report.md
+        report = write_report(stage_dir.parent, summary, result, METHODS[cfg.method],  # writes stage_dir/report.md
+                              out / cfg.method / "metrics.jsonl")
         return {**_eval_figures(result), "report": f"eval/{report.name}", "wall_time_s": time.time() - start}
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
@@ -299,7 +315,7 @@ def _partial_dir(out: Path, name: str, inputs: dict, *, fresh: bool, continue_pp
     return partial
 
 
-def _install(out: Path, name: str, partial: Path) -> None:
+def _install(out: Path, name: str, partial: Path, cfg: Config) -> None:
     """Swap the finished stage into OUT/name, then remove the stages after it (their inputs changed)."""
     final, old = out / name, out / ".partial" / f"{name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -307,11 +323,12 @@ def _install(out: Path, name: str, partial: Path) -> None:
         final.rename(old)
     partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    for later in STAGES[STAGES.index(name) + 1 :]:
-        for d in (out / later, out / ".partial" / later):
-            if d.exists():
-                shutil.rmtree(d)
-                _log(f"{later}: removed {d} (made from the previous {name} outputs)")
+    for later in STAGES:
+        if name in _upstream(later, cfg):
+            for d in (out / later, out / ".partial" / later):
+                if d.exists():
+                    shutil.rmtree(d)
+                    _log(f"{later}: removed {d} (made from the previous {name} outputs)")
 
 
 def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) -> dict:
@@ -335,7 +352,7 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
     with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
         result = _run(name, cfg, out, partial)
     mark_complete(partial, result)
-    _install(out, name, partial)
+    _install(out, name, partial, cfg)
     (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")  # now describes every output
     write_json(out / "summary.json", build_summary(cfg, out))
     return result
@@ -371,8 +388,10 @@ def build_summary(cfg: Config, out: Path, eval_result: dict | None = None) -> di
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
-    """The stages a run goes through: feedback is skipped when reward.data provides the comparisons."""
-    return [s for s in STAGES if not (s == "feedback" and cfg.reward.data)]
+    """The stages a run goes through, in order: evaluation and everything it reads for this method (no
+    reward model for DPO; no feedback stage when reward.data provides the comparisons)."""
+    needed = {"eval"} | _upstream("eval", cfg)
+    return [s for s in STAGES if s in needed]
 
 
 def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
@@ -401,17 +420,14 @@ def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
 
 
 def format_results_table(summary: dict) -> str:
-    """The short table printed at the end of `rlhfkit run`."""
+    """The short table printed at the end of `rlhfkit run`: every figure of each evaluated policy."""
     ev = summary.get("eval", {})
-    names = [n for n in ("sft", "ppo") if n in ev]
-    rows = [("reward (RM)", "reward"), ("preferred_first_rate", "preferred_first_rate"),
-            ("later_rule_validity", "later_rule_validity"), ("well_formed_rate", "well_formed_rate"),
-            ("KL to reference", "kl"), ("KL share at position 1", "kl_first_position_share")]
+    names = [n for n in ("sft", *METHODS) if n in ev]
+    labels = {"reward": "reward (RM)", "kl": "KL to reference", "kl_first_position_share": "KL share at position 1"}
+    keys = [k for k, v in ev[names[0]].items() if isinstance(v, (int, float)) and k != "kl_k1"] if names else []
     lines = [f"{'metric':<24}" + "".join(f"{n:>10}" for n in names)]
-    for label, key in rows:
-        if names and key in ev[names[0]]:
-            lines.append(f"{label:<24}" + "".join(f"{ev[n][key]:>10.3f}" for n in names))
-    if "reward" in summary:
+    lines += [f"{labels.get(k, k):<24}" + "".join(f"{ev[n][k]:>10.3f}" for n in names) for k in keys]
+    if "heldout_accuracy" in summary.get("reward", {}):
         lines.append(f"{'RM held-out accuracy':<24}{summary['reward']['heldout_accuracy']:>10.3f}")
     wt = summary.get("wall_time_s", {})
     lines.append("wall time: " + ", ".join(f"{s} {wt[s]:.0f}s" for s in STAGES if wt.get(s) is not None))

@@ -27,22 +27,48 @@ acceptance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(acceptance)
 
 
+BASE = ["device='cpu'", f"threads={THREADS}"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The default run, and the same SFT, feedback and reward model with PPO and eval redone at kl_coef=0."""
+def default_out(tmp_path_factory):
+    """The default run, as a user runs it."""
     out = tmp_path_factory.mktemp("default") / "out"
-    base = ["device='cpu'", f"threads={THREADS}"]
-    default = run_pipeline(load_config(overrides=base), out)
-    free = out.parent / "kl0"
-    shutil.copytree(out, free, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
-    cfg = load_config(overrides=base + ["ppo.kl_coef=0"])
+    run_pipeline(load_config(overrides=BASE), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(default_out):
+    """The default run's summary, and the same SFT, feedback and reward model with PPO and eval redone at
+    kl_coef=0."""
+    free = default_out.parent / "kl0"
+    shutil.copytree(default_out, free, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
+    cfg = load_config(overrides=BASE + ["ppo.kl_coef=0"])
     run_stage("ppo", cfg, free)
     run_stage("eval", cfg, free)
-    return default, json.loads((free / "summary.json").read_text())
+    return json.loads((default_out / "summary.json").read_text()), json.loads((free / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dpo_summary(default_out):
+    """DPO (`method = "dpo"`) from the default run's SFT model and comparisons: no reward model, no sampling."""
+    out = default_out.parent / "dpo"
+    shutil.copytree(default_out, out, ignore=shutil.ignore_patterns("reward", "ppo", "eval", "summary.json"))
+    summary = run_pipeline(load_config(overrides=BASE + ["method='dpo'"]), out, update=True)
+    assert not (out / "reward").exists() and summary["sft"] == json.loads((default_out / "summary.json").read_text())["sft"]
+    return summary
 
 
 @pytest.mark.parametrize("target", [t[0] for t in acceptance.TARGETS])
 def test_default_run_meets_target(runs, target):
     default, free = runs
     value, margin = next((v, m) for name, v, m in acceptance.check_targets(default, free) if name == target)
+    assert margin >= 0, f"{target} = {value:.4f} misses its bound by {-margin:.4f}"
+
+
+@pytest.mark.parametrize("target", [t[0] for t in acceptance.DPO_TARGETS])
+def test_dpo_meets_target(dpo_summary, target):
+    value, margin = next((v, m) for name, v, m in acceptance.check_targets(dpo_summary, None, acceptance.DPO_TARGETS)
+                         if name == target)
     assert margin >= 0, f"{target} = {value:.4f} misses its bound by {-margin:.4f}"

@@ -136,3 +136,23 @@ def test_reward_data_replaces_feedback_and_is_reported(tmp_path):
     data.write_text(data.read_text().replace("6 6 6 6", "7 7 7 7"))  # edited data: the reward model is stale
     with pytest.raises(RlhfkitError, match="reward_data_sha256"):
         run_pipeline(cfg(f"reward.data='{data}'"), out)
+
+
+def test_method_dpo_runs_only_the_stages_it_needs(done, tmp_path):
+    """`method = "dpo"`: the stages it reads (no reward model), eval keyed by the method's name, its curves in
+    the report; switching the method keeps the shared SFT and feedback stages."""
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    with pytest.raises(RlhfkitError, match=r"eval: ppo: no longer read.*dpo: now read"):
+        run_pipeline(cfg("method='dpo'", "dpo.epochs=1"), out)  # the PPO run's evaluation would be replaced
+    summary = run_pipeline(cfg("method='dpo'", "dpo.epochs=1"), out, update=True)
+    assert set(summary["eval"]) >= {"sft", "dpo"} and "reward" not in summary["eval"]["dpo"]
+    assert (out / "dpo" / "model" / "model.safetensors").is_file() and (out / "eval" / "dpo_curves.png").is_file()
+    assert json.loads((out / "sft" / "COMPLETE.json").read_text()) == json.loads((done / "sft" / "COMPLETE.json").read_text())
+    assert "![dpo curves](dpo_curves.png)" in (out / "eval" / "report.md").read_text()
+    assert summary["dpo"]["reference_forwards"] is not None
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(RlhfkitError, match=r"method = 'ppo2'.*'ppo', 'dpo'"):
+        cfg("method='ppo2'")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from rlhfkit.evaluation.report import kl_spike, plot_kl_per_position, plot_ppo_curves, write_report
+from rlhfkit.methods import METHODS
 
 GOLD = ("gold/preferred_first_rate", "gold/later_rule_validity", "gold/well_formed_rate")
 
@@ -43,7 +44,7 @@ def write(tmp_path, metrics, adaptive=False):
     summary = {"config": {"task": "digits", "seed": 0,
                           "ppo": {"kl_coef": 0.4, "adaptive_kl": adaptive, "rollout_batch_size": 128}},
                "reward": {"heldout_accuracy": 0.967}}
-    report = write_report(tmp_path, summary, eval_result, metrics_path)
+    report = write_report(tmp_path, summary, eval_result, METHODS["ppo"], metrics_path)
     return report.read_text()
 
 

@@ -140,6 +140,7 @@ def save_cache(path: Path, table: dict, key: str) -> None:
 
     tensors = {f"{split}/{side}": t.detach().cpu().contiguous()
                for split, pair in table.items() for side, t in zip(("chosen", "rejected"), pair)}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"key": key})
     os.replace(tmp, path)  # a killed run never leaves half a cache under the real name
@@ -205,7 +206,7 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
     generator = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(out_dir / "metrics.jsonl")
     bar = progress(total_steps, "dpo")
-    step, forwards_per_epoch = 0, []
+    step, forwards_per_epoch, initial_loss = 0, [], None
     for _ in range(dc.epochs):
         policy.train()
         forwards_before = reference.forwards
@@ -214,6 +215,8 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
             idx = order[b * dc.batch_size : (b + 1) * dc.batch_size]
             ref_chosen, ref_rejected = reference.logps("train", data["train"], idx, rt)  # (b,) each
             loss, stats = dpo_batch_loss(policy, data["train"], idx, ref_chosen, ref_rejected, dc, rt)
+            if step == 0:  # policy = reference: ln 2 for 'sigmoid' (anything else: dropout or a stale reference)
+                initial_loss = loss.item()
             optimizer_step(loss, policy.parameters(), optimizer, scheduler, dc.max_grad_norm)
             step += 1
             if step % 10 == 0 or step == total_steps:
@@ -232,6 +235,7 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
     return {
         "criterion": train[0].criterion,
         "loss": dc.loss,
+        "initial_loss": initial_loss,
         "heldout_accuracy": heldout["rewards/accuracies"],
         "heldout_loss": heldout["loss/dpo"],
         "heldout_reward_margin": heldout["rewards/margins"],
@@ -250,3 +254,12 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
         "reference_forwards": cache_forwards + reference.forwards,
         "wall_time_s": time.time() - start,
     }
+
+
+def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/methods.py): DPO from OUT's SFT policy on the run's comparisons
+    (reward.data, else the feedback stage's). The reference cache lives beside the stages, keyed by the
+    SFT model and the data, so redoing the stage with other [dpo] settings reuses it."""
+    comparisons = Path(cfg.reward.data) if cfg.reward.data else out / "feedback" / "comparisons.jsonl"
+    return train_dpo(cfg, comparisons, out / "sft" / "model", stage_dir, rt,
+                     ref_cache=out / ".cache" / "dpo_ref_logprobs.safetensors")

@@ -239,3 +239,8 @@ def save_checkpoint(ckpt_dir: Path, policy, value_model, tokenizer, state: dict)
         ckpt_dir.rename(old)
     tmp.rename(ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/methods.py): PPO from OUT's SFT policy against OUT's reward model."""
+    return train_ppo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

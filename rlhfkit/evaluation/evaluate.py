@@ -47,11 +47,10 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
         kl_pos_count = m.sum(0) if kl_pos_count is None else kl_pos_count + m.sum(0)
         lr = (gather_logprobs(logits, s.responses) - gather_logprobs(ref_logits, s.responses)) * s.response_mask
         k1_total += lr.sum().item()
-    scores = scorer(prompts, texts)
     kl_per_position = (kl_pos_sum / kl_pos_count.clamp(min=1)).tolist()
     kl_total = (kl_pos_sum.sum() / len(prompts)).item()
     return {
-        "reward": scores.mean().item(),
+        **({"reward": scorer(prompts, texts).mean().item()} if scorer is not None else {}),
         **task.gold_metrics(prompts, texts),
         "kl": kl_total,
         "kl_k1": k1_total / len(prompts),
@@ -75,13 +74,14 @@ def token_distributions(policy, tokenizer, prompt: str, n: int, max_new_tokens: 
     return (counts / n).tolist()
 
 
-def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path, policies: dict[str, Path], rt: Runtime) -> dict:
-    """Evaluate each named policy (e.g. {'sft': ..., 'ppo': ...}) on the same held-out prompts."""
+def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict[str, Path], rt: Runtime) -> dict:
+    """Evaluate each named policy (e.g. {'sft': ..., 'ppo': ...}) on the same held-out prompts; with a
+    reward model (rm_dir) its mean score is reported too (a DPO run has none)."""
     from rlhfkit.rewards import RewardModelScorer
 
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
-    scorer = RewardModelScorer(rm_dir, rt)
+    scorer = RewardModelScorer(rm_dir, rt) if rm_dir is not None else None
     prompts = heldout_prompts(task, cfg.eval.n_prompts, cfg.seed)
     dist_prompt = cfg.eval.dist_prompt or prompts[0]
     results, dists = {}, {}

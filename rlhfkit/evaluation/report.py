@@ -92,6 +92,25 @@ def plot_ppo_curves(metrics: list[dict], path: Path) -> list[str]:
     return titles
 
 
+def plot_method_curves(metrics: list[dict], curves, method: str, path: Path) -> list[str]:
+    """A method's declared curves (rlhfkit/methods.py): one panel per (title, metric keys) pair."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], curves):
+        for key in keys:
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5, label=key)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{method} step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [title for title, _ in curves]
+
+
 def plot_kl_per_position(policies: dict, path: Path) -> list[str]:
     """Exact KL to the reference at each completion position, per policy. Returns the tick labels: the last
     position is the EOS token (the digits task's completions have a fixed length, then EOS)."""
@@ -167,25 +186,34 @@ def _ppo_curves_text(metrics: list[dict], summary: dict, policies: dict) -> list
     return lines
 
 
-def write_report(out: Path, summary: dict, eval_result: dict, ppo_metrics_path: Path) -> Path:
-    """Plots + report.md in OUT/eval; returns the report path."""
+def _method_line(method: str, config: dict) -> str:
+    """How the policy was optimised, in one phrase."""
+    section = config.get(method, {})
+    if method == "ppo":
+        return f"PPO, KL coefficient {section['kl_coef']}{' (adaptive)' if section['adaptive_kl'] else ''}"
+    knobs = ", ".join(f"{k} {v}" for k, v in section.items() if k in ("loss", "beta", "label_smoothing"))
+    return f"{method.upper()}" + (f", {knobs}" if knobs else "")
+
+
+def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_path: Path) -> Path:
+    """Plots + report.md in OUT/eval for a run of `method` (an rlhfkit.methods.Method); returns the path."""
     eval_dir = out / "eval"
-    metrics = read_metrics(ppo_metrics_path)
-    if metrics:
+    metrics = read_metrics(metrics_path)
+    if metrics and method.name == "ppo":  # PPO's own panels: proxy vs gold, KL with its spike, beta
         plot_ppo_curves(metrics, eval_dir / "ppo_curves.png")
+    elif metrics:
+        plot_method_curves(metrics, method.curves, method.name, eval_dir / f"{method.name}_curves.png")
     plot_kl_per_position(eval_result["policies"], eval_dir / "kl_per_position.png")
     plot_distributions(eval_result["distributions"], eval_dir / "token_distributions.png")
 
     policies = eval_result["policies"]
     names = list(policies)
-    rows = ["reward", "preferred_first_rate", "later_rule_validity", "well_formed_rate", "kl", "kl_first_position_share"]
-    rows = [r for r in rows if r in policies[names[0]]]
+    rows = [k for k, v in policies[names[0]].items() if isinstance(v, (int, float))]  # reward, gold metrics, KL
     lines = [
         "# rlhfkit run report",
         "",
         f"Task `{summary['config']['task']}`, seed {summary['config']['seed']}, "
-        f"KL coefficient {summary['config']['ppo']['kl_coef']}"
-        f"{' (adaptive)' if summary['config']['ppo']['adaptive_kl'] else ''}.",
+        f"{_method_line(method.name, summary['config'])}.",
         "",
         "## Results on held-out prompts",
         "",
@@ -195,20 +223,26 @@ def write_report(out: Path, summary: dict, eval_result: dict, ppo_metrics_path: 
     lines += [f"| {r} | " + " | ".join(_fmt(policies[n][r]) for n in names) + " |" for r in rows]
     lines += [
         "",
-        "`reward` is the reward model's mean score; `kl` the KL to the reference (SFT) policy in nats per "
-        "completion, computed exactly per position along sampled completions.",
+        ("`reward` is the reward model's mean score; " if "reward" in rows else "")
+        + "`kl` is the KL to the reference (SFT) policy in nats per completion, computed exactly per position "
+        "along sampled completions.",
         "",
         "## Stages",
         "",
         "| stage | figure | value |",
         "|---|---|---|",
     ]
-    for stage in ("sft", "feedback", "reward", "ppo"):
+    for stage in ("sft", "feedback", "reward", method.name):
         for k, v in summary.get(stage, {}).items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float, str)):
                 lines.append(f"| {stage} | {k} | {_fmt(v)} |")
-    lines += ["", "## PPO training curves", ""]
-    lines += _ppo_curves_text(metrics, summary, policies) if metrics else ["(no PPO metrics)", ""]
+    lines += ["", f"## {method.name.upper()} training curves", ""]
+    if not metrics:
+        lines += [f"(no {method.name.upper()} metrics)", ""]
+    elif method.name == "ppo":
+        lines += _ppo_curves_text(metrics, summary, policies)
+    else:
+        lines += [f"![{method.name} curves]({method.name}_curves.png)", ""]
     lines += ["## Where the policy moved: KL per completion position", "", "![KL per position](kl_per_position.png)", "",
               "## Next-token distribution per position (one prompt)", "",
               "Frequencies over sampled completions of one prompt (marginal over the sampled prefix: once the first "

@@ -61,6 +61,11 @@ class DigitsTask(Task):
         (one token per digit, see build_tokenizer), so no tokenizer is needed to know it."""
         return 1 + N_PROMPT + 1 + self.max_new_tokens
 
+    def default_overrides(self) -> dict:
+        # DPO's usual beta of 0.1 lets the digits policy drift (seed 0: later validity 0.73, KL 4.4); at 0.5 it
+        # keeps the rule (0.996) at a KL of 1.4, like PPO's default (README, "Results").
+        return {"dpo": {"beta": 0.5}}
+
     def build_tokenizer(self):
         from tokenizers import Tokenizer, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
