@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rlhfkit.config import load_config
-from rlhfkit.pipeline import STAGES, run_pipeline, run_stage
+from rlhfkit.pipeline import pipeline_stages, run_pipeline, run_stage
 from rlhfkit.runio import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,7 @@ TINY = [
     "ppo.total_steps=30", "ppo.rollout_batch_size=64", "ppo.minibatch_size=32", "ppo.checkpoint_every=5",
     "eval.n_prompts=400", "eval.dist_samples=200", "device='cpu'", f"threads={THREADS}",
 ]
+STAGES = pipeline_stages(load_config(overrides=TINY))  # sft, feedback, reward, ppo, eval
 
 
 def _figures(summary: dict) -> dict:
