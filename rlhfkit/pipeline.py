@@ -85,8 +85,11 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     inputs = {key: full[key] for key in _EVERY_STAGE}
     inputs["policy"] = full["policy"]
     inputs[name] = full[name] if name in full else {}
-    if name == "reward" and cfg.reward.data and Path(cfg.reward.data).is_file():
-        inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
+    reads_comparisons = name == "reward" or (name in METHODS and "feedback" in METHODS[name].needs)
+    if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
+        inputs["reward"] = full["reward"]
+        if cfg.reward.data and Path(cfg.reward.data).is_file():
+            inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
     for upstream in stage_needs(name, cfg):
         inputs.update(stage_inputs(upstream, cfg))
     return inputs
