@@ -155,22 +155,32 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     if "sft" in names and cfg.policy.path:
         check_model_dir(cfg.policy.path, "policy.path", causal=True)
         load_tokenizer(cfg.policy.path, "policy.path")
-    if "reward" in names:
-        if cfg.reward.init != "sft":
-            check_model_dir(cfg.reward.init, "reward.init", causal=False)
-        if cfg.reward.data:
-            from rlhfkit.algorithms.reward import load_comparisons
+    if "reward" in names and cfg.reward.init != "sft":
+        check_model_dir(cfg.reward.init, "reward.init", causal=False)
+    if cfg.reward.data:  # the comparisons of every stage in `names` that reads them (reward model, DPO)
+        from rlhfkit.algorithms.reward import load_comparisons
 
-            load_comparisons(cfg.reward.data, cfg.reward, cfg.seed, _reward_tokenizer(cfg, out))
+        for stage in names:
+            if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):
+                fraction = cfg.reward.heldout_fraction if stage == "reward" else getattr(cfg, stage).heldout_fraction
+                tokenizer = _reward_tokenizer(cfg, out) if stage == "reward" else _policy_tokenizer(cfg, out)
+                load_comparisons(cfg.reward.data, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
 
 
 def _reward_tokenizer(cfg: Config, out: Path):
     """The tokenizer the reward model will read text with, even before SFT has run."""
     from rlhfkit.models import load_tokenizer
-    from rlhfkit.tasks import get_task
 
     if cfg.reward.init != "sft":
         return load_tokenizer(cfg.reward.init, "reward.init")
+    return _policy_tokenizer(cfg, out)
+
+
+def _policy_tokenizer(cfg: Config, out: Path):
+    """The SFT policy's tokenizer, even before SFT has run."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.tasks import get_task
+
     if is_complete(out / "sft"):
         return load_tokenizer(out / "sft" / "model", "sft policy")
     if cfg.policy.path:

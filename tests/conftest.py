@@ -22,3 +22,22 @@ def tiny_policy_dir(request, tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sharp_policy(tokenizer):
+    """make(arch, std=0.3, seed=1): a tiny model with every weight matrix redrawn at `std`, so next-token logits
+    have std ~2 and a shifted position or an extra token changes a log-prob by far more than rounding (at the
+    default init every distribution is nearly uniform and such bugs hide)."""
+    import torch
+
+    def make(arch, std=0.3, seed=1):
+        model = build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return model.eval()
+
+    return make

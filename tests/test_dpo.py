@@ -7,7 +7,6 @@ import math
 import random
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,6 @@ CPU = Runtime(torch.device("cpu"), None)
 ARCHS = ["gpt2", "llama"]
 
 
-def sharp_policy(arch, tokenizer, std=0.3, seed=1):
-    """A tiny model with every weight matrix redrawn at `std`: next-token logits of std ~2, so a shifted
-    position or an extra token changes a log-prob by far more than rounding (at the default init, std 0.02,
-    every distribution is nearly uniform)."""
-    model = build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
 @torch.no_grad()
 def oracle_sequence_logprob(model, prompt: list[int], completion: list[int]) -> float:
     """sum_t log softmax(logits)[t - 1, token t] over the completion, from one unpadded row (no mask)."""
@@ -59,8 +45,8 @@ COMPLETIONS = [[6, 7, 8, 2], [2], [13, 5, 10, 5, 6, 2], [7, 2]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sequence_logprobs_match_per_row_oracle(arch, tokenizer):
-    model = sharp_policy(arch, tokenizer)
+def test_sequence_logprobs_match_per_row_oracle(arch, tokenizer, sharp_policy):
+    model = sharp_policy(arch)
     ids, mask = pad_right([p + c for p, c in zip(PROMPTS, COMPLETIONS)], tokenizer.pad_token_id)
     completion_mask, _ = pad_right([[0] * len(p) + [1] * len(c) for p, c in zip(PROMPTS, COMPLETIONS)], 0)
     with torch.no_grad():
@@ -77,8 +63,8 @@ def test_sequence_logprobs_match_per_row_oracle(arch, tokenizer):
     assert torch.allclose(got, torch.tensor(expected), atol=1e-4, rtol=0)
 
 
-def test_sequence_logprobs_refuses_a_completion_without_prefix(tokenizer):
-    model = sharp_policy("gpt2", tokenizer)
+def test_sequence_logprobs_refuses_a_completion_without_prefix(tokenizer, sharp_policy):
+    model = sharp_policy("gpt2")
     ids, mask = pad_right([[5, 6, 2]], tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="no prefix predicts"):
         sequence_logprobs(model, ids, mask, torch.ones_like(mask))
@@ -100,11 +86,11 @@ def dpo_section(**kw):
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
+def batch(tokenizer, sharp_policy):
     """A batch of 8 comparisons (ragged: rejected rows are one token shorter), a moved policy and its reference."""
     data = encode_dpo_pairs(tokenizer, easy_comparisons(8))
-    reference = sharp_policy("gpt2", tokenizer, seed=1)
-    policy = sharp_policy("gpt2", tokenizer, seed=1)
+    reference = sharp_policy("gpt2", seed=1)
+    policy = sharp_policy("gpt2", seed=1)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
@@ -112,11 +98,11 @@ def batch(tokenizer):
 
 
 @pytest.mark.parametrize("reference_kind", ["online", "cached"])
-def test_loss_at_policy_equal_reference_is_ln2(reference_kind, tokenizer):
+def test_loss_at_policy_equal_reference_is_ln2(reference_kind, tokenizer, sharp_policy):
     """Step 0 of a run: the policy is the SFT model, the reference its frozen copy or its cached log-probs."""
     data = encode_dpo_pairs(tokenizer, easy_comparisons(12))
-    policy = disable_dropout(sharp_policy("llama", tokenizer))
-    frozen = freeze(disable_dropout(sharp_policy("llama", tokenizer)))
+    policy = disable_dropout(sharp_policy("llama"))
+    frozen = freeze(disable_dropout(sharp_policy("llama")))
     reference = Reference(model=frozen)
     if reference_kind == "cached":
         reference = Reference(table={"train": reference.table_of(data, 5, CPU)})  # other batches than the step's
@@ -234,8 +220,8 @@ def test_cached_log_probs_equal_the_online_forward(problem, cached_run, tokenize
     out, _ = cached_run
     cache = load_file(str(out / CACHE_FILE))
     cfg = load_config(dpo=SETTINGS)
-    train, test = load_comparisons(data_path, replace(cfg.reward, heldout_fraction=cfg.dpo.heldout_fraction),
-                                   cfg.seed, tokenizer)
+    train, test = load_comparisons(data_path, cfg.reward.criterion, cfg.dpo.heldout_fraction, cfg.seed, tokenizer,
+                                   stage="dpo")
     online = Reference(model=freeze(load_policy(sft, CPU.device)))
     for split, comparisons in (("train", train), ("heldout", test)):
         data = encode_dpo_pairs(tokenizer, comparisons)

@@ -10,22 +10,10 @@ import pytest
 import torch
 
 from rlhfkit.data.batching import pad_left, pad_right
-from rlhfkit.models import TinyModelSpec, build_tiny_policy
 from rlhfkit.ops.logprobs import response_logits, response_logprobs
 from rlhfkit.sampling import sample
 
 ARCHS = ["gpt2", "llama"]
-
-
-def sharp_policy(arch, tokenizer, std=0.3):
-    """The conftest tiny model with every weight matrix redrawn at `std` (next-token logits of std ~2)."""
-    model = build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -46,8 +34,8 @@ RESPONSES = [[6, 7, 8, 2], [2], [13, 5, 10], [5, 5, 6, 7, 8, 9]]
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
-def test_response_logprobs_match_per_row_oracle(arch, temperature, tokenizer):
-    model = sharp_policy(arch, tokenizer)
+def test_response_logprobs_match_per_row_oracle(arch, temperature, tokenizer, sharp_policy):
+    model = sharp_policy(arch)
     q, qm = pad_left(QUERIES, tokenizer.pad_token_id)
     r, rm = pad_right(RESPONSES, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -84,8 +72,8 @@ def total_variation(counts: torch.Tensor, p: torch.Tensor):
 
 
 @pytest.mark.parametrize("arch,temperature", [("gpt2", 0.6), ("llama", 1.5)])  # ~1 s each: 10k rows
-def test_sampler_draws_from_tempered_distribution(arch, temperature, tokenizer):
-    model = sharp_policy(arch, tokenizer)
+def test_sampler_draws_from_tempered_distribution(arch, temperature, tokenizer, sharp_policy):
+    model = sharp_policy(arch)
     V = len(tokenizer)
     queries = torch.tensor([PROMPT] * N_SAMPLES)
     s = sample(model, queries, torch.ones_like(queries), max_new_tokens=2, eos_token_id=tokenizer.eos_token_id,

@@ -156,3 +156,16 @@ def test_method_dpo_runs_only_the_stages_it_needs(done, tmp_path):
 def test_unknown_method_is_a_config_error():
     with pytest.raises(RlhfkitError, match=r"method = 'ppo2'.*'ppo', 'dpo'"):
         cfg("method='ppo2'")
+
+
+def test_dpo_data_is_checked_before_anything_is_written(tmp_path):
+    """method = "dpo" reads reward.data itself: its preflight checks the data with DPO's own settings."""
+    english = write_comparisons(tmp_path / "en.jsonl", prompt="How do I fix a flat tyre?",
+                                chosen="Patch the tube, then pump it up.", rejected="Buy a new bike.")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"under the dpo policy's tokenizer"):
+        run_pipeline(cfg("method='dpo'", f"reward.data='{english}'"), out)
+    few = write_comparisons(tmp_path / "few.jsonl", n=1)
+    with pytest.raises(DataError, match=r"change dpo.heldout_fraction"):
+        run_pipeline(cfg("method='dpo'", f"reward.data='{few}'"), out)
+    assert not out.exists()

@@ -27,7 +27,6 @@ import hashlib
 import os
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -174,8 +173,8 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
 
     # 1. Data: the one contract, one criterion (reward.criterion), text the tokenizer covers, split by item.
     tokenizer = load_tokenizer(sft_dir, "SFT policy")
-    train, test = load_comparisons(comparisons_path, replace(cfg.reward, heldout_fraction=dc.heldout_fraction),
-                                   cfg.seed, tokenizer)
+    train, test = load_comparisons(comparisons_path, cfg.reward.criterion, dc.heldout_fraction, cfg.seed, tokenizer,
+                                   stage="dpo")
     encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
     data = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
 

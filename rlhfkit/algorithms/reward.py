@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config, RewardConfig
+from rlhfkit.config import Config
 from rlhfkit.data.batching import check_representable, encode_completion, encode_prompt, pad_right
 from rlhfkit.data.contract import Comparison, read_comparisons
 from rlhfkit.errors import DataError
@@ -44,18 +44,20 @@ def select_criterion(comparisons: list[Comparison], criterion: str, source: str 
     return selected, criterion
 
 
-def load_comparisons(path: str | Path, rc: RewardConfig, seed: int, tokenizer):
-    """(train, held-out) comparisons a reward model learns from: read (errors name file:line:field), one
-    criterion, text the reward model's tokenizer can represent, enough items to hold some out. The
-    pipeline calls this before anything runs, so bad data fails before SFT, not after it."""
-    comparisons, _ = select_criterion(read_comparisons(path), rc.criterion, path)
+def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, seed: int, tokenizer,
+                     stage: str = "reward"):
+    """(train, held-out) comparisons a stage learns from (the reward model, or DPO's policy): read (errors
+    name file:line:field), one criterion, text the stage's tokenizer can represent, enough items to hold
+    some out (`{stage}.heldout_fraction`). The pipeline calls this before anything runs, so bad data fails
+    before SFT, not after it."""
+    comparisons, _ = select_criterion(read_comparisons(path), criterion, path)
     texts = [(f"item {c.item_id!r} field {field!r}", getattr(c, field))
              for c in comparisons for field in ("prompt", "chosen", "rejected")]
-    check_representable(tokenizer, texts, str(path), "reward model")
-    train, test = split_by_item(comparisons, rc.heldout_fraction, seed)
+    check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
+    train, test = split_by_item(comparisons, heldout_fraction, seed)
     if not train or not test:
         raise DataError(f"{path}: {len(comparisons)} comparisons are too few to hold out "
-                        f"{rc.heldout_fraction:.0%} of items; label more items or change reward.heldout_fraction")
+                        f"{heldout_fraction:.0%} of items; label more items or change {stage}.heldout_fraction")
     return train, test
 
 
@@ -109,7 +111,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
 
     # 1. Data: the one contract (rlhfkit.data.contract), one criterion, split by item.
     tokenizer = load_tokenizer(init_dir, "reward.init")
-    train, test = load_comparisons(comparisons_path, rc, cfg.seed, tokenizer)
+    train, test = load_comparisons(comparisons_path, rc.criterion, rc.heldout_fraction, cfg.seed, tokenizer)
 
     # 2. Model: the initial backbone (the SFT policy by default) with a fresh scalar head.
     torch.manual_seed(cfg.seed)  # the new head's init
