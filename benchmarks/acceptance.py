@@ -2,6 +2,8 @@
 ppo.kl_coef=0; prints the results table and each target's observed values and worst margin.
 
     .venv/bin/python benchmarks/acceptance.py [--out runs/acceptance] [--seeds 0 1 2] [--threads 1 2]
+    .venv/bin/python benchmarks/acceptance.py --methods dpo rloo --base runs/acceptance --out runs/methods \
+        [--seeds 0 1 2] [--threads 1 2] [--set rloo.total_steps=40]
 
 The kl_coef=0 run reuses each default run's SFT, feedback and reward stages (copied) and redoes PPO and
 evaluation, so the two differ only in the KL penalty. TARGETS is the one list of outcome thresholds:
@@ -39,14 +41,42 @@ TARGETS = [
 ]
 
 
-# DPO from the same SFT model and comparisons (`method = "dpo"`, digits' dpo.beta = 0.5): issue 8's targets.
-# Measured 2026-11-22, seeds 0-2 at 1 and 2 threads: first 0.999-1.000, later 0.996-0.998, KL 1.41-1.43.
-DPO_TARGETS = [
-    ("dpo preferred_first_rate", lambda d, f: d["eval"]["dpo"]["preferred_first_rate"], 0.90, None),
-    ("dpo later_rule_validity", lambda d, f: d["eval"]["dpo"]["later_rule_validity"], 0.90, None),
-    ("dpo KL (nats)", lambda d, f: d["eval"]["dpo"]["kl"], 0.3, 3.0),
-    ("dpo KL share at position 1", lambda d, f: d["eval"]["dpo"]["kl_first_position_share"], 0.5, None),
-]
+def method_targets(name: str, first: float = 0.90, later: float = 0.90, kl: tuple[float, float] | None = (0.3, 3.0),
+                   kl_share: float | None = 0.5) -> list:
+    """Issue 8's targets for a policy-optimisation method, read from its summary: the preferred first digit
+    and the rule on later digits, and (for methods that move the policy) KL bounded and spent at position 1."""
+    rows = [(f"{name} preferred_first_rate", lambda d, f: d["eval"][name]["preferred_first_rate"], first, None),
+            (f"{name} later_rule_validity", lambda d, f: d["eval"][name]["later_rule_validity"], later, None)]
+    if kl is not None:
+        rows.append((f"{name} KL (nats)", lambda d, f: d["eval"][name]["kl"], *kl))
+    if kl_share is not None:
+        rows.append((f"{name} KL share at position 1", lambda d, f: d["eval"][name]["kl_first_position_share"], kl_share, None))
+    return rows
+
+
+# Every method other than PPO, from the default run's SFT model, comparisons and reward model (`method = NAME`);
+# tests/test_acceptance.py asserts each. Measure with `--methods NAME --base DIR` (below) before changing one.
+# dpo (digits' dpo.beta = 0.5), measured 2026-11-22, seeds 0-2 at 1 and 2 threads: first 0.999-1.000,
+# later 0.996-0.998, KL 1.41-1.43.
+METHOD_TARGETS: dict[str, list] = {
+    "dpo": method_targets("dpo"),
+    # rloo (K = 4, beta 0.6, 100 steps), measured 2026-11-22, seeds 0-2 at 1 and 2 threads: first 0.993-1.000,
+    # later 0.993-0.997, KL 1.25-1.55, share at position 1 0.75-0.92, stage 11-17 s at 1 thread.
+    "rloo": method_targets("rloo"),
+    # grpo (K = 16, beta 0.2, lr 2.5e-4, 200 steps), same runs: first 0.948-0.966, later 0.994-0.996,
+    # KL 1.28-1.71, share at position 1 0.56-0.76 (GRPO spends more KL after position 1; docs/methods/grpo.md).
+    "grpo": method_targets("grpo"),
+    # best-of-8 (no training): the preferred first digit rises above the SFT rate, the rule holds.
+    "best_of_n": [
+        ("best_of_n preferred_first_rate - sft", lambda d, f: d["eval"]["best_of_n"]["preferred_first_rate"]
+         - d["eval"]["sft"]["preferred_first_rate"], 0.3, None),
+        ("best_of_n later_rule_validity", lambda d, f: d["eval"]["best_of_n"]["later_rule_validity"], 0.90, None),
+    ],
+    # Self-training (no KL term: the fine-tuning budget keeps KL bounded). Measured at the defaults, seeds 0-2 at
+    # 1 and 2 threads: see docs/methods/rejection_sampling.md and docs/methods/rest.md ("Defaults on digits").
+    "rejection_sampling": method_targets("rejection_sampling"),
+    "rest": method_targets("rest"),
+}
 
 
 def check_targets(default: dict, free: dict, targets=TARGETS) -> list[tuple[str, float, float]]:
@@ -72,8 +102,15 @@ def main() -> int:
     parser.add_argument("--out", default="runs/acceptance")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
+                        help=f"measure these methods' METHOD_TARGETS instead ({', '.join(METHOD_TARGETS)}): each runs "
+                             "from a copy of --base/seedS-tT (a default run's SFT, feedback and reward stages)")
+    parser.add_argument("--base", default="runs/acceptance", help="with --methods: where the default runs are")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="with --methods: extra --set")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.methods:
+        return measure_methods(args, out)
     table, margins = [], {}
     for threads in args.threads:
         for seed in args.seeds:
@@ -104,9 +141,51 @@ def main() -> int:
         values = [v for v, _ in margins[name]]
         worst = min(m for _, m in margins[name])
         ok &= worst >= 0
-        bounds = f"{'' if lo is None else f'>= {lo:g}'}{' and ' if lo is not None and hi is not None else ''}" \
-                 f"{'' if hi is None else f'<= {hi:g}'}"
-        print(f"| {name} | {bounds} | {min(values):.3f} .. {max(values):.3f} | {worst:+.3f} |")
+        print(f"| {name} | {_bounds(lo, hi)} | {min(values):.3f} .. {max(values):.3f} | {worst:+.3f} |")
+    print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
+    return 0 if ok else 1
+
+
+def _bounds(lo, hi) -> str:
+    return " and ".join(b for b in (None if lo is None else f">= {lo:g}", None if hi is None else f"<= {hi:g}") if b)
+
+
+def measure_methods(args, out: Path) -> int:
+    """Each method of --methods from a copy of each default run in --base (same SFT, feedback, reward)."""
+    from rlhfkit.runio import read_json
+
+    rows, margins = [], {}
+    for method in args.methods:
+        for threads in args.threads:
+            for seed in args.seeds:
+                base, run = Path(args.base) / f"seed{seed}-t{threads}", out / f"{method}-seed{seed}-t{threads}"
+                if not (base / "reward" / "COMPLETE.json").is_file():
+                    base.parent.mkdir(parents=True, exist_ok=True)
+                    rlhfkit("run", "--out", str(base), "--set", f"seed={seed}", "--set", f"threads={threads}")
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(base, run, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock"))
+                sets = [a for o in [f"seed={seed}", f"threads={threads}", f"method='{method}'", *args.overrides]
+                        for a in ("--set", o)]
+                wall = rlhfkit("run", "--out", str(run), "--update", *sets)
+                summary = read_json(run / "summary.json")
+                ev, stage = summary["eval"][method], summary[method]
+                rows.append(f"| {method} | {seed} | {threads} | {ev['preferred_first_rate']:.3f} | "
+                            f"{ev['later_rule_validity']:.3f} | {ev.get('well_formed_rate', float('nan')):.3f} | "
+                            f"{ev['kl']:.2f} | {ev['kl_first_position_share']:.2f} | "
+                            f"{stage.get('wall_time_s', float('nan')):.0f} s | {wall:.0f} s |")
+                print(rows[-1], flush=True)
+                for name, value, margin in check_targets(summary, None, METHOD_TARGETS[method]):
+                    margins.setdefault(name, []).append((value, margin))
+    print("\n| method | seed | threads | first | later | well-formed | KL | KL share pos 1 | stage wall | run wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\n| target | bounds | observed (min .. max) | worst margin |\n|---|---|---|---|")
+    ok = True
+    for method in args.methods:
+        for name, _, lo, hi in METHOD_TARGETS[method]:
+            values, worst = [v for v, _ in margins[name]], min(m for _, m in margins[name])
+            ok &= worst >= 0
+            print(f"| {name} | {_bounds(lo, hi)} | {min(values):.3f} .. {max(values):.3f} | {worst:+.3f} |")
     print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
     return 0 if ok else 1
 

@@ -43,12 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         _add_config_args(p, out_required=True)
         p.add_argument("--fresh", action="store_true", help="redo the stage even if it is complete")
+    compare = sub.add_parser(
+        "compare", help="run several methods from the same SFT model, feedback and reward model and compare them",
+        description="Run every method of compare.methods (default: all; or --methods) from the same SFT model, "
+                    "comparisons and reward model into OUT, evaluate them on the same held-out prompts and write "
+                    "OUT/compare/report.md: a table, curves, head-to-head win rates and Elo ladders.")
+    _add_config_args(compare, out_required=False)
+    compare.add_argument("--methods", nargs="+", metavar="METHOD", choices=list(METHODS),
+                         help=f"methods to compare (default: compare.methods, else all: {', '.join(METHODS)})")
+    compare.add_argument("--update", action="store_true", help="redo the stages whose config changed")
+    merge = sub.add_parser("merge", help="merge a LoRA adapter directory into its base: a plain model directory",
+                           description="Write the LoRA adapter in ADAPTER_DIR (e.g. OUT/ppo/model of a run with "
+                                       "lora.r > 0) merged into its base model as a plain model directory OUT_DIR.")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out_dir")
     cfg = sub.add_parser("config", help="print the resolved config as TOML (every field, with its help)",
                          description="Print the resolved config as TOML: every field with its value and help, "
                                      "ready to edit and pass back as `rlhfkit run FILE`.")
     cfg.add_argument("config", nargs="?", help="TOML config file to resolve (default: the task's built-in defaults)")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
     sub.add_parser("label", help="the labeling web app: `rlhfkit label --help`", add_help=False)
+    sub.add_parser("data", help="convert and check data files (TRL, HH, UltraFeedback, ...): `rlhfkit data --help`",
+                   add_help=False)
     return parser
 
 
@@ -74,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.labelapp.cli import main as label_main
 
         return label_main(argv[1:])
+    if argv and argv[0] == "data":  # data files: its own parser
+        from rlhfkit.data.cli import main as data_main
+
+        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     from rlhfkit.errors import RlhfkitError
     from rlhfkit.pipeline import WaitingForLabels
@@ -95,6 +115,11 @@ def _dispatch(args) -> int:
     from rlhfkit import pipeline
     from rlhfkit.config import config_to_toml
 
+    if args.command == "merge":
+        from rlhfkit.lora import merge_adapter
+
+        print(f"merged: {merge_adapter(args.adapter_dir, args.out_dir)}")
+        return 0
     cfg = _config_for(args)
     if args.command == "config":
         print(config_to_toml(cfg), end="")
@@ -105,6 +130,17 @@ def _dispatch(args) -> int:
         if "eval" in summary:
             print(f"\nreport: {out / 'eval' / 'report.md'}\nsummary: {out / 'summary.json'}\n")
             print(pipeline.format_results_table(summary))
+        return 0
+    if args.command == "compare":
+        import dataclasses
+
+        from rlhfkit.compare import run_compare
+
+        if args.methods:
+            cfg = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, methods=args.methods))
+        out = Path(args.out or f"runs/{cfg.task}")
+        result = run_compare(cfg, out, update=args.update)
+        print(f"\nreport: {out / result['report']}")
         return 0
     result = pipeline.run_stage(args.command, cfg, Path(args.out), fresh=args.fresh)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}

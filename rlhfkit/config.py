@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from rlhfkit.data.contract import STRENGTH_MARGINS
 from rlhfkit.errors import ConfigError
 
 
@@ -37,6 +38,16 @@ def F(default, help: str):
 
 
 @dataclass
+class DataConfig:
+    """[data] Your files in place of the task's generated data (rlhfkit/tasks/files.py; formats in docs/data.md)."""
+
+    sft: str = F("", "SFT demonstrations (prompt/completion, or conversations: loss on assistant turns); empty = the task's.")
+    prompts: str = F("", "Prompts for feedback, online RL and evaluation (plain text or conversations); empty = the task's.")
+    heldout_fraction: float = F(0.1, "Share of items (by prompt) held out: the evaluation's prompts, SFT's held-out demonstrations.")
+    max_new_tokens: int = F(0, "Response token budget when sampling; 0 = the task's (64 with task = 'none').")
+
+
+@dataclass
 class ModelConfig:
     """[policy] The policy model; the reference is a frozen copy of the SFT policy."""
 
@@ -46,6 +57,17 @@ class ModelConfig:
     n_embd: int = F(64, "Hidden width of the tiny model.")
     n_head: int = F(4, "Attention heads of the tiny model (must divide n_embd).")
     n_ctx: int = F(32, "Context length (positions) of the tiny model.")
+
+
+@dataclass
+class LoRAConfig:
+    """[lora] LoRA (peft) for the policy: train low-rank adapters; the reference is the same model with the adapter off."""
+
+    r: int = F(0, "Rank of the adapters; 0 = train every weight (no LoRA). With r > 0 the method's policy (PPO, DPO, ...) trains adapters on the SFT model and saves only them.")
+    alpha: float = F(16.0, "Scale: the adapter's update is multiplied by alpha / r.")
+    dropout: float = F(0.0, "Dropout on the adapters' input (kept 0 in RL: the sampling and training passes must agree).")
+    target_modules: list[str] = F([], "Module names to adapt, e.g. ['q_proj', 'v_proj']; empty = peft's default for the architecture.")
+    sft: bool = F(False, "Also train SFT as an adapter on policy.path (needs a pretrained model in policy.path).")
 
 
 @dataclass
@@ -72,20 +94,59 @@ class FeedbackConfig:
     temperature: float = F(1.0, "Sampling temperature for the completions.")
     criteria: list[str] = F(["overall"], "labeler = 'human': criteria labelers rank by in the labeling app; one reward model per criterion (reward.criterion).")
     project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/labeling.")
+    strengths: bool = F(False, "Simulated labelers also state how much better each tie group is than the next (Llama 2's strength labels, from the perceived gold gap), so comparisons carry margins (reward.use_margin). Off by default: the default run's targets were measured without margins.")
+    strength_margins: list[float] = F(list(STRENGTH_MARGINS.values()), "Margin of each strength label, in the order significantly, better, slightly, negligibly better (default: Llama 2's small-margin table); docs/methods/reward.md.")
+
+
+# The kinds of reward source (rlhfkit/reward_sources.py; docs/methods/reward.md, "Reward sources").
+REWARD_SOURCE_KINDS = ("reward_model", "sequence_classifier", "classifier", "gold")
+
+
+@dataclass
+class RewardSourceConfig:
+    """[[reward.sources]] One reward source; the online methods and the evaluation score with their combination (reward.combine)."""
+
+    kind: str = F("reward_model", "'reward_model' (a reward model rlhfkit trained: a decoder's scalar head at the last token, an encoder's own forward), 'sequence_classifier' (any one-label sequence classifier with its own tokenizer, e.g. a BERT/MiniLM reward model: its own forward on the pair encoding), 'classifier' (the logit or probability of one class, `label`, of any classifier) or 'gold' (the task's gold scorer).")
+    name: str = F("", "Name in the logs (objective/scores/<name>) and in reward.safety_source / helpfulness_source; empty = the criterion, else the kind.")
+    path: str = F("", "Model directory. kind = 'reward_model' with path empty: this run's reward model (OUT/reward/model; OUT/reward/<criterion>/model with reward.criterion = '*'). Unused for 'gold'.")
+    criterion: str = F("", "The criterion the source judges; with path empty, picks this run's reward model of that criterion.")
+    weight: float = F(1.0, "Weight of the source's score in reward.combine = 'sum' (negative: a penalty).")
+    label: str = F("", "kind = 'classifier': the class whose score is the reward, a name of the model's id2label (case-insensitive) or an index, e.g. 'not toxic'.")
+    output: str = F("logit", "kind = 'classifier': 'logit' (the class's logit) or 'prob' (softmax over the classes; sigmoid for a single-logit classifier).")
+
+
+# The [reward] fields that say how rewards are scored during RL, not how the reward model is trained: the
+# pipeline records them as inputs of the stages that score (rlhfkit/pipeline.py), not of the reward stage.
+REWARD_SCORING_FIELDS = ("sources", "combine", "safety_source", "helpfulness_source", "safety_threshold")
 
 
 @dataclass
 class RewardConfig:
-    """[reward] Reward model: Bradley-Terry on comparisons; a scalar head scored at the last token."""
+    """[reward] Reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings; a scalar head scored at the last token (an encoder: its own forward). Reward sources: docs/methods/reward.md."""
 
-    init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory.")
-    data: str = F("", "Comparisons JSONL to train on; empty = the feedback stage's output.")
-    criterion: str = F("", "Train only on comparisons of this criterion; empty = the data must hold a single criterion.")
+    init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory: a causal LM, or an encoder such as BERT/MiniLM (trained and scored with its own tokenizer's pair encoding and its pooler; set reward.lr to ~5e-5 for a pretrained encoder).")
+    data: str = F("", "Comparisons JSONL to train on (a rankings JSONL for loss = 'plackett_luce'); empty = the feedback stage's output.")
+    loss: str = F("bradley_terry", "'bradley_terry' (pairs: the comparisons) or 'plackett_luce' (whole K-way rankings, each labeler's ranking one term); docs/methods/reward.md.")
+    criterion: str = F("", "Train only on comparisons of this criterion; empty = the data must hold a single criterion; '*' = one reward model per criterion in the data, each in OUT/reward/<criterion>/model (reward.sources pick them by criterion).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")
     epochs: int = F(8, "Passes over the training comparisons.")
-    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
+    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward); plackett_luce: about as many rankings, as whole items (an item's K completions in one forward).")
     lr: float = F(3e-3, "AdamW learning rate (linear decay to 10%).")
-    use_margin: bool = F(True, "Subtract each comparison's margin inside the sigmoid when it has one.")
+    use_margin: bool = F(True, "bradley_terry: subtract each comparison's margin inside the sigmoid when it has one.")
+    sources: list[RewardSourceConfig] = F([], "What the online methods (PPO, RLOO, GRPO, best-of-N, ...) and the evaluation score with: one [[reward.sources]] table per source; empty = this run's reward model alone (OUT/reward/model).")
+    combine: str = F("sum", "How the sources' scores become one reward: 'sum' (weighted by each source's weight) or 'llama2' (the safety source's score where it is below safety_threshold, else the helpfulness source's; Touvron et al. 2023).")
+    safety_source: str = F("", "combine = 'llama2': the name of the safety source.")
+    helpfulness_source: str = F("", "combine = 'llama2': the name of the helpfulness source.")
+    safety_threshold: float = F(0.15, "combine = 'llama2': below this safety score (on that source's own scale; Llama 2's 0.15 is a probability: use output = 'prob'), the safety score is the reward.")
+
+    def source_names(self) -> list[str]:
+        """Each source's name: its own, else its criterion, else its kind."""
+        return [s.name or s.criterion or s.kind for s in self.sources]
+
+    def uses_run_model(self) -> bool:
+        """Whether scoring reads a reward model this run trains (the reward stage): no sources, or a
+        'reward_model' source without a path."""
+        return not self.sources or any(s.kind == "reward_model" and not s.path for s in self.sources)
 
 
 @dataclass
@@ -118,24 +179,104 @@ class PPOConfig:
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
 
 
+@dataclass
+class RLOOConfig:
+    """[rloo] RLOO: K samples per prompt, KL in the reward, leave-one-out baseline (rlhfkit/algorithms/rloo.py)."""
+
+    total_steps: int = F(100, "Step budget: iterations, each one batch of prompts_per_step x k samples.")
+    prompts_per_step: int = F(32, "Prompts sampled per iteration.")
+    k: int = F(4, "Completions sampled per prompt; each one's baseline is the mean reward of the other k - 1 (k >= 2).")
+    minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
+    epochs: int = F(1, "Passes over each batch (1 with one minibatch: plain REINFORCE, the clip is never active).")
+    lr: float = F(5e-4, "AdamW learning rate (constant).")
+    beta: float = F(0.6, "KL coefficient: reward = score - beta * sum_t (log pi - log pi_ref) over the response.")
+    clip_range: float = F(0.2, "epsilon of the clipped sequence ratio (matters only after the first gradient step on a batch).")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+
+@dataclass
+class GRPOConfig:
+    """[grpo] GRPO: K samples per prompt, group-normalised advantages, KL in the loss (rlhfkit/algorithms/grpo.py)."""
+
+    total_steps: int = F(200, "Step budget: iterations, each one batch of prompts_per_step x k samples.")
+    prompts_per_step: int = F(8, "Prompts sampled per iteration.")
+    k: int = F(16, "Completions sampled per prompt (G in the paper); advantages are z-scores within the group (k >= 2). On digits 16 reached the preferred first digit more reliably than 4 or 8 at the same batch size.")
+    minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
+    epochs: int = F(1, "Passes over each batch (mu in the paper; 1 with one minibatch: the ratio is 1, no clipping).")
+    lr: float = F(2.5e-4, "AdamW learning rate (constant); at 5e-4 the preferred-first rate oscillated more around its equilibrium on digits.")
+    beta: float = F(0.2, "KL coefficient of the per-token k3 KL term in the loss. The paper's 0.04 let digits' later positions collapse (KL 4.3, entropy 4.8 -> 1.2); docs/methods/grpo.md.")
+    clip_range: float = F(0.2, "epsilon of the clipped per-token ratio.")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+
 # The keys of rlhfkit.ops.losses.DPO_LOSSES (named here so reading a config does not import torch;
 # tests/test_dpo.py keeps the two in step).
-DPO_LOSS_NAMES = ("sigmoid", "conservative", "ipo", "hinge")
+DPO_LOSS_NAMES = ("sigmoid", "conservative", "ipo", "hinge", "plackett_luce")  # the last: LISTWISE_DPO_LOSSES
 
 
 @dataclass
 class DPOConfig:
     """[dpo] Direct preference optimisation on comparisons, from the SFT policy (rlhfkit/algorithms/dpo.py)."""
 
-    loss: str = F("sigmoid", "'sigmoid' (DPO), 'conservative' (cDPO, with label_smoothing), 'ipo' or 'hinge' (SLiC); docs/methods/dpo.md.")
+    loss: str = F("sigmoid", "'sigmoid' (DPO), 'conservative' (cDPO, with label_smoothing), 'ipo', 'hinge' (SLiC) on comparisons, or 'plackett_luce' on whole K-way rankings; docs/methods/dpo.md.")
     beta: float = F(0.1, "beta: scale of the implicit reward beta * log(pi / pi_ref); smaller lets the policy move further from the reference.")
     label_smoothing: float = F(0.0, "loss = 'conservative' only: assumed probability in [0, 0.5) that a label is flipped.")
     epochs: int = F(2, "Passes over the training comparisons.")
-    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward).")
+    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward); plackett_luce: about as many rankings, as whole items (an item's K completions in one forward).")
     lr: float = F(5e-4, "AdamW learning rate (linear decay to 10%).")
     max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
     reference: str = F("cached", "'cached' (reference log-probs computed once before training, saved as OUT/dpo/ref_logprobs.safetensors and reused) or 'online' (a frozen copy of the SFT policy, run every step).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure implicit-reward accuracy; the same seed and fraction hold out the same items as the reward model.")
+
+
+@dataclass
+class BestOfNConfig:
+    """[best_of_n] Best-of-N sampling from the SFT policy, judged by the reward model; no training (rlhfkit/algorithms/best_of_n.py)."""
+
+    n: int = F(8, "Completions sampled per prompt; the answer is the one the reward model scores highest.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    n_prompts: int = F(512, "Training prompts on which the stage measures the best-of-n curve (n = 1, 2, 4, ..., N).")
+
+
+@dataclass
+class CompareConfig:
+    """[compare] `rlhfkit compare`: several methods from the same SFT model, feedback and reward model (rlhfkit/compare.py)."""
+
+    methods: list[str] = F([], "Methods to run and compare; empty = every registered method.")
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """[rejection_sampling] Rejection-sampling fine-tuning, Llama 2's first RLHF stage (rlhfkit/algorithms/rejection_sampling.py)."""
+
+    rounds: int = F(2, "Rounds of sample -> keep each prompt's best -> fine-tune; each round samples from the policy the previous round fine-tuned.")
+    n_prompts: int = F(1024, "Prompts per round (new ones each round, from the task's training prompts).")
+    k: int = F(4, "Completions sampled per prompt; the one the reward model scores highest is the candidate (a larger k also selects harder on the reward model's noise: more KL per round).")
+    threshold: float = F(-math.inf, "Keep a prompt's best completion only when its reward-model score is >= this (-inf = always, as Llama 2); a response without EOS is never kept.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    epochs: int = F(2, "Passes over a round's kept completions (the fine-tuning budget, with lr: what keeps the policy near the reference, as there is no KL term).")
+    batch_size: int = F(64, "Completions per optimiser step (fewer kept than this: one step on all of them per epoch).")
+    lr: float = F(1e-3, "AdamW learning rate of each round's fine-tuning (a fresh optimiser per round, linear decay to 10%).")
+
+
+@dataclass
+class ReSTConfig:
+    """[rest] ReST, Reinforced Self-Training (Gulcehre et al. 2023): Grow, then Improve steps at rising thresholds (rlhfkit/algorithms/rest.py)."""
+
+    iterations: int = F(2, "Grow steps; each samples a new dataset from the current policy, then runs one Improve step per entry of quantiles.")
+    n_prompts: int = F(512, "Prompts per Grow step (new ones each iteration, from the task's training prompts).")
+    k: int = F(4, "Completions sampled per prompt in a Grow step.")
+    quantiles: list[float] = F([0.5, 0.7, 0.9], "One Improve step per entry, strictly increasing in (0, 1): threshold tau_i = this quantile of the Grow set's scores, never below their mean; each step fine-tunes on the samples scoring >= tau_i.")
+    temperature: float = F(1.0, "Sampling temperature of the Grow step.")
+    epochs: int = F(1, "Passes over the kept samples in each Improve step (with lr, the fine-tuning budget that keeps the policy near the reference: there is no KL term).")
+    batch_size: int = F(64, "Samples per optimiser step (fewer kept than this: one step on all of them per epoch).")
+    lr: float = F(1e-3, "AdamW learning rate of each Improve step (a fresh optimiser per step, linear decay to 10%); each step continues from the policy the previous one left.")
 
 
 @dataclass
@@ -151,26 +292,34 @@ class EvalConfig:
 class Config:
     """A whole pipeline. Top-level fields first, then one section per stage."""
 
-    task: str = F("digits", "Built-in task; it supplies prompts, demonstrations, gold labels and default settings.")
-    method: str = F("ppo", "Policy optimisation: 'ppo' (against a reward model) or 'dpo' (directly on the comparisons); stages a method does not need are skipped (no reward model for DPO).")
+    task: str = F("digits", "Built-in task; it supplies prompts, demonstrations, gold labels and default settings ([data] files replace its prompts and demonstrations). 'none': your files alone.")
+    method: str = F("ppo", "Policy optimisation (README, 'Methods'): 'ppo', 'rloo' or 'grpo' (online RL against the reward model), 'dpo' (directly on the comparisons), 'best_of_n' (no training), 'rejection_sampling' or 'rest' (fine-tuning on the reward model's picks); stages a method does not need are skipped (no reward model for DPO).")
     seed: int = F(0, "Seed for every random choice: same seed and config give the same result on CPU.")
     device: str = F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     precision: str = F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")
     threads: int = F(1, "CPU threads for torch. Results depend on it (same seed + config + threads + machine kind = same numbers); 1 also degrades gracefully beside other jobs. 0 = torch's default (one per core).")
+    data: DataConfig = field(default_factory=DataConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    rest: ReSTConfig = field(default_factory=ReSTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self, origins: dict[str, "Source"] | None = None) -> "Config":
         """Reject impossible values and combinations, saying what to change. `origins` (dotted key -> the
         Source that set it, as load_config records) lets each message say where a value came from."""
         from rlhfkit.tasks import get_task
 
-        task = get_task(self.task)
+        task = None if self.task == "none" else get_task(self.task)
         origins = origins or {}
 
         def source(key: str) -> Source:
@@ -194,6 +343,9 @@ class Config:
         from rlhfkit.methods import METHODS
 
         need(self.method in METHODS, "method", f"choose one of {', '.join(repr(m) for m in METHODS)}")
+        for m in self.compare.methods:
+            need(m in METHODS, "compare.methods", f"{m!r} is not a method; choose from {', '.join(map(repr, METHODS))}")
+        need(len(set(self.compare.methods)) == len(self.compare.methods), "compare.methods", "lists a method twice")
         need(p.arch in ("gpt2", "llama"), "policy.arch", "choose 'gpt2' or 'llama'")
         for key in ("policy.n_layer", "policy.n_embd", "policy.n_head", "policy.n_ctx", "sft.n_demos", "sft.epochs",
                     "sft.batch_size", "feedback.n_prompts", "feedback.labelers_per_item", "reward.epochs",
@@ -201,6 +353,15 @@ class Config:
                     "ppo.ppo_epochs", "ppo.checkpoint_every", "ppo.kl_horizon", "eval.n_prompts", "eval.dist_samples"):
             need(_get(self, key) >= 1, key, "must be at least 1")
         need(p.n_embd % p.n_head == 0, "policy.n_head", f"must divide {ref('policy.n_embd')}")
+        if task is None:  # your files alone: no generated data, no tokenizer, no gold scorer
+            need(bool(p.path), "policy.path", "task = 'none' needs a local model directory (with its tokenizer)")
+            need(bool(self.data.sft), "data.sft", "task = 'none' needs an SFT demonstrations file (docs/data.md)")
+            need(bool(self.data.prompts), "data.prompts", "task = 'none' needs a prompt file (docs/data.md)")
+            need(fb.labeler == "human" or bool(r.data), "feedback.labeler",
+                 "task = 'none' has no gold scorer for simulated labelers: set feedback.labeler = 'human' (the "
+                 "labeling app) or give a preference file in reward.data")
+        need(0.0 < self.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")
+        need(self.data.max_new_tokens >= 0, "data.max_new_tokens", "must be >= 0 (0 = the task's)")
         if not p.path:  # a tiny model is built with n_ctx positions; a user's model brings its own
             need(p.n_ctx >= task.context_length, "policy.n_ctx",
                  f"the {task.name} task needs {task.context_length} positions (its prompt, BOS included, plus "
@@ -213,16 +374,22 @@ class Config:
         need(fb.labeler in ("simulated", "human"), "feedback.labeler", "choose 'simulated' or 'human'")
         need(fb.consensus in ("majority", "borda"), "feedback.consensus", "choose 'majority' or 'borda'")
         need(0.0 <= fb.error_rate <= 1.0, "feedback.error_rate", "must be a probability in [0, 1]")
+        need(len(fb.strength_margins) == len(STRENGTH_MARGINS) and all(m >= 0 for m in fb.strength_margins)
+             and fb.strength_margins == sorted(fb.strength_margins, reverse=True), "feedback.strength_margins",
+             f"give {len(STRENGTH_MARGINS)} margins >= 0, one per strength ({', '.join(STRENGTH_MARGINS)}), "
+             "none larger than the one before it (a stronger preference never has a smaller margin)")
         need(len(fb.criteria) > 0, "feedback.criteria", 'give at least one criterion, e.g. ["overall"]')
         need(len(set(fb.criteria)) == len(fb.criteria), "feedback.criteria", "lists a criterion twice")
         for c in fb.criteria:  # checked here so a bad name fails before SFT, not when the app is created
             need(bool(CRITERION_NAME.fullmatch(c)), "feedback.criteria",
                  f"{c!r} is not a criterion name; use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
-        if fb.labeler == "human" and not r.data:  # say it now, not once people have labeled everything
+        if fb.labeler == "human" and not r.data and r.criterion != "*":  # say it now, not once people have labeled
             need(r.criterion in fb.criteria if r.criterion else len(fb.criteria) == 1, "reward.criterion",
                  f"the human labels will be by {ref('feedback.criteria')} and a reward model learns one; "
                  "set reward.criterion to one of them")
         need(0.0 < r.heldout_fraction < 1.0, "reward.heldout_fraction", "must be in (0, 1)")
+        need(r.loss in ("bradley_terry", "plackett_luce"), "reward.loss", "choose 'bradley_terry' or 'plackett_luce'")
+        self._validate_reward_sources(need, ref, task)
         need(ppo.minibatch_size <= ppo.rollout_batch_size, "ppo.minibatch_size",
              f"larger than {ref('ppo.rollout_batch_size')}, so a rollout batch holds no full minibatch and PPO "
              "would make no optimiser step; lower ppo.minibatch_size or raise ppo.rollout_batch_size")
@@ -252,17 +419,98 @@ class Config:
         need(dpo.max_grad_norm >= 0, "dpo.max_grad_norm", "must be >= 0 (0 disables the clip)")
         need(dpo.reference in ("cached", "online"), "dpo.reference", "choose 'cached' or 'online'")
         need(0.0 < dpo.heldout_fraction < 1.0, "dpo.heldout_fraction", "must be in (0, 1)")
+        for key in ("best_of_n.n", "best_of_n.n_prompts"):
+            need(_get(self, key) >= 1, key, "must be at least 1")
+        need(self.best_of_n.temperature > 0, "best_of_n.temperature", "must be > 0")
+        rs, rest = self.rejection_sampling, self.rest
+        for key in ("rejection_sampling.rounds", "rejection_sampling.n_prompts", "rejection_sampling.k",
+                    "rejection_sampling.epochs", "rejection_sampling.batch_size", "rest.iterations", "rest.n_prompts",
+                    "rest.k", "rest.epochs", "rest.batch_size"):
+            need(_get(self, key) >= 1, key, "must be at least 1")
+        for key in ("rejection_sampling.lr", "rejection_sampling.temperature", "rest.lr", "rest.temperature"):
+            need(_get(self, key) > 0, key, "must be > 0")
+        need(not math.isnan(rs.threshold) and rs.threshold != math.inf, "rejection_sampling.threshold",
+             "must be a number or -inf (-inf keeps every prompt's best completion)")
+        need(len(rest.quantiles) >= 1, "rest.quantiles", "give at least one quantile, e.g. [0.5, 0.7, 0.9] (one Improve step each)")
+        need(all(0.0 < q < 1.0 for q in rest.quantiles), "rest.quantiles", "each quantile must be in (0, 1)")
+        need(all(a < b for a, b in zip(rest.quantiles, rest.quantiles[1:])), "rest.quantiles",
+             "must be strictly increasing: ReST's Improve thresholds rise (tau_1 < tau_2 < ...)")
+        for name in ("rloo", "grpo"):  # the group methods share their knobs' rules
+            g = _get(self, name)
+            for key in ("total_steps", "prompts_per_step", "minibatch_size", "epochs", "checkpoint_every"):
+                need(getattr(g, key) >= 1, f"{name}.{key}", "must be at least 1")
+            need(g.k >= 2, f"{name}.k", "sample at least 2 completions per prompt: the baseline comes from the others")
+            need(g.minibatch_size <= g.prompts_per_step * g.k, f"{name}.minibatch_size",
+                 f"larger than a batch ({name}.prompts_per_step * {name}.k = {g.prompts_per_step * g.k}), so no "
+                 f"gradient step would be made; lower {name}.minibatch_size")
+            need((g.prompts_per_step * g.k) % g.minibatch_size == 0, f"{name}.minibatch_size",
+                 f"must divide {name}.prompts_per_step * {name}.k = {g.prompts_per_step * g.k}")
+            for key in ("lr", "temperature", "clip_range"):
+                need(getattr(g, key) > 0, f"{name}.{key}", "must be > 0")
+            need(g.beta >= 0, f"{name}.beta", "must be >= 0 (0 disables the KL penalty)")
+            need(g.max_grad_norm >= 0, f"{name}.max_grad_norm", "must be >= 0 (0 disables the clip)")
+        need(self.lora.r >= 0, "lora.r", "must be >= 0 (0 = no LoRA)")
+        need(self.lora.alpha > 0, "lora.alpha", "must be > 0")
+        need(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        need(not self.lora.sft or (self.lora.r > 0 and bool(p.path)), "lora.sft",
+             "trains SFT as an adapter on a pretrained model: set lora.r > 0 and policy.path to a local model "
+             "directory (a tiny model built from the config is trained in full)")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "choose 'auto', 'fp32' or 'bf16'")
         need(self.threads >= 0, "threads", "must be >= 0")
         return self
+
+    def _validate_reward_sources(self, need, ref, task) -> None:
+        """reward.criterion = '*', reward.sources and reward.combine (Config.validate's rules for them)."""
+        from rlhfkit.methods import METHODS
+
+        r = self.reward
+        need(r.criterion != "*" or "feedback" not in METHODS[self.method].needs, "reward.criterion",
+             f"'*' trains one reward model per criterion, but {ref('method')} learns from the comparisons of one "
+             "criterion; name it in reward.criterion")
+        names = r.source_names()
+        for i, (s, name) in enumerate(zip(r.sources, names)):
+            key = f"reward.sources[{i}]"
+            need(s.kind in REWARD_SOURCE_KINDS, f"{key}.kind", "choose " + ", ".join(map(repr, REWARD_SOURCE_KINDS)))
+            need(bool(CRITERION_NAME.fullmatch(name)), f"{key}.name", f"{name!r} cannot name a metric "
+                 "(objective/scores/<name>); use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
+            need(names.count(name) == 1, f"{key}.name", f"two sources are named {name!r}; give each a distinct name")
+            need(bool(s.path) or s.kind in ("reward_model", "gold"), f"{key}.path",
+                 f"kind = {s.kind!r} reads a model directory: set its path")
+            need(s.kind != "gold" or task is not None, f"{key}.kind", "task = 'none' has no gold scorer")
+            need(s.kind == "classifier" or not s.label, f"{key}.label", "only kind = 'classifier' reads a class label")
+            need(s.kind != "classifier" or bool(s.label), f"{key}.label",
+                 "kind = 'classifier' scores one class: name it (a label of the model's id2label, or its index)")
+            need(s.output in ("logit", "prob"), f"{key}.output", "choose 'logit' or 'prob'")
+            need(s.output == "logit" or s.kind == "classifier", f"{key}.output", "only kind = 'classifier' has 'prob'")
+            if s.kind == "reward_model" and not s.path:  # this run's reward model of s.criterion
+                need(r.criterion != "*" or bool(s.criterion), f"{key}.criterion",
+                     "reward.criterion = '*' trains one reward model per criterion: name the one this source reads")
+                need(r.criterion in ("", "*") or s.criterion in ("", r.criterion), f"{key}.criterion",
+                     f"this run trains one reward model, of {ref('reward.criterion')}; set reward.criterion = '*' "
+                     "to train one per criterion")
+        need(r.combine in ("sum", "llama2"), "reward.combine", "choose 'sum' or 'llama2'")
+        if r.combine == "llama2":
+            for key in ("reward.safety_source", "reward.helpfulness_source"):
+                need(_get(self, key) in names, key, "name one of reward.sources (" +
+                     (", ".join(map(repr, names)) if names else "none given: add [[reward.sources]] tables") + ")")
+            need(r.safety_source != r.helpfulness_source, "reward.helpfulness_source", "must differ from reward.safety_source")
+        need(math.isfinite(r.safety_threshold), "reward.safety_threshold", "must be a finite number")
+        if self.method == "ppo" and self.ppo.value_init == "reward":
+            need(any(s.kind == "reward_model" for s in r.sources) or not r.sources, "ppo.value_init",
+                 "'reward' initialises the value model from a reward model, and reward.sources holds no kind = "
+                 "'reward_model'; set ppo.value_init = 'policy'")
 
 
 
 
 def _get(cfg: Config, dotted: str):
+    """The value at a dotted key; 'reward.sources[1].kind' indexes an array of tables."""
     obj = cfg
     for part in dotted.split("."):
-        obj = getattr(obj, part)
+        name, *index = re.split(r"\[(\d+)\]", part)
+        obj = getattr(obj, name)
+        for i in index[::2]:
+            obj = obj[int(i)]
     return obj
 
 
@@ -521,7 +769,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         from rlhfkit.tasks import get_task
 
         try:
-            defaults = get_task(task).default_overrides()
+            defaults = {} if task == "none" else get_task(task).default_overrides()
         except ConfigError as e:
             raise ConfigError(f"{task_source.prefix('task')}{e}") from None
         apply_dict(cfg, defaults, Source("task", task), origins=origins)

@@ -111,9 +111,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 
 
 def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
-    """Fail early, clearly, when `path` is not a loadable (causal-LM) Hugging Face directory."""
+    """Fail early, clearly, when `path` is not a loadable (causal-LM) Hugging Face directory. A LoRA adapter
+    directory (rlhfkit.lora) is checked through its base."""
     path = Path(path)
     config_file = path / "config.json"
+    if causal and (path / "adapter_config.json").is_file() and not config_file.is_file():
+        from rlhfkit.lora import adapter_base
+
+        check_model_dir(adapter_base(path), f"{role} (the base of its LoRA adapter)", causal=True)
+        return path
     if not path.is_dir():
         raise RlhfkitError(f"{role}: model directory {path} does not exist; point it at a local Hugging Face model directory")
     if not config_file.is_file():
@@ -151,9 +157,11 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def load_tokenizer(path: str | Path, role: str = "tokenizer"):
+def load_tokenizer(path: str | Path, role: str = "tokenizer", require_eos: bool = True):
     """The tokenizer saved in a model directory. A directory without tokenizer files is refused: given only
-    config.json, transformers may build an empty tokenizer, and SFT would then train on nothing."""
+    config.json, transformers may build an empty tokenizer, and SFT would then train on nothing.
+    require_eos = False for a model read by its own forward (an encoder such as BERT has no EOS, but a pad
+    token)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -173,16 +181,23 @@ def load_tokenizer(path: str | Path, role: str = "tokenizer"):
                            f"({len(tokenizer)} tokens); save the model's real tokenizer there with save_pretrained")
     if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token is None:
+    if tokenizer.eos_token is None and require_eos:
         raise RlhfkitError(f"{role}: the tokenizer in {path} has no eos_token; set one and save it again")
+    if tokenizer.pad_token is None:
+        raise RlhfkitError(f"{role}: the tokenizer in {path} has neither a pad_token nor an eos_token; set one and save it again")
     return tokenizer
 
 
 def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
-    """A causal LM from a local directory, on `device`, in fp32 (autocast handles bf16)."""
+    """A causal LM from a local directory, on `device`, in fp32 (autocast handles bf16). A LoRA adapter
+    directory (what a LoRA run saves) is merged into its base: a plain model comes back."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path, role, causal=True)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        from rlhfkit.lora import load_adapter_model
+
+        return load_adapter_model(Path(path), device, role)
     quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -191,17 +206,31 @@ def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
     return model.to(device)
 
 
-def load_scalar_model(path: str | Path, device: torch.device, role: str):
-    """A sequence-classification model with one label (reward or value model).
+def load_scalar_model(path: str | Path, device: torch.device, role: str, num_labels: int | None = 1,
+                      trained_head: bool = False):
+    """A sequence-classification model with one label (reward or value model); num_labels = None keeps the
+    directory's own classes (a classifier reward).
 
-    Loading a causal-LM directory here keeps its backbone and adds a fresh scalar head, which is how the
-    reward model is initialised from the SFT policy (InstructGPT, Ouyang et al. 2022, Sec. 3.5).
+    Loading a causal-LM (or a bare encoder) directory here keeps its backbone and adds a fresh scalar head,
+    which is how the reward model is initialised from the SFT policy (InstructGPT, Ouyang et al. 2022,
+    Sec. 3.5). trained_head = True (a model that scores): a head the directory does not hold is an error, not
+    a random reward.
     """
     from transformers import AutoModelForSequenceClassification
 
     check_model_dir(path, role, causal=False)
     quiet_transformers()  # "newly initialised score head" is expected here, not a warning
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=torch.float32, output_loading_info=True, **labels)
+    except (OSError, ValueError) as e:  # unreadable weights; a config transformers has no classifier for
+        raise RlhfkitError(f"{role}: cannot load a sequence classifier from {path} ({_one_line(e)})") from None
+    missing = sorted(info["missing_keys"])
+    if trained_head and missing:  # e.g. a bare encoder: its classifier (or pooler) would be random
+        raise RlhfkitError(f"{role}: {path} lacks trained weights for {', '.join(missing[:4])}"
+                           f"{' ...' if len(missing) > 4 else ''}; it is not a trained classifier (a bare backbone?): "
+                           "train a reward model from it (reward.init) or point at a trained classifier")
     return model.to(device)
 
 

@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rlhfkit.config import Config, config_to_dict, config_to_toml
+from rlhfkit.config import REWARD_SCORING_FIELDS, Config, RewardConfig, config_to_dict, config_to_toml
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.methods import METHODS
 from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, write_json
@@ -38,6 +38,8 @@ from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, w
 # Every stage a run can have, in order; a run goes through those its method needs (pipeline_stages).
 STAGES = ("sft", "feedback", "reward", *METHODS, "eval")
 _EVERY_STAGE = ("task", "seed", "precision")  # device and threads change speed (and last bits), not the recipe
+_ADDED_SECTIONS = ("lora",)  # read by stages made before the section existed: they were made with its defaults
+_SCORING_DEFAULTS = {k: v for k, v in config_to_dict(RewardConfig()).items() if k in REWARD_SCORING_FIELDS}
 
 
 class WaitingForLabels(RlhfkitError):
@@ -54,8 +56,10 @@ def _log(msg: str) -> None:
 
 def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
     """The stages whose outputs `name` reads under this config. reward.data replaces the feedback stage
-    (it holds the comparisons); reward.init = a directory replaces SFT as the reward model's start."""
+    (it holds the comparisons); reward.init = a directory replaces SFT as the reward model's start;
+    reward.sources that name no reward model of this run replace the reward stage."""
     comparisons = () if cfg.reward.data else ("feedback",)
+    reward = ("reward",) if cfg.reward.uses_run_model() else ()
     if name == "sft":
         return ()
     if name == "feedback":
@@ -64,10 +68,15 @@ def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
         return (("sft",) if cfg.reward.init == "sft" else ()) + comparisons
     if name in METHODS:
         needs = METHODS[name].needs
-        return ("sft",) + (comparisons if "feedback" in needs else ()) + (("reward",) if "reward" in needs else ())
+        return ("sft",) + (comparisons if "feedback" in needs else ()) + (reward if "reward" in needs else ())
     if name == "eval":  # the reward model scores the policies when the method made one
-        return ("sft", cfg.method) + (("reward",) if "reward" in METHODS[cfg.method].needs else ())
+        return ("sft", cfg.method) + (reward if "reward" in METHODS[cfg.method].needs else ())
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def _sha256(path: str) -> str | None:
+    """The content hash of a data file (so an edited file makes the stages that read it stale)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
 
 
 def _upstream(name: str, cfg: Config) -> set[str]:
@@ -84,28 +93,66 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     full = config_to_dict(cfg)
     inputs = {key: full[key] for key in _EVERY_STAGE}
     inputs["policy"] = full["policy"]
+    if name in METHODS or (name == "sft" and cfg.lora.sft):  # the stages LoRA changes (and all they feed)
+        inputs["lora"] = full["lora"]
+    d = cfg.data  # your files in place of the task's data ([data]), and their contents
+    if name == "sft" and d.sft:
+        inputs["data_sft"] = {"sft": d.sft, "heldout_fraction": d.heldout_fraction, "sha256": _sha256(d.sft)}
+    if name not in ("sft", "reward") and (d.prompts or d.max_new_tokens):  # the stages that sample
+        inputs["data_prompts"] = {"prompts": d.prompts, "heldout_fraction": d.heldout_fraction,
+                                  "max_new_tokens": d.max_new_tokens, "sha256": _sha256(d.prompts)}
     inputs[name] = full[name] if name in full else {}
     reads_comparisons = name == "reward" or (name in METHODS and "feedback" in METHODS[name].needs)
     if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
-        inputs["reward"] = full["reward"]
+        # how rewards are scored during RL (reward.sources, reward.combine, ...) is not a reward model's input
+        inputs["reward"] = {**full["reward"], **_SCORING_DEFAULTS}
         if cfg.reward.data and Path(cfg.reward.data).is_file():
             inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
     for upstream in stage_needs(name, cfg):
         inputs.update(stage_inputs(upstream, cfg))
+    if _scores(name, cfg):  # it is the input of the stages that score with it
+        inputs["reward"] = full["reward"]
     return inputs
 
 
-def _recorded_inputs(out: Path, name: str) -> dict | None:
+def _scores(name: str, cfg: Config) -> bool:
+    """Whether stage `name` scores responses with the reward (reward.sources or the run's reward model)."""
+    method = cfg.method if name == "eval" else name
+    return name in (*METHODS, "eval") and "reward" in METHODS[method].needs
+
+
+def _recorded_inputs(out: Path, name: str, task: str, current: dict) -> dict | None:
     """The inputs a complete stage was made with (INPUTS.json; for directories made before rlhfkit
-    recorded them, derived from OUT/config.toml)."""
+    recorded them, derived from OUT/config.toml). A field a later rlhfkit added to a section is read as
+    its default (the behaviour before it existed), so upgrading rlhfkit does not make every stage stale."""
     path = out / name / "INPUTS.json"
     if path.is_file():
-        return read_json(path)
+        return _with_new_fields(read_json(path), task, current)
     if (out / "config.toml").is_file():
         from rlhfkit.config import load_config
 
         return stage_inputs(name, load_config(out / "config.toml"))
     return None
+
+
+def _with_new_fields(recorded: dict, task: str, current: dict) -> dict:
+    """`recorded` with each section's missing fields filled in from the task's defaults, and the sections a
+    later rlhfkit reads (e.g. [lora]) at their defaults where the `current` inputs read them."""
+    from rlhfkit.config import Config, Source, apply_dict
+    from rlhfkit.tasks import get_task
+
+    base = Config()  # the defaults as such, not a config to run (task = 'none' alone would not validate)
+    if task != "none":
+        apply_dict(base, get_task(task).default_overrides(), Source("task", task), origins={})
+    defaults = config_to_dict(base)
+    filled = dict(recorded)
+    for section, fields_ in recorded.items():
+        if isinstance(fields_, dict) and isinstance(defaults.get(section), dict):
+            filled[section] = {**{k: v for k, v in defaults[section].items() if k not in fields_}, **fields_}
+    for section in _ADDED_SECTIONS:
+        if section in current:
+            filled.setdefault(section, defaults[section])
+    return filled
 
 
 def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -126,7 +173,7 @@ def stage_changes(out: Path, name: str, cfg: Config) -> list[str] | None:
     """None when the stage is not complete; else how its recorded inputs differ from `cfg` ([] = up to date)."""
     if not is_complete(out / name):
         return None
-    recorded = _recorded_inputs(out, name)
+    recorded = _recorded_inputs(out, name, cfg.task, stage_inputs(name, cfg))
     if recorded is None:  # made by hand, or by an rlhfkit that recorded neither INPUTS.json nor config.toml
         return [f"{out / name} records no inputs (INPUTS.json); rerun the stage"]
     return _changes(recorded, stage_inputs(name, cfg))
@@ -152,19 +199,32 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     from rlhfkit.models import check_model_dir, load_tokenizer, resolve_device, resolve_precision
 
     resolve_precision(cfg.precision, resolve_device(cfg.device))
+    if cfg.data.sft or cfg.data.prompts:  # read (and check) the files now: errors name the file and line
+        from rlhfkit.tasks import task_for
+        from rlhfkit.tasks.files import check_data_paths
+
+        check_data_paths(cfg.data)
+        task_for(cfg)
     if "sft" in names and cfg.policy.path:
         check_model_dir(cfg.policy.path, "policy.path", causal=True)
         load_tokenizer(cfg.policy.path, "policy.path")
     if "reward" in names and cfg.reward.init != "sft":
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
-    if cfg.reward.data:  # the comparisons of every stage in `names` that reads them (reward model, DPO)
-        from rlhfkit.algorithms.reward import load_comparisons
+    if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
+        from rlhfkit.reward_sources import preflight_sources
+
+        preflight_sources(cfg)
+    if cfg.reward.data:  # the comparisons (rankings) of every stage in `names` that reads them (reward model, DPO)
+        from rlhfkit.algorithms.reward import load_comparisons, load_rankings
 
         for stage in names:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):
                 fraction = cfg.reward.heldout_fraction if stage == "reward" else getattr(cfg, stage).heldout_fraction
                 tokenizer = _reward_tokenizer(cfg, out) if stage == "reward" else _policy_tokenizer(cfg, out)
-                load_comparisons(cfg.reward.data, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
+                if getattr(getattr(cfg, stage), "loss", "") == "plackett_luce":  # whole rankings
+                    load_rankings(cfg.reward.data, None, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
+                else:
+                    load_comparisons(cfg.reward.data, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
 
 
 def _reward_tokenizer(cfg: Config, out: Path):
@@ -172,7 +232,9 @@ def _reward_tokenizer(cfg: Config, out: Path):
     from rlhfkit.models import load_tokenizer
 
     if cfg.reward.init != "sft":
-        return load_tokenizer(cfg.reward.init, "reward.init")
+        from rlhfkit.rewards import is_decoder_model
+
+        return load_tokenizer(cfg.reward.init, "reward.init", require_eos=is_decoder_model(cfg.reward.init))
     return _policy_tokenizer(cfg, out)
 
 
@@ -185,7 +247,7 @@ def _policy_tokenizer(cfg: Config, out: Path):
         return load_tokenizer(out / "sft" / "model", "sft policy")
     if cfg.policy.path:
         return load_tokenizer(cfg.policy.path, "policy.path")
-    return get_task(cfg.task).build_tokenizer()
+    return get_task(cfg.task).build_tokenizer()  # task = 'none' requires policy.path (Config.validate)
 
 
 @contextlib.contextmanager
@@ -230,11 +292,11 @@ def _require(out: Path, stage: str, needed: str, cfg: Config) -> Path:
 
 def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.models import quiet_transformers
-    from rlhfkit.tasks import get_task
+    from rlhfkit.tasks import task_for
     from rlhfkit.training import runtime
 
     quiet_transformers()
-    task, rt = get_task(cfg.task), runtime(cfg)
+    task, rt = task_for(cfg), runtime(cfg)
     if name == "sft":
         from rlhfkit.algorithms.sft import train_sft
 
@@ -247,21 +309,21 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
 
         return run_simulated_feedback(cfg, task, sft_model, stage_dir, rt)
     if name == "reward":
-        from rlhfkit.algorithms.reward import train_reward_model
+        from rlhfkit.algorithms.reward import preference_files, train_reward_model
 
-        comparisons = Path(cfg.reward.data) if cfg.reward.data else out / "feedback" / "comparisons.jsonl"
+        comparisons, rankings = preference_files(cfg, out, cfg.reward.loss)
         init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
-        return train_reward_model(cfg, comparisons, init, stage_dir, rt)
+        return train_reward_model(cfg, comparisons, init, stage_dir, rt, rankings_path=rankings)
     if name in METHODS:  # the policy-optimisation method: rlhfkit/methods.py says which file runs it
         return importlib.import_module(METHODS[name].module).run(cfg, task, out, stage_dir, rt)
     if name == "eval":
-        from rlhfkit.evaluation.evaluate import evaluate_run
+        from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
         from rlhfkit.evaluation.report import write_report
 
         start = time.time()
         sft_model = out / "sft" / "model"
-        policies = {"sft": sft_model, cfg.method: out / cfg.method / "model"}
-        rm = out / "reward" / "model" if "reward" in stage_needs("eval", cfg) else None
+        policies = {"sft": sft_model, cfg.method: policy_of(METHODS[cfg.method], out / cfg.method)}
+        rm = out / "reward" / "model" if "reward" in METHODS[cfg.method].needs else None  # or reward.sources
         result = evaluate_run(cfg, task, sft_model, rm, policies, rt)
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
@@ -298,18 +360,19 @@ def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Pa
 
 
 def _partial_dir(out: Path, name: str, inputs: dict, *, fresh: bool, continue_ppo: bool) -> Path:
-    """OUT/.partial/name, ready to run in: an interrupted PPO run with the same inputs is kept (it resumes
-    from its checkpoint), a finished one being continued is copied in; anything else starts empty."""
+    """OUT/.partial/name, ready to run in: an interrupted run of a resumable method (Method.resumable) with the
+    same inputs is kept (it resumes from its checkpoint), a finished PPO run being continued is copied in;
+    anything else starts empty."""
     partial = out / ".partial" / name
-    if name == "ppo" and not fresh:
-        legacy = out / "ppo"  # layout before .partial: an unfinished PPO run in place
+    if name in METHODS and METHODS[name].resumable and not fresh:
+        legacy = out / name  # layout before .partial: an unfinished PPO run in place
         if not partial.exists() and legacy.is_dir() and not is_complete(legacy) and (legacy / "checkpoint").is_dir():
             partial.parent.mkdir(parents=True, exist_ok=True)
             legacy.rename(partial)
             write_json(partial / "INPUTS.json", inputs)
         saved = partial / "INPUTS.json"
         if partial.is_dir() and saved.is_file():
-            if read_json(saved) == inputs or _more_ppo_steps(read_json(saved), inputs):
+            if read_json(saved) == inputs or (name == "ppo" and _more_ppo_steps(read_json(saved), inputs)):
                 write_json(saved, inputs)
                 _log(f"{name}: resuming the interrupted run in {partial}")
                 return partial
@@ -339,6 +402,9 @@ def _install(out: Path, name: str, partial: Path, cfg: Config) -> None:
     for later in STAGES:
         if name in _upstream(later, cfg):
             for d in (out / later, out / ".partial" / later):
+                recorded = d / "INPUTS.json"
+                if recorded.is_file() and name not in read_json(recorded):
+                    continue  # made from other stages (e.g. the evaluation of another method): still valid
                 if d.exists():
                     shutil.rmtree(d)
                     _log(f"{later}: removed {d} (made from the previous {name} outputs)")
@@ -354,7 +420,7 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
     for needed in stage_needs(name, cfg):
         _require(out, name, needed, cfg)
     continue_ppo = (name == "ppo" and not fresh and bool(changes) and (out / "ppo" / "checkpoint" / "state.pt").is_file()
-                    and _more_ppo_steps(_recorded_inputs(out, "ppo"), inputs))
+                    and _more_ppo_steps(_recorded_inputs(out, "ppo", cfg.task, inputs), inputs))
     if changes:
         _log(f"{name}: config changed ({'; '.join(changes)}); "
              + ("continuing PPO" if continue_ppo else f"redoing {name}"))

@@ -33,14 +33,17 @@ def sample(
     query_mask: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Samples:
-    """Sample up to `max_new_tokens` tokens per row from `model` (a causal LM), batched, with a KV cache."""
+    """Sample up to `max_new_tokens` tokens per row from `model` (a causal LM), batched, with a KV cache.
+    `eos_token_id`: the id, or the ids (EOS and a chat template's end-of-turn token: data.batching.stop_ids),
+    that end a response."""
     B = queries.shape[0]
     device = queries.device
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and queries.shape[1] + max_new_tokens > limit:
         from rlhfkit.errors import RlhfkitError
@@ -60,16 +63,17 @@ def sample(
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
-        ended |= alive & (nxt == eos_token_id)
-        alive &= nxt != eos_token_id
+        stopped = torch.isin(nxt, stops)
+        ended |= alive & stopped
+        alive &= ~stopped
         if not alive.any() or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1, :]
     responses = torch.stack(tokens, dim=1)  # (B, Tr)
-    # A token belongs to the response if no EOS came strictly before it.
-    is_eos = (responses == eos_token_id).long()
+    # A token belongs to the response if no stop token (EOS) came strictly before it.
+    is_eos = torch.isin(responses, stops).long()
     before = is_eos.cumsum(dim=1) - is_eos
     response_mask = (before == 0).long()
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_token_id))
@@ -104,7 +108,7 @@ def sample_texts(
     desc: str | None = None,
 ) -> list[list[str]]:
     """K sampled completion texts per prompt, in batches (with a progress bar when `desc` is given)."""
-    from rlhfkit.data.batching import encode_prompts
+    from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
     from rlhfkit.models import autocast
 
     device = next(model.parameters()).device
@@ -119,7 +123,7 @@ def sample_texts(
         q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
         with autocast(device, dtype):
             s = sample(model, q.to(device), qm.to(device), max_new_tokens=max_new_tokens,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=stop_ids(tokenizer), pad_token_id=pad_id(tokenizer),
                        temperature=temperature, generator=generator)
         texts.extend(decode_responses(tokenizer, s))
         if bar is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,3 +122,59 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
     torch.set_rng_state(state["torch"])
     if generator is not None and state["generator"] is not None:
         generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------- checkpoints of the online methods (PPO, RLOO, GRPO)
+
+def save_checkpoint(ckpt_dir: Path, models: dict, tokenizer, state: dict) -> None:
+    """Write a complete checkpoint next to the old one, then swap, so a kill never leaves a half checkpoint:
+    each model of `models` (name -> model) with the tokenizer in ckpt_dir/name, `state` in ckpt_dir/state.pt."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, model in models.items():
+        model.save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+    torch.save(state, tmp / "state.pt")
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether ckpt_dir holds a complete checkpoint to resume from. A run killed between save_checkpoint's two
+    renames left only ckpt_dir.old: that swap is finished here."""
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if not ckpt_dir.exists() and (old / "state.pt").is_file():
+        old.rename(ckpt_dir)
+    return (ckpt_dir / "state.pt").is_file()
+
+
+def loop_generators(seed: int, name: str, device: torch.device):
+    """The random streams of an online method's loop, each saved in its checkpoint: prompts (random.Random),
+    sampling and minibatch order (torch generators)."""
+    prompt_rng = random.Random(f"{seed}-{name}")
+    sample_gen = torch.Generator(device=device).manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed + 1)
+    return prompt_rng, sample_gen, order_gen
+
+
+def loop_state(step: int, optimizer, scheduler, prompt_rng: random.Random, sample_gen: torch.Generator,
+               order_gen: torch.Generator, wall_time_s: float, **extra) -> dict:
+    """What an online loop needs to go on exactly where it stopped (the checkpoint's state.pt), plus `extra`."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "prompt_rng": prompt_rng.getstate(), "order_gen": order_gen.get_state(), "rng": rng_state(sample_gen),
+            "wall_time_s": wall_time_s, **extra}
+
+
+def restore_loop_state(state: dict, optimizer, scheduler, prompt_rng: random.Random, sample_gen: torch.Generator,
+                       order_gen: torch.Generator) -> tuple[int, float]:
+    """Load loop_state's `state` into the given objects (in place); returns (step, wall time so far, s)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    prompt_rng.setstate(state["prompt_rng"])
+    order_gen.set_state(state["order_gen"])
+    set_rng_state(state["rng"], sample_gen)
+    return state["step"], state.get("wall_time_s", 0.0)

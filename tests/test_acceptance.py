@@ -50,14 +50,24 @@ def runs(default_out):
     return json.loads((default_out / "summary.json").read_text()), json.loads((free / "summary.json").read_text())
 
 
+_method_summaries: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="module")
-def dpo_summary(default_out):
-    """DPO (`method = "dpo"`) from the default run's SFT model and comparisons: no reward model, no sampling."""
-    out = default_out.parent / "dpo"
-    shutil.copytree(default_out, out, ignore=shutil.ignore_patterns("reward", "ppo", "eval", "summary.json"))
-    summary = run_pipeline(load_config(overrides=BASE + ["method='dpo'"]), out, update=True)
-    assert not (out / "reward").exists() and summary["sft"] == json.loads((default_out / "summary.json").read_text())["sft"]
-    return summary
+def method_summary(default_out):
+    """`method = NAME` from the default run's SFT model, comparisons and reward model (run once per module)."""
+    default = json.loads((default_out / "summary.json").read_text())
+
+    def get(name: str) -> dict:
+        if name not in _method_summaries:
+            out = default_out.parent / name
+            shutil.copytree(default_out, out, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock"))
+            summary = run_pipeline(load_config(overrides=BASE + [f"method={name!r}"]), out, update=True)
+            assert summary["sft"] == default["sft"], "the method must start from the default run's SFT model"
+            _method_summaries[name] = summary
+        return _method_summaries[name]
+
+    return get
 
 
 @pytest.mark.parametrize("target", [t[0] for t in acceptance.TARGETS])
@@ -67,8 +77,13 @@ def test_default_run_meets_target(runs, target):
     assert margin >= 0, f"{target} = {value:.4f} misses its bound by {-margin:.4f}"
 
 
-@pytest.mark.parametrize("target", [t[0] for t in acceptance.DPO_TARGETS])
-def test_dpo_meets_target(dpo_summary, target):
-    value, margin = next((v, m) for name, v, m in acceptance.check_targets(dpo_summary, None, acceptance.DPO_TARGETS)
-                         if name == target)
+@pytest.mark.parametrize("method,target", [(m, t[0]) for m, ts in acceptance.METHOD_TARGETS.items() for t in ts])
+def test_method_meets_target(method_summary, method, target):
+    summary = method_summary(method)
+    value, margin = next((v, m) for name, v, m in
+                         acceptance.check_targets(summary, None, acceptance.METHOD_TARGETS[method]) if name == target)
     assert margin >= 0, f"{target} = {value:.4f} misses its bound by {-margin:.4f}"
+
+
+def test_dpo_needs_no_reward_model(method_summary):
+    assert "reward" not in method_summary("dpo")["eval"]["dpo"]

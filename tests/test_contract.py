@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.data.contract import (
-    Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, read_comparisons, read_rankings,
-    validate_ranking, write_jsonl,
+    STRENGTH_MARGINS, Comparison, RankingRecord, pair_margin, ranking_from_scores, ranking_to_pairs, read_comparisons,
+    read_rankings, record_kind, validate_ranking, write_jsonl,
 )
 from rlhfkit.errors import DataError
 
@@ -40,9 +40,11 @@ def test_roundtrip(tmp_path):
     recs = [Comparison("a", "p", "c", "r", 0.5, ["u1"]), Comparison("b", "p", "x", "y")]
     write_jsonl(tmp_path / "c.jsonl", recs)
     assert read_comparisons(tmp_path / "c.jsonl") == recs
-    rk = [RankingRecord("a", "p", ["x", "y", "z"], "u1", [[2], [0, 1]])]
+    rk = [RankingRecord("a", "p", ["x", "y", "z"], "u1", [[2], [0, 1]]),
+          RankingRecord("a", "p", ["x", "y", "z"], "u2", [[0], [1], [2]], strengths=["better", "negligibly"])]
     write_jsonl(tmp_path / "r.jsonl", rk)
     assert read_rankings(tmp_path / "r.jsonl") == rk
+    assert record_kind(tmp_path / "r.jsonl") == "rankings" and record_kind(tmp_path / "c.jsonl") == "comparisons"
 
 
 @pytest.mark.parametrize("line,needle", [
@@ -68,6 +70,54 @@ def test_bad_ranking_line(tmp_path):
                                 "ranking": [[0], [0]]}) + "\n")
     with pytest.raises(DataError, match=r"r.jsonl:1: field 'ranking'.*not a permutation"):
         read_rankings(path)
+
+
+RANKING = {"item_id": "a", "prompt": "p", "completions": ["x", "y", "z"], "labeler_id": "u", "ranking": [[1], [0, 2]]}
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"ranking": [[1], [0, 1]]}, "field 'ranking': [1, 0, 1] is not a permutation of 0..2"),
+    ({"ranking": None}, "missing field 'ranking'"),
+    ({"ranking": "1 0 2"}, "field 'ranking' must be a list"),
+    ({"completions": ["x"]}, "field 'completions' must list at least 2 completions"),
+    ({"labeler_id": None}, "missing field 'labeler_id'"),
+    ({"strengths": ["slightly", "better"]}, "field 'strengths' must list 1 strength(s)"),
+    ({"strengths": ["hugely"]}, "field 'strengths'"),
+    ({"strengths": [["better"]]}, "field 'strengths'"),
+    ({"completions": ["x", "y", "w"]}, "field 'completions' differs from that of item 'a' at "),
+    ({"prompt": "q"}, "field 'prompt' differs from that of item 'a' at "),
+])
+def test_bad_ranking_lines_name_file_line_and_field(tmp_path, change, needle):
+    """Line 3 is bad (line 2 blank): the message names the file, the line and the field."""
+    path = tmp_path / "r.jsonl"
+    bad = {k: v for k, v in {**RANKING, "labeler_id": "v", **change}.items() if v is not None}
+    path.write_text(json.dumps(RANKING) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as e:
+        read_rankings(path)
+    assert str(e.value).startswith(f"{path}:3: ") and needle in str(e.value), str(e.value)
+    if "differs" in needle:
+        assert str(e.value).endswith(f"at {path}:1; every ranking of one item must list the same prompt and "
+                                     "completions, in the same order")
+
+
+def test_empty_rankings_file_and_unknown_records(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="contains no rankings"):
+        read_rankings(tmp_path / "e.jsonl")
+    (tmp_path / "x.jsonl").write_text('{"item_id": "a", "text": "t"}\n')
+    assert record_kind(tmp_path / "x.jsonl") == "comparisons"  # whose reader names the missing fields
+    with pytest.raises(DataError, match="contains no records"):
+        record_kind(tmp_path / "e.jsonl")
+
+
+def test_pair_margin_is_the_strongest_step_between_the_groups():
+    ranking, steps = [[2], [0, 3], [1], [4]], ["slightly", "significantly", "negligibly"]
+    assert pair_margin(ranking, steps, 2, 0) == STRENGTH_MARGINS["slightly"]  # adjacent groups: that step
+    assert pair_margin(ranking, steps, 3, 1) == STRENGTH_MARGINS["significantly"]
+    assert pair_margin(ranking, steps, 1, 4) == STRENGTH_MARGINS["negligibly"]
+    assert pair_margin(ranking, steps, 2, 4) == STRENGTH_MARGINS["significantly"]  # the strongest of all three
+    table = dict(zip(STRENGTH_MARGINS, [3.0, 2.0, 1.0, 0.0]))  # Llama 2's large-margin table
+    assert pair_margin(ranking, steps, 2, 0, table) == 1.0 and pair_margin(ranking, steps, 0, 1, table) == 3.0
 
 
 def test_missing_file_and_empty_file(tmp_path):

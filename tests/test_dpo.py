@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.algorithms.dpo import CACHE_FILE, Reference, dpo_batch_loss, encode_dpo_pairs, train_dpo
+from rlhfkit.algorithms.dpo import CACHE_FILE, Reference, dpo_batch_loss, encode_dpo_pairs, pair_batches, train_dpo
 from rlhfkit.config import DPO_LOSS_NAMES, load_config
 from rlhfkit.data.batching import encode_completion, encode_pairs, encode_prompt, pad_right
 from rlhfkit.data.contract import Comparison
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import TinyModelSpec, build_tiny_policy, disable_dropout, freeze
 from rlhfkit.ops.logprobs import sequence_logprobs
-from rlhfkit.ops.losses import DPO_LOSSES
+from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES
 from rlhfkit.runio import read_metrics
 from rlhfkit.training import Runtime
 
@@ -105,7 +105,7 @@ def test_loss_at_policy_equal_reference_is_ln2(reference_kind, tokenizer, sharp_
     frozen = freeze(disable_dropout(sharp_policy("llama")))
     reference = Reference(model=frozen)
     if reference_kind == "cached":
-        reference = Reference(table={"train": reference.table_of(data, 5, CPU)})  # other batches than the step's
+        reference = Reference(table={"train": reference.table_of(data, pair_batches(data, 5), CPU)})  # other batches
     idx = torch.tensor([3, 0, 7, 11, 5, 2, 9, 1])
     ref_chosen, ref_rejected = reference.logps("train", data, idx, CPU)
     loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, dpo_section(), CPU)
@@ -129,7 +129,7 @@ def expected_loss(name, h, beta, eps):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", DPO_LOSS_NAMES)
+@pytest.mark.parametrize("name", list(DPO_LOSSES))  # the listwise loss: tests/test_rankings_training.py
 def test_batch_loss_matches_per_row_oracle(name, batch, tokenizer):
     """At a moved policy, the trainer's loss and stats from per-row oracle log-probs: fails on a swapped policy
     and reference, chosen and rejected swapped in the stacking, a dropped beta or label_smoothing."""
@@ -227,8 +227,10 @@ def test_cached_log_probs_equal_the_online_forward(problem, cached_run, tokenize
         data = encode_dpo_pairs(tokenizer, comparisons)
         idx = torch.randperm(len(comparisons), generator=torch.Generator().manual_seed(0))[:7]
         chosen, rejected = online.logps(split, data, idx, CPU)
-        assert torch.allclose(cache[f"{split}/chosen"][idx], chosen, atol=1e-6, rtol=0)
-        assert torch.allclose(cache[f"{split}/rejected"][idx], rejected, atol=1e-6, rtol=0)
+        logps = cache[f"{split}/logps"]  # (2N,): the chosen rows, then the rejected rows
+        assert logps.shape == (2 * len(comparisons),)
+        assert torch.allclose(logps[idx], chosen, atol=1e-6, rtol=0)
+        assert torch.allclose(logps[idx + len(comparisons)], rejected, atol=1e-6, rtol=0)
 
 
 def test_cached_reference_trains_like_online(cached_run, online_run):
@@ -250,7 +252,7 @@ def test_cached_reference_runs_no_forward_during_training(cached_run, online_run
     steps_per_epoch = cached["n_train"] // SETTINGS["batch_size"]
     # one pass over the data (train + held-out) for the cache, none in any epoch nor in the held-out evaluation
     assert cached["reference_cache"] == "computed"
-    assert cached["reference_cache_pairs"] == cached["n_train"] + cached["n_heldout"]
+    assert cached["reference_cache_sequences"] == 2 * (cached["n_train"] + cached["n_heldout"])
     assert cached["reference_forwards_per_epoch"] == [0] * SETTINGS["epochs"]
     assert cached["reference_forwards"] == cached["reference_cache_forwards"] > 0
     # the online reference runs once per step (the counter counts)
@@ -266,7 +268,8 @@ def test_cached_reference_runs_no_forward_during_training(cached_run, online_run
     fewer = root / "fewer.jsonl"
     fewer.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))
     third = train_dpo(load_config(threads=1, dpo={**SETTINGS, "reference": "cached"}), fewer, sft, out, CPU)
-    assert third["reference_cache"] == "computed" and third["reference_cache_pairs"] == third["n_train"] + third["n_heldout"]
+    assert third["reference_cache"] == "computed"
+    assert third["reference_cache_sequences"] == 2 * (third["n_train"] + third["n_heldout"])
 
 
 def test_outcome_easy_problem(cached_run):
@@ -299,7 +302,8 @@ def test_metric_names_are_in_the_glossary(cached_run):
 # ---------------------------------------------------------------- config
 
 def test_config_loss_names_are_the_loss_table():
-    assert set(DPO_LOSS_NAMES) == set(DPO_LOSSES)
+    assert set(DPO_LOSS_NAMES) == set(DPO_LOSSES) | set(LISTWISE_DPO_LOSSES)
+    assert not set(DPO_LOSSES) & set(LISTWISE_DPO_LOSSES)
     assert load_config().dpo.loss in DPO_LOSSES
 
 

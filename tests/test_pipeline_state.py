@@ -52,7 +52,7 @@ def test_failed_rerun_keeps_previous_outputs(copy, tmp_path):
     before = snapshot(copy)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"item_id": "a", "prompt": "1 ="}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'chosen'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: holds prompts, not preference pairs .*fields of .*bad.jsonl:1"):
         run_stage("reward", cfg(f"reward.data='{bad}'"), copy)
     assert snapshot(copy) == before
 
@@ -169,3 +169,17 @@ def test_dpo_data_is_checked_before_anything_is_written(tmp_path):
     with pytest.raises(DataError, match=r"change dpo.heldout_fraction"):
         run_pipeline(cfg("method='dpo'", f"reward.data='{few}'"), out)
     assert not out.exists()
+
+
+def test_installing_one_method_keeps_the_evaluation_of_another(tmp_path):
+    """Switching method on an OUT: installing DPO removes an evaluation made from DPO, not one made from PPO."""
+    from rlhfkit.pipeline import _install, stage_inputs
+    from rlhfkit.runio import write_json
+
+    ppo_cfg, dpo_cfg = load_config(), load_config(overrides=["method='dpo'"])
+    for made_from, kept in ((ppo_cfg, True), (dpo_cfg, False)):
+        (tmp_path / "eval").mkdir(exist_ok=True)
+        write_json(tmp_path / "eval" / "INPUTS.json", stage_inputs("eval", made_from))
+        (tmp_path / ".partial" / "dpo").mkdir(parents=True)
+        _install(tmp_path, "dpo", tmp_path / ".partial" / "dpo", dpo_cfg)
+        assert (tmp_path / "eval").exists() == kept

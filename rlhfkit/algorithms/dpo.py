@@ -9,6 +9,12 @@ whose chosen-vs-rejected accuracy is measured on held-out items. Chosen and reje
 (stacked on the batch axis). Variants (cDPO, IPO, hinge) are entries of DPO_LOSSES (rlhfkit/ops/losses.py);
 docs/methods/dpo.md has the equations.
 
+Over K-way rankings (`dpo.loss = "plackett_luce"`, LISTWISE_DPO_LOSSES; Rafailov et al. App. A.3): the data are
+the rankings (rankings.jsonl), batched by item as the Plackett-Luce reward model's (rlhfkit/data/ranked.py): an
+item's K completions in ONE forward, each labeler's ranking one Plackett-Luce term over their implicit rewards.
+The reference, cache included, works on sequences (rows) either way; held-out accuracy, margin and log-probs
+are measured on the held-out items' consensus comparisons, as for the pairwise losses.
+
 Deviations from Rafailov et al. (2023):
 - Reference log-probs are cached by default (`dpo.reference = "cached"`): computed once before the first step
   and saved beside the run, so no epoch runs a reference forward (TRL's `precompute_ref_log_probs`). The
@@ -31,18 +37,20 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.algorithms.reward import load_comparisons
+from rlhfkit.algorithms.reward import load_comparisons, load_rankings, preference_files
 from rlhfkit.config import Config, DPOConfig
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Comparison
+from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
+from rlhfkit.lora import policy_and_reference
 from rlhfkit.models import autocast, disable_dropout, freeze, load_policy, load_tokenizer
 from rlhfkit.ops.logprobs import sequence_logprobs
-from rlhfkit.ops.losses import DPO_LOSSES
+from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES, _dpo_stats
 from rlhfkit.runio import MetricsLog, progress
 from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
 CACHE_FILE = "ref_logprobs.safetensors"
-CACHE_FORMAT = b"rlhfkit dpo reference log-probs v1\n"  # bump when what the cache holds changes
+CACHE_FORMAT = b"rlhfkit dpo reference log-probs v2\n"  # bump when what the cache holds changes (v2: per row)
 
 
 def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
@@ -52,14 +60,22 @@ def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
     return encode_pairs(tokenizer, prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons])
 
 
-def pair_logps(model, data, idx: torch.Tensor, rt: Runtime):
-    """(b,) sequence log-probs of chosen and of rejected for comparisons `idx`, in ONE forward."""
-    ids, mask, completion_mask = data
-    n = len(ids) // 2
-    rows = torch.cat([idx, idx + n])  # (2b,): chosen rows, then their rejected rows
+def row_logps(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """(len(rows),) sequence log-probs of rows `rows` of seqs = (ids, mask, completion_mask), in ONE forward."""
+    ids, mask, completion_mask = seqs
     T = int(mask[rows].sum(dim=1).max())  # right padding: columns past the longest row hold only padding
     with autocast(rt.device, rt.dtype):
-        logps = sequence_logprobs(model, ids[rows, :T], mask[rows, :T], completion_mask[rows, :T])  # (2b,)
+        return sequence_logprobs(model, ids[rows, :T], mask[rows, :T], completion_mask[rows, :T])
+
+
+def pair_rows(data, idx: torch.Tensor) -> torch.Tensor:
+    """(2b,) rows of comparisons `idx` in encode_dpo_pairs' layout: chosen rows, then their rejected rows."""
+    return torch.cat([idx, idx + len(data[0]) // 2])
+
+
+def pair_logps(model, data, idx: torch.Tensor, rt: Runtime):
+    """(b,) sequence log-probs of chosen and of rejected for comparisons `idx`, in ONE forward."""
+    logps = row_logps(model, data, pair_rows(data, idx), rt)  # (2b,)
     return logps[: len(idx)], logps[len(idx) :]
 
 
@@ -70,34 +86,57 @@ def dpo_batch_loss(policy, data, idx: torch.Tensor, ref_chosen, ref_rejected, dc
     return DPO_LOSSES[dc.loss](chosen, rejected, ref_chosen, ref_rejected, dc.beta, dc.label_smoothing)
 
 
+def listwise_batch_loss(policy, data: RankedData, items: torch.Tensor, reference: "Reference", split: str,
+                        dc: DPOConfig, rt: Runtime):
+    """One batch of items' loss and stats over every ranking of them: the policy's log-probs of the items' K
+    completions (one forward) and the reference's, through LISTWISE_DPO_LOSSES[dc.loss]."""
+    rows, present, ranks, owner = data.batch(items)
+    policy_logps = row_logps(policy, data.seqs, rows, rt)  # (F,)
+    ref_logps = reference.rows(split, data.seqs, rows, rt)  # (F,)
+    return LISTWISE_DPO_LOSSES[dc.loss](to_grid(policy_logps, present)[owner], to_grid(ref_logps, present)[owner],
+                                        ranks, dc.beta)  # (R, K) each: an item's log-probs once per ranking of it
+
+
 class Reference:
-    """pi_ref's sequence log-probs of the comparisons: a frozen model run on demand ("online"), or a table
-    {split: (chosen (N,), rejected (N,))} computed once ("cached"). `forwards` counts reference forward
-    passes and `pairs` the comparisons they scored, so a test can prove what the cache spares."""
+    """pi_ref's sequence log-probs of the rows of a split's sequences (encode_dpo_pairs' chosen and rejected
+    rows, or RankedData's completions): a frozen model run on demand ("online"), or a table {split: (M,)}
+    computed once ("cached"). `forwards` counts reference forward passes and `sequences` the rows they scored,
+    so a test can prove what the cache spares."""
 
     def __init__(self, model=None, table: dict | None = None):
         assert (model is None) != (table is None), "a reference is a model or a table, not both"
         self.model, self.table = model, table
-        self.forwards, self.pairs = 0, 0
+        self.forwards, self.sequences = 0, 0
+
+    def rows(self, split: str, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[split][rows]
+        return self.forward(seqs, rows, rt)
 
     def logps(self, split: str, data, idx: torch.Tensor, rt: Runtime):
-        if self.table is not None:
-            chosen, rejected = self.table[split]
-            return chosen[idx], rejected[idx]
-        return self.forward(data, idx, rt)
+        """(chosen (b,), rejected (b,)) of comparisons `idx` of encode_dpo_pairs' `data`."""
+        logps = self.rows(split, data, pair_rows(data, idx), rt)
+        return logps[: len(idx)], logps[len(idx) :]
 
     @torch.no_grad()
-    def forward(self, data, idx: torch.Tensor, rt: Runtime):
+    def forward(self, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
         self.forwards += 1
-        self.pairs += len(idx)
-        return pair_logps(self.model, data, idx, rt)
+        self.sequences += len(rows)
+        return row_logps(self.model, seqs, rows, rt)
 
-    def table_of(self, data, batch_size: int, rt: Runtime):
-        """(chosen (N,), rejected (N,)) of every comparison in `data`: one pass, in order."""
-        n = len(data[0]) // 2
-        parts = [self.forward(data, torch.arange(s, min(s + batch_size, n), device=rt.device), rt)
-                 for s in range(0, n, batch_size)]
-        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+    def table_of(self, seqs, row_batches: list[torch.Tensor], rt: Runtime) -> torch.Tensor:
+        """(M,) log-probs of every row of `seqs`, one forward per batch of rows (batches covering every row once)."""
+        table = torch.zeros(len(seqs[0]), device=rt.device)
+        for rows in row_batches:
+            table[rows] = self.forward(seqs, rows, rt).float()
+        return table
+
+
+def pair_batches(data, batch_size: int) -> list[torch.Tensor]:
+    """The rows of every comparison of `data`, batch_size comparisons a batch (chosen rows, then their rejected
+    rows: as a training step forwards them)."""
+    n = len(data[0]) // 2
+    return [pair_rows(data, idx) for idx in torch.arange(n, device=data[0].device).split(batch_size)]
 
 
 def cache_key(model_dir: Path, splits: dict, rt: Runtime) -> str:
@@ -129,7 +168,7 @@ def load_cache(path: Path, key: str, device: torch.device) -> dict | None:
             if (f.metadata() or {}).get("key") != key:
                 return None
             t = {name: f.get_tensor(name).to(device) for name in f.keys()}
-        return {split: (t[f"{split}/chosen"], t[f"{split}/rejected"]) for split in ("train", "heldout")}
+        return {split: t[f"{split}/logps"] for split in ("train", "heldout")}
     except (OSError, KeyError, SafetensorError):
         return None
 
@@ -137,8 +176,7 @@ def load_cache(path: Path, key: str, device: torch.device) -> dict | None:
 def save_cache(path: Path, table: dict, key: str) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{split}/{side}": t.detach().cpu().contiguous()
-               for split, pair in table.items() for side, t in zip(("chosen", "rejected"), pair)}
+    tensors = {f"{split}/logps": t.detach().cpu().contiguous() for split, t in table.items()}  # (M,) per split
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"key": key})
@@ -161,28 +199,66 @@ def evaluate_dpo(policy, data, reference: Reference, split: str, dc: DPOConfig, 
     return {name: total / n for name, total in sums.items()}
 
 
-def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime, *,
-              ref_cache: Path | None = None) -> dict:
-    """Train the SFT policy in `sft_dir` with DPO on the comparisons; save it in out_dir/model. `ref_cache`:
-    where the cached reference log-probs live (default out_dir/ref_logprobs.safetensors); a file there made
-    from the same reference, data and precision is reused instead of recomputed."""
+@torch.no_grad()
+def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: Reference, split: str, dc: DPOConfig,
+                      rt: Runtime, rows_per_forward: int = 512) -> dict:
+    """evaluate_dpo's figures for a listwise loss: the loss over every ranking of `data`'s items, and the DPO
+    stats and reference log-probs over the comparisons `pairs` ((P, 2) rows of chosen and rejected), so that
+    they mean what they mean for the pairwise losses."""
+    policy.eval()
+    all_rows = torch.arange(len(data.seqs[0]), device=rt.device).split(rows_per_forward)
+    policy_logps = torch.cat([row_logps(policy, data.seqs, rows, rt) for rows in all_rows])  # (M,)
+    ref_logps = torch.cat([reference.rows(split, data.seqs, rows, rt) for rows in all_rows])  # (M,)
+    rows, present, ranks, owner = data.batch(torch.arange(len(data.rows), device=rt.device))
+    grid = lambda logps: to_grid(logps[rows], present)[owner]  # noqa: E731  (R, K)
+    loss, _ = LISTWISE_DPO_LOSSES[dc.loss](grid(policy_logps), grid(ref_logps), ranks, dc.beta)
+    chosen, rejected = pairs[:, 0], pairs[:, 1]
+    stats = _dpo_stats(policy_logps[chosen], policy_logps[rejected], ref_logps[chosen], ref_logps[rejected], dc.beta)
+    means = {"loss/dpo": loss, **stats, "ref_logps/chosen": ref_logps[chosen].mean(),
+             "ref_logps/rejected": ref_logps[rejected].mean()}
+    return {name: value.item() for name, value in means.items()}
+
+
+def train_dpo(cfg: Config, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, rt: Runtime, *,
+              ref_cache: Path | None = None, rankings_path: Path | None = None) -> dict:
+    """Train the SFT policy in `sft_dir` with DPO on the comparisons (a listwise dpo.loss: on the rankings, the
+    comparisons, when given, measuring it); save it in out_dir/model. `ref_cache`: where the cached reference
+    log-probs live (default out_dir/ref_logprobs.safetensors); a file there made from the same reference, data
+    and precision is reused instead of recomputed."""
     start = time.time()
     dc = cfg.dpo
+    listwise = dc.loss in LISTWISE_DPO_LOSSES
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Data: the one contract, one criterion (reward.criterion), text the tokenizer covers, split by item.
+    #    Pairwise: comparisons, encoded as chosen rows then rejected rows. Listwise: items (rankings), their
+    #    completions as rows, and the held-out comparisons as pairs of those rows.
     tokenizer = load_tokenizer(sft_dir, "SFT policy")
-    train, test = load_comparisons(comparisons_path, cfg.reward.criterion, dc.heldout_fraction, cfg.seed, tokenizer,
-                                   stage="dpo")
-    encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
-    data = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
+    if listwise:
+        train_split, test_split = load_rankings(rankings_path, comparisons_path, cfg.reward.criterion,
+                                                dc.heldout_fraction, cfg.seed, tokenizer, stage="dpo")
+        train, test = train_split.comparisons, test_split.comparisons
+        ranked = {"train": encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]),
+                  "heldout": encode_ranked_items(tokenizer, test_split.items)}
+        encoded = {split: r.seqs for split, r in ranked.items()}
+        data = {split: r.to(rt.device) for split, r in ranked.items()}
+        seqs = {split: d.seqs for split, d in data.items()}
+        heldout_pairs = data["heldout"].comparison_rows(test)
+    else:
+        train, test = load_comparisons(comparisons_path, cfg.reward.criterion, dc.heldout_fraction, cfg.seed,
+                                       tokenizer, stage="dpo")
+        encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
+        data = seqs = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
 
-    # 2. Policy: the SFT model, trained, dropout off (so cached reference log-probs equal online ones).
-    policy = disable_dropout(load_policy(sft_dir, rt.device, "SFT policy"))
+    # 2. Policy: the SFT model, trained (or, with LoRA, adapters on it), dropout off (so cached reference
+    #    log-probs equal online ones).
+    policy, lora_reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed) if cfg.lora.r > 0 else (
+        load_policy(sft_dir, rt.device, "SFT policy"), None)
+    disable_dropout(policy)
 
     # 3. Reference: log-probs computed once before training and cached, or a frozen copy run every step.
-    cache_status, cache_forwards, cache_pairs = "none", 0, 0
+    cache_status, cache_forwards, cache_sequences = "none", 0, 0
     if dc.reference == "cached":
         path = Path(ref_cache) if ref_cache is not None else out_dir / CACHE_FILE
         key = cache_key(sft_dir, encoded, rt)
@@ -190,32 +266,44 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
         cache_status = "loaded"
         if table is None:  # the policy has not moved yet: it is the reference, so no second copy is loaded
             builder = Reference(model=policy.eval())
-            table = {split: builder.table_of(data[split], dc.batch_size, rt) for split in ("train", "heldout")}
+            batches = {split: (torch.arange(len(s[0]), device=rt.device).split(2 * dc.batch_size) if listwise
+                               else pair_batches(s, dc.batch_size)) for split, s in seqs.items()}
+            table = {split: builder.table_of(seqs[split], batches[split], rt) for split in ("train", "heldout")}
             save_cache(path, table, key)
-            cache_status, cache_forwards, cache_pairs = "computed", builder.forwards, builder.pairs
+            cache_status, cache_forwards, cache_sequences = "computed", builder.forwards, builder.sequences
         reference = Reference(table=table)
+    elif lora_reference is not None:  # the same weights with the adapter off: no second copy
+        reference = Reference(model=lora_reference.model)
     else:
         reference = Reference(model=freeze(disable_dropout(load_policy(sft_dir, rt.device, "reference policy"))))
 
-    # 4. Train: shuffled comparisons, chosen + rejected in one forward, the loss from DPO_LOSSES.
-    n = len(train)
-    steps_per_epoch = max(n // dc.batch_size, 1)
+    # 4. Train: shuffled comparisons, chosen + rejected in one forward, the loss from DPO_LOSSES; or shuffled
+    #    items, their K completions in one forward, every ranking of them a term of LISTWISE_DPO_LOSSES.
+    def batch_loss(idx: torch.Tensor):
+        if listwise:
+            return listwise_batch_loss(policy, data["train"], idx, reference, "train", dc, rt)
+        ref_chosen, ref_rejected = reference.logps("train", data["train"], idx, rt)  # (b,) each
+        return dpo_batch_loss(policy, data["train"], idx, ref_chosen, ref_rejected, dc, rt)
+
+    n = len(data["train"].rows) if listwise else len(train)
+    batch_size = data["train"].items_per_batch(dc.batch_size) if listwise else dc.batch_size  # ~batch_size rankings
+    steps_per_epoch = max(n // batch_size, 1)
     total_steps = steps_per_epoch * dc.epochs
     optimizer, scheduler = make_optimizer(policy.parameters(), dc.lr, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(out_dir / "metrics.jsonl")
     bar = progress(total_steps, "dpo")
-    step, forwards_per_epoch, initial_loss = 0, [], None
+    step, forwards_per_epoch, initial_loss, trained_sequences = 0, [], None, 0
     for _ in range(dc.epochs):
         policy.train()
         forwards_before = reference.forwards
         order = torch.randperm(n, generator=generator).to(rt.device)
         for b in range(steps_per_epoch):
-            idx = order[b * dc.batch_size : (b + 1) * dc.batch_size]
-            ref_chosen, ref_rejected = reference.logps("train", data["train"], idx, rt)  # (b,) each
-            loss, stats = dpo_batch_loss(policy, data["train"], idx, ref_chosen, ref_rejected, dc, rt)
-            if step == 0:  # policy = reference: ln 2 for 'sigmoid' (anything else: dropout or a stale reference)
-                initial_loss = loss.item()
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            loss, stats = batch_loss(idx)
+            trained_sequences += (data["train"].rows[idx] >= 0).sum() if listwise else 2 * len(idx)  # no device sync
+            if step == 0:  # policy = reference: ln 2 for 'sigmoid', mean log(# orders) for 'plackett_luce' (anything
+                initial_loss = loss.item()  # else: dropout or a stale reference)
             optimizer_step(loss, policy.parameters(), optimizer, scheduler, dc.max_grad_norm)
             step += 1
             if step % 10 == 0 or step == total_steps:
@@ -228,7 +316,10 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
     log.close()
 
     # 5. Held-out implicit-reward accuracy and loss; save with save_pretrained.
-    heldout = evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt)
+    if listwise:
+        heldout = evaluate_listwise(policy, data["heldout"], heldout_pairs, reference, "heldout", dc, rt)
+    else:
+        heldout = evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt)
     policy.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     return {
@@ -242,23 +333,28 @@ def train_dpo(cfg: Config, comparisons_path: Path, sft_dir: Path, out_dir: Path,
         "heldout_logps_rejected": heldout["logps/rejected"],
         "heldout_ref_logps_chosen": heldout["ref_logps/chosen"],  # the SFT policy's: where training started
         "heldout_ref_logps_rejected": heldout["ref_logps/rejected"],
-        "n_train": len(train),
+        "n_train": len(train),  # comparisons (listwise: those of the training items, which it does not train on)
         "n_heldout": len(test),
+        **({"n_train_items": n, "n_train_rankings": int((data["train"].ranks >= 0).any(-1).sum()),
+            "n_heldout_rankings": int((data["heldout"].ranks >= 0).any(-1).sum())} if listwise else {}),
         "steps": total_steps,
         "reference": dc.reference,
         "reference_cache": cache_status,  # "computed", "loaded" (from an earlier run) or "none" (online)
         "reference_cache_forwards": cache_forwards,
-        "reference_cache_pairs": cache_pairs,  # one pass over the data: n_train + n_heldout when computed
+        "reference_cache_sequences": cache_sequences,  # one pass over every split's sequences when computed
         "reference_forwards_per_epoch": forwards_per_epoch,
         "reference_forwards": cache_forwards + reference.forwards,
+        # sequences through a model (chosen and rejected count one each): the compute the comparison reports
+        "passes": {"sampled": 0, "forward": cache_sequences + reference.sequences + len(seqs["heldout"][0]),
+                   "backward": int(trained_sequences)},
         "wall_time_s": time.time() - start,
     }
 
 
 def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): DPO from OUT's SFT policy on the run's comparisons
-    (reward.data, else the feedback stage's). The reference cache lives beside the stages, keyed by the
-    SFT model and the data, so redoing the stage with other [dpo] settings reuses it."""
-    comparisons = Path(cfg.reward.data) if cfg.reward.data else out / "feedback" / "comparisons.jsonl"
-    return train_dpo(cfg, comparisons, out / "sft" / "model", stage_dir, rt,
+    """The pipeline's entry point (rlhfkit/methods.py): DPO from OUT's SFT policy on the run's comparisons, or
+    rankings for a listwise dpo.loss (reward.data, else the feedback stage's). The reference cache lives beside
+    the stages, keyed by the SFT model and the data, so redoing the stage with other [dpo] settings reuses it."""
+    comparisons, rankings = preference_files(cfg, out, cfg.dpo.loss)
+    return train_dpo(cfg, comparisons, out / "sft" / "model", stage_dir, rt, rankings_path=rankings,
                      ref_cache=out / ".cache" / "dpo_ref_logprobs.safetensors")

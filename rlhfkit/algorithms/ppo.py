@@ -12,13 +12,14 @@ References: Ziegler et al. (2019) "Fine-Tuning Language Models from Human Prefer
 
 Deviations from the papers, on purpose:
 - No pretraining-mix loss (PPO-ptx) and no entropy bonus; the KL penalty alone regularises.
-- The reward model sees decoded text and re-tokenises it with its own tokenizer. The text is every
-  sampled token before EOS, special tokens included (a `<unk>` sampled mid-response stays visible to the
-  reward model and the gold labeler instead of silently vanishing).
+- The reward model sees decoded text and re-tokenises it with its own tokenizer (an encoder reward model, or
+  several reward sources: rlhfkit/reward_sources.py). The text is every sampled token before EOS, special
+  tokens included (a `<unk>` sampled mid-response stays visible to the reward model and the gold labeler
+  instead of silently vanishing).
 - The score sits on the last response token: EOS when the response ended (OpenRLHF's convention; TRL's
   PPO trainer puts it on the last token before the first pad, the token before EOS when pad = EOS).
-  A response that hit max_new_tokens without EOS is still scored with an EOS appended, because the
-  reward model only ever learned to read its score at an EOS; its score is lowered by
+  A response that hit max_new_tokens without EOS is still scored with an EOS appended, because a decoder
+  reward model only ever learned to read its score at an EOS (an encoder reads the pair, no EOS); its score is lowered by
   `missing_eos_penalty` (TRL's convention) instead of being replaced by a fixed low score.
 - The adaptive KL controller is fed the k1 estimate (sum of log-ratios, unbiased, as Ziegler et al.) even
   when the reward uses k2, which is biased low for large KL.
@@ -29,8 +30,6 @@ Deviations from the papers, on purpose:
 
 from __future__ import annotations
 
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +37,16 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import Config, PPOConfig
-from rlhfkit.errors import ConfigError
-from rlhfkit.models import disable_dropout, freeze, load_policy, load_scalar_model, load_tokenizer
-from rlhfkit.ops.advantages import RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten
+from rlhfkit.models import disable_dropout, load_scalar_model
+from rlhfkit.ops.advantages import (RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten,
+                                    penalise_missing_eos)
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
-from rlhfkit.rewards import RewardModelScorer
-from rlhfkit.rollout import FrozenReference, collect_rollouts, forward_response
+from rlhfkit.reward_sources import check_value_init, value_reward_model
+from rlhfkit.rollout import collect_rollouts, forward_response, load_online_models, rollout_metrics
 from rlhfkit.runio import MetricsLog, progress, read_metrics
-from rlhfkit.training import Runtime, make_optimizer, optimizer_step, rng_state, set_rng_state
+from rlhfkit.training import (Runtime, loop_generators, loop_state, make_optimizer, optimizer_step, restore_loop_state,
+                              save_checkpoint)
 
 
 @dataclass
@@ -71,7 +71,7 @@ def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.T
     logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
 
     # 2b. Penalise responses that never emitted EOS; optionally normalise and clip the scores.
-    penalised = raw_scores - pc.missing_eos_penalty * (~ended).to(raw_scores.dtype)
+    penalised = penalise_missing_eos(raw_scores, ended, pc.missing_eos_penalty)
     scores = penalised
     if pc.reward_norm:
         score_moments.update(scores)
@@ -97,18 +97,12 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     ckpt_dir = out_dir / "checkpoint"
 
     # Setup: policy (trained), reference (frozen SFT copy), reward model (frozen), value model (trained).
-    tokenizer = load_tokenizer(sft_dir, "sft policy")
-    old_ckpt = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    if not ckpt_dir.exists() and (old_ckpt / "state.pt").is_file():
-        old_ckpt.rename(ckpt_dir)  # killed between the two renames of save_checkpoint
-    resume = (ckpt_dir / "state.pt").is_file()
-    policy = load_policy(ckpt_dir / "policy" if resume else sft_dir, rt.device, "policy")
-    reference = FrozenReference(freeze(load_policy(sft_dir, rt.device, "reference policy")))
-    scorer = RewardModelScorer(rm_dir, rt)
-    if pc.value_init == "reward" and scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {rm_dir} uses another tokenizer than "
-                          "the policy; the value model reads policy tokens, so set ppo.value_init = 'policy'")
-    value_src = ckpt_dir / "value" if resume else (rm_dir if pc.value_init == "reward" else sft_dir)
+    m = load_online_models(cfg, task, sft_dir, rm_dir, ckpt_dir, rt)  # rlhfkit.rollout, shared by the online methods
+    tokenizer, policy, reference, scorer, resume = m.tokenizer, m.policy, m.reference, m.scorer, m.resume
+    value_rm = value_reward_model(cfg, rm_dir)  # the run's reward model, or the first 'reward_model' source
+    if pc.value_init == "reward":  # a decoder reading the policy's tokens (not an encoder, not another vocabulary)
+        check_value_init(value_rm, tokenizer)
+    value_src = ckpt_dir / "value" if resume else (value_rm if pc.value_init == "reward" else sft_dir)
     torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
     value_model = load_scalar_model(value_src, rt.device, "value model")
     # Dropout off: with it, new/old ratios differ from 1 before any update (TRL and OpenRLHF do the same).
@@ -119,20 +113,14 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
     kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
               else FixedKLController(pc.kl_coef))
     score_moments = RunningMoments()
-    prompt_rng = random.Random(f"{cfg.seed}-ppo")
-    sample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    order_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, "ppo", rt.device)
     step = 0
     if resume:
         state = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.value, step = state["kl_coef"], state["step"]
-        start_time -= state.get("wall_time_s", 0.0)
+        step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
+        start_time -= elapsed
+        kl_ctl.value = state["kl_coef"]
         score_moments = RunningMoments(**state["score_moments"])
-        prompt_rng.setstate(state["prompt_rng"])
-        order_gen.set_state(state["order_gen"])
-        set_rng_state(state["rng"], sample_gen)
     log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if resume else None)
     bar = progress(pc.total_steps, "ppo")
     bar.update(step)
@@ -183,14 +171,11 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
             "objective/kl_k1": kl_k1,
             "objective/kl_coef": kl_ctl.value,
             "objective/rlhf_reward": (t.penalised - kl_ctl.value * t.kl.sum(1)).mean().item(),
-            "objective/entropy": (r.entropy * mask).sum(1).mean().item(),  # per response, as TRL
-            "objective/no_eos_rate": (~r.ended).float().mean().item(),
-            "objective/response_length": mask.sum(1).float().mean().item(),
             "value/mean": masked_mean(values, mask).item(),
             "value/returns": masked_mean(returns, mask).item(),
             **{k: torch.stack(v).mean().item() for k, v in stats.items()},
-            # the task's true objective on the same rollouts: proxy (RM score) vs gold, for reward hacking
-            **{f"gold/{k}": v for k, v in task.gold_metrics(r.prompts, r.texts).items()},
+            # entropy, EOS, length, and the task's true objective on the same rollouts (proxy vs gold)
+            **rollout_metrics(r, task),
         }
         log.log(record)
         kl_ctl.update(kl_k1, pc.rollout_batch_size)
@@ -199,12 +184,9 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
         if record["objective/scores"] >= pc.reward_threshold:
             stopped_by_threshold = True
         if step % pc.checkpoint_every == 0 or step == pc.total_steps or stopped_by_threshold:
-            save_checkpoint(ckpt_dir, policy, value_model, tokenizer, {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "kl_coef": kl_ctl.value, "score_moments": vars(score_moments), "prompt_rng": prompt_rng.getstate(),
-                "order_gen": order_gen.get_state(), "rng": rng_state(sample_gen),
-                "wall_time_s": time.time() - start_time,
-            })
+            save_checkpoint(ckpt_dir, {"policy": policy, "value": value_model}, tokenizer, loop_state(
+                step, optimizer, scheduler, prompt_rng, sample_gen, order_gen, time.time() - start_time,
+                kl_coef=kl_ctl.value, score_moments=vars(score_moments)))
         if stopped_by_threshold:
             break
     bar.close()
@@ -220,25 +202,12 @@ def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt:
         "final_kl": last["objective/kl_k1"],
         "final_kl_coef": last["objective/kl_coef"],
         "resumed": resume,
+        # sequences through a model per iteration: sampled once; policy, value model, reference and reward
+        # model without grad; policy and value model with grad in every PPO epoch
+        "passes": {"sampled": step * pc.rollout_batch_size, "forward": 4 * step * pc.rollout_batch_size,
+                   "backward": 2 * step * pc.rollout_batch_size * pc.ppo_epochs},
         "wall_time_s": time.time() - start_time,
     }
-
-
-def save_checkpoint(ckpt_dir: Path, policy, value_model, tokenizer, state: dict) -> None:
-    """Write a complete checkpoint next to the old one, then swap, so a kill never leaves a half checkpoint."""
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "policy")
-    tokenizer.save_pretrained(tmp / "policy")
-    value_model.save_pretrained(tmp / "value")
-    tokenizer.save_pretrained(tmp / "value")
-    torch.save(state, tmp / "state.pt")
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir.exists():
-        ckpt_dir.rename(old)
-    tmp.rename(ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:

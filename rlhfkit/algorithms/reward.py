@@ -1,38 +1,57 @@
-"""Reward model: a scalar head trained on comparisons with the Bradley-Terry loss.
+"""Reward model: a scalar head trained on comparisons (Bradley-Terry) or on whole rankings (Plackett-Luce).
 
-    loss = -log sigma(r(x, y_chosen) - r(x, y_rejected) - m)      (InstructGPT eq. 1; Llama 2 eq. 2)
+    bradley_terry:  loss = -log sigma(r(x, y_chosen) - r(x, y_rejected) - m)   (InstructGPT eq. 1; Llama 2 eq. 2)
+    plackett_luce:  loss = -sum_k [ r(x, y_tau(k)) - log sum_{j >= k} e^{r(x, y_tau(j))} ]   (Plackett 1975)
 
-r is the head's output at the last real token of prompt + completion + EOS. Chosen and rejected go
-through ONE forward pass (stacked on the batch axis). Held-out items (not pairs: pairs of one item
-share a prompt) measure pairwise accuracy. One reward model learns one criterion (`reward.criterion`):
-mixing, say, helpfulness and harmlessness labels would fit neither.
-Deviation from InstructGPT: comparisons of one item are not forced into one batch (K is small here).
+r is the head's output at the last real token of prompt + completion + EOS. `reward.loss` picks the loss:
+Bradley-Terry on the comparisons, chosen and rejected in ONE forward pass (stacked on the batch axis), the
+margin m from the labelers' strengths (`reward.use_margin`); or Plackett-Luce on the rankings
+(rankings.jsonl), batched by item: an item's K completions in ONE forward, each labeler's ranking of it one
+term (ties, identical texts, several labelers: rlhfkit/data/ranked.py and docs/methods/reward.md).
+Both are measured the same way: pairwise accuracy on the consensus comparisons of held-out items (not pairs:
+pairs of one item share a prompt), the items split by the same hash. One reward model learns one criterion
+(`reward.criterion`): mixing, say, helpfulness and harmlessness labels would fit neither.
+`reward.criterion = "*"` trains one model per criterion in the data, each in OUT/reward/<criterion>/.
+An encoder `reward.init` (BERT, MiniLM, ...; rlhfkit.rewards.is_decoder_model) is trained and read the way it
+reads text: its tokenizer's pair encoding of (prompt, completion), no EOS appended, its own forward (pooler
+and classifier head), r = the one logit; same loss, same held-out accuracy (bradley_terry only).
+Deviation from InstructGPT: comparisons of one item are not forced into one batch under bradley_terry (K is
+small here); plackett_luce keeps an item's whole ranking in one term instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data.batching import check_representable, encode_completion, encode_prompt, pad_right
-from rlhfkit.data.contract import Comparison, read_comparisons
-from rlhfkit.errors import DataError
+from rlhfkit.config import CRITERION_NAME
+from rlhfkit.data.batching import check_representable
+from rlhfkit.data.contract import Comparison
+from rlhfkit.data.ranked import RankedData, RankedItem, encode_ranked_items, group_rankings, to_grid
+from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.models import autocast, load_scalar_model, load_tokenizer, sequence_scores
-from rlhfkit.ops.losses import bradley_terry_loss
+from rlhfkit.rewards import encode_for_scoring, is_decoder_model, sequence_rewards
+from rlhfkit.ops.losses import RANKING_LOSSES, bradley_terry_loss
 from rlhfkit.runio import MetricsLog, progress
 from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
 
-def select_criterion(comparisons: list[Comparison], criterion: str, source: str | Path) -> tuple[list[Comparison], str]:
-    """The comparisons of one criterion, and its name. `criterion` empty: the data must hold a single
-    criterion (whatever it is), else an error lists those found, so mixed labels never train one model."""
+def select_criterion(comparisons: list, criterion: str, source: str | Path,
+                     noun: str = "comparisons") -> tuple[list, str]:
+    """The records (comparisons, or rankings) of one criterion, and its name. `criterion` empty: the data must
+    hold a single criterion (whatever it is), else an error lists those found, so mixed labels never train one
+    model. '*' (one model per criterion, train_reward_model): every record, as one checks them all at once."""
     counts = Counter(c.criterion for c in comparisons).most_common()
-    found = ", ".join(f"'{name}' ({n} comparisons)" for name, n in counts)
+    found = ", ".join(f"'{name}' ({n} {noun})" for name, n in counts)
+    if criterion == "*":
+        return comparisons, "*"
     if not criterion:
         if len(counts) > 1:
             raise DataError(f"{source}: comparisons of {len(counts)} criteria ({found}); a reward model learns one, "
@@ -40,8 +59,35 @@ def select_criterion(comparisons: list[Comparison], criterion: str, source: str 
         return comparisons, counts[0][0] if counts else ""
     selected = [c for c in comparisons if c.criterion == criterion]
     if not selected:
-        raise DataError(f"{source}: no comparisons with reward.criterion = '{criterion}'; the file holds {found}")
+        raise DataError(f"{source}: no {noun} with reward.criterion = '{criterion}'; the file holds {found}")
     return selected, criterion
+
+
+def preference_files(cfg: Config, out: Path, loss: str) -> tuple[Path | None, Path | None]:
+    """(comparisons or None, rankings or None) a stage with this loss reads: reward.data (comparisons, or
+    rankings for 'plackett_luce'), else the feedback stage's files, whose comparisons also measure a
+    plackett_luce model (its held-out accuracy)."""
+    listwise = loss == "plackett_luce"
+    if cfg.reward.data:
+        return (None, Path(cfg.reward.data)) if listwise else (Path(cfg.reward.data), None)
+    return out / "feedback" / "comparisons.jsonl", (out / "feedback" / "rankings.jsonl" if listwise else None)
+
+
+def read_preferences(path: str | Path, kind: str, stage: str) -> list:
+    """The comparisons (kind 'pairs') or rankings of a preference file in any format rlhfkit reads: the
+    contract's, TRL's, Anthropic HH, UltraFeedback, ... (rlhfkit.data.load; errors name file, line and
+    field). Rankings give their pairs; comparisons cannot give whole rankings, which a listwise loss needs."""
+    from rlhfkit.data.load import format_origin, convert_records, read_data
+
+    data = read_data(path)
+    if kind == "rankings" and data.kind != "rankings":
+        raise DataError(f"{path}: holds {data.kind} ({format_origin(data)}), but {stage}.loss = 'plackett_luce' trains "
+                        "on whole rankings; give a rankings file (like the feedback stage's rankings.jsonl, or "
+                        f"UltraFeedback-style ratings; docs/data.md) or a pairwise {stage}.loss")
+    try:
+        return convert_records(data.records, data.kind, kind)
+    except DataError as e:
+        raise DataError(f"{path}: {e} ({format_origin(data)})") from None
 
 
 def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, seed: int, tokenizer,
@@ -50,7 +96,7 @@ def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, 
     name file:line:field), one criterion, text the stage's tokenizer can represent, enough items to hold
     some out (`{stage}.heldout_fraction`). The pipeline calls this before anything runs, so bad data fails
     before SFT, not after it."""
-    comparisons, _ = select_criterion(read_comparisons(path), criterion, path)
+    comparisons, _ = select_criterion(read_preferences(path, "pairs", stage), criterion, path)
     texts = [(f"item {c.item_id!r} field {field!r}", getattr(c, field))
              for c in comparisons for field in ("prompt", "chosen", "rejected")]
     check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
@@ -61,69 +107,146 @@ def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, 
     return train, test
 
 
-def split_by_item(comparisons: list[Comparison], heldout_fraction: float, seed: int):
-    """Deterministic train / held-out split by hashing item ids, so no prompt is in both."""
-    def heldout(item_id: str) -> bool:
-        h = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2**64 < heldout_fraction
+class RankingSplit(NamedTuple):
+    items: list[RankedItem]  # what a listwise loss trains on
+    comparisons: list[Comparison]  # the consensus comparisons of the same items: where pairwise accuracy is measured
 
-    train = [c for c in comparisons if not heldout(c.item_id)]
-    test = [c for c in comparisons if heldout(c.item_id)]
+
+def load_rankings(path: str | Path, comparisons_path: str | Path | None, criterion: str, heldout_fraction: float,
+                  seed: int, tokenizer, stage: str = "reward") -> tuple[RankingSplit, RankingSplit]:
+    """(train, held-out) rankings and comparisons a listwise stage reads, split by item as load_comparisons
+    splits (same seed and fraction: the same held-out items). The comparisons are those of `comparisons_path`
+    (the feedback stage's, which a Bradley-Terry model of the same run trains on), else the pairwise-majority
+    consensus of the rankings (feedback.consensus' default and the labeling app's rule). Errors name
+    file:line:field (a ranking that is not a permutation, a missing field) before anything runs."""
+    from rlhfkit.data.load import rankings_to_comparisons
+
+    records, _ = select_criterion(read_preferences(path, "rankings", stage), criterion, path, noun="rankings")
+    texts = [(f"item {r.item_id!r} field {field!r}", text) for r in records
+             for field, text in [("prompt", r.prompt), *(("completions", c) for c in r.completions)]]
+    check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
+    items = group_rankings(records)
+    if comparisons_path is not None:
+        train_comparisons, test_comparisons = load_comparisons(comparisons_path, criterion, heldout_fraction, seed,
+                                                               tokenizer, stage)
+    else:  # the pairwise-majority consensus (the labeling app's rule)
+        train_comparisons, test_comparisons = split_by_item(rankings_to_comparisons(records), heldout_fraction, seed)
+    train = RankingSplit([it for it in items if not is_heldout(it.item_id, heldout_fraction, seed)], train_comparisons)
+    test = RankingSplit([it for it in items if is_heldout(it.item_id, heldout_fraction, seed)], test_comparisons)
+    if not any(it.rankings for it in train.items) or not test.comparisons:
+        raise DataError(f"{path}: {len(items)} items are too few to train on some and hold out "
+                        f"{heldout_fraction:.0%} of them with comparisons; label more items or change "
+                        f"{stage}.heldout_fraction")
     return train, test
 
 
-def encode_comparisons(tokenizer, comparisons: list[Comparison]):
-    """(2N, T) ids and mask, chosen rows first then rejected rows, plus (N,) margins (0 where unknown)."""
-    seqs = []
-    for side in ("chosen", "rejected"):
-        seqs += [encode_prompt(tokenizer, c.prompt) + encode_completion(tokenizer, getattr(c, side)) for c in comparisons]
-    ids, mask = pad_right(seqs, tokenizer.pad_token_id)
+def is_heldout(item_id: str, heldout_fraction: float, seed: int) -> bool:
+    """Whether the item is held out: a hash of the seed and item id, so no prompt is in both splits and every
+    stage (reward model, DPO, either loss) holds out the same items."""
+    h = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < heldout_fraction
+
+
+def split_by_item(comparisons: list[Comparison], heldout_fraction: float, seed: int):
+    """Deterministic train / held-out split by item (is_heldout)."""
+    train = [c for c in comparisons if not is_heldout(c.item_id, heldout_fraction, seed)]
+    test = [c for c in comparisons if is_heldout(c.item_id, heldout_fraction, seed)]
+    return train, test
+
+
+class EncodedComparisons(NamedTuple):
+    inputs: dict[str, torch.Tensor]  # (2N, T) model inputs: chosen rows first, then rejected rows
+    margins: torch.Tensor  # (N,) 0 where unknown
+    decoder: bool  # read the decoder way (last token) or the native way (the model's own forward)
+
+    def to(self, device) -> "EncodedComparisons":
+        return EncodedComparisons({k: v.to(device) for k, v in self.inputs.items()}, self.margins.to(device), self.decoder)
+
+
+def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool = True) -> EncodedComparisons:
+    """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.rewards), and margins."""
+    prompts = [c.prompt for c in comparisons] * 2
+    completions = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
     margins = torch.tensor([c.margin or 0.0 for c in comparisons], dtype=torch.float32)
-    return ids, mask, margins
+    return EncodedComparisons(encode_for_scoring(tokenizer, prompts, completions, decoder), margins, decoder)
 
 
-def pair_scores(model, ids, mask, idx, n: int, rt: Runtime):
+def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
     """Scores of chosen and rejected for comparisons `idx`, in one forward pass."""
-    rows = torch.cat([idx, idx + n])  # chosen rows, then their rejected rows
+    rows = torch.cat([idx, idx + len(data.margins)])  # chosen rows, then their rejected rows
     with autocast(rt.device, rt.dtype):
-        scores = sequence_scores(model, ids[rows], mask[rows])  # (2b,)
+        scores = sequence_rewards(model, {k: v[rows] for k, v in data.inputs.items()}, data.decoder)  # (2b,)
     return scores[: len(idx)], scores[len(idx) :]
 
 
+def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
+    """(R, K) scores of every ranking of `items` and (R, K) their ranks: the items' completions in ONE forward."""
+    rows, present, ranks, owner = data.batch(items)
+    ids, mask, _ = data.seqs
+    with autocast(rt.device, rt.dtype):
+        scores = sequence_scores(model, ids[rows], mask[rows])  # (F,)
+    return to_grid(scores, present)[owner], ranks  # (R, K): an item's scores once per ranking of it
+
+
 @torch.no_grad()
-def evaluate_pairs(model, data, rt: Runtime, batch_size: int = 512) -> dict:
+def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int = 512) -> dict:
     model.eval()
-    ids, mask, margins = data
-    n = len(margins)
+    n = len(data.margins)
     correct, loss_sum = 0.0, 0.0
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n), device=rt.device)
-        c, r = pair_scores(model, ids, mask, idx, n, rt)
+        c, r = pair_scores(model, data, idx, rt)
         loss, stats = bradley_terry_loss(c, r)
         correct += stats["accuracy"].item() * len(idx)
         loss_sum += loss.item() * len(idx)
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
-def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Path, out_dir: Path, rt: Runtime,
+                       rankings_path: Path | None = None) -> dict:
+    """Train on the comparisons (bradley_terry) or the rankings (plackett_luce; the comparisons, when given,
+    measure it); save in out_dir/model. preference_files says which files a run reads. reward.criterion = '*':
+    one model per criterion (train_per_criterion)."""
+    if cfg.reward.criterion == "*":
+        return train_per_criterion(cfg, comparisons_path, init_dir, out_dir, rt, rankings_path)
     start = time.time()
     rc = cfg.reward
+    listwise = rc.loss == "plackett_luce"
 
-    # 1. Data: the one contract (rlhfkit.data.contract), one criterion, split by item.
-    tokenizer = load_tokenizer(init_dir, "reward.init")
-    train, test = load_comparisons(comparisons_path, rc.criterion, rc.heldout_fraction, cfg.seed, tokenizer)
+    # 1. Data: the one contract (rlhfkit.data.contract), one criterion, split by item; read by an encoder's own
+    #    tokenizer and forward (rlhfkit.rewards), or a decoder's last token.
+    decoder = is_decoder_model(init_dir)
+    if listwise and not decoder:
+        raise ConfigError(f"reward.loss = 'plackett_luce' reads whole rankings the decoder way, and reward.init = "
+                          f"{str(init_dir)!r} is an encoder; use reward.loss = 'bradley_terry' with an encoder")
+    tokenizer = load_tokenizer(init_dir, "reward.init", require_eos=decoder)
+    if listwise:
+        train_split, test_split = load_rankings(rankings_path, comparisons_path, rc.criterion, rc.heldout_fraction,
+                                                cfg.seed, tokenizer)
+        train, test = train_split.comparisons, test_split.comparisons
+        ranked = encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]).to(rt.device)
+    else:
+        train, test = load_comparisons(comparisons_path, rc.criterion, rc.heldout_fraction, cfg.seed, tokenizer)
 
     # 2. Model: the initial backbone (the SFT policy by default) with a fresh scalar head.
     torch.manual_seed(cfg.seed)  # the new head's init
     model = load_scalar_model(init_dir, rt.device, "reward.init")
-    train_data = [t.to(rt.device) for t in encode_comparisons(tokenizer, train)]
-    test_data = [t.to(rt.device) for t in encode_comparisons(tokenizer, test)]
+    train_data = encode_comparisons(tokenizer, train, decoder).to(rt.device)
+    test_data = encode_comparisons(tokenizer, test, decoder).to(rt.device)
     if not rc.use_margin:
-        train_data[2].zero_()
+        train_data.margins.zero_()
 
-    # 3. Train with Bradley-Terry, chosen+rejected in one forward.
-    n = len(train)
-    steps_per_epoch = max(n // rc.batch_size, 1)
+    # 3. Train: a batch is comparisons (bradley_terry: chosen + rejected in one forward) or items (plackett_luce:
+    #    an item's K completions in one forward, each of its rankings one term).
+    def batch_loss(idx: torch.Tensor):
+        if listwise:
+            return RANKING_LOSSES["plackett_luce"](*ranking_scores(model, ranked, idx, rt))
+        chosen, rejected = pair_scores(model, train_data, idx, rt)
+        return bradley_terry_loss(chosen, rejected, train_data.margins[idx])
+
+    n = len(ranked.rows) if listwise else len(train)  # items or comparisons
+    batch_size = ranked.items_per_batch(rc.batch_size) if listwise else rc.batch_size  # ~batch_size rankings
+    steps_per_epoch = max(n // batch_size, 1)
     total_steps = steps_per_epoch * rc.epochs
     optimizer, scheduler = make_optimizer(model.parameters(), rc.lr, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -134,9 +257,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
         model.train()
         order = torch.randperm(n, generator=generator).to(rt.device)
         for b in range(steps_per_epoch):
-            idx = order[b * rc.batch_size : (b + 1) * rc.batch_size]
-            chosen, rejected = pair_scores(model, train_data[0], train_data[1], idx, n, rt)
-            loss, stats = bradley_terry_loss(chosen, rejected, train_data[2][idx])
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            loss, stats = batch_loss(idx)
             optimizer_step(loss, model.parameters(), optimizer, scheduler)
             step += 1
             if step % 10 == 0 or step == total_steps:
@@ -146,19 +268,54 @@ def train_reward_model(cfg: Config, comparisons_path: Path, init_dir: Path, out_
     bar.close()
     log.close()
 
-    # 4. Held-out accuracy; save with save_pretrained.
+    # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
     heldout = evaluate_pairs(model, test_data, rt)
     train_eval = evaluate_pairs(model, train_data, rt)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
+    listwise_figures = ({"n_train_items": len(ranked.rows), "n_train_rankings": int((ranked.ranks >= 0).any(-1).sum())}
+                        if listwise else {})
     return {
         "criterion": train[0].criterion,
-        "data": cfg.reward.data or "feedback/comparisons.jsonl",  # what it was trained on, for the report
+        "loss": rc.loss,
+        # what it was trained on, for the report
+        "data": cfg.reward.data or f"feedback/{'rankings' if listwise else 'comparisons'}.jsonl",
+        **listwise_figures,
         "heldout_accuracy": heldout["accuracy"],
         "heldout_loss": heldout["loss"],
         "train_accuracy": train_eval["accuracy"],
         "n_train": len(train),
         "n_heldout": len(test),
         "steps": total_steps,
+        "wall_time_s": time.time() - start,
+    }
+
+
+def train_per_criterion(cfg: Config, comparisons_path: Path | None, init_dir: Path, out_dir: Path, rt: Runtime,
+                        rankings_path: Path | None = None) -> dict:
+    """reward.criterion = '*': one reward model per criterion of the data (Llama 2 trained one for helpfulness
+    and one for safety), each trained alone as train_reward_model trains one, into out_dir/<criterion>/. The
+    result holds each one's figures under 'criteria', and its held-out accuracy as heldout_accuracy/<criterion>."""
+    start = time.time()
+    source = rankings_path if cfg.reward.loss == "plackett_luce" else comparisons_path
+    records = read_preferences(source, "rankings" if cfg.reward.loss == "plackett_luce" else "pairs", "reward")
+    criteria = list(Counter(r.criterion for r in records))
+    if not criteria:
+        raise DataError(f"{source}: no comparisons to train on")
+    for c in criteria:  # each names a directory
+        if not CRITERION_NAME.fullmatch(c) or c == "model":
+            raise DataError(f"{source}: criterion {c!r} cannot name a directory (OUT/reward/<criterion>/model); with "
+                            "reward.criterion = '*' criteria must be up to 32 lowercase letters, digits, '-' or '_', "
+                            "starting with a letter (and not 'model')")
+    results = {}
+    for c in criteria:
+        one = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, criterion=c))
+        (out_dir / c).mkdir(parents=True, exist_ok=True)
+        results[c] = train_reward_model(one, comparisons_path, init_dir, out_dir / c, rt, rankings_path)
+    return {
+        "criteria": results,
+        **{f"heldout_accuracy/{c}": r["heldout_accuracy"] for c, r in results.items()},
+        "loss": cfg.reward.loss,
+        "data": results[criteria[0]]["data"],
         "wall_time_s": time.time() - start,
     }

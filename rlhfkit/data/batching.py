@@ -1,22 +1,83 @@
 """Tokenising prompt/completion pairs and padding them into batches.
 
-Prompt and completion are tokenised separately and concatenated (then EOS), so the boundary between
-them is exact for any tokenizer (a BPE merge across the boundary would otherwise blur which tokens the
-loss applies to). Every algorithm builds its batches here.
+Prompt and completion are tokenised separately and concatenated (then the end of the turn), so the
+boundary between them is exact for any tokenizer (a BPE merge across the boundary would otherwise blur
+which tokens the loss applies to). Every algorithm builds its batches here.
+
+Chat templates (rlhfkit.data.chat): when the tokenizer has one, a prompt (a string, taken as one user
+message, or a conversation: a list of {"role", "content"} messages) is rendered with the template and the
+assistant's turn opened, and tokenised once without adding special tokens (the template writes BOS itself: no
+double BOS); a completion ends with the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...) instead
+of EOS, exactly where the sampler stops (`stop_ids`: EOS and that token). A completion of several messages
+(an SFT conversation) is encoded by rlhfkit.data.chat.encode_chat, loss on its assistant turns only.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from rlhfkit.data.chat import encode_chat, encode_chat_prompt, end_of_turn_ids, has_chat_template
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt)["input_ids"]  # with the tokenizer's own special tokens (e.g. BOS)
+_stop_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # rendering a template is slow
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a sampled response: EOS and the chat template's end-of-turn token (computed once
+    per tokenizer)."""
+    if tokenizer not in _stop_cache:
+        _stop_cache[tokenizer] = end_of_turn_ids(tokenizer)
+    return _stop_cache[tokenizer]
+
+
+def turn_end_id(tokenizer) -> int:
+    """The id a completion ends with: the chat template's end-of-turn token when it has one, else EOS."""
+    return stop_ids(tokenizer)[-1]
+
+
+def _as_messages(prompt) -> list:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Prompt ids: through the chat template when the tokenizer has one, else with the tokenizer's own
+    special tokens (e.g. BOS). A conversation prompt needs a chat template."""
+    if has_chat_template(tokenizer):
+        return encode_chat_prompt(tokenizer, _as_messages(prompt))
+    if isinstance(prompt, list):
+        from rlhfkit.errors import DataError
+
+        raise DataError("a conversation prompt (a list of messages) needs a tokenizer with a chat template, and "
+                        f"this {type(tokenizer).__name__} has none; set tokenizer.chat_template and save it, or use "
+                        "plain-text prompts")
+    return tokenizer(prompt)["input_ids"]
 
 
 def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
+    """Completion ids, then (add_eos) the end of the turn: EOS, or the chat template's end-of-turn token."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos else ids
+    return ids + [turn_end_id(tokenizer)] if add_eos else ids
+
+
+def encode_example(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """(ids, completion mask) of one prompt + completion. A completion given as messages goes through the
+    chat template turn by turn (loss on its assistant turns), cut after its last learned token so the
+    sequence ends where a sampled response would; one assistant message is its content, like a string."""
+    if isinstance(completion, list) and len(completion) == 1 and completion[0].get("role") == "assistant":
+        completion = completion[0]["content"]
+    if isinstance(completion, list):
+        ids, mask = encode_chat(tokenizer, _as_messages(prompt), completion, stop_ids(tokenizer))
+        last = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
+        return ids[:last], mask[:last]
+    p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+    return p + c, [0] * len(p) + [1] * len(c)
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding is written with: the pad token, or EOS for a tokenizer without one (padding is always
+    masked out, so any id works; many causal LMs ship without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,24 +103,21 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Tq) left-padded query ids and mask."""
-    return pad_left([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    return pad_left([encode_prompt(tokenizer, p) for p in prompts], pad_id(tokenizer))
 
 
-def encode_pairs(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+completion+EOS sequences.
+def encode_pairs(tokenizer, prompts: list, completions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+completion+end-of-turn sequences (encode_example).
 
     Returns input_ids (B, T), attention_mask (B, T) and completion_mask (B, T): 1 on completion tokens
-    (EOS included), the tokens that SFT learns and that a reward model's last-token score follows.
+    (EOS or end-of-turn included), the tokens that SFT learns and that a reward model's last-token score follows.
     """
-    seqs, comp = [], []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
-        seqs.append(p + c)
-        comp.append([0] * len(p) + [1] * len(c))
-    ids, mask = pad_right(seqs, tokenizer.pad_token_id)
-    completion_mask, _ = pad_right(comp, 0)
+    seqs, comp = zip(*(encode_example(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True))) \
+        if prompts else ((), ())
+    ids, mask = pad_right(list(seqs), pad_id(tokenizer))
+    completion_mask, _ = pad_right(list(comp), 0)
     return ids, mask, completion_mask
 
 
@@ -76,6 +134,7 @@ def check_representable(tokenizer, texts: list[tuple[str, str]], source: str, ro
     if unk is None or not texts:
         return
     # A literal "<unk>" in the text is the policy's own sampled token (decoded as is), not unknown text.
+    texts = [(where, text if isinstance(text, str) else "\n".join(m["content"] for m in text)) for where, text in texts]
     encoded = tokenizer([t.replace(tokenizer.unk_token, " ") for _, t in texts], add_special_tokens=False)["input_ids"]
     total = sum(len(ids) for ids in encoded)
     unknown = [sum(i == unk for i in ids) for ids in encoded]

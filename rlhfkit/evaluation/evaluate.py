@@ -8,12 +8,14 @@ unbiased, low-variance estimate of the sequence-level KL(pi || pi_ref); its per-
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.data.batching import encode_prompts
+from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.models import autocast, freeze, load_policy, load_tokenizer
 from rlhfkit.ops.kl import categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs, response_logits
@@ -21,9 +23,29 @@ from rlhfkit.sampling import decode_responses, sample
 from rlhfkit.training import Runtime
 
 
+@dataclass(frozen=True)
+class BestOfN:
+    """A policy that is a sampling rule: the best of n samples of the SFT policy by the reward model
+    (OUT/best_of_n/sampler.json)."""
+
+    n: int
+    temperature: float
+
+
+def policy_of(method, stage_dir: Path):
+    """What evaluating `method` (an rlhfkit.methods.Method) samples from: its policy directory, or its sampler."""
+    if method.output == "sampler":
+        from rlhfkit.runio import read_json
+
+        spec = read_json(Path(stage_dir) / "sampler.json")
+        return BestOfN(spec["n"], spec["temperature"])
+    return Path(stage_dir) / "model"
+
+
 def heldout_prompts(task, n: int, seed: int) -> list[str]:
-    """Evaluation prompts from their own random stream (never the training streams)."""
-    return task.prompts(n, random.Random(f"{seed}-eval"))
+    """Evaluation prompts from their own random stream (never the training streams); a prompt file's
+    held-out part (rlhfkit.tasks.files)."""
+    return task.heldout_prompts(n, random.Random(f"{seed}-eval"))
 
 
 @torch.no_grad()
@@ -34,8 +56,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
     for start in range(0, len(prompts), batch_size):
         q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts[start : start + batch_size]))
         with autocast(rt.device, rt.dtype):
-            s = sample(policy, q, qm, max_new_tokens=task.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=generator)
+            s = sample(policy, q, qm, max_new_tokens=task.max_new_tokens, eos_token_id=stop_ids(tokenizer),
+                       pad_token_id=pad_id(tokenizer), generator=generator)
             logits = response_logits(policy, q, qm, s.responses, s.response_mask)  # (B, Tr, V)
             ref_logits = response_logits(ref_policy, q, qm, s.responses, s.response_mask)
         texts += decode_responses(tokenizer, s)
@@ -57,6 +79,29 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
         "kl_per_position": kl_per_position,
         "kl_first_position_share": (kl_pos_sum[0] / kl_pos_sum.sum().clamp(min=1e-12)).item(),
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:8], texts[:8])],
+        "completions": texts,  # every held-out completion; evaluate_run drops them unless asked
+    }
+
+
+def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec: BestOfN, rt: Runtime, seed: int) -> dict:
+    """evaluate_policy's figures for best-of-n: the KL is the analytic bound log n - (n-1)/n (no per-position
+    figures: the best-of-n distribution has no token log-probs to measure them with)."""
+    from rlhfkit.algorithms.best_of_n import best_of_n_kl, best_of_n_texts
+
+    if scorer is None:
+        raise ValueError("best-of-n needs a reward model to pick with")
+    generator = torch.Generator(device=rt.device).manual_seed(seed)
+    texts, scores = best_of_n_texts(policy, tokenizer, scorer, prompts, spec.n, max_new_tokens=task.max_new_tokens,
+                                    temperature=spec.temperature, generator=generator, rt=rt)
+    return {
+        "reward": scores.mean().item(),
+        **task.gold_metrics(prompts, texts),
+        "kl": best_of_n_kl(spec.n),
+        "kl_k1": math.nan,
+        "kl_per_position": [math.nan] * task.max_new_tokens,
+        "kl_first_position_share": math.nan,
+        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:8], texts[:8])],
+        "completions": texts,
     }
 
 
@@ -65,8 +110,8 @@ def token_distributions(policy, tokenizer, prompt: str, n: int, max_new_tokens: 
     """(positions, vocab) marginal frequency of each token at each response position, from n samples."""
     q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, [prompt] * n))
     with autocast(rt.device, rt.dtype):
-        s = sample(policy, q, qm, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, generator=torch.Generator(device=rt.device).manual_seed(seed))
+        s = sample(policy, q, qm, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
+                   pad_token_id=pad_id(tokenizer), generator=torch.Generator(device=rt.device).manual_seed(seed))
     counts = torch.zeros(max_new_tokens, len(tokenizer))
     for t in range(s.responses.shape[1]):
         valid = s.response_mask[:, t].bool()
@@ -74,21 +119,30 @@ def token_distributions(policy, tokenizer, prompt: str, n: int, max_new_tokens: 
     return (counts / n).tolist()
 
 
-def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict[str, Path], rt: Runtime) -> dict:
-    """Evaluate each named policy (e.g. {'sft': ..., 'ppo': ...}) on the same held-out prompts; with a
-    reward model (rm_dir) its mean score is reported too (a DPO run has none)."""
-    from rlhfkit.rewards import RewardModelScorer
+def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, rt: Runtime,
+                 keep_completions: bool = False) -> dict:
+    """Evaluate each named policy (e.g. {'sft': path, 'ppo': path, 'best_of_n': BestOfN(8, 1.0)}) on the same
+    held-out prompts; with a reward model (rm_dir) its mean score is reported too (a DPO run has none).
+    keep_completions: also return every policy's completions ({"prompts": [...], "completions": {name: [...]}})."""
+    from rlhfkit.reward_sources import build_scorer
 
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
-    scorer = RewardModelScorer(rm_dir, rt) if rm_dir is not None else None
+    scorer = build_scorer(cfg, task, rm_dir, rt) if rm_dir is not None else None  # the reward model(s), or reward.sources
     prompts = heldout_prompts(task, cfg.eval.n_prompts, cfg.seed)
     dist_prompt = cfg.eval.dist_prompt or prompts[0]
     results, dists = {}, {}
     for name, path in policies.items():
+        if isinstance(path, BestOfN):  # sampled from the SFT policy, picked by the reward model
+            results[name] = evaluate_best_of_n(ref_policy, tokenizer, scorer, task, prompts, path, rt, cfg.seed)
+            continue
         # The SFT policy is the reference: reuse the loaded copy.
         policy = ref_policy if Path(path) == Path(sft_dir) else freeze(load_policy(path, rt.device, name))
         results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed)
         dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
+    completions = {name: r.pop("completions") for name, r in results.items()}
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {"policies": results, "distributions": {"prompt": dist_prompt, "vocab": vocab, "by_policy": dists}}
+    result = {"policies": results, "distributions": {"prompt": dist_prompt, "vocab": vocab, "by_policy": dists}}
+    if keep_completions:
+        result["completions"] = {"prompts": prompts, "by_policy": completions}
+    return result

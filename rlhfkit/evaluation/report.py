@@ -92,18 +92,21 @@ def plot_ppo_curves(metrics: list[dict], path: Path) -> list[str]:
     return titles
 
 
-def plot_method_curves(metrics: list[dict], curves, method: str, path: Path) -> list[str]:
+def plot_method_curves(metrics: list[dict], curves, method: str, path: Path, step_label: str = "") -> list[str]:
     """A method's declared curves (rlhfkit/methods.py): one panel per (title, metric keys) pair."""
     plt = _plt()
+    step_label = step_label or f"{method} step"
     fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], curves):
+        # "gold/*": every logged key with that prefix (the task's gold metrics)
+        keys = [k for key in keys for k in (gold_keys(metrics) if key == GOLD_PREFIX + "*" else [key])]
         for key in keys:
             points = [(m["step"], m[key]) for m in metrics if key in m]
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5, label=key)
         if len(keys) > 1:
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"{method} step")
+        ax.set_xlabel(step_label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -191,7 +194,7 @@ def _method_line(method: str, config: dict) -> str:
     section = config.get(method, {})
     if method == "ppo":
         return f"PPO, KL coefficient {section['kl_coef']}{' (adaptive)' if section['adaptive_kl'] else ''}"
-    knobs = ", ".join(f"{k} {v}" for k, v in section.items() if k in ("loss", "beta", "label_smoothing"))
+    knobs = ", ".join(f"{k} {v}" for k, v in section.items() if k in ("loss", "beta", "label_smoothing", "n"))
     return f"{method.upper()}" + (f", {knobs}" if knobs else "")
 
 
@@ -202,7 +205,7 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
     if metrics and method.name == "ppo":  # PPO's own panels: proxy vs gold, KL with its spike, beta
         plot_ppo_curves(metrics, eval_dir / "ppo_curves.png")
     elif metrics:
-        plot_method_curves(metrics, method.curves, method.name, eval_dir / f"{method.name}_curves.png")
+        plot_method_curves(metrics, method.curves, method.name, eval_dir / f"{method.name}_curves.png", method.step_label)
     plot_kl_per_position(eval_result["policies"], eval_dir / "kl_per_position.png")
     plot_distributions(eval_result["distributions"], eval_dir / "token_distributions.png")
 

@@ -3,6 +3,13 @@
 Each simulated labeler ranks by the task's gold score, misjudging each completion by one gold point
 (up or down at random) with probability `error_rate`; equal perceived scores are ties. Several labelers
 rank every item and a consensus turns their rankings into comparisons (rlhfkit.feedback.agreement).
+
+With `feedback.strengths`, each labeler also says how much better each tie group is than the next, as
+Llama 2's labelers did (Touvron et al. 2023, Sec. 3.2.1), from the gap between the groups' perceived gold
+scores (`strength_label`); a comparison's margin is then the mean over its supporters of the strongest step
+between the two completions (contract.pair_margin, the labeling app's rule) under `feedback.strength_margins`.
+The strengths are read off the perceived scores, drawing no random number: the rankings are the same with
+or without them.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, ranking_to_pairs, write_jsonl
+from rlhfkit.data.contract import (
+    STRENGTH_MARGINS, Comparison, Ranking, RankingRecord, pair_margin, ranking_from_scores, ranking_to_pairs,
+    write_jsonl,
+)
 from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, mean_agreement, pairwise_agreement
 from rlhfkit.feedback.krippendorff import alpha_for_rankings
 from rlhfkit.models import load_policy, load_tokenizer
@@ -23,24 +33,49 @@ from rlhfkit.sampling import sample_texts
 from rlhfkit.training import Runtime
 
 
-def simulated_ranking(gold: list[float], error_rate: float, rng: random.Random):
-    """One labeler's ranking: gold scores, each misjudged by +-1 with probability error_rate."""
+# Strength of a step between adjacent tie groups from its perceived gold gap, in gold points (the unit of the
+# labelers' noise): (lowest gap, label), strongest first; a smaller gap is "negligibly" better.
+STRENGTH_GAPS = ((1.0, "significantly"), (2.0 / 3.0, "better"), (1.0 / 3.0, "slightly"))
+
+
+def strength_label(gap: float) -> str:
+    """The strength a simulated labeler states for a step whose perceived gold gap is `gap` (> 0)."""
+    return next((label for least, label in STRENGTH_GAPS if gap >= least - 1e-9), "negligibly")  # thirds: exact ties
+
+
+def simulated_ranking(gold: list[float], error_rate: float, rng: random.Random,
+                      strengths: bool = False) -> tuple[Ranking, list[str] | None]:
+    """One labeler's ranking: gold scores, each misjudged by +-1 with probability error_rate; with `strengths`,
+    also the strength of each step between adjacent tie groups (from the perceived gap), else None."""
     perceived = [g + (rng.choice((-1.0, 1.0)) if rng.random() < error_rate else 0.0) for g in gold]
-    return ranking_from_scores(perceived)
+    ranking = ranking_from_scores(perceived)
+    if not strengths:
+        return ranking, None
+    level = [perceived[group[0]] for group in ranking]  # (groups,) best first
+    return ranking, [strength_label(a - b) for a, b in zip(level, level[1:])]
 
 
-def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, rule: str) -> list[Comparison]:
-    """Comparisons from several labelers' rankings of one item; pairs of identical texts are dropped."""
+def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, rule: str,
+                          strengths: list[list[str] | None] | None = None,
+                          margins: dict[str, float] = STRENGTH_MARGINS) -> list[Comparison]:
+    """Comparisons from several labelers' rankings of one item; pairs of identical texts are dropped. With
+    `strengths` (per labeler, or None where a labeler gave none), each comparison's margin is the mean over its
+    supporters of pair_margin under `margins`; without any, the margin is None (unknown)."""
+    strengths = strengths or [None] * len(rankings)
     if rule == "majority":
-        pairs = [(i, j, [labeler_ids[n] for n in support]) for i, j, support in majority_pairs(rankings)]
+        pairs = [(i, j, list(support)) for i, j, support in majority_pairs(rankings)]
     else:
         consensus = borda_consensus(rankings)
-        pairs = []
         prefers = [set(ranking_to_pairs(r)) for r in rankings]
-        for i, j in ranking_to_pairs(consensus):
-            pairs.append((i, j, [labeler_ids[n] for n, p in enumerate(prefers) if (i, j) in p]))
+        pairs = [(i, j, [n for n, p in enumerate(prefers) if (i, j) in p]) for i, j in ranking_to_pairs(consensus)]
+
+    def margin(i: int, j: int, support: list[int]) -> float | None:
+        given = [pair_margin(rankings[n], strengths[n], i, j, margins) for n in support if strengths[n] is not None]
+        return sum(given) / len(given) if given else None
+
     return [
-        Comparison(item_id=item_id, prompt=prompt, chosen=completions[i], rejected=completions[j], labeler_ids=support)
+        Comparison(item_id=item_id, prompt=prompt, chosen=completions[i], rejected=completions[j],
+                   margin=margin(i, j, support), labeler_ids=[labeler_ids[n] for n in support])
         for i, j, support in pairs
         if completions[i] != completions[j]
     ]
@@ -59,18 +94,23 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
     completions = sample_texts(model, tokenizer, prompts, fb.k, max_new_tokens=task.max_new_tokens, generator=generator,
                                temperature=fb.temperature, dtype=rt.dtype, batch_size=512, desc="feedback: sampling")
 
-    # 2. Each labeler ranks each item; 3. the consensus becomes comparisons.
+    # 2. Each labeler ranks each item (and states strengths); 3. the consensus becomes comparisons.
     labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]
+    margins = dict(zip(STRENGTH_MARGINS, fb.strength_margins, strict=True))  # label -> margin, the configured table
     rankings: list[RankingRecord] = []
     comparisons: list[Comparison] = []
     per_item, gold_agree, gold_total = [], 0, 0
     for i, (prompt, comps) in enumerate(zip(prompts, completions)):
         item_id = f"{task.name}-{i:06d}"
         gold = [task.gold_score(prompt, c) for c in comps]
-        item_rankings = [simulated_ranking(gold, fb.error_rate, rng) for _ in labeler_ids]
+        labels = [simulated_ranking(gold, fb.error_rate, rng, fb.strengths) for _ in labeler_ids]
+        item_rankings = [r for r, _ in labels]
+        item_strengths = [s for _, s in labels]
         per_item.append(item_rankings)
-        rankings += [RankingRecord(item_id, prompt, comps, lid, r) for lid, r in zip(labeler_ids, item_rankings)]
-        item_comparisons = consensus_comparisons(item_id, prompt, comps, item_rankings, labeler_ids, fb.consensus)
+        rankings += [RankingRecord(item_id, prompt, comps, lid, r, strengths=s)
+                     for lid, (r, s) in zip(labeler_ids, labels)]
+        item_comparisons = consensus_comparisons(item_id, prompt, comps, item_rankings, labeler_ids, fb.consensus,
+                                                 item_strengths, margins)
         comparisons += item_comparisons
         for c in item_comparisons:
             gold_total += 1

@@ -13,8 +13,9 @@ Rules (documented in docs/labeling.md):
   when more than half of them ranked i strictly above j; `labeler_ids` lists those supporters. With one
   labeler this is every strict preference of their ranking.
 - Margin: a labeler who gave strengths between adjacent ranks supports (i, j) with the margin of the
-  strongest step between i's and j's tie groups (STRENGTH_MARGINS); the comparison's margin is the mean
-  over its supporters. Without strengths the margin is null.
+  strongest step between i's and j's tie groups (contract.pair_margin, STRENGTH_MARGINS); the comparison's
+  margin is the mean over its supporters. Without strengths the margin is null. The rankings carry the
+  labels themselves (`strengths`).
 - min_agreement: an item whose mean pairwise agreement between its labelers is below the threshold on
   any of the project's criteria is left out entirely (comparisons, rankings and consensus of every
   criterion). Items with a single labeler have no agreement and are kept.
@@ -31,7 +32,7 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from rlhfkit.data.contract import STRENGTH_MARGINS, Comparison, RankingRecord, write_jsonl
+from rlhfkit.data.contract import Comparison, RankingRecord, pair_margin, write_jsonl
 from rlhfkit.errors import ConfigError
 from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, pairwise_agreement
 from rlhfkit.labelapp import db
@@ -39,12 +40,6 @@ from rlhfkit.labelapp.project import get_settings
 from rlhfkit.labelapp.stats import by_item, load_labels, project_stats
 
 EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "export.json")
-
-
-def pair_margin(ranking: list[list[int]], steps: list[str], better: int, worse: int) -> float:
-    group = {i: g for g, members in enumerate(ranking) for i in members}
-    lo, hi = group[better], group[worse]
-    return max(STRENGTH_MARGINS[s] for s in steps[lo:hi])
 
 
 def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreement: float | None = None,
@@ -88,7 +83,7 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
             texts = first["completions"]
             for lab in labs:
                 rankings.append(RankingRecord(first["item_key"], first["prompt"], texts, lab["labeler"],
-                                              lab["rankings"][criterion], criterion))
+                                              lab["rankings"][criterion], criterion, lab["strengths"].get(criterion)))
             consensus.append(RankingRecord(first["item_key"], first["prompt"], texts, "consensus",
                                            borda_consensus(ranks), criterion))
             for better, worse, support in majority_pairs(ranks):

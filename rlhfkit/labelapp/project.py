@@ -79,20 +79,21 @@ def read_text(path: str | Path, what: str) -> str:
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one prompt per line)."""
-    path = Path(path)
-    text = read_text(path, "prompts file")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for where, obj in iter_jsonl(path):
-            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise DataError(f"{where}: field 'prompt' must be a non-empty string")
-            prompts.append(obj["prompt"])
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
+    """Prompts from a prompt file in any format rlhfkit reads (a text file with one prompt per line, JSONL
+    with 'prompt', JSON, Parquet, a `datasets` directory, or the prompts of a preference or SFT file: the
+    same files `[data] prompts` takes; docs/data.md). The app shows plain-text prompts only."""
+    from rlhfkit.data.load import load_prompts as read_prompts
+
+    records = read_prompts(path)
+    for n, r in enumerate(records, start=1):
+        if not isinstance(r.prompt, str):
+            raise DataError(f"{path}: prompt {n} is a conversation; the labeling app shows plain-text prompts only "
+                            "(render it to text first)")
+        if not r.prompt.strip():
+            raise DataError(f"{path}: prompt {n} is empty")
+    if not records:
         raise DataError(f"{path}: contains no prompts")
-    return prompts
+    return [r.prompt for r in records]
 
 
 def load_completions(path: str | Path) -> list[dict]:

@@ -4,6 +4,7 @@
     kl.py          per-token KL estimators k1/k2/k3, exact categorical KL, KL controllers
     advantages.py  KL-penalised per-token rewards, masked statistics, whitening, GAE, running reward moments,
                    RLOO and GRPO group baselines
-    losses.py      every loss, one small function each: SFT, Bradley-Terry, PPO clipped policy and value; the
+    losses.py      every loss, one small function each: SFT, Bradley-Terry, PPO clipped policy and value,
+                   RLOO's sequence-level and GRPO's per-token clipped losses; the
                    DPO family (DPO_LOSSES), listwise DPO and ranking losses (Plackett-Luce), in tables
 """

@@ -43,6 +43,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask
 
 
+def penalise_missing_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores (B,) minus `penalty` for each response that hit the token budget without EOS (ended (B,) bool
+    False): TRL's `missing_eos_penalty`, shared by PPO, RLOO and GRPO."""
+    return scores - penalty * (~ended).to(scores.dtype)
+
+
 def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards of RLHF (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
 
@@ -145,3 +151,9 @@ def grpo_advantages(scores: torch.Tensor, group_size: int | None = None, eps: fl
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)  # (N, 1), unbiased
     return (centered / (std + eps)).reshape(scores.shape)
+
+
+def zero_std_share(scores: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """Share of groups whose K scores are all equal: a group baseline gives them advantage 0, so they teach
+    nothing (TRL's frac_reward_zero_std). scores (N, K) or (N * K,) with group_size = K."""
+    return (_grouped(scores, group_size) == 0).all(dim=1).float().mean()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.ops.advantages import masked_mean
+from rlhfkit.ops.kl import KL_ESTIMATORS
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None):
@@ -63,17 +64,78 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float)
     All (B, T); mean over masked tokens."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, clip_active = clipped_surrogate(ratio, advantages, clip_range)
+    loss = masked_mean(per_token, mask)
     stats = {
-        "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
-        # k3 estimate of KL(old || new) from tokens sampled under old: (rho - 1) - log rho (kl.py), a
-        # stable "how far did this epoch move" signal (TRL logs k2 = lr^2 / 2, unmasked, instead)
-        "policy/approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach(),
+        "policy/clipfrac": masked_mean(clip_active.float(), mask).detach(),
+        "policy/approxkl": _approxkl(log_ratio, mask),
         "policy/ratio": masked_mean(ratio, mask).detach(),
     }
     return loss, stats
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float):
+    """PPO's clipped surrogate as a loss, elementwise (Schulman et al. 2017, eq. 7, negated):
+        max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),
+    and where the clipped branch is the larger (the clip is active). Shared by PPO (per token), RLOO (per
+    sequence) and GRPO (per token)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def _approxkl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(old || new) from tokens sampled under old: (rho - 1) - log rho (kl.py), a stable "how
+    far did this epoch move" signal over response tokens (TRL logs k2 = lr^2 / 2, unmasked, instead)."""
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach()
+
+
+def rloo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+    """RLOO's policy loss: REINFORCE on whole sequences (Ahmadian et al. 2024, "Back to Basics", eq. 6: the
+    completion is one action), with the sequence ratio clipped as in PPO (TRL's RLOOTrainer):
+        L = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1 - eps, 1 + eps)),
+        rho_i = exp(sum_t logprobs_it - sum_t old_logprobs_it)   (sums over response tokens)
+    At rho = 1 (one update per batch) its gradient is REINFORCE's -mean_i A_i * grad log pi(y_i | x_i).
+    logprobs, old_logprobs, mask (B, T); advantages (B,). Stats: policy/clipfrac is the share of sequences
+    whose clip is active; policy/approxkl and policy/ratio are per token as PPO's (how far the update moved)."""
+    mask = mask.to(logprobs.dtype)
+    seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(-1)  # (B,)
+    ratio = torch.exp(seq_log_ratio)
+    per_sequence, clip_active = clipped_surrogate(ratio, advantages, clip_range)  # (B,)
+    token_log_ratio = logprobs - old_logprobs
+    stats = {
+        "policy/clipfrac": clip_active.float().mean().detach(),
+        "policy/approxkl": _approxkl(token_log_ratio, mask),
+        "policy/ratio": masked_mean(torch.exp(token_log_ratio), mask).detach(),
+    }
+    return per_sequence.mean(), stats
+
+
+def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range: float, beta: float):
+    """GRPO's objective as a loss (Shao et al. 2024, DeepSeekMath, eq. 3), KL in the loss:
+        l_it = max(-A_i * rho_it, -A_i * clip(rho_it, 1 - eps, 1 + eps)) + beta * KL_it,
+        rho_it = exp(logprobs_it - old_logprobs_it),   KL_it = k3 = pi_ref/pi - log(pi_ref/pi) - 1   (eq. 4)
+        L = mean_i ( 1/|o_i| sum_t l_it )      per-sequence mean over its response tokens, then batch mean
+    (the paper's 1/G sum_i 1/|o_i| sum_t; TRL's loss_type = "grpo"; DAPO's token-level mean is not this).
+    The KL is evaluated at the current policy (with grad), on tokens sampled from the old one.
+    logprobs, old_logprobs, ref_logprobs, mask (B, T); advantages (B,), one per sequence. Returns the loss and
+    stats: loss/policy (the clipped term alone), loss/kl (the KL term before beta), clipfrac, approxkl, ratio."""
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(-1).clamp(min=1)  # (B,)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    surrogate, clip_active = clipped_surrogate(ratio, advantages[:, None], clip_range)  # (B, T)
+    kl = KL_ESTIMATORS["k3"](logprobs, ref_logprobs)  # (B, T)
+    policy_term = ((surrogate * mask).sum(-1) / lengths).mean()
+    kl_term = ((kl * mask).sum(-1) / lengths).mean()
+    stats = {
+        "loss/policy": policy_term.detach(),
+        "loss/kl": kl_term.detach(),
+        "policy/clipfrac": masked_mean(clip_active.float(), mask).detach(),
+        "policy/approxkl": _approxkl(log_ratio, mask),
+        "policy/ratio": masked_mean(ratio, mask).detach(),
+    }
+    return policy_term + beta * kl_term, stats
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value: float):

@@ -7,10 +7,23 @@ from rlhfkit.tasks.base import Task
 
 
 def task_names() -> list[str]:
-    return ["digits"]
+    return ["digits", "none"]
+
+
+def task_for(cfg) -> Task:
+    """The run's task: the built-in `cfg.task`, with the [data] files (prompts, demonstrations) in place of what
+    it generates (rlhfkit.tasks.files); `task = "none"` runs on the files alone."""
+    data = cfg.data
+    if not (data.sft or data.prompts):
+        return get_task(cfg.task)
+    from rlhfkit.tasks.files import DataTask
+
+    return DataTask(None if cfg.task == "none" else get_task(cfg.task), data, cfg.seed)
 
 
 def get_task(name: str) -> Task:
+    if name == "none":
+        raise ConfigError("task = 'none' runs on your files: set data.sft and data.prompts (docs/data.md)")
     if name == "digits":
         from rlhfkit.tasks.digits import DigitsTask
 

@@ -25,6 +25,14 @@ class Task(ABC):
     def demonstrations(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
         """n (prompt, completion) pairs for SFT."""
 
+    def heldout_prompts(self, n: int, rng: random.Random) -> list[str]:
+        """n evaluation prompts (a task that generates prompts draws them from the evaluation's own stream)."""
+        return self.prompts(n, rng)
+
+    def sft_split(self, n: int, rng: random.Random) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """SFT's training demonstrations and the held-out ones its loss is measured on."""
+        return self.demonstrations(n, rng), self.demonstrations(max(256, n // 20), rng)
+
     @abstractmethod
     def gold_score(self, prompt: str, completion: str) -> float:
         """The true objective that simulated labelers rank by (higher is better; equal scores tie)."""

@@ -1,0 +1,129 @@
+"""`rlhfkit compare`: every method from the same SFT model, feedback and reward model, judged on the same
+held-out prompts, in one report.
+
+    OUT/<method>/            each method's stage, as `rlhfkit run --set method=...` makes it (reused when up to date)
+    OUT/compare/report.md    the table, each method's curves, head-to-head win rates, Elo ladders
+    OUT/compare/compare.json every figure of the report, and each policy's held-out completions
+
+Phases:
+    1. run the shared stages (SFT, feedback, reward model) and each method's stage; up-to-date ones are skipped,
+       so the methods share one SFT model, one set of comparisons and one reward model
+    2. evaluate SFT and every method's policy on the same held-out prompts (rlhfkit.evaluation)
+    3. head to head: for every pair of policies and every prompt, whose completion wins by the reward model's
+       score and by the task's gold score (ties count one half)
+    4. Elo ladders from those matches (rlhfkit.feedback.elo), the table and the report
+
+The reward model judges every policy, DPO's too (it is trained whether or not a method needs it), which favours
+the methods that optimised against it; the gold judge is the check on that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from itertools import combinations
+from pathlib import Path
+
+from rlhfkit.config import Config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.methods import METHODS
+from rlhfkit.runio import mark_complete, write_json
+
+
+def head_to_head(scores: dict[str, list[float]]) -> tuple[dict[str, dict[str, float]], list[tuple[str, str, float]]]:
+    """From each policy's per-prompt scores (the same prompts in the same order): the win rate of every policy
+    against every other (ties count 1/2) and the matches, one per pair of policies and prompt, for Elo."""
+    rates: dict[str, dict[str, float]] = {a: {} for a in scores}
+    matches = []
+    for a, b in combinations(scores, 2):
+        outcomes = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(scores[a], scores[b], strict=True)]
+        matches += [(a, b, o) for o in outcomes]
+        rates[a][b] = sum(outcomes) / len(outcomes)
+        rates[b][a] = 1.0 - rates[a][b]
+    return rates, matches
+
+
+def compare_methods(cfg: Config) -> list[str]:
+    """The methods to compare: compare.methods (Config.validate checks the names), or every registered method."""
+    return list(cfg.compare.methods) or list(METHODS)
+
+
+def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
+    """Phases 1-4 into OUT; returns compare.json's figures."""
+    from rlhfkit import pipeline
+
+    out = Path(out)
+    methods = compare_methods(cfg)
+    configs = {m: dataclasses.replace(cfg, method=m) for m in methods}
+    stages = {name: configs[m] for m in methods for name in pipeline.pipeline_stages(configs[m]) if name != "eval"}
+    if "reward" not in stages:  # the judge of the head-to-head matches, even when no method needs it
+        stages["reward"] = cfg
+    stages = {name: stages[name] for name in pipeline.STAGES if name in stages}  # in pipeline order
+    stale = {n: c for n, c_ in stages.items() if (c := pipeline.stage_changes(out, n, c_))}
+    if stale and not update:
+        raise RlhfkitError(
+            f"{out} holds outputs made with another config "
+            f"({'; '.join(f'{n}: {chr(44).join(c)}' for n, c in stale.items())}); rerun with --update to redo them, "
+            "or use a new --out")
+    for name, stage_cfg in stages.items():
+        pipeline.preflight(stage_cfg, out, [name])
+    start = time.time()
+    with pipeline.locked(out):
+        # 1. Shared stages once, then each method's stage.
+        for name, stage_cfg in stages.items():
+            pipeline._stage(name, stage_cfg, out, fresh=False, skip_hint=f"`rlhfkit {name} --out {out} --fresh` redoes it")
+        pipeline._log(f"compare: evaluating sft, {', '.join(methods)} on the same held-out prompts")
+        partial = out / ".partial" / "compare"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        result = _compare(cfg, out, methods, partial)
+        result["wall_time_s"] = time.time() - start
+        mark_complete(partial, {k: v for k, v in result.items() if k in ("report", "wall_time_s")})
+        pipeline._install(out, "compare", partial, cfg)
+    return result
+
+
+def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> dict:
+    """Phases 2-4 into compare_dir."""
+    from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
+    from rlhfkit.feedback.elo import elo_ladder
+    from rlhfkit.models import quiet_transformers
+    from rlhfkit.reward_sources import build_scorer
+    from rlhfkit.runio import stage_result
+    from rlhfkit.tasks import task_for
+    from rlhfkit.training import runtime
+
+    quiet_transformers()
+    task, rt = task_for(cfg), runtime(cfg)
+    sft_dir, rm_dir = out / "sft" / "model", out / "reward" / "model"
+
+    # 2. Every policy on the same held-out prompts.
+    policies = {"sft": sft_dir, **{m: policy_of(METHODS[m], out / m) for m in methods}}
+    ev = evaluate_run(cfg, task, sft_dir, rm_dir, policies, rt, keep_completions=True)
+    prompts, completions = ev["completions"]["prompts"], ev["completions"]["by_policy"]
+
+    # 3. Head to head, judged by the reward model and by the task's gold score.
+    scorer = build_scorer(cfg, task, rm_dir, rt)
+    by_rm = {n: scorer(prompts, texts).tolist() for n, texts in completions.items()}
+    by_gold = {n: [task.gold_score(p, c) for p, c in zip(prompts, texts)] for n, texts in completions.items()}
+    rm_rates, rm_matches = head_to_head(by_rm)
+    gold_rates, gold_matches = head_to_head(by_gold)
+
+    # 4. Elo ladders, the table, the report.
+    ladders = {judge: [dataclasses.asdict(r) for r in elo_ladder(matches, rounds=100, seed=cfg.seed)]
+               for judge, matches in (("reward model", rm_matches), ("gold", gold_matches))}
+    stages = {m: stage_result(out / m) for m in methods}
+    result = {
+        "methods": methods,
+        "policies": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in ev["policies"].items()},
+        "stages": {m: {"wall_time_s": s.get("wall_time_s"), "passes": s.get("passes")} for m, s in stages.items()},
+        "win_rates": {"reward model": rm_rates, "gold": gold_rates},
+        "elo": ladders,
+        "report": "compare/report.md",
+    }
+    write_json(compare_dir / "compare.json", {**result, "completions": ev["completions"]})
+    from rlhfkit.evaluation.compare_report import write_compare_report
+
+    write_compare_report(compare_dir, result, cfg, out, task.gold_metric_names)
+    return result

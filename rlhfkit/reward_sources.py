@@ -1,0 +1,161 @@
+"""Reward sources, several at once: what the online methods and the evaluation score responses with.
+
+    [[reward.sources]]                       # one table per source (rlhfkit.config.RewardSourceConfig)
+    kind = "reward_model"                    # this run's reward model (path empty), of one criterion
+    criterion = "helpfulness"
+    [[reward.sources]]
+    kind = "classifier"                      # the probability of one class of any classifier
+    path = "models/toxicity"
+    label = "not toxic"
+    output = "prob"
+    name = "safety"
+
+Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.rewards), 'sequence_classifier'
+(any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
+'classifier' (one class's logit or probability) and 'gold' (the task's gold scorer). The scores combine by
+`reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: the safety score where it is
+below a threshold, else the helpfulness score). No sources = the run's reward model alone, as before.
+
+`build_scorer(cfg, task, rm_dir, rt)` is the one place a scorer is made; it returns an object called as
+`scorer(prompts, completions) -> (B,)`, and a combination also has `score_sources(...) -> ((B,), {name: (B,)})`,
+which collect_rollouts uses to log `objective/scores/<name>`.
+
+Deviations from Llama 2: no IS_SAFETY(prompt) tag (the rule looks at the safety score alone), the threshold is on
+the safety source's own scale, and the combined score is not passed through logit() and whitened here
+(`ppo.reward_norm` normalises scores by running moments instead).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import Config
+from rlhfkit.errors import ConfigError
+from rlhfkit.rewards import ClassLabelScorer, RewardModelScorer, is_decoder_model
+from rlhfkit.training import Runtime
+
+
+# ----------------------------------------------------------------------------------------------------
+# Combiners: pure functions of the sources' (B,) scores
+
+
+def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """(B,) sum_i w_i * s_i over the sources."""
+    return sum(weights[name] * s for name, s in scores.items())
+
+
+def llama2_combine(safety: torch.Tensor, helpfulness: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) Llama 2's rule (Touvron et al. 2023, eq. 4, without the prompt's safety tag): the safety score
+    where it is below the threshold (an unsafe response is judged by safety alone), else the helpfulness score."""
+    return torch.where(safety < threshold, safety, helpfulness)
+
+
+class GoldScorer:
+    """The task's gold scorer (task.gold_score) as a reward: an oracle, for experiments with a known truth."""
+
+    def __init__(self, task, rt: Runtime):
+        self.task, self.rt = task, rt
+
+    def __call__(self, prompts: list, completions: list) -> torch.Tensor:
+        return torch.tensor([self.task.gold_score(p, c) for p, c in zip(prompts, completions, strict=True)],
+                            dtype=torch.float32, device=self.rt.device)
+
+
+class CombinedScorer:
+    """Several named scorers and how their scores become one reward (reward.combine)."""
+
+    def __init__(self, scorers: dict, weights: dict[str, float], combine: str = "sum", safety: str = "",
+                 helpfulness: str = "", threshold: float = 0.15):
+        self.scorers, self.weights, self.combine = scorers, weights, combine
+        self.safety, self.helpfulness, self.threshold = safety, helpfulness, threshold
+
+    def score_sources(self, prompts: list, completions: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B,) combined score and each source's (B,) score."""
+        scores = {name: scorer(prompts, completions).float() for name, scorer in self.scorers.items()}
+        if self.combine == "llama2":
+            return llama2_combine(scores[self.safety], scores[self.helpfulness], self.threshold), scores
+        return weighted_sum(scores, self.weights), scores
+
+    def __call__(self, prompts: list, completions: list) -> torch.Tensor:
+        return self.score_sources(prompts, completions)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# From the config
+
+
+def run_reward_model(cfg: Config, rm_dir: Path, criterion: str = "") -> Path:
+    """This run's reward model of `criterion`: rm_dir (OUT/reward/model), or with reward.criterion = '*' (one
+    model per criterion) OUT/reward/<criterion>/model."""
+    return rm_dir.parent / criterion / "model" if cfg.reward.criterion == "*" else rm_dir
+
+
+def source_model_dir(cfg: Config, source, rm_dir: Path) -> Path:
+    return Path(source.path) if source.path else run_reward_model(cfg, rm_dir, source.criterion)
+
+
+def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
+    """The scorer the online methods and the evaluation use: with no reward.sources the run's reward model
+    (rm_dir) as before; else a CombinedScorer of the sources."""
+    r = cfg.reward
+    if not r.sources:
+        return RewardModelScorer(rm_dir, rt)
+    scorers = {}
+    for name, s in zip(r.source_names(), r.sources):
+        if s.kind == "gold":
+            scorers[name] = GoldScorer(task, rt)
+        elif s.kind == "classifier":
+            scorers[name] = ClassLabelScorer(s.path, rt, s.label, s.output)
+        else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward
+            scorers[name] = RewardModelScorer(source_model_dir(cfg, s, rm_dir), rt,
+                                              decoder=None if s.kind == "reward_model" else False)
+    weights = {name: s.weight for name, s in zip(r.source_names(), r.sources)}
+    return CombinedScorer(scorers, weights, r.combine, r.safety_source, r.helpfulness_source, r.safety_threshold)
+
+
+def value_reward_model(cfg: Config, rm_dir: Path) -> Path:
+    """The reward model PPO's value model starts from (ppo.value_init = 'reward'): the run's reward model,
+    or with reward.sources the first 'reward_model' source (Config.validate makes sure there is one)."""
+    first = next((s for s in cfg.reward.sources if s.kind == "reward_model"), None)
+    return rm_dir if first is None else source_model_dir(cfg, first, rm_dir)
+
+
+def check_value_init(path: Path, policy_tokenizer=None) -> None:
+    """ppo.value_init = 'reward' needs a decoder reward model that reads the policy's tokens (compared when
+    policy_tokenizer is given): the value head is applied at every response token of the policy's own sequence.
+    An encoder, or another vocabulary, cannot."""
+    from rlhfkit.models import load_tokenizer
+
+    if not is_decoder_model(path):
+        raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {path} is an encoder read by its own "
+                          "forward on its own tokenizer; the value model reads the policy's tokens at every position, "
+                          "so set ppo.value_init = 'policy'")
+    if policy_tokenizer is not None and load_tokenizer(path, "reward model").get_vocab() != policy_tokenizer.get_vocab():
+        raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {path} uses another tokenizer than "
+                          "the policy; the value model reads policy tokens, so set ppo.value_init = 'policy'")
+
+
+def preflight_sources(cfg: Config) -> None:
+    """What can be checked before any stage runs: each source's directory (a model, its tokenizer), a
+    classifier's label, and that PPO's value model can start from the reward model (not an encoder)."""
+    from transformers import AutoConfig
+
+    from rlhfkit.models import check_model_dir, load_tokenizer
+    from rlhfkit.rewards import class_index
+
+    r = cfg.reward
+    for i, (name, s) in enumerate(zip(r.source_names(), r.sources)):
+        if not s.path:
+            continue
+        role = f"reward.sources[{i}] ({name})"
+        check_model_dir(s.path, role, causal=False)
+        load_tokenizer(s.path, role, require_eos=s.kind == "reward_model" and is_decoder_model(s.path))
+        if s.kind == "classifier":
+            class_index(AutoConfig.from_pretrained(s.path).id2label, s.label, Path(s.path))
+    if cfg.method == "ppo" and cfg.ppo.value_init == "reward":
+        first = next((s for s in r.sources if s.kind == "reward_model"), None)
+        path = first.path if first is not None and first.path else (r.init if r.init != "sft" else "")
+        if path and not is_decoder_model(path):
+            check_value_init(Path(path))
