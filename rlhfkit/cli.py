@@ -9,9 +9,9 @@ from pathlib import Path
 from rlhfkit.methods import METHODS
 
 STAGE_HELP = {
-    "sft": "supervised fine-tuning on the task's demonstrations",
+    "sft": "supervised fine-tuning on demonstrations (the task's, or data.sft)",
     "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
-    "reward": "train the reward model on the comparisons (Bradley-Terry)",
+    "reward": "train the reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings (reward.loss)",
     **{name: m.summary for name, m in METHODS.items()},
     "eval": "evaluate the SFT policy and the method's policy on held-out prompts and write the report",
 }

@@ -124,8 +124,8 @@ REWARD_SCORING_FIELDS = ("sources", "combine", "safety_source", "helpfulness_sou
 class RewardConfig:
     """[reward] Reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings; a scalar head scored at the last token (an encoder: its own forward). Reward sources: docs/methods/reward.md."""
 
-    init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory: a causal LM, or an encoder such as BERT/MiniLM (trained and scored with its own tokenizer's pair encoding and its pooler; set reward.lr to ~5e-5 for a pretrained encoder).")
-    data: str = F("", "Comparisons JSONL to train on (a rankings JSONL for loss = 'plackett_luce'); empty = the feedback stage's output.")
+    init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory: a causal LM, or an encoder such as BERT/MiniLM (trained and scored with its own tokenizer's pair encoding and its pooler; a pretrained encoder wants reward.lr ~1e-4; docs/methods/reward.md).")
+    data: str = F("", "Preference data for the reward model and DPO, in any format rlhfkit reads (its comparisons or rankings, TRL, Anthropic HH, UltraFeedback; JSONL, JSON, Parquet; docs/data.md); rankings for loss = 'plackett_luce'; empty = the feedback stage's output.")
     loss: str = F("bradley_terry", "'bradley_terry' (pairs: the comparisons) or 'plackett_luce' (whole K-way rankings, each labeler's ranking one term); docs/methods/reward.md.")
     criterion: str = F("", "Train only on comparisons of this criterion; empty = the data must hold a single criterion; '*' = one reward model per criterion in the data, each in OUT/reward/<criterion>/model (reward.sources pick them by criterion).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")

@@ -289,3 +289,24 @@ def test_ppo_logs_each_sources_score(tmp_path, bert, gpt2_dir, digits):
                                                       abs=1e-5)
     glossary = (ROOT / "docs" / "metrics.md").read_text()
     assert re.search(r"^\| `objective/scores/<name>` \|", glossary, flags=re.M)
+
+
+def test_pipeline_with_sources_alone_skips_the_reward_stage(tmp_path):
+    """Sources that read no reward model of this run: no feedback or reward stage; PPO and the evaluation
+    score with the combination; changing a weight redoes PPO and the evaluation only."""
+    from rlhfkit.pipeline import pipeline_stages, run_pipeline, stage_changes
+    from rlhfkit.runio import read_metrics
+
+    tiny = ["sft.n_demos=2000", "sft.epochs=1", "ppo.total_steps=2", "ppo.rollout_batch_size=32",
+            "ppo.minibatch_size=32", "eval.n_prompts=64", "eval.dist_samples=32", "device='cpu'",
+            "ppo.value_init='policy'"]
+    cfg = load_config(overrides=[*tiny, 'reward.sources=[{kind = "gold", weight = 2.0}]'])
+    assert pipeline_stages(cfg) == ["sft", "ppo", "eval"]
+    summary = run_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "reward").exists() and "reward" in summary["eval"]["ppo"]
+    metrics = read_metrics(tmp_path / "out" / "ppo" / "metrics.jsonl")
+    assert all(m["objective/scores/gold"] * 2 == pytest.approx(m["objective/scores"] + m["objective/no_eos_rate"])
+               for m in metrics)  # the weighted sum, less the missing-EOS penalty (1 per response without EOS)
+    heavier = load_config(overrides=[*tiny, 'reward.sources=[{kind = "gold", weight = 3.0}]'])
+    assert stage_changes(tmp_path / "out", "sft", heavier) == []
+    assert stage_changes(tmp_path / "out", "ppo", heavier) and stage_changes(tmp_path / "out", "eval", heavier)
