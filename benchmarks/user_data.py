@@ -72,6 +72,10 @@ def make_user_files(d: Path, n_demos: int = 600, n_pairs: int = 300, n_prompts: 
     tokenizer.save_pretrained(model_dir)
     _jsonl(d / "sft.jsonl", [{"messages": user(p) + [{"role": "assistant", "content": c}]} for p, c in demos])
     _jsonl(d / "prompts.jsonl", [{"prompt": user(p)} for p in digits.prompts(n_prompts, rng)])
+    # the same as plain text (a prompt/completion file and a .txt prompt file), for a run that keeps the
+    # digits task's gold scorer: simulated labelers, gold metrics
+    _jsonl(d / "sft_text.jsonl", [{"prompt": p, "completion": c} for p, c in demos])
+    (d / "prompts.txt").write_text("".join(p + "\n" for p in digits.prompts(n_prompts, rng)))
     _jsonl(d / "trl.jsonl", [{"prompt": user(p), "chosen": [{"role": "assistant", "content": c}],
                               "rejected": [{"role": "assistant", "content": r}]} for p, c, r in pairs])
     _jsonl(d / "hh.jsonl", [{"chosen": f"\n\nHuman: {p}\n\nAssistant: {c}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}"}
@@ -82,21 +86,26 @@ def make_user_files(d: Path, n_demos: int = 600, n_pairs: int = 300, n_prompts: 
     return model_dir
 
 
-def write_config(d: Path, model_dir: Path, preferences: str, threads: int, budget: dict) -> Path:
-    """One TOML file for the whole pipeline on these files."""
-    sections = {
-        "data": {"sft": str(d / "sft.jsonl"), "prompts": str(d / "prompts.jsonl"), "max_new_tokens": 8},
-        "policy": {"path": str(model_dir)},
-        "reward": {"data": str(d / preferences)},
-    }
+def write_config(d: Path, model_dir: Path, preferences: str | None, threads: int, budget: dict) -> Path:
+    """One TOML file for the whole pipeline on these files. preferences=None: the digits task's simulated
+    labelers rank the policy's samples instead (its gold scorer reads the plain-text files)."""
+    if preferences is None:
+        sections = {"data": {"sft": str(d / "sft_text.jsonl"), "prompts": str(d / "prompts.txt")},
+                    "policy": {"path": str(model_dir)}}
+    else:
+        sections = {
+            "data": {"sft": str(d / "sft.jsonl"), "prompts": str(d / "prompts.jsonl"), "max_new_tokens": 8},
+            "policy": {"path": str(model_dir)},
+            "reward": {"data": str(d / preferences)},
+        }
     for name, fields in budget.items():
         sections[name] = {**sections.get(name, {}), **fields}
-    lines = ['task = "none"', 'device = "cpu"', f"threads = {threads}", ""]
+    lines = [f'task = "{"digits" if preferences is None else "none"}"', 'device = "cpu"', f"threads = {threads}", ""]
     for name, fields in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
         lines.append("")
-    path = d / f"{Path(preferences).stem}.toml"
+    path = d / f"{Path(preferences).stem if preferences else 'feedback'}.toml"
     path.write_text("\n".join(lines))
     return path
 

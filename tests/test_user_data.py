@@ -55,3 +55,20 @@ def test_task_none_needs_files_and_a_model():
         load_config(overrides=["task='none'", "policy.path='/x'"])
     with pytest.raises(ConfigError, match="gold scorer"):
         load_config(overrides=["task='none'", "policy.path='/x'", "data.sft='a'", "data.prompts='b'"])
+
+
+def test_user_model_with_files_and_simulated_feedback(files):
+    """The same model directory with plain-text SFT and prompt files on the digits task: the feedback stage
+    samples the SFT policy on the file's prompts (through the chat template) and the task's simulated labelers
+    rank them, then RM -> PPO -> eval with gold metrics."""
+    d, model_dir = files
+    budget = {**TINY, "feedback": {"n_prompts": 100}, "sft": {"epochs": 2, "batch_size": 32, "n_demos": 600}}
+    cfg = load_config(user_data.write_config(d, model_dir, None, THREADS, budget))
+    assert pipeline_stages(cfg) == ["sft", "feedback", "reward", "ppo", "eval"]
+    out = d / "out-feedback"
+    summary = run_pipeline(cfg, out)
+    assert summary["feedback"]["n_comparisons"] > 0 and summary["sft"]["n_demos"] < 600  # the file's training part
+    assert "preferred_first_rate" in summary["eval"]["ppo"] and summary["eval"]["ppo"]["kl"] > 0
+    prompts = {line for line in (d / "prompts.txt").read_text().splitlines()}
+    ranked = [json.loads(line) for line in (out / "feedback" / "rankings.jsonl").read_text().splitlines()]
+    assert ranked and all(r["prompt"] in prompts for r in ranked)  # the feedback prompts came from the file
