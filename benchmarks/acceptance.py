@@ -96,7 +96,7 @@ def rlhfkit(*args: str) -> float:
 
 
 def main() -> int:
-    from rlhfkit.runio import read_json
+    from rlhfkit.core.runio import read_json
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/acceptance")
@@ -152,7 +152,7 @@ def _bounds(lo, hi) -> str:
 
 def measure_methods(args, out: Path) -> int:
     """Each method of --methods from a copy of each default run in --base (same SFT, feedback, reward)."""
-    from rlhfkit.runio import read_json
+    from rlhfkit.core.runio import read_json
 
     rows, margins = [], {}
     for method in args.methods:

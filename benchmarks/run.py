@@ -17,9 +17,9 @@ import time
 import torch
 
 from rlhfkit.data.batching import encode_pairs, encode_prompts
-from rlhfkit.models import (TinyModelSpec, build_tiny_policy, causal_logits, position_ids, quiet_transformers,
-                            sequence_scores)
-from rlhfkit.sampling import sample
+from rlhfkit.models.forward import causal_logits, position_ids, sequence_scores
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, quiet_transformers
+from rlhfkit.models.sampling import sample
 from rlhfkit.tasks import get_task
 
 

@@ -53,7 +53,7 @@ def _jsonl(path: Path, rows) -> Path:
 def make_user_files(d: Path, n_demos: int = 600, n_pairs: int = 300, n_prompts: int = 200, n_embd: int = 32,
                     seed: int = 0) -> Path:
     """The model directory and the data files in `d`; returns the model directory."""
-    from rlhfkit.models import TinyModelSpec, build_tiny_policy
+    from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
     from rlhfkit.tasks import get_task
 
     digits = get_task("digits")
@@ -120,8 +120,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/user-data")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    from rlhfkit.config import load_config
-    from rlhfkit.pipeline import run_pipeline
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_pipeline
 
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,15 @@ __all__ = ["load_config", "run_pipeline", "run_stage", "RlhfkitError", "__versio
 
 def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
     if name == "load_config":
-        from rlhfkit.config import load_config
+        from rlhfkit.pipeline.config import load_config
 
         return load_config
     if name in ("run_pipeline", "run_stage"):
-        from rlhfkit import pipeline
+        from rlhfkit.pipeline import stages
 
-        return getattr(pipeline, name)
+        return getattr(stages, name)
     if name == "RlhfkitError":
-        from rlhfkit.errors import RlhfkitError
+        from rlhfkit.core.errors import RlhfkitError
 
         return RlhfkitError
     raise AttributeError(f"module 'rlhfkit' has no attribute {name!r}")

@@ -1,4 +1,8 @@
-"""The `rlhfkit` command. Every command is a thin wrapper over a plain Python call (rlhfkit.pipeline)."""
+"""The `rlhfkit` command. Every command is a thin wrapper over a plain Python call (rlhfkit.pipeline).
+
+Layer: cli, the top. `rlhfkit --help` imports no torch: the methods are listed from the registry's names and
+summaries (rlhfkit.algorithms.REGISTRY); the pipeline, and with it torch, is imported when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhfkit.methods import METHODS
+from rlhfkit.algorithms import REGISTRY
 
 STAGE_HELP = {
     "sft": "supervised fine-tuning on demonstrations (the task's, or data.sft)",
     "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
     "reward": "train the reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings (reward.loss)",
-    **{name: m.summary for name, m in METHODS.items()},
+    **REGISTRY,
     "eval": "evaluate the SFT policy and the method's policy on held-out prompts and write the report",
 }
 
@@ -49,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "comparisons and reward model into OUT, evaluate them on the same held-out prompts and write "
                     "OUT/compare/report.md: a table, curves, head-to-head win rates and Elo ladders.")
     _add_config_args(compare, out_required=False)
-    compare.add_argument("--methods", nargs="+", metavar="METHOD", choices=list(METHODS),
-                         help=f"methods to compare (default: compare.methods, else all: {', '.join(METHODS)})")
+    compare.add_argument("--methods", nargs="+", metavar="METHOD", choices=list(REGISTRY),
+                         help=f"methods to compare (default: compare.methods, else all: {', '.join(REGISTRY)})")
     compare.add_argument("--update", action="store_true", help="redo the stages whose config changed")
     merge = sub.add_parser("merge", help="merge a LoRA adapter directory into its base: a plain model directory",
                            description="Write the LoRA adapter in ADAPTER_DIR (e.g. OUT/ppo/model of a run with "
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_for(args):
     """The config file given, else OUT/config.toml when an earlier run saved one there (so rerunning a
     command on the same --out resumes with that run's config), else the task's defaults; --set on top."""
-    from rlhfkit.config import Config, load_config, parse_override
+    from rlhfkit.core.config import parse_override
+    from rlhfkit.pipeline.config import Config, load_config
 
     path = args.config
     if path is None and args.command != "config":
@@ -95,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.pipeline import WaitingForLabels
+    from rlhfkit.core.errors import RlhfkitError
+    from rlhfkit.pipeline.stages import WaitingForLabels
 
     try:
         return _dispatch(args)
@@ -112,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from rlhfkit import pipeline
-    from rlhfkit.config import config_to_toml
+    from rlhfkit.pipeline import stages as pipeline
+    from rlhfkit.core.config import config_to_toml
 
     if args.command == "merge":
-        from rlhfkit.lora import merge_adapter
+        from rlhfkit.models.load import merge_adapter
 
         print(f"merged: {merge_adapter(args.adapter_dir, args.out_dir)}")
         return 0
@@ -134,7 +139,7 @@ def _dispatch(args) -> int:
     if args.command == "compare":
         import dataclasses
 
-        from rlhfkit.compare import run_compare
+        from rlhfkit.pipeline.compare import run_compare
 
         if args.methods:
             cfg = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, methods=args.methods))

@@ -17,7 +17,8 @@ HEADER = "| field | default | meaning |\n|---|---|---|\n"
 
 
 def reference_table() -> str:
-    from rlhfkit.config import Config, _toml_value
+    from rlhfkit.core.config import toml_value
+    from rlhfkit.pipeline.config import Config
 
     cfg = Config()
     rows = []
@@ -26,10 +27,10 @@ def reference_table() -> str:
         if hasattr(value, "__dataclass_fields__"):
             doc = (type(value).__doc__ or "").strip().split("\n")[0]
             rows.append(f"| **[{f.name}]** | | {doc.split('] ', 1)[-1]} |")
-            rows += [f"| `{f.name}.{sf.name}` | `{_toml_value(getattr(value, sf.name))}` | {sf.metadata['help']} |"
+            rows += [f"| `{f.name}.{sf.name}` | `{toml_value(getattr(value, sf.name))}` | {sf.metadata['help']} |"
                      for sf in fields(value)]
         else:
-            rows.append(f"| `{f.name}` | `{_toml_value(value)}` | {f.metadata['help']} |")
+            rows.append(f"| `{f.name}` | `{toml_value(value)}` | {f.metadata['help']} |")
     return HEADER + "\n".join(rows) + "\n"
 
 

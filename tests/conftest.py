@@ -1,6 +1,6 @@
 import pytest
 
-from rlhfkit.models import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.tasks import get_task
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.config import load_config
-from rlhfkit.pipeline import run_pipeline, run_stage
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import run_pipeline, run_stage
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,7 @@
 import pytest
 
-from rlhfkit.feedback.agreement import (
-    borda_consensus, kendall_tau_b, majority_pairs, mean_agreement, pairwise_agreement, rank_positions,
-)
+from rlhfkit.data.consensus import borda_consensus, majority_pairs, rank_positions
+from rlhfkit.feedback.agreement import kendall_tau_b, mean_agreement, pairwise_agreement
 
 
 def test_rank_positions_ties_share_mean_rank():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.algorithms.best_of_n import best_of_groups, best_of_n_kl, best_of_n_texts
-from rlhfkit.training import Runtime
+from rlhfkit.models.runtime import Runtime
 
 
 def _loop_best(scores, k, ended):
@@ -55,7 +55,7 @@ def test_best_of_n_kl_closed_form():
 def test_best_of_n_texts_returns_the_scorers_favourite(digits, tokenizer, sharp_policy):
     """With a scorer that prefers completions starting with a given digit, every answer is the highest-scoring
     of the n samples drawn for it: re-drawing the same samples and scoring them by hand agrees."""
-    from rlhfkit.rollout import collect_rollouts
+    from rlhfkit.spine.rollout import collect_rollouts
 
     rt = Runtime(torch.device("cpu"), None)
     policy = sharp_policy("gpt2")

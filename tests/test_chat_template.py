@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.batching import encode_pairs, encode_prompt, encode_prompts, stop_ids, turn_end_id
-from rlhfkit.errors import DataError
-from rlhfkit.sampling import decode_responses, sample
+from rlhfkit.models.sampling import decode_responses, sample
 
 
 def test_prompt_rendered_once_with_generation_prompt(chat_tokenizer):
@@ -38,7 +38,7 @@ def test_completion_ends_with_end_of_turn(chat_tokenizer, tokenizer):
 
 def test_no_pad_token_batches(chat_tokenizer, tmp_path):
     """A tokenizer without a pad token pads with EOS (always masked), raw or loaded from a directory."""
-    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.load import load_tokenizer
 
     assert chat_tokenizer.pad_token is None
     chat_tokenizer.save_pretrained(tmp_path)

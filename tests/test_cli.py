@@ -74,8 +74,8 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("the pipeline started despite the bad input")
 
-    monkeypatch.setattr("rlhfkit.pipeline.run_pipeline", refuse)
-    monkeypatch.setattr("rlhfkit.pipeline.run_stage", refuse)
+    monkeypatch.setattr("rlhfkit.pipeline.stages.run_pipeline", refuse)
+    monkeypatch.setattr("rlhfkit.pipeline.stages.run_stage", refuse)
 
 
 def _one_error_line(capsys) -> str:
@@ -129,7 +129,8 @@ def test_context_too_short_for_the_task(tmp_path, capsys, no_training):
 
 def test_run_uses_the_saved_config_of_out(tmp_path, monkeypatch):
     from rlhfkit.cli import _config_for, build_parser
-    from rlhfkit.config import config_to_toml, load_config
+    from rlhfkit.core.config import config_to_toml
+    from rlhfkit.pipeline.config import load_config
 
     out = tmp_path / "out"
     out.mkdir()

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from rlhfkit.compare import head_to_head, run_compare
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.pipeline.compare import head_to_head, run_compare
+from rlhfkit.pipeline.config import load_config
 
 THREADS = int(os.environ.get("RLHFKIT_TEST_THREADS", "1"))
 

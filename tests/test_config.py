@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.config import F, Config, apply_dict, config_diff, config_to_toml, load_config, parse_override
-from rlhfkit.errors import ConfigError
+from rlhfkit.core.config import F, apply_dict, config_diff, config_to_toml, parse_override
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.pipeline.config import Config, load_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -250,7 +251,7 @@ def test_utf8_bom_config_file_is_read(tmp_path):
 
 
 def test_toml_key_lines():
-    from rlhfkit.config import toml_key_lines
+    from rlhfkit.core.config import toml_key_lines
 
     text = '\n'.join([
         'seed = 1  # a comment with [brackets] = signs',   # 1
@@ -321,7 +322,7 @@ def test_task_defaults_named_as_origin(monkeypatch):
 
 
 def test_array_of_tables_error_names_line_and_element():
-    from rlhfkit.config import Source
+    from rlhfkit.core.config import Source
 
     text = '[[mix.sources]]\nkind = "rm"\n\n[[mix.sources]]\npath = "x"\nkindd = "gold"\n'
     with pytest.raises(ConfigError) as e:
@@ -384,7 +385,7 @@ def test_readme_stands_on_its_own():
 
 
 def test_method_help_names_every_method():
-    from rlhfkit.methods import METHODS
+    from rlhfkit.algorithms import METHODS
 
     help_text = next(f.metadata["help"] for f in fields(Config) if f.name == "method")
     assert all(f"'{m}'" in help_text for m in METHODS)

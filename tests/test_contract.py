@@ -7,11 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import (
-    STRENGTH_MARGINS, Comparison, RankingRecord, pair_margin, ranking_from_scores, ranking_to_pairs, read_comparisons,
-    read_rankings, record_kind, validate_ranking, write_jsonl,
+    STRENGTH_MARGINS,
+    Comparison,
+    RankingRecord,
+    pair_margin,
+    ranking_from_scores,
+    ranking_to_pairs,
+    read_comparisons,
+    read_rankings,
+    record_kind,
+    validate_ranking,
+    write_jsonl,
 )
-from rlhfkit.errors import DataError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 

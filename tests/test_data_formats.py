@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.cli import main as cli_main
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import Comparison, Demonstration, PromptRecord, RankingRecord, prompt_item_id
 from rlhfkit.data.formats import FORMATS, split_hh
 from rlhfkit.data.load import load_demonstrations, load_pairs, load_prompts, load_rankings, read_data, save_records
-from rlhfkit.errors import DataError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
@@ -367,8 +367,8 @@ def test_chat_segments_match_trl_apply_chat_template():
 
 
 def test_chat_template_without_end_of_turn_gets_eos_and_bad_templates_are_refused():
+    from rlhfkit.core.errors import RlhfkitError
     from rlhfkit.data.chat import encode_chat, end_of_turn_ids
-    from rlhfkit.errors import RlhfkitError
 
     tok = chat_tokenizer(PLAIN)
     assert end_of_turn_ids(tok) == [tok.eos_token_id]

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.pipeline.config import load_config
 from rlhfkit.tasks import task_for
 
 

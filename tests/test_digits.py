@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.digits import follows_rule, next_digit_distribution, prompt_digits
-from rlhfkit.errors import ConfigError
 
 
 def test_spec_example(digits):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlhfkit.data.batching import pad_left, pad_right
-from rlhfkit.ops.logprobs import response_logits, response_logprobs
-from rlhfkit.sampling import sample
+from rlhfkit.models.forward import response_logits, response_logprobs
+from rlhfkit.models.sampling import sample
 
 ARCHS = ["gpt2", "llama"]
 

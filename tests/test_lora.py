@@ -1,4 +1,4 @@
-"""LoRA (rlhfkit.lora): the reference is the policy with its adapter disabled, on the same weights; at step 0
+"""LoRA (rlhfkit.models.lora): the reference is the policy with its adapter disabled, on the same weights; at step 0
 the LoRA policy's KL and DPO loss equal a full-copy reference's; adapter-only checkpoints resume, evaluate and
 merge into a plain model directory."""
 
@@ -10,13 +10,14 @@ import torch
 
 pytest.importorskip("peft")
 
-from rlhfkit.config import LoRAConfig  # noqa: E402
-from rlhfkit.errors import RlhfkitError  # noqa: E402
-from rlhfkit.lora import AdapterDisabled, merge_adapter, policy_and_reference  # noqa: E402
-from rlhfkit.models import load_policy  # noqa: E402
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.models.forward import forward_response
+from rlhfkit.models.load import load_policy, merge_adapter
+from rlhfkit.models.lora import AdapterDisabled
+from rlhfkit.models.reference import policy_and_reference
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import DPO_LOSSES  # noqa: E402
-from rlhfkit.rollout import forward_response  # noqa: E402
-from rlhfkit.training import Runtime  # noqa: E402
+from rlhfkit.pipeline.config import LoRAConfig
 
 RT = Runtime(torch.device("cpu"), None)
 
@@ -127,8 +128,8 @@ def test_lora_methods_end_to_end(tmp_path):
     a killed PPO run resumes from its adapter checkpoint to the same adapter as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from rlhfkit.config import load_config
-    from rlhfkit.pipeline import run_pipeline, run_stage
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_pipeline, run_stage
 
     out = tmp_path / "out"
     summary = run_pipeline(load_config(overrides=TINY), out)
@@ -153,8 +154,8 @@ def test_lora_methods_end_to_end(tmp_path):
 def test_sft_as_an_adapter_on_a_pretrained_model(tmp_path, tiny_policy_dir):
     """lora.sft: SFT trains adapters on policy.path; the stage keeps the adapter and writes the merged model,
     which every later stage starts from."""
-    from rlhfkit.config import load_config
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_stage
 
     cfg = load_config(overrides=["sft.n_demos=4000", "sft.epochs=1", "sft.lr=0.05", "device='cpu'", "lora.r=8", "lora.sft=true",
                                  f"policy.path='{tiny_policy_dir}'"])

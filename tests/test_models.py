@@ -5,14 +5,11 @@ import json
 import pytest
 import torch
 
+from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.data.batching import encode_pairs, encode_prompts
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import (
-    causal_logits, check_model_dir, last_token_index, load_policy, load_scalar_model, load_tokenizer,
-    sequence_scores, token_scalars,
-)
-from rlhfkit.ops.logprobs import response_logprobs
-from rlhfkit.sampling import decode_responses, sample, sample_completions
+from rlhfkit.models.forward import causal_logits, last_token_index, response_logprobs, sequence_scores, token_scalars
+from rlhfkit.models.load import check_model_dir, load_policy, load_scalar_model, load_tokenizer
+from rlhfkit.models.sampling import decode_responses, sample, sample_completions
 
 CPU = torch.device("cpu")
 PROMPTS = ["1 2 3 4 =", "5 =", "9 9 0 1 2 3 =", "7 7 ="]  # different lengths exercise left padding

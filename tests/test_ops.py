@@ -10,7 +10,6 @@ from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import bradley_terry_loss, ppo_policy_loss, ppo_value_loss, sft_loss
 
-
 # ---------------------------------------------------------------- KL estimators vs exact categorical KL
 
 def _dists(seed, V=6):

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlhfkit.config import load_config
-from rlhfkit.pipeline import pipeline_stages, run_pipeline, run_stage
-from rlhfkit.runio import read_metrics
+from rlhfkit.core.runio import read_metrics
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import pipeline_stages, run_pipeline, run_stage
 
 pytestmark = pytest.mark.slow
 

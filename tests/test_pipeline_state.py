@@ -8,10 +8,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import DataError, RlhfkitError
-from rlhfkit.pipeline import locked, run_pipeline, run_stage
-from rlhfkit.runio import read_metrics
+from rlhfkit.core.errors import DataError, RlhfkitError
+from rlhfkit.core.runio import read_metrics
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import locked, run_pipeline, run_stage
 
 MICRO = ["sft.n_demos=640", "sft.epochs=1", "feedback.n_prompts=120", "reward.epochs=1", "ppo.total_steps=2",
          "ppo.rollout_batch_size=16", "ppo.minibatch_size=16", "ppo.ppo_epochs=1", "ppo.checkpoint_every=1",
@@ -173,8 +173,8 @@ def test_dpo_data_is_checked_before_anything_is_written(tmp_path):
 
 def test_installing_one_method_keeps_the_evaluation_of_another(tmp_path):
     """Switching method on an OUT: installing DPO removes an evaluation made from DPO, not one made from PPO."""
-    from rlhfkit.pipeline import _install, stage_inputs
-    from rlhfkit.runio import write_json
+    from rlhfkit.core.runio import write_json
+    from rlhfkit.pipeline.stages import _install, stage_inputs
 
     ppo_cfg, dpo_cfg = load_config(), load_config(overrides=["method='dpo'"])
     for made_from, kept in ((ppo_cfg, True), (dpo_cfg, False)):

@@ -10,15 +10,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlhfkit.algorithms.ppo import ppo_targets, train_ppo
-from rlhfkit.rollout import forward_response
-from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.algorithms.ppo import PPOConfig, ppo_targets, train_ppo
+from rlhfkit.core.runio import read_metrics
 from rlhfkit.data.batching import encode_prompts
-from rlhfkit.models import TinyModelSpec, build_tiny_policy, disable_dropout, load_scalar_model, token_scalars
+from rlhfkit.models.forward import disable_dropout, forward_response, token_scalars
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.sampling import Samples, decode_responses
 from rlhfkit.ops.advantages import RunningMoments
-from rlhfkit.runio import read_metrics
-from rlhfkit.sampling import Samples, decode_responses
-from rlhfkit.training import Runtime
+from rlhfkit.pipeline.config import load_config
 
 CPU = Runtime(torch.device("cpu"), None)
 
@@ -152,7 +152,7 @@ def test_disable_dropout_makes_train_mode_deterministic(arch, tokenizer):
     """Llama applies config.attention_dropout functionally: zeroing nn.Dropout modules alone misses it."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.models import tiny_config
+    from rlhfkit.models.load import tiny_config
 
     config = tiny_config(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer)
     for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
@@ -179,7 +179,7 @@ def dropout_dirs(request, tmp_path_factory):
     """A policy whose config asks for dropout everywhere it can, and a reward model from its backbone."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.models import tiny_config
+    from rlhfkit.models.load import tiny_config
     from rlhfkit.tasks import get_task
 
     tok = get_task("digits").build_tokenizer()
@@ -250,7 +250,7 @@ def test_decode_keeps_special_tokens_sampled_mid_response(tokenizer):
 
 def test_truncated_response_scored_with_one_eos(dropout_dirs, monkeypatch):
     """The reward model reads its score at an EOS, also for a response cut at max_new_tokens."""
-    import rlhfkit.rewards as rewards
+    import rlhfkit.models.scoring as rewards
 
     seen = []
     monkeypatch.setattr(rewards, "sequence_scores", lambda model, ids, mask: seen.append((ids, mask)) or ids[:, 0].float())
@@ -267,7 +267,8 @@ def test_truncated_response_scored_with_one_eos(dropout_dirs, monkeypatch):
 def test_collect_rollouts_groups_and_reference(tokenizer):
     """K completions per prompt as consecutive rows with their group index; a reference equal to the policy
     gives identical log-probs (KL exactly 0); the scorer sees each row's own prompt and decoded text."""
-    from rlhfkit.rollout import FrozenReference, collect_rollouts
+    from rlhfkit.models.reference import Reference
+    from rlhfkit.spine.rollout import collect_rollouts
 
     policy = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0)
     policy.train()
@@ -278,7 +279,7 @@ def test_collect_rollouts_groups_and_reference(tokenizer):
         return torch.arange(len(prompts), dtype=torch.float32)
 
     prompts = ["1 2 3 4 =", "5 =", "9 9 0 1 2 3 ="]
-    r = collect_rollouts(policy, FrozenReference(policy), scorer, tokenizer, prompts, k=2, max_new_tokens=5,
+    r = collect_rollouts(policy, Reference(policy), scorer, tokenizer, prompts, k=2, max_new_tokens=5,
                          temperature=0.8, generator=torch.Generator().manual_seed(0), rt=CPU)
     assert r.prompts == [p for p in prompts for _ in range(2)] and r.group.tolist() == [0, 0, 1, 1, 2, 2]
     assert seen == [(r.prompts, r.texts)] and r.scores.tolist() == [0, 1, 2, 3, 4, 5]

@@ -12,22 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dpo import oracle_sequence_logprob
 
 from rlhfkit.algorithms import reward as reward_module
-from rlhfkit.algorithms.dpo import Reference, listwise_batch_loss, train_dpo
-from rlhfkit.algorithms.reward import load_comparisons, load_rankings, ranking_scores
-from rlhfkit.config import load_config
+from rlhfkit.algorithms.dpo import listwise_batch_loss, train_dpo
+from rlhfkit.algorithms.reward import ranking_scores
+from rlhfkit.core.errors import DataError
+from rlhfkit.core.runio import read_metrics
 from rlhfkit.data.batching import encode_completion, encode_prompt
 from rlhfkit.data.contract import STRENGTH_MARGINS, RankingRecord, read_comparisons, read_rankings, write_jsonl
+from rlhfkit.data.preferences import load_comparisons, load_rankings
 from rlhfkit.data.ranked import encode_ranked_items, group_rankings, to_grid
-from rlhfkit.errors import DataError
 from rlhfkit.feedback.simulated import consensus_comparisons, simulated_ranking, strength_label
-from rlhfkit.models import TinyModelSpec, build_tiny_policy, load_scalar_model, sequence_scores
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
+from rlhfkit.models.reference import Reference
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import RANKING_LOSSES
-from rlhfkit.pipeline import run_stage, stage_changes
-from rlhfkit.runio import read_metrics
-from rlhfkit.training import Runtime
-from test_dpo import oracle_sequence_logprob
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import run_stage, stage_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"), None)
@@ -46,7 +49,7 @@ def pl_oracle(values: list[float], ranking: list[list[int]]) -> float:
 
 def _tokenizer(path):
     """The tokenizer saved in a model directory."""
-    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.load import load_tokenizer
 
     return load_tokenizer(path, "test")
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from rlhfkit.data.batching import pad_left, pad_right
-from rlhfkit.models import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.advantages import masked_mean, masked_var, masked_whiten
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
-from rlhfkit.training import Runtime
 
 trl_utils = pytest.importorskip("trl.trainer.utils", reason="TRL is the reference: pip install -e '.[dev]'")
 with warnings.catch_warnings():
@@ -51,7 +51,7 @@ def test_ppo_rollout_logprobs_and_entropy_match_trl(tokenizer):
     """rollout.forward_response (our padded batch, temperature 0.7) against TRL's recipe on each unpadded row:
     logits = output.logits[:, context_length - 1 : -1] / (T + 1e-7), then selective_log_softmax and
     entropy_from_logits (and the trainer's own logsumexp(l) - sum(softmax(l) * l))."""
-    from rlhfkit.rollout import forward_response
+    from rlhfkit.models.forward import forward_response
 
     model = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0).eval()
     with torch.no_grad():  # sharper distributions than the default init, so entropies differ between tokens

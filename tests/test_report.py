@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from rlhfkit.algorithms import METHODS
 from rlhfkit.evaluation.report import kl_spike, plot_kl_per_position, plot_ppo_curves, write_report
-from rlhfkit.methods import METHODS
 
 GOLD = ("gold/preferred_first_rate", "gold/later_rule_validity", "gold/well_formed_rate")
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from rlhfkit.algorithms.reward import select_criterion
 from rlhfkit.cli import main
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import Comparison
-from rlhfkit.errors import DataError
+from rlhfkit.data.preferences import select_criterion
 
 
 def comparisons(counts: dict[str, int]) -> list[Comparison]:
@@ -49,7 +49,7 @@ def test_unknown_criterion_names_those_present():
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, tokenizer):
-    from rlhfkit.models import TinyModelSpec, build_tiny_policy
+    from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 
     path = tmp_path_factory.mktemp("policy")
     build_tiny_policy(TinyModelSpec("gpt2", 1, 16, 2, 32), tokenizer, seed=0).save_pretrained(path)
@@ -68,8 +68,8 @@ def test_cli_refuses_mixed_criteria_in_one_line(tmp_path, capsys, policy_dir):
 
 
 def test_reward_stage_trains_on_the_chosen_criterion_and_records_it(tmp_path, policy_dir):
-    from rlhfkit.config import load_config
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_stage
 
     data = write_jsonl(tmp_path / "mixed.jsonl", comparisons({"helpfulness": 20, "harmlessness": 12}))
     cfg = load_config(reward={"data": str(data), "init": str(policy_dir), "criterion": "harmlessness", "epochs": 1,

@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.models import TinyModelSpec, build_tiny_policy, load_scalar_model
-from rlhfkit.reward_sources import (CombinedScorer, GoldScorer, build_scorer, llama2_combine, preflight_sources,
-                                    weighted_sum)
-from rlhfkit.rewards import ClassLabelScorer, RewardModelScorer, as_text, encode_native, is_decoder_model
-from rlhfkit.training import Runtime
+from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.scoring import ClassLabelScorer, RewardModelScorer, as_text, encode_native, is_decoder_model
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.spine.reward_sources import (
+    CombinedScorer,
+    GoldScorer,
+    build_scorer,
+    llama2_combine,
+    preflight_sources,
+    weighted_sum,
+)
 
 CPU = Runtime(torch.device("cpu"), None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +209,7 @@ def test_value_init_needs_a_decoder_reward_model(bert):
 
 
 def test_sources_are_inputs_of_the_scoring_stages_not_of_the_reward_model(bert):
-    from rlhfkit.pipeline import stage_inputs, stage_needs
+    from rlhfkit.pipeline.stages import stage_inputs, stage_needs
 
     plain = load_config()
     mixed = load_config(reward={"sources": [{"kind": "reward_model"}, {"kind": "gold", "weight": 0.1}]})
@@ -232,7 +238,7 @@ def write_preferences(path: Path, criteria: dict[str, tuple[str, str]], n: int =
 
 
 def test_an_encoder_trains_as_the_reward_model_and_scores_as_it_reads(tmp_path, bert):
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     data = write_preferences(tmp_path / "prefs.jsonl", {"overall": ("good 1", "bad 1")})
     cfg = load_config(device="cpu", reward={"data": str(data), "init": str(bert["encoder"]), "epochs": 5,
@@ -251,7 +257,7 @@ def test_an_encoder_trains_as_the_reward_model_and_scores_as_it_reads(tmp_path, 
 
 
 def test_one_reward_model_per_criterion(tmp_path, gpt2_dir, digits):
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     data = write_preferences(tmp_path / "prefs.jsonl", {"helpfulness": ("1 1 1 1", "2 2 2 2"),
                                                         "safety": ("2 2 2 2", "1 1 1 1")})
@@ -277,7 +283,7 @@ def test_ppo_logs_each_sources_score(tmp_path, bert, gpt2_dir, digits):
     """PPO driven by an encoder with another vocabulary plus the gold scorer: the value model starts from the
     policy, objective/scores is their weighted sum (less the missing-EOS penalty), and each is logged."""
     from rlhfkit.algorithms.ppo import train_ppo
-    from rlhfkit.runio import read_metrics
+    from rlhfkit.core.runio import read_metrics
 
     cfg = load_config(device="cpu", ppo={"value_init": "policy", "total_steps": 2, "rollout_batch_size": 16,
                                          "minibatch_size": 16, "ppo_epochs": 1, "missing_eos_penalty": 0.0},
@@ -294,8 +300,8 @@ def test_ppo_logs_each_sources_score(tmp_path, bert, gpt2_dir, digits):
 def test_pipeline_with_sources_alone_skips_the_reward_stage(tmp_path):
     """Sources that read no reward model of this run: no feedback or reward stage; PPO and the evaluation
     score with the combination; changing a weight redoes PPO and the evaluation only."""
-    from rlhfkit.pipeline import pipeline_stages, run_pipeline, stage_changes
-    from rlhfkit.runio import read_metrics
+    from rlhfkit.core.runio import read_metrics
+    from rlhfkit.pipeline.stages import pipeline_stages, run_pipeline, stage_changes
 
     tiny = ["sft.n_demos=2000", "sft.epochs=1", "ppo.total_steps=2", "ppo.rollout_batch_size=32",
             "ppo.minibatch_size=32", "eval.n_prompts=64", "eval.dist_samples=32", "device='cpu'",

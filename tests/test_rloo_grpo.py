@@ -16,12 +16,12 @@ import torch
 
 from rlhfkit.algorithms.grpo import grpo_targets, train_grpo
 from rlhfkit.algorithms.rloo import rloo_targets, train_rloo
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
-from rlhfkit.models import TinyModelSpec, build_tiny_policy, load_scalar_model
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.core.runio import read_metrics
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import grpo_policy_loss, rloo_policy_loss
-from rlhfkit.runio import read_metrics
-from rlhfkit.training import Runtime
+from rlhfkit.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"), None)
@@ -370,7 +370,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_dirs, method, monkeyp
 
     from safetensors.torch import load_file
 
-    module = importlib.import_module(f"rlhfkit.algorithms.{method}")
+    module = importlib.import_module("rlhfkit.spine.online")  # where the online loop samples
     budget = [f"{method}.total_steps=5"]
     full, full_out = _train(tiny_dirs, method, f"{method}_full", budget)
     real = module.collect_rollouts
@@ -391,12 +391,12 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_dirs, method, monkeyp
 def test_toy_reward_rises(tiny_dirs, method, monkeypatch):
     """The whole loop has the right sign: with a reward of 1 for responses that start with '7' (a random
     policy's first token is '7' about 1 time in 15), a few dozen steps make it most likely."""
-    import rlhfkit.reward_sources as reward_sources
+    import rlhfkit.spine.rollout as rollout
 
     def starts_with_7(prompts, texts):
         return torch.tensor([1.0 if t.startswith("7") else 0.0 for t in texts])
 
-    monkeypatch.setattr(reward_sources, "build_scorer", lambda cfg, task, rm_dir, rt: starts_with_7)
+    monkeypatch.setattr(rollout, "build_scorer", lambda cfg, task, rm_dir, rt: starts_with_7)
     _, out = _train(tiny_dirs, method, f"{method}_toy", [f"{method}.total_steps=40", f"{method}.prompts_per_step=8",
                                                           f"{method}.minibatch_size=16", f"{method}.lr=0.01",
                                                           f"{method}.beta=0.01"])
@@ -428,7 +428,7 @@ PIPELINE = ["sft.n_demos=2000", "sft.epochs=1", "feedback.n_prompts=200", "rewar
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     """A tiny run's SFT, feedback and reward stages (their quality does not matter here)."""
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     out = tmp_path_factory.mktemp("pipeline") / "base"
     cfg = load_config(overrides=PIPELINE)
@@ -447,7 +447,7 @@ def test_interrupted_stage_resumes_in_the_pipeline(upstream, method, tmp_path, m
 
     from safetensors.torch import load_file
 
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     cfg = load_config(overrides=PIPELINE + [f"method='{method}'", *(f"{method}.{o}" for o in TINY),
                                             f"{method}.total_steps=5"])
@@ -456,7 +456,7 @@ def test_interrupted_stage_resumes_in_the_pipeline(upstream, method, tmp_path, m
     shutil.copytree(upstream, resumed)
     run_stage(method, cfg, full)
 
-    module = importlib.import_module(f"rlhfkit.algorithms.{method}")
+    module = importlib.import_module("rlhfkit.spine.online")  # where the online loop samples
     real = module.collect_rollouts
     monkeypatch.setattr(module, "collect_rollouts", dies_in_call(real, 4))  # after the checkpoint of step 2
     with pytest.raises(Interrupted):

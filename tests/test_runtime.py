@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import rlhfkit.training as training
-from rlhfkit.config import load_config
+import rlhfkit.models.runtime as training
+from rlhfkit.pipeline.config import load_config
 
 
 def test_threads_default_is_fixed_and_applied():

@@ -1,4 +1,4 @@
-"""Rejection sampling and ReST (rlhfkit/algorithms/rejection_sampling.py, rest.py, rlhfkit/iterative.py,
+"""Rejection sampling and ReST (rlhfkit/algorithms/rejection_sampling.py, rest.py, rlhfkit/spine/self_training.py,
 rlhfkit/ops/selection.py): the selection rules on fixed inputs and against plain loops, the shared fine-tuning
 loop, the Grow step's bookkeeping, and on a tiny budget the round directories, the metrics glossary and a killed
 run that resumes to exactly the uninterrupted result. The outcomes (preferred first digit up, rule kept) are
@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.ops.selection import best_in_group, rejection_sampling_keep, rest_keep, rest_thresholds
+from rlhfkit.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = int(os.environ.get("RLHFKIT_TEST_THREADS", "1"))
@@ -126,9 +126,9 @@ def test_config_refuses(override, field):
 def test_grow_in_chunks_keeps_groups_and_prompts(sharp_policy, tokenizer):
     """Chunked sampling: rows stay grouped by prompt across chunks, each scored with its own text, and a
     policy measured against itself has KL exactly 0."""
-    from rlhfkit.iterative import grow
-    from rlhfkit.rollout import FrozenReference
-    from rlhfkit.training import Runtime
+    from rlhfkit.models.reference import Reference
+    from rlhfkit.models.runtime import Runtime
+    from rlhfkit.spine.self_training import grow
 
     policy = sharp_policy("gpt2")
     prompts = [f"{i} {i} {(i + 1) % 10} 2 =" for i in range(7)]
@@ -139,7 +139,7 @@ def test_grow_in_chunks_keeps_groups_and_prompts(sharp_policy, tokenizer):
         return torch.tensor([float(len(t)) for t in texts])
 
     rt = Runtime(torch.device("cpu"), None)
-    g = grow(policy, FrozenReference(policy), scorer, tokenizer, prompts, k=3, max_new_tokens=5, temperature=1.0,
+    g = grow(policy, Reference(policy), scorer, tokenizer, prompts, k=3, max_new_tokens=5, temperature=1.0,
              generator=torch.Generator().manual_seed(0), rt=rt, chunk=3)
     assert g.group.tolist() == [i for i in range(7) for _ in range(3)]
     assert g.prompts == [p for p in prompts for _ in range(3)]
@@ -151,11 +151,11 @@ def test_grow_in_chunks_keeps_groups_and_prompts(sharp_policy, tokenizer):
 def test_fit_completions_learns_and_logs_with_offset(tmp_path, tokenizer):
     """SFT's loop on a handful of pairs: the loss falls, steps are logged from step_offset, and fewer pairs than
     batch_size still make one step per epoch."""
-    from rlhfkit.algorithms.sft import completion_nll, fit_completions
+    from rlhfkit.core.runio import MetricsLog, read_metrics
     from rlhfkit.data.batching import encode_pairs
-    from rlhfkit.models import TinyModelSpec, build_tiny_policy
-    from rlhfkit.runio import MetricsLog, read_metrics
-    from rlhfkit.training import Runtime
+    from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+    from rlhfkit.models.runtime import Runtime
+    from rlhfkit.spine.finetune import completion_nll, fit_completions
 
     rt = Runtime(torch.device("cpu"), None)
     model = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0)
@@ -188,7 +188,7 @@ PREFIX = {"rejection_sampling": "round", "rest": "iter"}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """SFT, feedback and reward model on a tiny budget, shared by both methods."""
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     out = tmp_path_factory.mktemp("selftrain") / "base"
     cfg = load_config(overrides=TINY_BASE)
@@ -199,7 +199,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(base):
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     runs = {}
     for method in TINY:
@@ -259,7 +259,7 @@ def test_rest_improve_steps_on_disk(uninterrupted):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(TINY))
 def test_logged_metrics_are_in_the_glossary(uninterrupted, method):
-    from rlhfkit.runio import read_metrics
+    from rlhfkit.core.runio import read_metrics
 
     out, _ = uninterrupted[method]
     glossary = set(re.findall(r"^\| `([\w/]+)` \|", (ROOT / "docs" / "metrics.md").read_text(), flags=re.M))
@@ -273,7 +273,7 @@ def test_logged_metrics_are_in_the_glossary(uninterrupted, method):
 def test_killed_run_resumes_to_identical_model(base, uninterrupted, method, tmp_path, capsys):
     """Kill the stage's process once its first round is complete (in round 2), rerun it: it resumes at the
     round it was in and ends with the same model, samples and metrics as the uninterrupted run."""
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.pipeline.stages import run_stage
 
     done, _ = uninterrupted[method]
     resumed = tmp_path / "resumed"
@@ -307,8 +307,8 @@ def test_rejection_sampling_threshold_end_to_end(base, uninterrupted, tmp_path):
     """Round 1 draws the same samples whatever the threshold (seeds per round): at the median of the prompts'
     best scores, exactly the prompts whose best clears it are kept; above every score, the round is an error
     that names the field."""
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.pipeline import run_stage
+    from rlhfkit.core.errors import RlhfkitError
+    from rlhfkit.pipeline.stages import run_stage
 
     done, _ = uninterrupted["rejection_sampling"]
     rows = [json.loads(line) for line in (done / "rejection_sampling" / "round-1" / "samples.jsonl").read_text().splitlines()]

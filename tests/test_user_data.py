@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import pipeline_stages, run_pipeline
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import pipeline_stages, run_pipeline
 
 pytestmark = pytest.mark.slow
 THREADS = int(os.environ.get("RLHFKIT_TEST_THREADS", "1"))

@@ -15,7 +15,7 @@ reward model and N), which the evaluation samples from, and measures the best-of
 training prompts: for n = 1, 2, 4, ..., N, the mean reward-model score and gold metrics of the best of the first
 n samples (one sampling pass of N per prompt; the classic proxy-vs-gold plot). Phases:
 
-    1. sample N completions per prompt from the SFT policy and score them (rlhfkit.rollout, no log-probs)
+    1. sample N completions per prompt from the SFT policy and score them (rlhfkit.spine.rollout, no log-probs)
     2. for each n, pick the best of the first n per prompt (best_of_groups) and log scores and gold metrics
     3. write sampler.json
 
@@ -29,19 +29,41 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.core.runio import MetricsLog, write_json
+from rlhfkit.models.load import load_policy, load_tokenizer
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.selection import best_in_group
-from rlhfkit.reward_sources import build_scorer
-from rlhfkit.rollout import collect_rollouts
-from rlhfkit.runio import MetricsLog, write_json
-from rlhfkit.training import Runtime
+from rlhfkit.spine.reward_sources import build_scorer
+from rlhfkit.spine.rollout import collect_rollouts
 
 SAMPLER_FILE = "sampler.json"
+
+
+@dataclass
+class BestOfNConfig:
+    """[best_of_n] Best-of-N sampling from the SFT policy, judged by the reward model; no training (rlhfkit/algorithms/best_of_n.py)."""
+
+    n: int = F(8, "Completions sampled per prompt; the answer is the one the reward model scores highest.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    n_prompts: int = F(512, "Training prompts on which the stage measures the best-of-n curve (n = 1, 2, 4, ..., N).")
+
+    def validate(self, cfg, checks) -> None:
+        """[best_of_n]'s rules (`checks`: rlhfkit.core.config.Checks)."""
+        checks.at_least_one("best_of_n.n", "best_of_n.n_prompts")
+        checks.positive("best_of_n.temperature")
+
+
+METHOD = Method("best_of_n", BestOfNConfig, ("sft", "reward"),
+                (("reward-model score of the best of n", ("objective/scores",)),
+                 ("gold metrics of the best of n (the truth)", ("gold/*",))),
+                output="sampler", step_label="n (samples per prompt)", trains=False)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -75,8 +97,8 @@ def best_of_n_texts(policy, tokenizer, scorer, prompts: list[str], n: int, *, ma
     return texts, torch.cat(scores)
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): the best-of-n curve on training prompts, and the
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): the best-of-n curve on training prompts, and the
     sampler the evaluation uses."""
     start = time.time()
     bc = cfg.best_of_n

@@ -33,24 +33,65 @@ import hashlib
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.algorithms.reward import load_comparisons, load_rankings, preference_files
-from rlhfkit.config import Config, DPOConfig
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.core.runio import MetricsLog, progress
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Comparison
+from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
-from rlhfkit.lora import policy_and_reference
-from rlhfkit.models import autocast, disable_dropout, freeze, load_policy, load_tokenizer
-from rlhfkit.ops.logprobs import sequence_logprobs
+from rlhfkit.models.forward import disable_dropout, row_logprobs
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.reference import Reference, policy_and_reference
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES, _dpo_stats
-from rlhfkit.runio import MetricsLog, progress
-from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
 CACHE_FILE = "ref_logprobs.safetensors"
 CACHE_FORMAT = b"rlhfkit dpo reference log-probs v2\n"  # bump when what the cache holds changes (v2: per row)
+
+
+@dataclass
+class DPOConfig:
+    """[dpo] Direct preference optimisation on comparisons, from the SFT policy (rlhfkit/algorithms/dpo.py)."""
+
+    loss: str = F("sigmoid", "'sigmoid' (DPO), 'conservative' (cDPO, with label_smoothing), 'ipo', 'hinge' (SLiC) on comparisons, or 'plackett_luce' on whole K-way rankings; docs/methods/dpo.md.")
+    beta: float = F(0.1, "beta: scale of the implicit reward beta * log(pi / pi_ref); smaller lets the policy move further from the reference.")
+    label_smoothing: float = F(0.0, "loss = 'conservative' only: assumed probability in [0, 0.5) that a label is flipped.")
+    epochs: int = F(2, "Passes over the training comparisons.")
+    batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward); plackett_luce: about as many rankings, as whole items (an item's K completions in one forward).")
+    lr: float = F(5e-4, "AdamW learning rate (linear decay to 10%).")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    reference: str = F("cached", "'cached' (reference log-probs computed once before training, saved as OUT/dpo/ref_logprobs.safetensors and reused) or 'online' (a frozen copy of the SFT policy, run every step).")
+    heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure implicit-reward accuracy; the same seed and fraction hold out the same items as the reward model.")
+
+    def validate(self, cfg, checks) -> None:
+        """[dpo]'s rules (`checks`: rlhfkit.core.config.Checks)."""
+        need, ref = checks.need, checks.ref
+        losses = (*DPO_LOSSES, *LISTWISE_DPO_LOSSES)
+        need(self.loss in losses, "dpo.loss", "choose " + ", ".join(map(repr, losses)))
+        need(self.beta > 0, "dpo.beta", "must be > 0 (the implicit reward is beta * log(pi / pi_ref))")
+        need(self.label_smoothing == 0.0 or self.loss == "conservative", "dpo.label_smoothing",
+             f"only the 'conservative' loss (cDPO) models flipped labels, and {ref('dpo.loss')}; set "
+             "dpo.loss = 'conservative' or dpo.label_smoothing = 0")
+        need(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing",
+             "must be in [0, 0.5): a label-flip probability (at 0.5 the labels carry no information)")
+        checks.at_least_one("dpo.epochs", "dpo.batch_size")
+        checks.positive("dpo.lr")
+        need(self.max_grad_norm >= 0, "dpo.max_grad_norm", "must be >= 0 (0 disables the clip)")
+        need(self.reference in ("cached", "online"), "dpo.reference", "choose 'cached' or 'online'")
+        need(0.0 < self.heldout_fraction < 1.0, "dpo.heldout_fraction", "must be in (0, 1)")
+
+
+METHOD = Method("dpo", DPOConfig, ("sft", "feedback"),
+                (("implicit reward margin (chosen - rejected)", ("rewards/margins",)),
+                 ("implicit reward accuracy", ("rewards/accuracies",)),
+                 ("sequence log-probs: healthy runs do not lower both", ("logps/chosen", "logps/rejected"))))
 
 
 def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
@@ -60,22 +101,20 @@ def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
     return encode_pairs(tokenizer, prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons])
 
 
-def row_logps(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """(len(rows),) sequence log-probs of rows `rows` of seqs = (ids, mask, completion_mask), in ONE forward."""
-    ids, mask, completion_mask = seqs
-    T = int(mask[rows].sum(dim=1).max())  # right padding: columns past the longest row hold only padding
-    with autocast(rt.device, rt.dtype):
-        return sequence_logprobs(model, ids[rows, :T], mask[rows, :T], completion_mask[rows, :T])
-
-
 def pair_rows(data, idx: torch.Tensor) -> torch.Tensor:
     """(2b,) rows of comparisons `idx` in encode_dpo_pairs' layout: chosen rows, then their rejected rows."""
     return torch.cat([idx, idx + len(data[0]) // 2])
 
 
+def ref_pair_logps(reference: Reference, split: str, data, idx: torch.Tensor, rt: Runtime):
+    """(chosen (b,), rejected (b,)) reference log-probs of comparisons `idx` of encode_dpo_pairs' `data`."""
+    logps = reference.rows(split, data, pair_rows(data, idx), rt)
+    return logps[: len(idx)], logps[len(idx) :]
+
+
 def pair_logps(model, data, idx: torch.Tensor, rt: Runtime):
     """(b,) sequence log-probs of chosen and of rejected for comparisons `idx`, in ONE forward."""
-    logps = row_logps(model, data, pair_rows(data, idx), rt)  # (2b,)
+    logps = row_logprobs(model, data, pair_rows(data, idx), rt)  # (2b,)
     return logps[: len(idx)], logps[len(idx) :]
 
 
@@ -86,50 +125,15 @@ def dpo_batch_loss(policy, data, idx: torch.Tensor, ref_chosen, ref_rejected, dc
     return DPO_LOSSES[dc.loss](chosen, rejected, ref_chosen, ref_rejected, dc.beta, dc.label_smoothing)
 
 
-def listwise_batch_loss(policy, data: RankedData, items: torch.Tensor, reference: "Reference", split: str,
+def listwise_batch_loss(policy, data: RankedData, items: torch.Tensor, reference: Reference, split: str,
                         dc: DPOConfig, rt: Runtime):
     """One batch of items' loss and stats over every ranking of them: the policy's log-probs of the items' K
     completions (one forward) and the reference's, through LISTWISE_DPO_LOSSES[dc.loss]."""
     rows, present, ranks, owner = data.batch(items)
-    policy_logps = row_logps(policy, data.seqs, rows, rt)  # (F,)
+    policy_logps = row_logprobs(policy, data.seqs, rows, rt)  # (F,)
     ref_logps = reference.rows(split, data.seqs, rows, rt)  # (F,)
     return LISTWISE_DPO_LOSSES[dc.loss](to_grid(policy_logps, present)[owner], to_grid(ref_logps, present)[owner],
                                         ranks, dc.beta)  # (R, K) each: an item's log-probs once per ranking of it
-
-
-class Reference:
-    """pi_ref's sequence log-probs of the rows of a split's sequences (encode_dpo_pairs' chosen and rejected
-    rows, or RankedData's completions): a frozen model run on demand ("online"), or a table {split: (M,)}
-    computed once ("cached"). `forwards` counts reference forward passes and `sequences` the rows they scored,
-    so a test can prove what the cache spares."""
-
-    def __init__(self, model=None, table: dict | None = None):
-        assert (model is None) != (table is None), "a reference is a model or a table, not both"
-        self.model, self.table = model, table
-        self.forwards, self.sequences = 0, 0
-
-    def rows(self, split: str, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
-        if self.table is not None:
-            return self.table[split][rows]
-        return self.forward(seqs, rows, rt)
-
-    def logps(self, split: str, data, idx: torch.Tensor, rt: Runtime):
-        """(chosen (b,), rejected (b,)) of comparisons `idx` of encode_dpo_pairs' `data`."""
-        logps = self.rows(split, data, pair_rows(data, idx), rt)
-        return logps[: len(idx)], logps[len(idx) :]
-
-    @torch.no_grad()
-    def forward(self, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
-        self.forwards += 1
-        self.sequences += len(rows)
-        return row_logps(self.model, seqs, rows, rt)
-
-    def table_of(self, seqs, row_batches: list[torch.Tensor], rt: Runtime) -> torch.Tensor:
-        """(M,) log-probs of every row of `seqs`, one forward per batch of rows (batches covering every row once)."""
-        table = torch.zeros(len(seqs[0]), device=rt.device)
-        for rows in row_batches:
-            table[rows] = self.forward(seqs, rows, rt).float()
-        return table
 
 
 def pair_batches(data, batch_size: int) -> list[torch.Tensor]:
@@ -191,7 +195,7 @@ def evaluate_dpo(policy, data, reference: Reference, split: str, dc: DPOConfig, 
     sums: dict[str, float] = defaultdict(float)
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(s + batch_size, n), device=rt.device)
-        ref_chosen, ref_rejected = reference.logps(split, data, idx, rt)
+        ref_chosen, ref_rejected = ref_pair_logps(reference, split, data, idx, rt)
         loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, dc, rt)
         means = {"loss/dpo": loss, **stats, "ref_logps/chosen": ref_chosen.mean(), "ref_logps/rejected": ref_rejected.mean()}
         for name, value in means.items():
@@ -207,7 +211,7 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
     they mean what they mean for the pairwise losses."""
     policy.eval()
     all_rows = torch.arange(len(data.seqs[0]), device=rt.device).split(rows_per_forward)
-    policy_logps = torch.cat([row_logps(policy, data.seqs, rows, rt) for rows in all_rows])  # (M,)
+    policy_logps = torch.cat([row_logprobs(policy, data.seqs, rows, rt) for rows in all_rows])  # (M,)
     ref_logps = torch.cat([reference.rows(split, data.seqs, rows, rt) for rows in all_rows])  # (M,)
     rows, present, ranks, owner = data.batch(torch.arange(len(data.rows), device=rt.device))
     grid = lambda logps: to_grid(logps[rows], present)[owner]  # noqa: E731  (R, K)
@@ -219,7 +223,7 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
     return {name: value.item() for name, value in means.items()}
 
 
-def train_dpo(cfg: Config, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, rt: Runtime, *,
+def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, rt: Runtime, *,
               ref_cache: Path | None = None, rankings_path: Path | None = None) -> dict:
     """Train the SFT policy in `sft_dir` with DPO on the comparisons (a listwise dpo.loss: on the rankings, the
     comparisons, when given, measuring it); save it in out_dir/model. `ref_cache`: where the cached reference
@@ -253,8 +257,10 @@ def train_dpo(cfg: Config, comparisons_path: Path | None, sft_dir: Path, out_dir
 
     # 2. Policy: the SFT model, trained (or, with LoRA, adapters on it), dropout off (so cached reference
     #    log-probs equal online ones).
-    policy, lora_reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed) if cfg.lora.r > 0 else (
-        load_policy(sft_dir, rt.device, "SFT policy"), None)
+    #    With dpo.reference = "online", the reference comes with it (rlhfkit.models.reference: a frozen copy, or the
+    #    LoRA policy with its adapter disabled); "cached" computes its table from the untrained policy (step 3).
+    policy, online_reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed,
+                                                    frozen_copy=dc.reference == "online")
     disable_dropout(policy)
 
     # 3. Reference: log-probs computed once before training and cached, or a frozen copy run every step.
@@ -272,17 +278,15 @@ def train_dpo(cfg: Config, comparisons_path: Path | None, sft_dir: Path, out_dir
             save_cache(path, table, key)
             cache_status, cache_forwards, cache_sequences = "computed", builder.forwards, builder.sequences
         reference = Reference(table=table)
-    elif lora_reference is not None:  # the same weights with the adapter off: no second copy
-        reference = Reference(model=lora_reference.model)
     else:
-        reference = Reference(model=freeze(disable_dropout(load_policy(sft_dir, rt.device, "reference policy"))))
+        reference = online_reference
 
     # 4. Train: shuffled comparisons, chosen + rejected in one forward, the loss from DPO_LOSSES; or shuffled
     #    items, their K completions in one forward, every ranking of them a term of LISTWISE_DPO_LOSSES.
     def batch_loss(idx: torch.Tensor):
         if listwise:
             return listwise_batch_loss(policy, data["train"], idx, reference, "train", dc, rt)
-        ref_chosen, ref_rejected = reference.logps("train", data["train"], idx, rt)  # (b,) each
+        ref_chosen, ref_rejected = ref_pair_logps(reference, "train", data["train"], idx, rt)  # (b,) each
         return dpo_batch_loss(policy, data["train"], idx, ref_chosen, ref_rejected, dc, rt)
 
     n = len(data["train"].rows) if listwise else len(train)
@@ -351,8 +355,8 @@ def train_dpo(cfg: Config, comparisons_path: Path | None, sft_dir: Path, out_dir
     }
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): DPO from OUT's SFT policy on the run's comparisons, or
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): DPO from OUT's SFT policy on the run's comparisons, or
     rankings for a listwise dpo.loss (reward.data, else the feedback stage's). The reference cache lives beside
     the stages, keyed by the SFT model and the data, so redoing the stage with other [dpo] settings reuses it."""
     comparisons, rankings = preference_files(cfg, out, cfg.dpo.loss)

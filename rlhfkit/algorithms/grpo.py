@@ -28,21 +28,48 @@ Deviations from the paper, on purpose:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.models import disable_dropout
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.models.forward import forward_response
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.advantages import grpo_advantages, penalise_missing_eos, zero_std_share
 from rlhfkit.ops.kl import kl_k1, kl_k3
 from rlhfkit.ops.losses import grpo_policy_loss
-from rlhfkit.rollout import collect_rollouts, forward_response, load_online_models, rollout_metrics
-from rlhfkit.runio import MetricsLog, progress, read_metrics
-from rlhfkit.training import (Runtime, loop_generators, loop_state, make_optimizer, optimizer_step, restore_loop_state,
-                              save_checkpoint)
+from rlhfkit.spine.online import check_group_section, start_online
+from rlhfkit.spine.rollout import rollout_metrics
+
+
+@dataclass
+class GRPOConfig:
+    """[grpo] GRPO: K samples per prompt, group-normalised advantages, KL in the loss (rlhfkit/algorithms/grpo.py)."""
+
+    total_steps: int = F(200, "Step budget: iterations, each one batch of prompts_per_step x k samples.")
+    prompts_per_step: int = F(8, "Prompts sampled per iteration.")
+    k: int = F(16, "Completions sampled per prompt (G in the paper); advantages are z-scores within the group (k >= 2). On digits 16 reached the preferred first digit more reliably than 4 or 8 at the same batch size.")
+    minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
+    epochs: int = F(1, "Passes over each batch (mu in the paper; 1 with one minibatch: the ratio is 1, no clipping).")
+    lr: float = F(2.5e-4, "AdamW learning rate (constant); at 5e-4 the preferred-first rate oscillated more around its equilibrium on digits.")
+    beta: float = F(0.2, "KL coefficient of the per-token k3 KL term in the loss. The paper's 0.04 let digits' later positions collapse (KL 4.3, entropy 4.8 -> 1.2); docs/methods/grpo.md.")
+    clip_range: float = F(0.2, "epsilon of the clipped per-token ratio.")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    def validate(self, cfg, checks) -> None:
+        """[grpo]'s rules (shared with the other group method: rlhfkit.spine.online.check_group_section)."""
+        check_group_section("grpo", self, checks)
+
+
+METHOD = Method("grpo", GRPOConfig, ("sft", "reward"),
+                (("reward-model score", ("objective/scores",)), ("gold metrics on the rollouts", ("gold/*",)),
+                 ("KL(policy || reference), nats", ("objective/kl_k1",))),
+                resumable=True)
 
 
 @dataclass
@@ -59,94 +86,57 @@ def grpo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, k: int, missing_
     return GRPOTargets(penalised, grpo_advantages(penalised, group_size=k))
 
 
-def train_grpo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+def train_grpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run GRPO into out_dir, resuming from out_dir/checkpoint when one exists."""
-    start_time = time.time()  # moved back by the time spent before a resume, so wall_time_s is the whole run
     gc = cfg.grpo
-    ckpt_dir = out_dir / "checkpoint"
     batch = gc.prompts_per_step * gc.k  # B, responses per iteration
 
-    # Setup: policy (trained), reference (frozen SFT copy), reward model (frozen). No value model.
-    m = load_online_models(cfg, task, sft_dir, rm_dir, ckpt_dir, rt)  # rlhfkit.rollout, shared by the online methods
-    tokenizer, policy, reference, scorer, resume = m.tokenizer, m.policy, m.reference, m.scorer, m.resume
-    disable_dropout(policy)  # with dropout, the first ratio would differ from 1 (TRL and OpenRLHF do the same)
-    policy.train()
-    params = list(policy.parameters())
-    optimizer, scheduler = make_optimizer(params, gc.lr, gc.total_steps, final_fraction=1.0)
-    prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, "grpo", rt.device)
-    step = 0
-    if resume:
-        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
-        start_time -= elapsed
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if resume else None)
-    bar = progress(gc.total_steps, "grpo")
-    bar.update(step)
+    # Setup (rlhfkit.spine.online, shared by the online methods): policy (trained), reference (frozen SFT policy),
+    # reward (frozen). No value model.
+    loop = start_online(cfg, task, sft_dir, rm_dir, out_dir, rt, name="grpo", lr=gc.lr, total_steps=gc.total_steps)
 
-    while step < gc.total_steps:
+    while loop.step < gc.total_steps:
         # 1-3. Sample K responses per prompt, score the decoded text, log-probs of policy and reference, once
-        # and without grad (rlhfkit.rollout, shared by every online method).
-        prompts = task.prompts(gc.prompts_per_step, prompt_rng)
-        r = collect_rollouts(policy, reference, scorer, tokenizer, prompts, k=gc.k, max_new_tokens=task.max_new_tokens,
-                             temperature=gc.temperature, generator=sample_gen, rt=rt)
+        # and without grad (rlhfkit.spine.rollout, shared by every online method).
+        r = loop.rollouts(gc.prompts_per_step, k=gc.k, temperature=gc.temperature)
         mask = r.response_mask  # (B, Tr)
 
         # 2b, 4. Missing-EOS penalty, group-normalised advantages (no KL in the reward).
         t = grpo_targets(r.scores, r.ended, gc.k, gc.missing_eos_penalty)
 
         # 5. Epochs over shuffled minibatches of the clipped per-token loss + beta * k3 KL (grpo_policy_loss).
-        stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(gc.epochs):
-            order = torch.randperm(batch, generator=order_gen).to(rt.device)
-            for start in range(0, batch, gc.minibatch_size):
-                idx = order[start : start + gc.minibatch_size]
-                new_logprobs, _, _ = forward_response(policy, None, r.queries[idx], r.query_mask[idx], r.responses[idx],
-                                                      mask[idx], gc.temperature, rt)  # (b, Tr)
-                loss, loss_stats = grpo_policy_loss(new_logprobs, r.logprobs[idx], r.ref_logprobs[idx],
-                                                    t.advantages[idx], mask[idx], gc.clip_range, gc.beta)
-                optimizer_step(loss, params, optimizer, max_grad_norm=gc.max_grad_norm)
-                for key, v in loss_stats.items():
-                    stats.setdefault(key, []).append(v)  # detached; no .item() here: no device sync per minibatch
-        scheduler.step()
-        step += 1
+        def loss(idx: torch.Tensor):
+            new_logprobs, _, _ = forward_response(loop.policy, None, r.queries[idx], r.query_mask[idx], r.responses[idx],
+                                                  mask[idx], gc.temperature, rt)  # (b, Tr)
+            return grpo_policy_loss(new_logprobs, r.logprobs[idx], r.ref_logprobs[idx], t.advantages[idx], mask[idx],
+                                    gc.clip_range, gc.beta)
+
+        stats = loop.minibatch_epochs(batch, gc.epochs, gc.minibatch_size, loss, gc.max_grad_norm)
+        loop.advance()
 
         # 6. Log and checkpoint.
         m = mask.to(r.logprobs.dtype)
         record = {
-            "step": step,
+            "step": loop.step,
             "objective/scores": t.penalised.mean().item(),
             # the estimate in the loss (k3), summed over each response like PPO's, and the k1 sum
             "objective/kl": (kl_k3(r.logprobs, r.ref_logprobs) * m).sum(1).mean().item(),
             "objective/kl_k1": (kl_k1(r.logprobs, r.ref_logprobs) * m).sum(1).mean().item(),
             "objective/kl_coef": gc.beta,
             "objective/zero_std_groups": zero_std_share(t.penalised, gc.k).item(),
-            **{key: torch.stack(v).mean().item() for key, v in stats.items()},
+            **stats,
             **rollout_metrics(r, task),
         }
-        log.log(record)
-        bar.update(1)
-        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.3f}", refresh=False)
-        if step % gc.checkpoint_every == 0 or step == gc.total_steps:
-            save_checkpoint(ckpt_dir, {"policy": policy}, tokenizer, loop_state(
-                step, optimizer, scheduler, prompt_rng, sample_gen, order_gen, time.time() - start_time))
-    bar.close()
-    log.close()
+        loop.log_step(record, score=record["objective/scores"], kl=record["objective/kl"])
+        loop.maybe_checkpoint(gc.checkpoint_every)
 
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    last = read_metrics(out_dir / "metrics.jsonl")[-1]
-    return {
-        "steps": step,
-        "final_scores": last["objective/scores"],
-        "final_kl": last["objective/kl_k1"],
-        "resumed": resume,
-        # sequences through a model per iteration: sampled once; reward model, policy and reference without
-        # grad; the policy with grad in every epoch
-        "passes": {"sampled": step * batch, "forward": 3 * step * batch, "backward": step * batch * gc.epochs},
-        "wall_time_s": time.time() - start_time,
-    }
+    # sequences through a model per iteration: sampled once; reward model, policy and reference without
+    # grad; the policy with grad in every epoch
+    step = loop.step
+    return loop.finish(passes={"sampled": step * batch, "forward": 3 * step * batch, "backward": step * batch * gc.epochs})
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): GRPO from OUT's SFT policy against OUT's reward model."""
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): GRPO from OUT's SFT policy against OUT's
+    reward model."""
     return train_grpo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

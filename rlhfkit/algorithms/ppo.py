@@ -13,7 +13,7 @@ References: Ziegler et al. (2019) "Fine-Tuning Language Models from Human Prefer
 Deviations from the papers, on purpose:
 - No pretraining-mix loss (PPO-ptx) and no entropy bonus; the KL penalty alone regularises.
 - The reward model sees decoded text and re-tokenises it with its own tokenizer (an encoder reward model, or
-  several reward sources: rlhfkit/reward_sources.py). The text is every sampled token before EOS, special
+  several reward sources: rlhfkit/spine/reward_sources.py). The text is every sampled token before EOS, special
   tokens included (a `<unk>` sampled mid-response stays visible to the reward model and the gold labeler
   instead of silently vanishing).
 - The score sits on the last response token: EOS when the response ended (OpenRLHF's convention; TRL's
@@ -30,23 +30,89 @@ Deviations from the papers, on purpose:
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config, PPOConfig
-from rlhfkit.models import disable_dropout, load_scalar_model
-from rlhfkit.ops.advantages import (RunningMoments, gae, kl_penalized_rewards, masked_mean, masked_whiten,
-                                    penalise_missing_eos)
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.models.forward import forward_response
+from rlhfkit.models.load import load_scalar_model
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.ops.advantages import (
+    RunningMoments,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    penalise_missing_eos,
+)
 from rlhfkit.ops.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.ops.losses import ppo_policy_loss, ppo_value_loss
-from rlhfkit.reward_sources import check_value_init, value_reward_model
-from rlhfkit.rollout import collect_rollouts, forward_response, load_online_models, rollout_metrics
-from rlhfkit.runio import MetricsLog, progress, read_metrics
-from rlhfkit.training import (Runtime, loop_generators, loop_state, make_optimizer, optimizer_step, restore_loop_state,
-                              save_checkpoint)
+from rlhfkit.spine.online import start_online
+from rlhfkit.spine.reward_sources import check_value_init, value_reward_model
+from rlhfkit.spine.rollout import rollout_metrics
+
+
+@dataclass
+class PPOConfig:
+    """[ppo] PPO, the classic InstructGPT recipe (rlhfkit/algorithms/ppo.py)."""
+
+    total_steps: int = F(120, "Step budget: PPO iterations, each one rollout batch.")
+    rollout_batch_size: int = F(128, "Prompts sampled per PPO iteration.")
+    minibatch_size: int = F(32, "Rollouts per gradient step; must divide rollout_batch_size.")
+    ppo_epochs: int = F(4, "Passes over each rollout batch.")
+    lr: float = F(5e-4, "AdamW learning rate for policy and value model.")
+    kl_coef: float = F(0.6, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
+    kl_estimator: str = F("k1", "Per-token KL estimator in the reward: 'k1', 'k2' or 'k3' (Schulman 2020).")
+    adaptive_kl: bool = F(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = F(1.0, "Target KL per response (nats) for the adaptive controller.")
+    kl_horizon: int = F(10000, "Horizon of the adaptive controller, in rollouts.")
+    gamma: float = F(1.0, "Discount for GAE.")
+    lam: float = F(0.95, "lambda for GAE.")
+    clip_range: float = F(0.2, "epsilon of the clipped policy objective.")
+    clip_range_value: float = F(0.2, "Clip range of the value loss.")
+    vf_coef: float = F(0.1, "Weight of the value loss.")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    whiten_advantages: bool = F(True, "Whiten advantages per rollout batch.")
+    reward_norm: bool = F(False, "Normalise scores by a running mean/std before shaping.")
+    reward_clip: float = F(0.0, "Clip (normalised) scores to [-c, c]; 0 disables.")
+    missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
+    value_init: str = F("reward", "Value model initialisation: 'reward' (the reward model) or 'policy' (the SFT policy).")
+    temperature: float = F(1.0, "Sampling temperature.")
+    reward_threshold: float = F(math.inf, "Stop once the mean score of a rollout batch reaches this (inf = never).")
+    checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    def validate(self, cfg, checks) -> None:
+        """[ppo]'s rules (Config.validate calls each method section's; `checks`: rlhfkit.core.config.Checks)."""
+        need, ref = checks.need, checks.ref
+        checks.at_least_one("ppo.total_steps", "ppo.rollout_batch_size", "ppo.minibatch_size", "ppo.ppo_epochs",
+                            "ppo.checkpoint_every", "ppo.kl_horizon")
+        need(self.minibatch_size <= self.rollout_batch_size, "ppo.minibatch_size",
+             f"larger than {ref('ppo.rollout_batch_size')}, so a rollout batch holds no full minibatch and PPO "
+             "would make no optimiser step; lower ppo.minibatch_size or raise ppo.rollout_batch_size")
+        need(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
+             f"must divide {ref('ppo.rollout_batch_size')}")
+        need(self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", "choose 'k1', 'k2' or 'k3'")
+        need(self.value_init in ("reward", "policy"), "ppo.value_init", "choose 'reward' or 'policy'")
+        need(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0 (0 disables the KL penalty)")
+        need(self.target_kl > 0, "ppo.target_kl", "must be > 0")
+        need(0 <= self.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+        need(0 <= self.lam <= 1, "ppo.lam", "must be in [0, 1]")
+        need(self.clip_range > 0, "ppo.clip_range", "must be > 0")
+        need(self.clip_range_value > 0, "ppo.clip_range_value", "must be > 0")
+        checks.positive("ppo.lr", "ppo.temperature")
+        if cfg.method == "ppo" and self.value_init == "reward":
+            need(any(s.kind == "reward_model" for s in cfg.reward.sources) or not cfg.reward.sources, "ppo.value_init",
+                 "'reward' initialises the value model from a reward model, and reward.sources holds no kind = "
+                 "'reward_model'; set ppo.value_init = 'policy'")
+
+
+METHOD = Method("ppo", PPOConfig, ("sft", "reward"),
+                (("reward-model score", ("objective/scores",)), ("KL(policy || reference), nats", ("objective/kl_k1",))),
+                resumable=True)
 
 
 @dataclass
@@ -90,126 +156,91 @@ def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.T
     return PPOTargets(penalised, scores, kl, rewards, advantages, returns)
 
 
-def train_ppo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run PPO into out_dir, resuming from out_dir/checkpoint when one exists."""
-    start_time = time.time()  # moved back by the time spent before a resume, so wall_time_s is the whole run
     pc = cfg.ppo
-    ckpt_dir = out_dir / "checkpoint"
 
-    # Setup: policy (trained), reference (frozen SFT copy), reward model (frozen), value model (trained).
-    m = load_online_models(cfg, task, sft_dir, rm_dir, ckpt_dir, rt)  # rlhfkit.rollout, shared by the online methods
-    tokenizer, policy, reference, scorer, resume = m.tokenizer, m.policy, m.reference, m.scorer, m.resume
-    value_rm = value_reward_model(cfg, rm_dir)  # the run's reward model, or the first 'reward_model' source
-    if pc.value_init == "reward":  # a decoder reading the policy's tokens (not an encoder, not another vocabulary)
-        check_value_init(value_rm, tokenizer)
-    value_src = ckpt_dir / "value" if resume else (value_rm if pc.value_init == "reward" else sft_dir)
-    torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
-    value_model = load_scalar_model(value_src, rt.device, "value model")
-    # Dropout off: with it, new/old ratios differ from 1 before any update (TRL and OpenRLHF do the same).
-    disable_dropout(policy), disable_dropout(value_model)
-    policy.train(), value_model.train()
-    params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer, scheduler = make_optimizer(params, pc.lr, pc.total_steps, final_fraction=1.0)
+    # Setup (rlhfkit.spine.online, shared by the online methods): policy (trained), reference (frozen SFT policy),
+    # reward (frozen), and PPO's own: the value model (trained), started from the reward model or the SFT policy.
+    def value_model(m) -> dict:
+        value_rm = value_reward_model(cfg, rm_dir)  # the run's reward model, or the first 'reward_model' source
+        if pc.value_init == "reward":  # a decoder reading the policy's tokens (not an encoder, not another vocabulary)
+            check_value_init(value_rm, m.tokenizer)
+        value_src = out_dir / "checkpoint" / "value" if m.resume else (value_rm if pc.value_init == "reward" else sft_dir)
+        torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
+        return {"value": load_scalar_model(value_src, rt.device, "value model")}
+
+    loop = start_online(cfg, task, sft_dir, rm_dir, out_dir, rt, name="ppo", lr=pc.lr, total_steps=pc.total_steps,
+                       extra_models=value_model)
+    policy, value_model = loop.policy, loop.models["value"]
     kl_ctl = (AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
               else FixedKLController(pc.kl_coef))
     score_moments = RunningMoments()
-    prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, "ppo", rt.device)
-    step = 0
-    if resume:
-        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
-        start_time -= elapsed
-        kl_ctl.value = state["kl_coef"]
-        score_moments = RunningMoments(**state["score_moments"])
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if resume else None)
-    bar = progress(pc.total_steps, "ppo")
-    bar.update(step)
-    n_mini = pc.rollout_batch_size // pc.minibatch_size
+    if loop.resume:
+        kl_ctl.value = loop.state["kl_coef"]
+        score_moments = RunningMoments(**loop.state["score_moments"])
     stopped_by_threshold = False
 
-    while step < pc.total_steps:
+    while loop.step < pc.total_steps:
         # 1-3. Sample a rollout batch (shared KV-cache sampler), score the decoded text with the reward model,
         # and compute log-probs under the policy and the reference and the values, once, without grad
-        # (rlhfkit.rollout, shared by every online method).
-        prompts = task.prompts(pc.rollout_batch_size, prompt_rng)
-        r = collect_rollouts(policy, reference, scorer, tokenizer, prompts, value_model=value_model,
-                             max_new_tokens=task.max_new_tokens, temperature=pc.temperature, generator=sample_gen, rt=rt)
+        # (rlhfkit.spine.rollout, shared by every online method).
+        r = loop.rollouts(pc.rollout_batch_size, temperature=pc.temperature, value_model=value_model)
         queries, query_mask, responses, mask = r.queries, r.query_mask, r.responses, r.response_mask  # (B, Tq|Tr)
         logprobs, ref_logprobs, values = r.logprobs, r.ref_logprobs, r.values
 
         # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference);
         # the missing-EOS penalty (2b) is applied there too.
         t = ppo_targets(r.scores, r.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments)
-        advantages, returns = t.advantages, t.returns
 
-        # 6. PPO epochs over shuffled minibatches.
+        # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
+        def loss(idx: torch.Tensor):
+            new_logprobs, new_values, _ = forward_response(
+                policy, value_model, queries[idx], query_mask[idx], responses[idx], mask[idx], pc.temperature, rt)
+            pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], t.advantages[idx], mask[idx], pc.clip_range)
+            vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], t.returns[idx], mask[idx], pc.clip_range_value)
+            return pg_loss + pc.vf_coef * vf_loss, {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}
+
         policy.train()
-        stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(pc.ppo_epochs):
-            order = torch.randperm(pc.rollout_batch_size, generator=order_gen).to(rt.device)
-            for m in range(n_mini):
-                idx = order[m * pc.minibatch_size : (m + 1) * pc.minibatch_size]
-                mb_mask = mask[idx]
-                new_logprobs, new_values, _ = forward_response(
-                    policy, value_model, queries[idx], query_mask[idx], responses[idx], mb_mask, pc.temperature, rt)
-                pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, pc.clip_range)
-                vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], returns[idx], mb_mask, pc.clip_range_value)
-                loss = pg_loss + pc.vf_coef * vf_loss
-                optimizer_step(loss, params, optimizer, max_grad_norm=pc.max_grad_norm)
-                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(v.detach())  # no .item() here: no device sync per minibatch
-        scheduler.step()
-        step += 1
+        stats = loop.minibatch_epochs(pc.rollout_batch_size, pc.ppo_epochs, pc.minibatch_size, loss, pc.max_grad_norm)
+        loop.advance()
 
         # 7. Log, update the KL coefficient, checkpoint, stop at the threshold.
         mean_kl = t.kl.sum(1).mean().item()  # per response, with the configured estimator
         kl_k1 = (logprobs - ref_logprobs).sum(1).mean().item()  # unbiased: what the adaptive controller tracks
         record = {
-            "step": step,
+            "step": loop.step,
             "objective/scores": t.penalised.mean().item(),
             "objective/kl": mean_kl,
             "objective/kl_k1": kl_k1,
             "objective/kl_coef": kl_ctl.value,
             "objective/rlhf_reward": (t.penalised - kl_ctl.value * t.kl.sum(1)).mean().item(),
             "value/mean": masked_mean(values, mask).item(),
-            "value/returns": masked_mean(returns, mask).item(),
-            **{k: torch.stack(v).mean().item() for k, v in stats.items()},
+            "value/returns": masked_mean(t.returns, mask).item(),
+            **stats,
             # entropy, EOS, length, and the task's true objective on the same rollouts (proxy vs gold)
             **rollout_metrics(r, task),
         }
-        log.log(record)
+        loop.log_step(record, score=record["objective/scores"], kl=mean_kl)
         kl_ctl.update(kl_k1, pc.rollout_batch_size)
-        bar.update(1)
-        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{mean_kl:.3f}", refresh=False)
-        if record["objective/scores"] >= pc.reward_threshold:
-            stopped_by_threshold = True
-        if step % pc.checkpoint_every == 0 or step == pc.total_steps or stopped_by_threshold:
-            save_checkpoint(ckpt_dir, {"policy": policy, "value": value_model}, tokenizer, loop_state(
-                step, optimizer, scheduler, prompt_rng, sample_gen, order_gen, time.time() - start_time,
-                kl_coef=kl_ctl.value, score_moments=vars(score_moments)))
+        stopped_by_threshold = record["objective/scores"] >= pc.reward_threshold
+        loop.maybe_checkpoint(pc.checkpoint_every, force=stopped_by_threshold, kl_coef=kl_ctl.value,
+                             score_moments=vars(score_moments))
         if stopped_by_threshold:
             break
-    bar.close()
-    log.close()
 
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    last = read_metrics(out_dir / "metrics.jsonl")[-1]
-    return {
-        "steps": step,
-        "stopped_by_threshold": stopped_by_threshold,
-        "final_scores": last["objective/scores"],
-        "final_kl": last["objective/kl_k1"],
-        "final_kl_coef": last["objective/kl_coef"],
-        "resumed": resume,
+    step = loop.step
+    return loop.finish(
+        stopped_by_threshold=stopped_by_threshold,
+        final_kl_coef=loop.last_logged()["objective/kl_coef"],
         # sequences through a model per iteration: sampled once; policy, value model, reference and reward
         # model without grad; policy and value model with grad in every PPO epoch
-        "passes": {"sampled": step * pc.rollout_batch_size, "forward": 4 * step * pc.rollout_batch_size,
-                   "backward": 2 * step * pc.rollout_batch_size * pc.ppo_epochs},
-        "wall_time_s": time.time() - start_time,
-    }
+        passes={"sampled": step * pc.rollout_batch_size, "forward": 4 * step * pc.rollout_batch_size,
+                "backward": 2 * step * pc.rollout_batch_size * pc.ppo_epochs},
+    )
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): PPO from OUT's SFT policy against OUT's reward model."""
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): PPO from OUT's SFT policy against OUT's reward
+    model."""
     return train_ppo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

@@ -4,11 +4,11 @@ reward model scores highest as the new gold standard, and fine-tune on those as 
 Each round:
 
     1. sample K completions for each of n_prompts new prompts from the current policy; score them with the
-       reward model; log-probs of policy and reference for the KL of the sampled set (rlhfkit.iterative.grow,
+       reward model; log-probs of policy and reference for the KL of the sampled set (rlhfkit.spine.self_training,
        PPO's rollout code)
     2. keep each prompt's best completion when it ended with EOS and its score clears `threshold`
        (rlhfkit.ops.selection.rejection_sampling_keep)
-    3. fine-tune the policy on the kept (prompt, completion) pairs with SFT's loop (fit_completions): loss
+    3. fine-tune the policy on the kept (prompt, completion) pairs with SFT's loop (rlhfkit.spine.finetune): loss
        on completion tokens, `epochs` passes, a fresh AdamW
     4. write STAGE/round-N/ (samples.jsonl with a `kept` column, metrics.jsonl of the fine-tuning, model/),
        log the round, mark the round complete: a killed run resumes at the round it was in
@@ -29,58 +29,58 @@ Deviations from Llama 2, on purpose:
 
 from __future__ import annotations
 
-import random
-import time
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from rlhfkit.config import Config
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.iterative import fine_tune, grow, grow_metrics, resume_point, round_dir, round_seed, write_samples
-from rlhfkit.models import freeze, load_policy, load_tokenizer
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.selection import rejection_sampling_keep
-from rlhfkit.reward_sources import build_scorer
-from rlhfkit.rollout import FrozenReference
-from rlhfkit.runio import MetricsLog, mark_complete, progress, stage_result
-from rlhfkit.training import Runtime
-
-PREFIX = "round"
+from rlhfkit.spine.self_training import RoundContext, RoundResult, fine_tune, grow_metrics, run_rounds, write_samples
 
 
-def train_rejection_sampling(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+@dataclass
+class RejectionSamplingConfig:
+    """[rejection_sampling] Rejection-sampling fine-tuning, Llama 2's first RLHF stage (rlhfkit/algorithms/rejection_sampling.py)."""
+
+    rounds: int = F(2, "Rounds of sample -> keep each prompt's best -> fine-tune; each round samples from the policy the previous round fine-tuned.")
+    n_prompts: int = F(1024, "Prompts per round (new ones each round, from the task's training prompts).")
+    k: int = F(4, "Completions sampled per prompt; the one the reward model scores highest is the candidate (a larger k also selects harder on the reward model's noise: more KL per round).")
+    threshold: float = F(-math.inf, "Keep a prompt's best completion only when its reward-model score is >= this (-inf = always, as Llama 2); a response without EOS is never kept.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    epochs: int = F(2, "Passes over a round's kept completions (the fine-tuning budget, with lr: what keeps the policy near the reference, as there is no KL term).")
+    batch_size: int = F(64, "Completions per optimiser step (fewer kept than this: one step on all of them per epoch).")
+    lr: float = F(1e-3, "AdamW learning rate of each round's fine-tuning (a fresh optimiser per round, linear decay to 10%).")
+
+    def validate(self, cfg, checks) -> None:
+        """[rejection_sampling]'s rules (`checks`: rlhfkit.core.config.Checks)."""
+        checks.at_least_one("rejection_sampling.rounds", "rejection_sampling.n_prompts", "rejection_sampling.k",
+                            "rejection_sampling.epochs", "rejection_sampling.batch_size")
+        checks.positive("rejection_sampling.lr", "rejection_sampling.temperature")
+        checks.need(not math.isnan(self.threshold) and self.threshold != math.inf, "rejection_sampling.threshold",
+                    "must be a number or -inf (-inf keeps every prompt's best completion)")
+
+
+METHOD = Method(
+    "rejection_sampling", RejectionSamplingConfig, ("sft", "reward"),
+    (("reward-model score: sampled set and kept winners", ("objective/scores", "selection/kept_scores")),
+     ("gold metrics of the sampled set", ("gold/*",)),
+     ("KL(policy || reference) of the sampled set, nats", ("objective/kl_k1",))),
+    resumable=True, step_label="round")
+
+
+def train_rejection_sampling(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run cfg.rejection_sampling.rounds rounds into out_dir, resuming after the last complete round."""
-    start_time = time.time()
     rc = cfg.rejection_sampling
-    done = resume_point(out_dir, PREFIX, rc.rounds)
-    previous = [stage_result(round_dir(out_dir, PREFIX, n)) for n in range(1, done + 1)]
-    if previous:
-        start_time -= previous[-1]["wall_time_s"]  # the whole run's time, across the interruption
 
-    # Setup: the policy (SFT, or the last complete round's), the reference (frozen SFT), the reward model.
-    tokenizer = load_tokenizer(sft_dir, "sft policy")
-    policy = load_policy(round_dir(out_dir, PREFIX, done) / "model" if done else sft_dir, rt.device, "policy")
-    reference = FrozenReference(freeze(load_policy(sft_dir, rt.device, "reference policy")))
-    scorer = build_scorer(cfg, task, rm_dir, rt)
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=done)
-    bar = progress(rc.rounds, "rejection_sampling", unit="round")
-    bar.update(done)
-
-    for n in range(done + 1, rc.rounds + 1):
-        rdir = round_dir(out_dir, PREFIX, n)
-        rdir.mkdir(parents=True)
-
-        # 1. Sample K completions per prompt from the current policy, score them, KL to the reference.
-        seed = lambda what: round_seed(cfg.seed, "rejection_sampling", n, what)  # noqa: E731 (per round: resume-exact)
-        prompts = task.prompts(rc.n_prompts, random.Random(seed("prompts")))
-        generator = torch.Generator(device=rt.device).manual_seed(seed("sample"))
-        g = grow(policy, reference, scorer, tokenizer, prompts, k=rc.k, max_new_tokens=task.max_new_tokens,
-                 temperature=rc.temperature, generator=generator, rt=rt)
-
+    def improve(ctx: RoundContext) -> RoundResult:
+        g, n = ctx.grow, ctx.n
         # 2. Keep each prompt's best ended completion when it clears the threshold.
         keep = rejection_sampling_keep(g.scores, g.ended, g.group, rc.threshold)  # (B,) at most one per prompt
         rows = keep.nonzero().squeeze(1).tolist()
-        write_samples(rdir / "samples.jsonl", g, kept=keep.tolist())
+        write_samples(ctx.dir / "samples.jsonl", g, kept=keep.tolist())
         if not rows:
             best = g.scores[g.ended].max().item() if g.ended.any() else float("nan")
             raise RlhfkitError(f"rejection sampling round {n} kept no completion: no prompt's best completion "
@@ -88,14 +88,9 @@ def train_rejection_sampling(cfg: Config, task, sft_dir: Path, rm_dir: Path, out
                                f"EOS) reached rejection_sampling.threshold = {rc.threshold}; lower the threshold")
 
         # 3. Fine-tune the policy on the winners with SFT's loop.
-        round_log = MetricsLog(rdir / "metrics.jsonl")
-        fit = fine_tune(policy, tokenizer, [g.prompts[i] for i in rows], [g.texts[i] for i in rows],
-                        epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
-                        seed=seed("fit"), rt=rt, log=round_log,
-                        desc=f"round {n}")
-        round_log.close()
-
-        # 4. Save the round's model, log it, mark it complete (last: a round without the marker is redone).
+        fit = fine_tune(ctx.policy, ctx.tokenizer, [g.prompts[i] for i in rows], [g.texts[i] for i in rows],
+                        epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, seed=ctx.seed("fit"), rt=rt,
+                        log=ctx.log, desc=f"round {n}")
         record = {
             "step": n,
             **grow_metrics(g, task),  # the sampled set, from the policy before this round's fine-tuning
@@ -103,35 +98,17 @@ def train_rejection_sampling(cfg: Config, task, sft_dir: Path, rm_dir: Path, out
             "selection/kept_scores": g.scores[keep].mean().item(),
             "loss/sft": fit["loss"],
         }
-        policy.save_pretrained(rdir / "model")
-        tokenizer.save_pretrained(rdir / "model")
-        log.log(record)
-        passes = {"sampled": len(g.texts), "forward": 3 * len(g.texts), "backward": fit["backward"]}
-        previous.append({"record": record, "passes": passes, "steps": fit["steps"],
-                         "wall_time_s": time.time() - start_time})
-        mark_complete(rdir, previous[-1])
-        bar.update(1)
-        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kept=f"{len(rows)}", refresh=False)
-    bar.close()
-    log.close()
+        return RoundResult([record], fit["steps"], fit["backward"],
+                           {"score": f"{record['objective/scores']:.2f}", "kept": f"{len(rows)}"})
 
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    last = previous[-1]["record"]
-    return {
-        "rounds": rc.rounds,
-        "steps": sum(p["steps"] for p in previous),
-        "kept": [p["record"]["selection/kept_fraction"] for p in previous],
-        "final_scores": last["objective/scores"],  # the last round's sampled set (before its fine-tuning)
-        "final_kl": last["objective/kl_k1"],
-        "resumed": done > 0,
-        # sequences through a model: K per prompt sampled; reward model, policy and reference without grad;
-        # the kept pairs with grad in every fine-tuning step
-        "passes": {k: sum(p["passes"][k] for p in previous) for k in ("sampled", "forward", "backward")},
-        "wall_time_s": time.time() - start_time,
-    }
+    # 1-4. Rounds of Grow (K samples per prompt), improve (above), save (rlhfkit.spine.self_training).
+    previous, summary = run_rounds(cfg, task, sft_dir, rm_dir, out_dir, rt, name="rejection_sampling", prefix="round",
+                                   rounds=rc.rounds, lines_per_round=1, n_prompts=rc.n_prompts, k=rc.k,
+                                   temperature=rc.temperature, unit="round", improve=improve)
+    return {"rounds": rc.rounds, "kept": [p["records"][0]["selection/kept_fraction"] for p in previous], **summary}
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): rounds from OUT's SFT policy, judged by OUT's reward model."""
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): rounds from OUT's SFT policy, judged by OUT's
+    reward model."""
     return train_rejection_sampling(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

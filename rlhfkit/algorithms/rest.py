@@ -4,12 +4,12 @@ which filter that dataset by reward at rising thresholds tau_1 < tau_2 < ... and
 iteration:
 
     1. Grow: sample K completions for each of n_prompts new prompts from the current policy; score them with the
-       reward model; log-probs of policy and reference for the KL of the set (rlhfkit.iterative.grow, PPO's
-       rollout code)
+       reward model; log-probs of policy and reference for the KL of the set (rlhfkit.spine.self_training,
+       PPO's rollout code)
     2. thresholds tau_i: the quantiles[i] quantile of the Grow set's scores, never below their mean
        (rlhfkit.ops.selection.rest_thresholds)
     3. Improve steps, i = 1..len(quantiles): keep every ended sample scoring >= tau_i, over the whole set (not
-       per prompt), and fine-tune on them with SFT's loop (fit_completions; the paper's BC loss, its best),
+       per prompt), and fine-tune on them with SFT's loop (rlhfkit.spine.finetune; the paper's BC loss, its best),
        `epochs` passes with a fresh AdamW; log the step
     4. write STAGE/iter-N/ (grow.jsonl with an `improve_steps` column: how many Improve steps kept the sample,
        metrics.jsonl of the fine-tuning, model/), mark the iteration complete: a killed run resumes at the
@@ -34,73 +34,78 @@ Deviations from Gulcehre et al., on purpose:
 
 from __future__ import annotations
 
-import random
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.iterative import fine_tune, grow, grow_metrics, resume_point, round_dir, round_seed, write_samples
-from rlhfkit.models import freeze, load_policy, load_tokenizer
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.selection import rest_keep, rest_thresholds
-from rlhfkit.reward_sources import build_scorer
-from rlhfkit.rollout import FrozenReference
-from rlhfkit.runio import MetricsLog, mark_complete, progress, stage_result
-from rlhfkit.training import Runtime
-
-PREFIX = "iter"
+from rlhfkit.spine.self_training import RoundContext, RoundResult, fine_tune, grow_metrics, run_rounds, write_samples
 
 
-def train_rest(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+@dataclass
+class ReSTConfig:
+    """[rest] ReST, Reinforced Self-Training (Gulcehre et al. 2023): Grow, then Improve steps at rising thresholds (rlhfkit/algorithms/rest.py)."""
+
+    iterations: int = F(2, "Grow steps; each samples a new dataset from the current policy, then runs one Improve step per entry of quantiles.")
+    n_prompts: int = F(512, "Prompts per Grow step (new ones each iteration, from the task's training prompts).")
+    k: int = F(4, "Completions sampled per prompt in a Grow step.")
+    quantiles: list[float] = F([0.5, 0.7, 0.9], "One Improve step per entry, strictly increasing in (0, 1): threshold tau_i = this quantile of the Grow set's scores, never below their mean; each step fine-tunes on the samples scoring >= tau_i.")
+    temperature: float = F(1.0, "Sampling temperature of the Grow step.")
+    epochs: int = F(1, "Passes over the kept samples in each Improve step (with lr, the fine-tuning budget that keeps the policy near the reference: there is no KL term).")
+    batch_size: int = F(64, "Samples per optimiser step (fewer kept than this: one step on all of them per epoch).")
+    lr: float = F(1e-3, "AdamW learning rate of each Improve step (a fresh optimiser per step, linear decay to 10%); each step continues from the policy the previous one left.")
+
+    def validate(self, cfg, checks) -> None:
+        """[rest]'s rules (`checks`: rlhfkit.core.config.Checks)."""
+        need = checks.need
+        checks.at_least_one("rest.iterations", "rest.n_prompts", "rest.k", "rest.epochs", "rest.batch_size")
+        checks.positive("rest.lr", "rest.temperature")
+        q = self.quantiles
+        need(len(q) >= 1, "rest.quantiles", "give at least one quantile, e.g. [0.5, 0.7, 0.9] (one Improve step each)")
+        need(all(0.0 < x < 1.0 for x in q), "rest.quantiles", "each quantile must be in (0, 1)")
+        need(all(a < b for a, b in zip(q, q[1:])), "rest.quantiles",
+             "must be strictly increasing: ReST's Improve thresholds rise (tau_1 < tau_2 < ...)")
+
+
+METHOD = Method(
+    "rest", ReSTConfig, ("sft", "reward"),
+    (("reward-model score: Grow set, threshold and kept", ("objective/scores", "selection/threshold",
+                                                            "selection/kept_scores")),
+     ("gold metrics of the Grow set", ("gold/*",)),
+     ("KL(policy || reference) of the Grow set, nats", ("objective/kl_k1",))),
+    resumable=True, step_label="Improve step")
+
+
+def train_rest(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run cfg.rest.iterations Grow/Improve iterations into out_dir, resuming after the last complete one."""
-    start_time = time.time()
     rc = cfg.rest
     n_improve = len(rc.quantiles)
-    done = resume_point(out_dir, PREFIX, rc.iterations)
-    previous = [stage_result(round_dir(out_dir, PREFIX, n)) for n in range(1, done + 1)]
-    if previous:
-        start_time -= previous[-1]["wall_time_s"]  # the whole run's time, across the interruption
 
-    # Setup: the policy (SFT, or the last complete iteration's), the reference (frozen SFT), the reward model.
-    tokenizer = load_tokenizer(sft_dir, "sft policy")
-    policy = load_policy(round_dir(out_dir, PREFIX, done) / "model" if done else sft_dir, rt.device, "policy")
-    reference = FrozenReference(freeze(load_policy(sft_dir, rt.device, "reference policy")))
-    scorer = build_scorer(cfg, task, rm_dir, rt)
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=done * n_improve)  # one line per Improve step
-    bar = progress(rc.iterations * n_improve, "rest", unit="improve step")
-    bar.update(done * n_improve)
-
-    for n in range(done + 1, rc.iterations + 1):
-        idir = round_dir(out_dir, PREFIX, n)
-        idir.mkdir(parents=True)
-
-        # 1. Grow: K completions per prompt from the current policy, scored, KL to the reference.
-        prompts = task.prompts(rc.n_prompts, random.Random(round_seed(cfg.seed, "rest", n, "prompts")))
-        generator = torch.Generator(device=rt.device).manual_seed(round_seed(cfg.seed, "rest", n, "sample"))
-        g = grow(policy, reference, scorer, tokenizer, prompts, k=rc.k, max_new_tokens=task.max_new_tokens,
-                 temperature=rc.temperature, generator=generator, rt=rt)
+    def improve(ctx: RoundContext) -> RoundResult:
+        g, n = ctx.grow, ctx.n
         grown = grow_metrics(g, task)  # the Grow set, which every Improve step of this iteration filters
 
         # 2. Rising thresholds on this Grow set's scores.
         thresholds = rest_thresholds(g.scores, g.ended, rc.quantiles)
         keeps = [rest_keep(g.scores, g.ended, tau) for tau in thresholds]  # (B,) each, nested
-        write_samples(idir / "grow.jsonl", g, improve_steps=torch.stack(keeps).sum(0).tolist())
+        write_samples(ctx.dir / "grow.jsonl", g, improve_steps=torch.stack(keeps).sum(0).tolist())
         if not keeps[0].any():
             raise RlhfkitError(f"ReST iteration {n}: none of the {len(g.texts)} sampled responses ended with EOS "
                                f"within the task's {task.max_new_tokens} new tokens, so the Grow set has nothing to "
                                "keep; check that the SFT policy learned to emit EOS")
 
         # 3. Improve steps: filter at tau_i, fine-tune the current policy on what passes.
-        iter_log = MetricsLog(idir / "metrics.jsonl")
         steps, backward, records = 0, 0, []
         for i, (tau, keep) in enumerate(zip(thresholds, keeps), start=1):
             rows = keep.nonzero().squeeze(1).tolist()
-            fit = fine_tune(policy, tokenizer, [g.prompts[r] for r in rows], [g.texts[r] for r in rows],
-                            epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
-                            seed=round_seed(cfg.seed, "rest", n, f"improve-{i}"), rt=rt, log=iter_log,
-                            desc=f"iter {n} improve {i}", step_offset=steps)
+            fit = fine_tune(ctx.policy, ctx.tokenizer, [g.prompts[r] for r in rows], [g.texts[r] for r in rows],
+                            epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, seed=ctx.seed(f"improve-{i}"),
+                            rt=rt, log=ctx.log, desc=f"iter {n} improve {i}", step_offset=steps)
             steps, backward = steps + fit["steps"], backward + fit["backward"]
             records.append({
                 "step": (n - 1) * n_improve + i,
@@ -111,40 +116,23 @@ def train_rest(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt
                 "selection/kept_scores": g.scores[keep].mean().item(),
                 "loss/sft": fit["loss"],
             })
-            bar.update(1)
-            bar.set_postfix(score=f"{grown['objective/scores']:.2f}", tau=f"{tau:.2f}", refresh=False)
-        iter_log.close()
+        return RoundResult(records, steps, backward,
+                           {"score": f"{grown['objective/scores']:.2f}", "tau": f"{thresholds[-1]:.2f}"})
 
-        # 4. Save the iteration's model, log its Improve steps, mark it complete (last).
-        policy.save_pretrained(idir / "model")
-        tokenizer.save_pretrained(idir / "model")
-        for record in records:
-            log.log(record)
-        passes = {"sampled": len(g.texts), "forward": 3 * len(g.texts), "backward": backward}
-        previous.append({"records": records, "passes": passes, "steps": steps, "wall_time_s": time.time() - start_time})
-        mark_complete(idir, previous[-1])
-    bar.close()
-    log.close()
-
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    last = previous[-1]["records"]
+    # 1-4. Iterations of Grow (K samples per prompt), Improve steps (above), save (rlhfkit.spine.self_training).
+    previous, summary = run_rounds(cfg, task, sft_dir, rm_dir, out_dir, rt, name="rest", prefix="iter",
+                                   rounds=rc.iterations, lines_per_round=n_improve, n_prompts=rc.n_prompts, k=rc.k,
+                                   temperature=rc.temperature, unit="improve step", improve=improve)
     return {
         "iterations": rc.iterations,
         "improve_steps": rc.iterations * n_improve,
-        "steps": sum(p["steps"] for p in previous),
         "thresholds": [[r["selection/threshold"] for r in p["records"]] for p in previous],
         "kept": [[r["selection/kept_fraction"] for r in p["records"]] for p in previous],
-        "final_scores": last[0]["objective/scores"],  # the last Grow set (before its Improve steps)
-        "final_kl": last[0]["objective/kl_k1"],
-        "resumed": done > 0,
-        # sequences through a model: K per prompt sampled; reward model, policy and reference without grad;
-        # the kept samples with grad in every fine-tuning step
-        "passes": {k: sum(p["passes"][k] for p in previous) for k in ("sampled", "forward", "backward")},
-        "wall_time_s": time.time() - start_time,
+        **summary,
     }
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): ReST from OUT's SFT policy, judged by OUT's reward model."""
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): ReST from OUT's SFT policy, judged by OUT's
+    reward model."""
     return train_rest(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

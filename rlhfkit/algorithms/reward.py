@@ -12,7 +12,7 @@ Both are measured the same way: pairwise accuracy on the consensus comparisons o
 pairs of one item share a prompt), the items split by the same hash. One reward model learns one criterion
 (`reward.criterion`): mixing, say, helpfulness and harmlessness labels would fit neither.
 `reward.criterion = "*"` trains one model per criterion in the data, each in OUT/reward/<criterion>/.
-An encoder `reward.init` (BERT, MiniLM, ...; rlhfkit.rewards.is_decoder_model) is trained and read the way it
+An encoder `reward.init` (BERT, MiniLM, ...; rlhfkit.models.scoring.is_decoder_model) is trained and read the way it
 reads text: its tokenizer's pair encoding of (prompt, completion), no EOS appended, its own forward (pooler
 and classifier head), r = the one logit; same loss, same held-out accuracy (bradley_terry only).
 Deviation from InstructGPT: comparisons of one item are not forced into one batch under bradley_terry (K is
@@ -22,136 +22,28 @@ small here); plackett_luce keeps an item's whole ranking in one term instead.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.config import CRITERION_NAME
-from rlhfkit.data.batching import check_representable
+from rlhfkit.core.config import CRITERION_NAME
+from rlhfkit.core.errors import ConfigError, DataError
+from rlhfkit.core.runio import MetricsLog, progress
 from rlhfkit.data.contract import Comparison
-from rlhfkit.data.ranked import RankedData, RankedItem, encode_ranked_items, group_rankings, to_grid
-from rlhfkit.errors import ConfigError, DataError
-from rlhfkit.models import autocast, load_scalar_model, load_tokenizer, sequence_scores
-from rlhfkit.rewards import encode_for_scoring, is_decoder_model, sequence_rewards
+from rlhfkit.data.preferences import load_comparisons, load_rankings, read_preferences
+from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.load import load_scalar_model, load_tokenizer
+from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.runtime import Runtime, autocast
+from rlhfkit.models.scoring import encode_for_scoring, is_decoder_model, sequence_rewards
 from rlhfkit.ops.losses import RANKING_LOSSES, bradley_terry_loss
-from rlhfkit.runio import MetricsLog, progress
-from rlhfkit.training import Runtime, make_optimizer, optimizer_step
 
-
-def select_criterion(comparisons: list, criterion: str, source: str | Path,
-                     noun: str = "comparisons") -> tuple[list, str]:
-    """The records (comparisons, or rankings) of one criterion, and its name. `criterion` empty: the data must
-    hold a single criterion (whatever it is), else an error lists those found, so mixed labels never train one
-    model. '*' (one model per criterion, train_reward_model): every record, as one checks them all at once."""
-    counts = Counter(c.criterion for c in comparisons).most_common()
-    found = ", ".join(f"'{name}' ({n} {noun})" for name, n in counts)
-    if criterion == "*":
-        return comparisons, "*"
-    if not criterion:
-        if len(counts) > 1:
-            raise DataError(f"{source}: comparisons of {len(counts)} criteria ({found}); a reward model learns one, "
-                            f"so set reward.criterion to one of them")
-        return comparisons, counts[0][0] if counts else ""
-    selected = [c for c in comparisons if c.criterion == criterion]
-    if not selected:
-        raise DataError(f"{source}: no {noun} with reward.criterion = '{criterion}'; the file holds {found}")
-    return selected, criterion
-
-
-def preference_files(cfg: Config, out: Path, loss: str) -> tuple[Path | None, Path | None]:
-    """(comparisons or None, rankings or None) a stage with this loss reads: reward.data (comparisons, or
-    rankings for 'plackett_luce'), else the feedback stage's files, whose comparisons also measure a
-    plackett_luce model (its held-out accuracy)."""
-    listwise = loss == "plackett_luce"
-    if cfg.reward.data:
-        return (None, Path(cfg.reward.data)) if listwise else (Path(cfg.reward.data), None)
-    return out / "feedback" / "comparisons.jsonl", (out / "feedback" / "rankings.jsonl" if listwise else None)
-
-
-def read_preferences(path: str | Path, kind: str, stage: str) -> list:
-    """The comparisons (kind 'pairs') or rankings of a preference file in any format rlhfkit reads: the
-    contract's, TRL's, Anthropic HH, UltraFeedback, ... (rlhfkit.data.load; errors name file, line and
-    field). Rankings give their pairs; comparisons cannot give whole rankings, which a listwise loss needs."""
-    from rlhfkit.data.load import format_origin, convert_records, read_data
-
-    data = read_data(path)
-    if kind == "rankings" and data.kind != "rankings":
-        raise DataError(f"{path}: holds {data.kind} ({format_origin(data)}), but {stage}.loss = 'plackett_luce' trains "
-                        "on whole rankings; give a rankings file (like the feedback stage's rankings.jsonl, or "
-                        f"UltraFeedback-style ratings; docs/data.md) or a pairwise {stage}.loss")
-    try:
-        return convert_records(data.records, data.kind, kind)
-    except DataError as e:
-        raise DataError(f"{path}: {e} ({format_origin(data)})") from None
-
-
-def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, seed: int, tokenizer,
-                     stage: str = "reward"):
-    """(train, held-out) comparisons a stage learns from (the reward model, or DPO's policy): read (errors
-    name file:line:field), one criterion, text the stage's tokenizer can represent, enough items to hold
-    some out (`{stage}.heldout_fraction`). The pipeline calls this before anything runs, so bad data fails
-    before SFT, not after it."""
-    comparisons, _ = select_criterion(read_preferences(path, "pairs", stage), criterion, path)
-    texts = [(f"item {c.item_id!r} field {field!r}", getattr(c, field))
-             for c in comparisons for field in ("prompt", "chosen", "rejected")]
-    check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
-    train, test = split_by_item(comparisons, heldout_fraction, seed)
-    if not train or not test:
-        raise DataError(f"{path}: {len(comparisons)} comparisons are too few to hold out "
-                        f"{heldout_fraction:.0%} of items; label more items or change {stage}.heldout_fraction")
-    return train, test
-
-
-class RankingSplit(NamedTuple):
-    items: list[RankedItem]  # what a listwise loss trains on
-    comparisons: list[Comparison]  # the consensus comparisons of the same items: where pairwise accuracy is measured
-
-
-def load_rankings(path: str | Path, comparisons_path: str | Path | None, criterion: str, heldout_fraction: float,
-                  seed: int, tokenizer, stage: str = "reward") -> tuple[RankingSplit, RankingSplit]:
-    """(train, held-out) rankings and comparisons a listwise stage reads, split by item as load_comparisons
-    splits (same seed and fraction: the same held-out items). The comparisons are those of `comparisons_path`
-    (the feedback stage's, which a Bradley-Terry model of the same run trains on), else the pairwise-majority
-    consensus of the rankings (feedback.consensus' default and the labeling app's rule). Errors name
-    file:line:field (a ranking that is not a permutation, a missing field) before anything runs."""
-    from rlhfkit.data.load import rankings_to_comparisons
-
-    records, _ = select_criterion(read_preferences(path, "rankings", stage), criterion, path, noun="rankings")
-    texts = [(f"item {r.item_id!r} field {field!r}", text) for r in records
-             for field, text in [("prompt", r.prompt), *(("completions", c) for c in r.completions)]]
-    check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
-    items = group_rankings(records)
-    if comparisons_path is not None:
-        train_comparisons, test_comparisons = load_comparisons(comparisons_path, criterion, heldout_fraction, seed,
-                                                               tokenizer, stage)
-    else:  # the pairwise-majority consensus (the labeling app's rule)
-        train_comparisons, test_comparisons = split_by_item(rankings_to_comparisons(records), heldout_fraction, seed)
-    train = RankingSplit([it for it in items if not is_heldout(it.item_id, heldout_fraction, seed)], train_comparisons)
-    test = RankingSplit([it for it in items if is_heldout(it.item_id, heldout_fraction, seed)], test_comparisons)
-    if not any(it.rankings for it in train.items) or not test.comparisons:
-        raise DataError(f"{path}: {len(items)} items are too few to train on some and hold out "
-                        f"{heldout_fraction:.0%} of them with comparisons; label more items or change "
-                        f"{stage}.heldout_fraction")
-    return train, test
-
-
-def is_heldout(item_id: str, heldout_fraction: float, seed: int) -> bool:
-    """Whether the item is held out: a hash of the seed and item id, so no prompt is in both splits and every
-    stage (reward model, DPO, either loss) holds out the same items."""
-    h = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < heldout_fraction
-
-
-def split_by_item(comparisons: list[Comparison], heldout_fraction: float, seed: int):
-    """Deterministic train / held-out split by item (is_heldout)."""
-    train = [c for c in comparisons if not is_heldout(c.item_id, heldout_fraction, seed)]
-    test = [c for c in comparisons if is_heldout(c.item_id, heldout_fraction, seed)]
-    return train, test
+if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
+    from rlhfkit.pipeline.config import Config
 
 
 class EncodedComparisons(NamedTuple):
@@ -164,7 +56,7 @@ class EncodedComparisons(NamedTuple):
 
 
 def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool = True) -> EncodedComparisons:
-    """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.rewards), and margins."""
+    """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.models.scoring), and margins."""
     prompts = [c.prompt for c in comparisons] * 2
     completions = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
     margins = torch.tensor([c.margin or 0.0 for c in comparisons], dtype=torch.float32)
@@ -214,7 +106,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     listwise = rc.loss == "plackett_luce"
 
     # 1. Data: the one contract (rlhfkit.data.contract), one criterion, split by item; read by an encoder's own
-    #    tokenizer and forward (rlhfkit.rewards), or a decoder's last token.
+    #    tokenizer and forward (rlhfkit.models.scoring), or a decoder's last token.
     decoder = is_decoder_model(init_dir)
     if listwise and not decoder:
         raise ConfigError(f"reward.loss = 'plackett_luce' reads whole rankings the decoder way, and reward.init = "

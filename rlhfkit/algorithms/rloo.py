@@ -26,21 +26,48 @@ Deviations from the paper, on purpose:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.models import disable_dropout
+from rlhfkit.algorithms import Method
+from rlhfkit.core.config import F
+from rlhfkit.models.forward import forward_response
+from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.advantages import penalise_missing_eos, rloo_advantages, zero_std_share
 from rlhfkit.ops.kl import kl_k1
 from rlhfkit.ops.losses import rloo_policy_loss
-from rlhfkit.rollout import collect_rollouts, forward_response, load_online_models, rollout_metrics
-from rlhfkit.runio import MetricsLog, progress, read_metrics
-from rlhfkit.training import (Runtime, loop_generators, loop_state, make_optimizer, optimizer_step, restore_loop_state,
-                              save_checkpoint)
+from rlhfkit.spine.online import check_group_section, start_online
+from rlhfkit.spine.rollout import rollout_metrics
+
+
+@dataclass
+class RLOOConfig:
+    """[rloo] RLOO: K samples per prompt, KL in the reward, leave-one-out baseline (rlhfkit/algorithms/rloo.py)."""
+
+    total_steps: int = F(100, "Step budget: iterations, each one batch of prompts_per_step x k samples.")
+    prompts_per_step: int = F(32, "Prompts sampled per iteration.")
+    k: int = F(4, "Completions sampled per prompt; each one's baseline is the mean reward of the other k - 1 (k >= 2).")
+    minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
+    epochs: int = F(1, "Passes over each batch (1 with one minibatch: plain REINFORCE, the clip is never active).")
+    lr: float = F(5e-4, "AdamW learning rate (constant).")
+    beta: float = F(0.6, "KL coefficient: reward = score - beta * sum_t (log pi - log pi_ref) over the response.")
+    clip_range: float = F(0.2, "epsilon of the clipped sequence ratio (matters only after the first gradient step on a batch).")
+    max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
+    missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
+    temperature: float = F(1.0, "Sampling temperature.")
+    checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    def validate(self, cfg, checks) -> None:
+        """[rloo]'s rules (shared with the other group method: rlhfkit.spine.online.check_group_section)."""
+        check_group_section("rloo", self, checks)
+
+
+METHOD = Method("rloo", RLOOConfig, ("sft", "reward"),
+                (("reward-model score", ("objective/scores",)), ("gold metrics on the rollouts", ("gold/*",)),
+                 ("KL(policy || reference), nats", ("objective/kl_k1",))),
+                resumable=True)
 
 
 @dataclass
@@ -62,93 +89,56 @@ def rloo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.
     return RLOOTargets(penalised, kl, rewards, rloo_advantages(rewards, group_size=k))
 
 
-def train_rloo(cfg: Config, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+def train_rloo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime) -> dict:
     """Run RLOO into out_dir, resuming from out_dir/checkpoint when one exists."""
-    start_time = time.time()  # moved back by the time spent before a resume, so wall_time_s is the whole run
     rc = cfg.rloo
-    ckpt_dir = out_dir / "checkpoint"
     batch = rc.prompts_per_step * rc.k  # B, responses per iteration
 
-    # Setup: policy (trained), reference (frozen SFT copy), reward model (frozen). No value model.
-    m = load_online_models(cfg, task, sft_dir, rm_dir, ckpt_dir, rt)  # rlhfkit.rollout, shared by the online methods
-    tokenizer, policy, reference, scorer, resume = m.tokenizer, m.policy, m.reference, m.scorer, m.resume
-    disable_dropout(policy)  # with dropout, the first ratio would differ from 1 (TRL and OpenRLHF do the same)
-    policy.train()
-    params = list(policy.parameters())
-    optimizer, scheduler = make_optimizer(params, rc.lr, rc.total_steps, final_fraction=1.0)
-    prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, "rloo", rt.device)
-    step = 0
-    if resume:
-        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
-        start_time -= elapsed
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if resume else None)
-    bar = progress(rc.total_steps, "rloo")
-    bar.update(step)
+    # Setup (rlhfkit.spine.online, shared by the online methods): policy (trained), reference (frozen SFT policy),
+    # reward (frozen). No value model.
+    loop = start_online(cfg, task, sft_dir, rm_dir, out_dir, rt, name="rloo", lr=rc.lr, total_steps=rc.total_steps)
 
-    while step < rc.total_steps:
+    while loop.step < rc.total_steps:
         # 1-3. Sample K responses per prompt, score the decoded text, log-probs of policy and reference, once
-        # and without grad (rlhfkit.rollout, shared by every online method).
-        prompts = task.prompts(rc.prompts_per_step, prompt_rng)
-        r = collect_rollouts(policy, reference, scorer, tokenizer, prompts, k=rc.k, max_new_tokens=task.max_new_tokens,
-                             temperature=rc.temperature, generator=sample_gen, rt=rt)
+        # and without grad (rlhfkit.spine.rollout, shared by every online method).
+        r = loop.rollouts(rc.prompts_per_step, k=rc.k, temperature=rc.temperature)
         mask = r.response_mask  # (B, Tr)
 
         # 2b, 4-5. Missing-EOS penalty, KL-regularised sequence rewards, leave-one-out advantages.
         t = rloo_targets(r.scores, r.ended, r.logprobs, r.ref_logprobs, mask, rc.k, rc.beta, rc.missing_eos_penalty)
 
         # 6. Epochs over shuffled minibatches of the (clipped) sequence-level REINFORCE loss.
-        stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(rc.epochs):
-            order = torch.randperm(batch, generator=order_gen).to(rt.device)
-            for start in range(0, batch, rc.minibatch_size):
-                idx = order[start : start + rc.minibatch_size]
-                new_logprobs, _, _ = forward_response(policy, None, r.queries[idx], r.query_mask[idx], r.responses[idx],
-                                                      mask[idx], rc.temperature, rt)  # (b, Tr)
-                loss, loss_stats = rloo_policy_loss(new_logprobs, r.logprobs[idx], t.advantages[idx], mask[idx],
-                                                    rc.clip_range)
-                optimizer_step(loss, params, optimizer, max_grad_norm=rc.max_grad_norm)
-                for key, v in {"loss/policy": loss, **loss_stats}.items():
-                    stats.setdefault(key, []).append(v.detach())  # no .item() here: no device sync per minibatch
-        scheduler.step()
-        step += 1
+        def loss(idx: torch.Tensor):
+            new_logprobs, _, _ = forward_response(loop.policy, None, r.queries[idx], r.query_mask[idx], r.responses[idx],
+                                                  mask[idx], rc.temperature, rt)  # (b, Tr)
+            loss, loss_stats = rloo_policy_loss(new_logprobs, r.logprobs[idx], t.advantages[idx], mask[idx], rc.clip_range)
+            return loss, {"loss/policy": loss, **loss_stats}
+
+        stats = loop.minibatch_epochs(batch, rc.epochs, rc.minibatch_size, loss, rc.max_grad_norm)
+        loop.advance()
 
         # 7. Log and checkpoint.
         record = {
-            "step": step,
+            "step": loop.step,
             "objective/scores": t.penalised.mean().item(),
             "objective/kl": t.kl.mean().item(),  # the estimate in the reward: k1, so equal to objective/kl_k1
             "objective/kl_k1": t.kl.mean().item(),
             "objective/kl_coef": rc.beta,
             "objective/rlhf_reward": t.rewards.mean().item(),
             "objective/zero_std_groups": zero_std_share(t.penalised, rc.k).item(),
-            **{key: torch.stack(v).mean().item() for key, v in stats.items()},
+            **stats,
             **rollout_metrics(r, task),
         }
-        log.log(record)
-        bar.update(1)
-        bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.3f}", refresh=False)
-        if step % rc.checkpoint_every == 0 or step == rc.total_steps:
-            save_checkpoint(ckpt_dir, {"policy": policy}, tokenizer, loop_state(
-                step, optimizer, scheduler, prompt_rng, sample_gen, order_gen, time.time() - start_time))
-    bar.close()
-    log.close()
+        loop.log_step(record, score=record["objective/scores"], kl=record["objective/kl"])
+        loop.maybe_checkpoint(rc.checkpoint_every)
 
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    last = read_metrics(out_dir / "metrics.jsonl")[-1]
-    return {
-        "steps": step,
-        "final_scores": last["objective/scores"],
-        "final_kl": last["objective/kl_k1"],
-        "resumed": resume,
-        # sequences through a model per iteration: sampled once; reward model, policy and reference without
-        # grad; the policy with grad in every epoch
-        "passes": {"sampled": step * batch, "forward": 3 * step * batch, "backward": step * batch * rc.epochs},
-        "wall_time_s": time.time() - start_time,
-    }
+    # sequences through a model per iteration: sampled once; reward model, policy and reference without
+    # grad; the policy with grad in every epoch
+    step = loop.step
+    return loop.finish(passes={"sampled": step * batch, "forward": 3 * step * batch, "backward": step * batch * rc.epochs})
 
 
-def run(cfg: Config, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point (rlhfkit/methods.py): RLOO from OUT's SFT policy against OUT's reward model."""
+def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
+    """The pipeline's entry point (rlhfkit/algorithms/__init__.py): RLOO from OUT's SFT policy against OUT's
+    reward model."""
     return train_rloo(cfg, task, out / "sft" / "model", out / "reward" / "model", stage_dir, rt)

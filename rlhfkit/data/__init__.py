@@ -8,4 +8,9 @@
     batching    tokenising and padding text prompt/completion pairs
     ranked      whole K-way rankings as training data (the listwise losses)
     cli         `rlhfkit data convert` / `rlhfkit data check`
+    splits      train / held-out split by item, one rule for every stage
+    preferences the comparisons or rankings a stage reads (one criterion, split, checked against a tokenizer)
+    consensus   several labelers' rankings -> positions, pairwise majority, Borda
+
+Layer: data. May import: ops, core.
 """

@@ -18,6 +18,7 @@ import weakref
 
 import torch
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.chat import encode_chat, encode_chat_prompt, end_of_turn_ids, has_chat_template
 
 _stop_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # rendering a template is slow
@@ -46,8 +47,6 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     if has_chat_template(tokenizer):
         return encode_chat_prompt(tokenizer, _as_messages(prompt))
     if isinstance(prompt, list):
-        from rlhfkit.errors import DataError
-
         raise DataError("a conversation prompt (a list of messages) needs a tokenizer with a chat template, and "
                         f"this {type(tokenizer).__name__} has none; set tokenizer.chat_template and save it, or use "
                         "plain-text prompts")
@@ -128,8 +127,6 @@ def check_representable(tokenizer, texts: list[tuple[str, str]], source: str, ro
     tokenizer turns any unknown word into <unk>, so English text under the digits tokenizer would train a
     model on nothing but <unk> and still report a perfect score. Byte-level tokenizers have no <unk>.
     """
-    from rlhfkit.errors import DataError
-
     unk = tokenizer.unk_token_id
     if unk is None or not texts:
         return

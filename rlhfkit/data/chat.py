@@ -24,8 +24,8 @@ past assistant turns) cannot be cut this way; encode_chat says so.
 
 from __future__ import annotations
 
+from rlhfkit.core.errors import DataError, RlhfkitError
 from rlhfkit.data.contract import Message
-from rlhfkit.errors import DataError, RlhfkitError
 
 _SENTINEL = "rlhfkitsentinelreply"  # a reply whose end shows what the template writes after a turn
 

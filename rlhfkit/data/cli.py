@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.data.formats import FORMATS, KINDS, format_table
+from rlhfkit.data.load import check_file, convert_file
 
 FORMAT_HELP = "the input's format (default: told from the first record's fields); see `rlhfkit data formats`"
 SPLIT_HELP = "the split of a DatasetDict directory (default: train, or its only split)"
@@ -45,14 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from rlhfkit.errors import RlhfkitError
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "formats":
             print("format         kind      a record\n" + format_table())
             return 0
-        from rlhfkit.data.load import check_file, convert_file
 
         if args.command == "convert":
             r = convert_file(args.input, args.output, args.from_fmt, args.to_fmt, args.split)

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import _decode_line, parse_jsonl_line
-from rlhfkit.errors import DataError
 
 CONTAINERS = ("jsonl", "json", "parquet", "datasets", "txt")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}

@@ -37,7 +37,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from rlhfkit.errors import DataError
+from rlhfkit.core.errors import DataError
 
 # Llama 2 (Touvron et al., 2023), Table 28, "small margin" variant: the labeler's stated strength of a
 # preference becomes the margin m(r) subtracted inside the Bradley-Terry sigmoid.

@@ -31,11 +31,23 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import (
-    Comparison, Demonstration, PromptRecord, RankingRecord, Text, _require, as_conversation, parse_comparison,
-    parse_demonstration, parse_prompt, parse_ranking, parse_text, prompt_item_id, ranking_from_scores,
+    Comparison,
+    Demonstration,
+    PromptRecord,
+    RankingRecord,
+    Text,
+    _require,
+    as_conversation,
+    parse_comparison,
+    parse_demonstration,
+    parse_prompt,
+    parse_ranking,
+    parse_text,
+    prompt_item_id,
+    ranking_from_scores,
 )
-from rlhfkit.errors import DataError
 
 # Anthropic HH-RLHF (Bai et al., 2022): each side of a pair is a whole transcript; the two differ only in the
 # final assistant turn, so the prompt is the shared prefix up to and including the last "\n\nAssistant:".

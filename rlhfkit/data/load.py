@@ -24,13 +24,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfkit.core.errors import DataError
+from rlhfkit.data.consensus import majority_pairs
 from rlhfkit.data.containers import container_of, read_rows, write_rows
 from rlhfkit.data.contract import (
-    Comparison, Demonstration, PromptRecord, RankingRecord, check_same_item, pair_margin,
+    Comparison,
+    Demonstration,
+    PromptRecord,
+    RankingRecord,
+    check_same_item,
+    pair_margin,
 )
 from rlhfkit.data.formats import CONTRACT_FORMAT, FORMATS, KINDS, detect_format, format_table, messages_prompt
-from rlhfkit.errors import DataError
-from rlhfkit.feedback.agreement import majority_pairs
 
 KIND_OF = {Comparison: "pairs", RankingRecord: "rankings", Demonstration: "sft", PromptRecord: "prompts"}
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Comparison, Ranking, RankingRecord, Text
-from rlhfkit.errors import DataError
 from rlhfkit.ops.losses import ranks_from_tie_groups
 
 

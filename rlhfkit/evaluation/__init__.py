@@ -1,1 +1,5 @@
-"""Evaluation of policies on held-out prompts, and the report."""
+"""Evaluation of policies on held-out prompts, and the report.
+
+Layer: tasks | feedback | evaluation (independent siblings). May import: algorithms, spine, models, data, ops,
+core.
+"""

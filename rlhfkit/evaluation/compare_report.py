@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhfkit.algorithms import METHODS
+from rlhfkit.core.runio import read_metrics
 from rlhfkit.evaluation.report import plot_method_curves, plot_ppo_curves
-from rlhfkit.methods import METHODS
-from rlhfkit.runio import read_metrics
 
 
 def _f(v, spec: str = ".3f") -> str:

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.algorithms.best_of_n import best_of_n_kl, best_of_n_texts
+from rlhfkit.core.runio import read_json
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
-from rlhfkit.models import autocast, freeze, load_policy, load_tokenizer
+from rlhfkit.models.forward import freeze, response_logits
+from rlhfkit.models.load import load_policy, load_tokenizer
+from rlhfkit.models.runtime import Runtime, autocast
+from rlhfkit.models.sampling import decode_responses, sample
 from rlhfkit.ops.kl import categorical_kl
-from rlhfkit.ops.logprobs import gather_logprobs, response_logits
-from rlhfkit.sampling import decode_responses, sample
-from rlhfkit.training import Runtime
+from rlhfkit.ops.logprobs import gather_logprobs
+from rlhfkit.spine.reward_sources import build_scorer
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,8 @@ class BestOfN:
 
 
 def policy_of(method, stage_dir: Path):
-    """What evaluating `method` (an rlhfkit.methods.Method) samples from: its policy directory, or its sampler."""
+    """What evaluating `method` (an rlhfkit.algorithms.Method) samples from: its policy directory, or its sampler."""
     if method.output == "sampler":
-        from rlhfkit.runio import read_json
-
         spec = read_json(Path(stage_dir) / "sampler.json")
         return BestOfN(spec["n"], spec["temperature"])
     return Path(stage_dir) / "model"
@@ -86,8 +88,6 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
 def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec: BestOfN, rt: Runtime, seed: int) -> dict:
     """evaluate_policy's figures for best-of-n: the KL is the analytic bound log n - (n-1)/n (no per-position
     figures: the best-of-n distribution has no token log-probs to measure them with)."""
-    from rlhfkit.algorithms.best_of_n import best_of_n_kl, best_of_n_texts
-
     if scorer is None:
         raise ValueError("best-of-n needs a reward model to pick with")
     generator = torch.Generator(device=rt.device).manual_seed(seed)
@@ -124,8 +124,6 @@ def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, 
     """Evaluate each named policy (e.g. {'sft': path, 'ppo': path, 'best_of_n': BestOfN(8, 1.0)}) on the same
     held-out prompts; with a reward model (rm_dir) its mean score is reported too (a DPO run has none).
     keep_completions: also return every policy's completions ({"prompts": [...], "completions": {name: [...]}})."""
-    from rlhfkit.reward_sources import build_scorer
-
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
     scorer = build_scorer(cfg, task, rm_dir, rt) if rm_dir is not None else None  # the reward model(s), or reward.sources

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhfkit.runio import read_metrics
+from rlhfkit.core.runio import read_metrics
 
 # The PPO curve plots `objective/kl_k1`, the KL the report explains; a peak above SPIKE_RATIO x where the curve
 # ends (the mean of its last tenth; above SPIKE_MIN_NATS, so noise near zero is not called a spike) gets a
@@ -93,7 +93,7 @@ def plot_ppo_curves(metrics: list[dict], path: Path) -> list[str]:
 
 
 def plot_method_curves(metrics: list[dict], curves, method: str, path: Path, step_label: str = "") -> list[str]:
-    """A method's declared curves (rlhfkit/methods.py): one panel per (title, metric keys) pair."""
+    """A method's declared curves (rlhfkit/algorithms/__init__.py): one panel per (title, metric keys) pair."""
     plt = _plt()
     step_label = step_label or f"{method} step"
     fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.4), squeeze=False)
@@ -199,7 +199,7 @@ def _method_line(method: str, config: dict) -> str:
 
 
 def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_path: Path) -> Path:
-    """Plots + report.md in OUT/eval for a run of `method` (an rlhfkit.methods.Method); returns the path."""
+    """Plots + report.md in OUT/eval for a run of `method` (an rlhfkit.algorithms.Method); returns the path."""
     eval_dir = out / "eval"
     metrics = read_metrics(metrics_path)
     if metrics and method.name == "ppo":  # PPO's own panels: proxy vs gold, KL with its spike, beta

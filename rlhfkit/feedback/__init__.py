@@ -1,1 +1,5 @@
-"""Feedback: labelers (simulated, human via rlhfkit.labelapp), consensus and agreement."""
+"""Feedback: labelers (simulated; people through rlhfkit.labelapp), agreement, Elo.
+
+Layer: tasks | feedback | evaluation (independent siblings). May import: algorithms, spine, models, data, ops,
+core.
+"""

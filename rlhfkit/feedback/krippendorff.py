@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 
-from rlhfkit.feedback.agreement import rank_positions
+from rlhfkit.data.consensus import rank_positions
 
 METRICS = ("nominal", "ordinal", "interval")
 

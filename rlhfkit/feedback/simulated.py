@@ -17,20 +17,30 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlhfkit.config import Config
+from rlhfkit.core.runio import write_json
+from rlhfkit.data.consensus import borda_consensus, majority_pairs
 from rlhfkit.data.contract import (
-    STRENGTH_MARGINS, Comparison, Ranking, RankingRecord, pair_margin, ranking_from_scores, ranking_to_pairs,
+    STRENGTH_MARGINS,
+    Comparison,
+    Ranking,
+    RankingRecord,
+    pair_margin,
+    ranking_from_scores,
+    ranking_to_pairs,
     write_jsonl,
 )
-from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, mean_agreement, pairwise_agreement
+from rlhfkit.feedback.agreement import mean_agreement, pairwise_agreement
 from rlhfkit.feedback.krippendorff import alpha_for_rankings
-from rlhfkit.models import load_policy, load_tokenizer
-from rlhfkit.runio import write_json
-from rlhfkit.sampling import sample_texts
-from rlhfkit.training import Runtime
+from rlhfkit.models.load import load_policy, load_tokenizer
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.sampling import sample_texts
+
+if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
+    from rlhfkit.pipeline.config import Config
 
 
 # Strength of a step between adjacent tie groups from its perceived gold gap, in gold points (the unit of the

@@ -2,6 +2,8 @@
 
 Nothing here is imported by the core: `rlhfkit label ...` and the pipeline's human-feedback hook import
 it on demand, and it needs the `app` extra (fastapi, uvicorn, jinja2, python-multipart, markdown-it-py).
+Layer: labelapp, above tasks, feedback and evaluation, below pipeline (whose human feedback stage runs it).
+May import: feedback, models, data, core (torch only where it samples completions, imported there).
 
 Modules, one concern each:
     db          SQLite connection (WAL, durable commits) and schema.sql

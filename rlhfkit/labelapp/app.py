@@ -24,7 +24,7 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.labelapp import api, db, pages, project, security
 from rlhfkit.labelapp.assignment import AppError
 from rlhfkit.labelapp.deps import LoginRequired, LoginThrottle

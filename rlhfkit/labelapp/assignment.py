@@ -25,8 +25,8 @@ import re
 import sqlite3
 import time
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import STRENGTH_MARGINS, validate_ranking
-from rlhfkit.errors import DataError
 from rlhfkit.labelapp.db import transaction
 from rlhfkit.labelapp.project import ProjectSettings
 

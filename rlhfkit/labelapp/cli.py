@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.core.errors import ConfigError, RlhfkitError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_BODY_KB, DEFAULT_MAX_UPLOAD_MB = 1024, 64  # any request body; the lead's project upload

@@ -32,9 +32,10 @@ import time
 from itertools import combinations
 from pathlib import Path
 
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.data.consensus import borda_consensus, majority_pairs
 from rlhfkit.data.contract import Comparison, RankingRecord, pair_margin, write_jsonl
-from rlhfkit.errors import ConfigError
-from rlhfkit.feedback.agreement import borda_consensus, majority_pairs, pairwise_agreement
+from rlhfkit.feedback.agreement import pairwise_agreement
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.project import get_settings
 from rlhfkit.labelapp.stats import by_item, load_labels, project_stats

@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from rlhfkit.errors import DataError, RlhfkitError
+from rlhfkit.core.errors import DataError, RlhfkitError
 from rlhfkit.labelapp import db, project, security, stats
 from rlhfkit.labelapp.api import next_for
 from rlhfkit.labelapp.assignment import AppError

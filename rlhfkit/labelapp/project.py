@@ -2,7 +2,7 @@
 
 A project directory holds one SQLite database (labels.sqlite3) with the settings, the items (a prompt and
 its completions in their original order) and everything labelers do. Items come either from a JSONL file
-of already sampled completions or from a policy directory, sampled with rlhfkit.sampling.
+of already sampled completions or from a policy directory, sampled with rlhfkit.models.sampling.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfkit.config import CRITERION_NAME
+from rlhfkit.core.config import CRITERION_NAME
+from rlhfkit.core.errors import ConfigError, DataError
 from rlhfkit.data.contract import STRENGTH_MARGINS, iter_jsonl
-from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.security import MIN_PASSWORD, SCRYPT_N, hash_password, new_token, token_hash
 
@@ -131,8 +131,8 @@ def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: in
                  temperature: float = 1.0, device: str = "auto") -> list[dict]:
     """K completions per prompt from a policy directory (imported here: only this path needs torch).
     `temperature` and `device` come from the run's config when the pipeline calls this."""
-    from rlhfkit.models import check_model_dir
-    from rlhfkit.sampling import sample_completions
+    from rlhfkit.models.load import check_model_dir
+    from rlhfkit.models.sampling import sample_completions
 
     policy_dir = Path(policy_dir)
     if (policy_dir / "config.json").is_file():

@@ -15,7 +15,8 @@ import statistics
 from collections import defaultdict
 from dataclasses import asdict
 
-from rlhfkit.feedback.agreement import borda_consensus, mean_agreement, pairwise_agreement
+from rlhfkit.data.consensus import borda_consensus
+from rlhfkit.feedback.agreement import mean_agreement, pairwise_agreement
 from rlhfkit.feedback.elo import elo_ladder, matches_from_ranking
 from rlhfkit.feedback.krippendorff import alpha_for_rankings
 from rlhfkit.labelapp.project import ProjectSettings

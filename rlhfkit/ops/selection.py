@@ -1,6 +1,6 @@
 """Which sampled responses a self-training method fine-tunes on: pure functions of scores, no model.
 
-Rows follow the rollout layout (rlhfkit.rollout.Rollouts): `scores` (B,) are raw reward-model scores, `ended`
+Rows follow the rollout layout (rlhfkit.spine.rollout.Rollouts): `scores` (B,) are raw reward-model scores, `ended`
 (B,) says whether the response emitted EOS, `group` (B,) is the index of the row's prompt.
 
 The missing-EOS rule, shared by every function here: a response without EOS is never kept. The reward model

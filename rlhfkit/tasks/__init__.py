@@ -1,9 +1,16 @@
-"""Built-in tasks: tiny languages with a known truth, each carrying its own default config."""
+"""Built-in tasks: tiny languages with a known truth, each carrying its own default config (merged under the
+user's by rlhfkit/pipeline/config.py), and a task made of your files (files.py).
+
+Layer: tasks | feedback | evaluation (independent siblings). May import: algorithms, spine, models, data, ops,
+core.
+"""
 
 from __future__ import annotations
 
-from rlhfkit.errors import ConfigError
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.digits import DigitsTask
+from rlhfkit.tasks.files import DataTask
 
 
 def task_names() -> list[str]:
@@ -16,7 +23,6 @@ def task_for(cfg) -> Task:
     data = cfg.data
     if not (data.sft or data.prompts):
         return get_task(cfg.task)
-    from rlhfkit.tasks.files import DataTask
 
     return DataTask(None if cfg.task == "none" else get_task(cfg.task), data, cfg.seed)
 
@@ -25,8 +31,6 @@ def get_task(name: str) -> Task:
     if name == "none":
         raise ConfigError("task = 'none' runs on your files: set data.sft and data.prompts (docs/data.md)")
     if name == "digits":
-        from rlhfkit.tasks.digits import DigitsTask
-
         return DigitsTask()
     import difflib
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.data.load import load_demonstrations, load_prompts
+from rlhfkit.data.splits import is_heldout
 from rlhfkit.tasks.base import Task
 
 
 def _split(records, fraction: float, seed: int):
-    from rlhfkit.algorithms.reward import is_heldout
-
     train = [r for r in records if not is_heldout(r.item_id, fraction, seed)]
     heldout = [r for r in records if is_heldout(r.item_id, fraction, seed)]
     return train, heldout
@@ -43,8 +43,6 @@ class DataTask(Task):
     """The built-in task `base` (or none) with prompts and demonstrations read from files."""
 
     def __init__(self, base: Task | None, data, seed: int):
-        from rlhfkit.data.load import load_demonstrations, load_prompts
-
         self.base, self.data = base, data
         self.name = base.name if base is not None else "data"
         self.max_new_tokens = data.max_new_tokens or (base.max_new_tokens if base is not None else 64)

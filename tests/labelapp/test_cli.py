@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from rlhfkit.core.errors import DataError
 from rlhfkit.data.contract import read_comparisons
-from rlhfkit.errors import DataError
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.cli import main
 

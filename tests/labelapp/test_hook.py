@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
     """A tiny random GPT-2 policy with the digits tokenizer, saved like the SFT stage saves it."""
-    from rlhfkit.models import TinyModelSpec, build_tiny_policy
+    from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
     from rlhfkit.tasks.digits import DigitsTask
 
     path = tmp_path_factory.mktemp("policy")
@@ -78,8 +78,8 @@ def test_human_feedback_hook_end_to_end(policy_dir, tmp_path, capsys):
 
     # 4. The export trains a reward model with the core trainer, no conversion.
     from rlhfkit.algorithms.reward import train_reward_model
-    from rlhfkit.config import load_config
-    from rlhfkit.training import runtime
+    from rlhfkit.models.runtime import runtime
+    from rlhfkit.pipeline.config import load_config
 
     cfg = load_config(reward={"epochs": 1, "batch_size": 8, "heldout_fraction": 0.25})
     result = train_reward_model(cfg, out / "comparisons.jsonl", policy_dir, tmp_path / "rm", runtime(cfg))
@@ -120,10 +120,10 @@ def test_human_stage_samples_with_the_runs_temperature_device_and_criteria(polic
     """`feedback.temperature`, `device` and `feedback.criteria` reach the sampler and the project."""
     import shutil
 
-    import rlhfkit.sampling
-    from rlhfkit.config import load_config
-    from rlhfkit.pipeline import WaitingForLabels, run_stage, stage_inputs
-    from rlhfkit.runio import mark_complete, write_json
+    import rlhfkit.models.sampling
+    from rlhfkit.core.runio import mark_complete, write_json
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import WaitingForLabels, run_stage, stage_inputs
 
     calls = []
 
@@ -131,7 +131,7 @@ def test_human_stage_samples_with_the_runs_temperature_device_and_criteria(polic
         calls.append(kwargs)
         return [[f"{n} {j}" for j in range(k)] for n in range(len(prompts))]
 
-    monkeypatch.setattr(rlhfkit.sampling, "sample_completions", fake_sampler)
+    monkeypatch.setattr(rlhfkit.models.sampling, "sample_completions", fake_sampler)
     out = tmp_path / "run"
     shutil.copytree(policy_dir, out / "sft" / "model")
     cfg = load_config(overrides=["feedback.labeler='human'", "feedback.n_prompts=3", "feedback.k=2",

@@ -7,6 +7,7 @@ import pytest
 
 from rlhfkit.cli import main
 from rlhfkit.data.contract import read_comparisons
+
 from .test_hook import label_everything
 
 HUMAN = ["feedback.labeler='human'", "feedback.n_prompts=8", "feedback.k=3", "feedback.labelers_per_item=2",

@@ -90,7 +90,7 @@ def test_elo_ladder_in_export(labeled, tmp_path):
 
 
 def test_export_refuses_bad_threshold_and_missing_project(tmp_path, labeled):
-    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.core.errors import RlhfkitError
 
     with pytest.raises(RlhfkitError, match="between 0 and 1"):
         export_project(labeled, tmp_path / "x", min_agreement=2)

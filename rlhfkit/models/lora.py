@@ -1,9 +1,9 @@
-"""LoRA policies (peft): low-rank adapters trained on a frozen base, and the reference policy computed by
-disabling the adapter on the same weights, so no second copy of the model is held in memory.
+"""LoRA (peft): low-rank adapters trained on a frozen base; the reference policy of a LoRA run is the same model
+with the adapter disabled (AdapterDisabled), so no second copy of the model is held in memory.
 
-    policy, reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed)  # PPO, DPO, ...: policy and pi_ref
+    policy, reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed)  # rlhfkit/models/reference.py
     policy.save_pretrained(stage_dir / "model")                      # with LoRA: the adapter only (a few MB)
-    load_policy(stage_dir / "model")                                 # rlhfkit.models: merges an adapter into its base
+    load_policy(stage_dir / "model")                                 # rlhfkit/models/load.py: merges it into its base
     merge_adapter(adapter_dir, out_dir)                              # `rlhfkit merge`: a plain model directory
 
 Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models": W x + (alpha / r) B A x with B = 0 at the
@@ -11,6 +11,8 @@ start, so the policy equals its base (the SFT model) at step 0 exactly: its KL t
 loss is ln 2, as with a full copy (tests/test_lora.py checks both). The adapter directory records the absolute
 path of its base (adapter_config.json's base_model_name_or_path); `rlhfkit merge` makes a directory that no
 longer needs it. peft is imported only when LoRA is on.
+
+Layer: models (imports core only: the lowest module of the models package).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.core.errors import RlhfkitError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -73,53 +75,3 @@ def wrap_lora(model, lc, base_dir: Path, seed: int):
                            "e.g. ['q_proj', 'v_proj'] (Llama) or ['c_attn'] (GPT-2)") from None
     peft_model.peft_config["default"].base_model_name_or_path = str(Path(base_dir).resolve())
     return peft_model
-
-
-def policy_and_reference(sft_dir: Path, lc, rt, seed: int, resume_from: Path | None = None):
-    """The policy to train (from `resume_from` when resuming) and the reference pi_ref = the SFT policy.
-    Without LoRA (lc.r == 0): two full models, the reference a frozen copy. With LoRA: one model; the
-    policy trains an adapter, the reference is the same model with the adapter disabled."""
-    from rlhfkit.models import freeze, load_policy
-    from rlhfkit.rollout import FrozenReference
-
-    if lc.r == 0:
-        policy = load_policy(resume_from or sft_dir, rt.device, "policy")
-        return policy, FrozenReference(freeze(load_policy(sft_dir, rt.device, "reference policy")))
-    base = load_policy(sft_dir, rt.device, "sft policy")
-    if resume_from is not None:
-        from peft import PeftModel
-
-        policy = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
-    else:
-        policy = wrap_lora(base, lc, sft_dir, seed)
-    return policy, FrozenReference(AdapterDisabled(policy))
-
-
-def load_adapter_model(path: Path, device: torch.device, role: str):
-    """A plain model: the adapter in `path` merged into its base (loaded, recursively, by load_policy)."""
-    from peft import PeftModel
-
-    from rlhfkit.models import load_policy
-
-    base = load_policy(adapter_base(path), device, f"{role} (the base of its LoRA adapter)")
-    try:
-        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise RlhfkitError(f"{role}: cannot load the LoRA adapter in {path} onto its base ({' '.join(str(e).split())})") from None
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the adapter merged into its base as a plain model directory (with the adapter's tokenizer)."""
-    from rlhfkit.models import load_tokenizer
-
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not is_adapter_dir(adapter_dir):
-        raise RlhfkitError(f"{adapter_dir} holds no LoRA adapter ({ADAPTER_CONFIG} missing)")
-    if out_dir.exists():
-        raise RlhfkitError(f"{out_dir} exists; merge into a new directory")
-    model = load_adapter_model(adapter_dir, torch.device("cpu"), "adapter")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    load_tokenizer(adapter_dir, "adapter").save_pretrained(tmp)
-    tmp.rename(out_dir)  # complete or absent, never half written
-    return out_dir

@@ -2,7 +2,7 @@
 
 Online methods decode the policy's responses and hand (prompt, completion) strings to a scorer, so a
 reward model never has to share the policy's tokenizer, and several scorers can be combined
-(rlhfkit/reward_sources.py). A sequence-classification model reads text one of two ways:
+(rlhfkit/spine/reward_sources.py). A sequence-classification model reads text one of two ways:
 
 - **decoder** (GPT-2, Llama, Qwen, ...: what rlhfkit trains from an SFT policy): prompt + completion + end of
   turn as the policy would see them (rlhfkit.data.batching.encode_example, chat template included), the
@@ -23,19 +23,22 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.data.batching import encode_example, pad_id, pad_right
 from rlhfkit.data.chat import has_chat_template, render
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import autocast, check_model_dir, freeze, load_scalar_model, load_tokenizer, sequence_scores
-from rlhfkit.training import Runtime
+from rlhfkit.models.forward import freeze, sequence_scores
+from rlhfkit.models.load import check_model_dir, load_scalar_model, load_tokenizer
+from rlhfkit.models.runtime import Runtime, autocast
 
 
 def is_decoder_model(path: str | Path) -> bool:
     """Whether the model in `path` is read the decoder way: its architecture has a causal-LM head in
     transformers and no masked-LM head (GPT-2, Llama, Qwen, Mistral, ...). BERT-like encoders (which also
     have a causal-LM variant, but are masked LMs), T5 and anything else are read by their own forward."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

@@ -1,60 +1,24 @@
-"""Hugging Face models for every role: policy, reference, reward model, value model.
+"""Hugging Face models for every role, from directories (or built tiny): policy, reference, reward model, value model.
 
 There is no private model class. Built-in tasks get tiny GPT-2- or Llama-style models created from a
 config section with random init; a user points `policy.path` at any local causal-LM directory.
 Reward and value models are `AutoModelForSequenceClassification` with one label: the reward is the
-head's output at the last real token, the value is the same head applied at every token.
+head's output at the last real token, the value is the same head applied at every token
+(rlhfkit/models/forward.py). A LoRA adapter directory (rlhfkit/models/lora.py) loads merged into its base.
+
+Layer: models (imports core; within models: lora).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.errors import ConfigError, RlhfkitError
-
-
-# ----------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU. Anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device = {name!r} is not a device torch knows ({e}); use 'auto', 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device = {name!r} but CUDA is not available here; use device = 'auto' or 'cpu'")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. 'auto' = bf16 on CUDA with bf16 support, else fp32."""
-    if precision == "fp32":
-        return None
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        return torch.bfloat16 if bf16_ok else None
-    if precision == "bf16":
-        if device.type == "cuda" and not bf16_ok:
-            raise ConfigError("precision = 'bf16' but this GPU does not support bf16; use 'fp32' or 'auto'")
-        return torch.bfloat16
-    raise ConfigError(f"precision = {precision!r}; choose 'auto', 'fp32' or 'bf16'")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast context for the forward passes (a no-op in fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
+from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.models.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Building tiny models
@@ -105,19 +69,21 @@ def build_tiny_policy(spec: TinyModelSpec, tokenizer, seed: int):
 # What a loadable directory holds (what save_pretrained writes): weights, single-file or sharded, and
 # the tokenizer's files (a fast tokenizer.json, or a slow tokenizer's vocabulary, with its config).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 WEIGHT_INDEX_GLOB = "*.index.json"  # model.safetensors.index.json / pytorch_model.bin.index.json of shards
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def check_model_dir(path: str | Path, role: str, causal: bool) -> Path:
     """Fail early, clearly, when `path` is not a loadable (causal-LM) Hugging Face directory. A LoRA adapter
-    directory (rlhfkit.lora) is checked through its base."""
+    directory (rlhfkit.models.lora) is checked through its base."""
     path = Path(path)
     config_file = path / "config.json"
-    if causal and (path / "adapter_config.json").is_file() and not config_file.is_file():
-        from rlhfkit.lora import adapter_base
-
+    if causal and (path / ADAPTER_CONFIG).is_file() and not config_file.is_file():
         check_model_dir(adapter_base(path), f"{role} (the base of its LoRA adapter)", causal=True)
         return path
     if not path.is_dir():
@@ -194,9 +160,7 @@ def load_policy(path: str | Path, device: torch.device, role: str = "policy"):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path, role, causal=True)
-    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-        from rlhfkit.lora import load_adapter_model
-
+    if is_adapter_dir(path) and not (Path(path) / "config.json").is_file():
         return load_adapter_model(Path(path), device, role)
     quiet_transformers()
     try:
@@ -234,80 +198,31 @@ def load_scalar_model(path: str | Path, device: torch.device, role: str, num_lab
     return model.to(device)
 
 
-def _is_dropout_name(name: str) -> bool:
-    return "dropout" in name or name.endswith("pdrop")
-
-
-def disable_dropout(model):
-    """Set every dropout probability to 0 (RL needs the sampling and training passes to agree).
-
-    Dropout modules are not the only kind: Llama-style attention applies `config.attention_dropout`
-    functionally (a float attribute read in forward), so float attributes named like dropout are zeroed on
-    every module and on the config too (TRL and OpenRLHF disable dropout for the same reason).
-    """
-    configs = [getattr(model, "config", None)]
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        configs.append(getattr(module, "config", None))
-        for name, value in vars(module).items():
-            if _is_dropout_name(name) and isinstance(value, float):
-                setattr(module, name, 0.0)
-    for config in {id(c): c for c in configs if c is not None}.values():
-        for name, value in list(vars(config).items()):
-            if _is_dropout_name(name) and isinstance(value, float):
-                setattr(config, name, 0.0)
-    return model
-
-
-def freeze(model):
-    """Eval mode, no grads: for the reference policy and the reward model during RL."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------------
-# Forward passes shared by every algorithm
+# LoRA adapters: loaded merged into their base
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip padding, so left- and right-padded rows see the same positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def load_adapter_model(path: Path, device: torch.device, role: str):
+    """A plain model: the adapter in `path` merged into its base (loaded, recursively, by load_policy)."""
+    from peft import PeftModel
+
+    base = load_policy(adapter_base(path), device, f"{role} (the base of its LoRA adapter)")
+    try:
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise RlhfkitError(f"{role}: cannot load the LoRA adapter in {path} onto its base ({' '.join(str(e).split())})") from None
 
 
-def causal_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) next-token logits of a causal LM."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-
-
-def scalar_head(model):
-    """The linear scalar head of a sequence-classification model (`score` for decoders)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    raise RlhfkitError(f"{type(model).__name__} has no 'score' or 'classifier' head; use a decoder-style reward model")
-
-
-def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) head output at every token: values for the critic; the reward is read at the last token."""
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-    ).last_hidden_state  # (B, T, H)
-    return scalar_head(model)(hidden).squeeze(-1).float()  # (B, T)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real (mask = 1) token in each row, for any padding side."""
-    T = attention_mask.shape[1]
-    ar = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(dim=1).values
-
-
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) reward-model score at the last real token of each sequence."""
-    values = token_scalars(model, input_ids, attention_mask)  # (B, T)
-    idx = last_token_index(attention_mask)
-    return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the adapter merged into its base as a plain model directory (with the adapter's tokenizer)."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise RlhfkitError(f"{adapter_dir} holds no LoRA adapter ({ADAPTER_CONFIG} missing)")
+    if out_dir.exists():
+        raise RlhfkitError(f"{out_dir} exists; merge into a new directory")
+    model = load_adapter_model(adapter_dir, torch.device("cpu"), "adapter")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    load_tokenizer(adapter_dir, "adapter").save_pretrained(tmp)
+    tmp.rename(out_dir)  # complete or absent, never half written
+    return out_dir

@@ -30,10 +30,25 @@ import shutil
 import time
 from pathlib import Path
 
-from rlhfkit.config import REWARD_SCORING_FIELDS, Config, RewardConfig, config_to_dict, config_to_toml
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.methods import METHODS
-from rlhfkit.runio import is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.algorithms import METHODS
+from rlhfkit.algorithms.reward import train_reward_model
+from rlhfkit.algorithms.sft import train_sft
+from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.core.runio import is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.data.contract import read_comparisons
+from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
+from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
+from rlhfkit.evaluation.report import write_report
+from rlhfkit.feedback.simulated import run_simulated_feedback
+from rlhfkit.labelapp.hook import human_feedback
+from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
+from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
+from rlhfkit.models.scoring import is_decoder_model
+from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, RewardConfig, load_config
+from rlhfkit.spine.reward_sources import preflight_sources
+from rlhfkit.tasks import get_task, task_for
+from rlhfkit.tasks.files import check_data_paths
 
 # Every stage a run can have, in order; a run goes through those its method needs (pipeline_stages).
 STAGES = ("sft", "feedback", "reward", *METHODS, "eval")
@@ -129,8 +144,6 @@ def _recorded_inputs(out: Path, name: str, task: str, current: dict) -> dict | N
     if path.is_file():
         return _with_new_fields(read_json(path), task, current)
     if (out / "config.toml").is_file():
-        from rlhfkit.config import load_config
-
         return stage_inputs(name, load_config(out / "config.toml"))
     return None
 
@@ -138,9 +151,6 @@ def _recorded_inputs(out: Path, name: str, task: str, current: dict) -> dict | N
 def _with_new_fields(recorded: dict, task: str, current: dict) -> dict:
     """`recorded` with each section's missing fields filled in from the task's defaults, and the sections a
     later rlhfkit reads (e.g. [lora]) at their defaults where the `current` inputs read them."""
-    from rlhfkit.config import Config, Source, apply_dict
-    from rlhfkit.tasks import get_task
-
     base = Config()  # the defaults as such, not a config to run (task = 'none' alone would not validate)
     if task != "none":
         apply_dict(base, get_task(task).default_overrides(), Source("task", task), origins={})
@@ -196,12 +206,8 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     """Check what the given stages need that can be checked without running them: device and precision,
     model directories and their tokenizers, data files (readable, one criterion, text the tokenizer can
     represent). Raises RlhfkitError; writes nothing."""
-    from rlhfkit.models import check_model_dir, load_tokenizer, resolve_device, resolve_precision
-
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     if cfg.data.sft or cfg.data.prompts:  # read (and check) the files now: errors name the file and line
-        from rlhfkit.tasks import task_for
-        from rlhfkit.tasks.files import check_data_paths
 
         check_data_paths(cfg.data)
         task_for(cfg)
@@ -211,11 +217,9 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     if "reward" in names and cfg.reward.init != "sft":
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
     if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
-        from rlhfkit.reward_sources import preflight_sources
 
         preflight_sources(cfg)
     if cfg.reward.data:  # the comparisons (rankings) of every stage in `names` that reads them (reward model, DPO)
-        from rlhfkit.algorithms.reward import load_comparisons, load_rankings
 
         for stage in names:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):
@@ -229,20 +233,13 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
 
 def _reward_tokenizer(cfg: Config, out: Path):
     """The tokenizer the reward model will read text with, even before SFT has run."""
-    from rlhfkit.models import load_tokenizer
-
     if cfg.reward.init != "sft":
-        from rlhfkit.rewards import is_decoder_model
-
         return load_tokenizer(cfg.reward.init, "reward.init", require_eos=is_decoder_model(cfg.reward.init))
     return _policy_tokenizer(cfg, out)
 
 
 def _policy_tokenizer(cfg: Config, out: Path):
     """The SFT policy's tokenizer, even before SFT has run."""
-    from rlhfkit.models import load_tokenizer
-    from rlhfkit.tasks import get_task
-
     if is_complete(out / "sft"):
         return load_tokenizer(out / "sft" / "model", "sft policy")
     if cfg.policy.path:
@@ -291,35 +288,23 @@ def _require(out: Path, stage: str, needed: str, cfg: Config) -> Path:
 
 
 def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.models import quiet_transformers
-    from rlhfkit.tasks import task_for
-    from rlhfkit.training import runtime
-
     quiet_transformers()
     task, rt = task_for(cfg), runtime(cfg)
     if name == "sft":
-        from rlhfkit.algorithms.sft import train_sft
-
         return train_sft(cfg, task, stage_dir, rt)
     if name == "feedback":
         sft_model = out / "sft" / "model"
         if cfg.feedback.labeler == "human":
             return _human_feedback(cfg, task, sft_model, out, stage_dir)
-        from rlhfkit.feedback.simulated import run_simulated_feedback
 
         return run_simulated_feedback(cfg, task, sft_model, stage_dir, rt)
     if name == "reward":
-        from rlhfkit.algorithms.reward import preference_files, train_reward_model
-
         comparisons, rankings = preference_files(cfg, out, cfg.reward.loss)
         init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
         return train_reward_model(cfg, comparisons, init, stage_dir, rt, rankings_path=rankings)
-    if name in METHODS:  # the policy-optimisation method: rlhfkit/methods.py says which file runs it
+    if name in METHODS:  # the policy-optimisation method: rlhfkit/algorithms/__init__.py says which file runs it
         return importlib.import_module(METHODS[name].module).run(cfg, task, out, stage_dir, rt)
     if name == "eval":
-        from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
-        from rlhfkit.evaluation.report import write_report
-
         start = time.time()
         sft_model = out / "sft" / "model"
         policies = {"sft": sft_model, cfg.method: policy_of(METHODS[cfg.method], out / cfg.method)}
@@ -337,7 +322,6 @@ def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Pa
     """Labels from people through the labeling app (rlhfkit.labelapp); waits until enough items are done."""
     import random
 
-    from rlhfkit.labelapp.hook import human_feedback
 
     fb = cfg.feedback
     # Outside the stage directory: an unfinished stage is wiped on rerun, the labels must never be.
@@ -354,7 +338,6 @@ def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Pa
         )
     for name in ("comparisons.jsonl", "rankings.jsonl"):
         shutil.copyfile(Path(exported) / name, stage_dir / name)
-    from rlhfkit.data.contract import read_comparisons
 
     return {"n_items": fb.n_prompts, "n_comparisons": len(read_comparisons(stage_dir / "comparisons.jsonl")), "labeler": "human"}
 
@@ -426,7 +409,6 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
              + ("continuing PPO" if continue_ppo else f"redoing {name}"))
     partial = _partial_dir(out, name, inputs, fresh=fresh, continue_ppo=continue_ppo)
     _log(f"{name}: running -> {out / name} (in {partial} until complete)")
-    from rlhfkit.training import cpu_watch  # imports torch, so not at the top
 
     with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
         result = _run(name, cfg, out, partial)

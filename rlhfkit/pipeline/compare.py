@@ -25,10 +25,18 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from rlhfkit.config import Config
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.methods import METHODS
-from rlhfkit.runio import mark_complete, write_json
+from rlhfkit.pipeline import stages as pipeline
+from rlhfkit.algorithms import METHODS
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.core.runio import mark_complete, stage_result, write_json
+from rlhfkit.evaluation.compare_report import write_compare_report
+from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
+from rlhfkit.feedback.elo import elo_ladder
+from rlhfkit.models.load import quiet_transformers
+from rlhfkit.models.runtime import runtime
+from rlhfkit.pipeline.config import Config
+from rlhfkit.spine.reward_sources import build_scorer
+from rlhfkit.tasks import task_for
 
 
 def head_to_head(scores: dict[str, list[float]]) -> tuple[dict[str, dict[str, float]], list[tuple[str, str, float]]]:
@@ -51,8 +59,6 @@ def compare_methods(cfg: Config) -> list[str]:
 
 def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
     """Phases 1-4 into OUT; returns compare.json's figures."""
-    from rlhfkit import pipeline
-
     out = Path(out)
     methods = compare_methods(cfg)
     configs = {m: dataclasses.replace(cfg, method=m) for m in methods}
@@ -86,14 +92,6 @@ def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
 
 def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> dict:
     """Phases 2-4 into compare_dir."""
-    from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
-    from rlhfkit.feedback.elo import elo_ladder
-    from rlhfkit.models import quiet_transformers
-    from rlhfkit.reward_sources import build_scorer
-    from rlhfkit.runio import stage_result
-    from rlhfkit.tasks import task_for
-    from rlhfkit.training import runtime
-
     quiet_transformers()
     task, rt = task_for(cfg), runtime(cfg)
     sft_dir, rm_dir = out / "sft" / "model", out / "reward" / "model"
@@ -123,7 +121,6 @@ def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> d
         "report": "compare/report.md",
     }
     write_json(compare_dir / "compare.json", {**result, "completions": ev["completions"]})
-    from rlhfkit.evaluation.compare_report import write_compare_report
 
     write_compare_report(compare_dir, result, cfg, out, task.gold_metric_names)
     return result

@@ -10,7 +10,7 @@
     output = "prob"
     name = "safety"
 
-Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.rewards), 'sequence_classifier'
+Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.models.scoring), 'sequence_classifier'
 (any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
 'classifier' (one class's logit or probability) and 'gold' (the task's gold scorer). The scores combine by
 `reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: the safety score where it is
@@ -28,13 +28,17 @@ the safety source's own scale, and the combined score is not passed through logi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlhfkit.config import Config
-from rlhfkit.errors import ConfigError
-from rlhfkit.rewards import ClassLabelScorer, RewardModelScorer, is_decoder_model
-from rlhfkit.training import Runtime
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.models.load import check_model_dir, load_tokenizer
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.scoring import ClassLabelScorer, RewardModelScorer, class_index, is_decoder_model
+
+if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
+    from rlhfkit.pipeline.config import Config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,8 +130,6 @@ def check_value_init(path: Path, policy_tokenizer=None) -> None:
     """ppo.value_init = 'reward' needs a decoder reward model that reads the policy's tokens (compared when
     policy_tokenizer is given): the value head is applied at every response token of the policy's own sequence.
     An encoder, or another vocabulary, cannot."""
-    from rlhfkit.models import load_tokenizer
-
     if not is_decoder_model(path):
         raise ConfigError(f"ppo.value_init = 'reward' but the reward model in {path} is an encoder read by its own "
                           "forward on its own tokenizer; the value model reads the policy's tokens at every position, "
@@ -142,8 +144,6 @@ def preflight_sources(cfg: Config) -> None:
     classifier's label, and that PPO's value model can start from the reward model (not an encoder)."""
     from transformers import AutoConfig
 
-    from rlhfkit.models import check_model_dir, load_tokenizer
-    from rlhfkit.rewards import class_index
 
     r = cfg.reward
     for i, (name, s) in enumerate(zip(r.source_names(), r.sources)):

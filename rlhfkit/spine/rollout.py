@@ -1,11 +1,13 @@
-"""Rollout collection, shared by every online method (PPO today; RLOO, GRPO, best-of-N, rejection sampling
-and ReST plug in here): sample -> score -> log-probs of policy and reference -> values when there is a critic.
+"""Rollout collection, shared by every method that samples from its policy (PPO, RLOO, GRPO, best-of-N, rejection
+sampling, ReST): sample -> score -> log-probs of policy and reference -> values when there is a critic.
 
     rollouts = collect_rollouts(policy, reference, scorer, tokenizer, prompts, k=..., ...)
 
 A method owns what happens next (PPO shapes per-token rewards and runs GAE; RLOO/GRPO compare the K
-completions of a prompt). The reference is anything with `.logprobs(...)`: a frozen copy of the SFT model
-today, an adapter-disabled LoRA model later (the same weights, no second copy in memory).
+completions of a prompt). The reference is rlhfkit.models.reference.Reference: a frozen copy of the SFT model,
+or the adapter-disabled LoRA policy (the same weights, no second copy in memory).
+
+Layer: spine (imports models, data, ops, core).
 """
 
 from __future__ import annotations
@@ -15,43 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
-from rlhfkit.models import autocast, load_tokenizer, token_scalars
-from rlhfkit.ops.logprobs import gather_logprobs, response_logits
-from rlhfkit.sampling import decode_responses, sample
-from rlhfkit.training import Runtime, has_checkpoint
-
-
-def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt: Runtime,
-                     with_entropy: bool = False):
-    """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
-    model) and, when asked, the policy's entropy (B, Tr); only the rollout pass needs that, so training
-    passes skip the extra (B, Tr, V) softmax."""
-    with autocast(rt.device, rt.dtype):
-        logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
-        values = None
-        if value_model is not None:
-            ids = torch.cat([queries, responses], dim=1)
-            mask = torch.cat([query_mask, response_mask], dim=1)
-            values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
-    logprobs = gather_logprobs(logits, responses)
-    entropy = None
-    if with_entropy:
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, values, entropy
-
-
-class FrozenReference:
-    """The reference policy as a frozen model (InstructGPT's pi_SFT). The seam for other references: an
-    object with the same `logprobs` method (e.g. the policy with its LoRA adapter disabled)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def logprobs(self, queries, query_mask, responses, response_mask, temperature: float, rt: Runtime) -> torch.Tensor:
-        """(B, Tr) log pi_ref(response_t | query, response_<t), at the sampling temperature."""
-        return forward_response(self.model, None, queries, query_mask, responses, response_mask, temperature, rt)[0]
+from rlhfkit.models.forward import forward_response
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.optim import has_checkpoint
+from rlhfkit.models.reference import Reference, policy_and_reference
+from rlhfkit.models.runtime import Runtime, autocast
+from rlhfkit.models.sampling import decode_responses, sample
+from rlhfkit.spine.reward_sources import build_scorer
 
 
 @dataclass
@@ -96,7 +68,7 @@ def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *
     mask = s.response_mask
 
     # b. Score the decoded text (every token before EOS, special tokens included) with the scorer's tokenizer;
-    #    a combination of reward sources (rlhfkit.reward_sources) also gives each source's score.
+    #    a combination of reward sources (rlhfkit.spine.reward_sources) also gives each source's score.
     texts = decode_responses(tokenizer, s)
     if hasattr(scorer, "score_sources"):
         scores, source_scores = scorer.score_sources(rows, texts)  # (B,), {name: (B,)}
@@ -123,18 +95,15 @@ class OnlineModels:
 
     tokenizer: object  # the SFT policy's tokenizer
     policy: object  # trained: the SFT policy, or the checkpoint's when resuming
-    reference: FrozenReference  # the SFT policy: a frozen copy, or the LoRA policy with its adapter off
-    scorer: object  # the reward (rlhfkit.reward_sources.build_scorer), frozen, reading decoded text
+    reference: Reference  # the SFT policy: a frozen copy, or the LoRA policy with its adapter off
+    scorer: object  # the reward (rlhfkit.spine.reward_sources.build_scorer), frozen, reading decoded text
     resume: bool  # ckpt_dir holds a complete checkpoint to resume from
 
 
 def load_online_models(cfg, task, sft_dir, rm_dir, ckpt_dir, rt: Runtime) -> OnlineModels:
     """Tokenizer, policy (from ckpt_dir/policy when resuming), reference and scorer: the run's reward model
     (rm_dir), or the combination of reward.sources. The reference is a frozen copy of the SFT policy, or with
-    LoRA (lora.r > 0, rlhfkit.lora) the policy itself with its adapter disabled: one set of weights in memory."""
-    from rlhfkit.lora import policy_and_reference
-    from rlhfkit.reward_sources import build_scorer
-
+    LoRA (lora.r > 0, rlhfkit.models.lora) the policy itself with its adapter disabled: one set of weights in memory."""
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     resume = has_checkpoint(ckpt_dir)
     policy, reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed,

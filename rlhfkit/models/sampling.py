@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.models import position_ids
+from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.core.runio import progress
+from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
+from rlhfkit.models.forward import position_ids
+from rlhfkit.models.load import load_policy, load_tokenizer
+from rlhfkit.models.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -46,8 +51,6 @@ def sample(
     stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and queries.shape[1] + max_new_tokens > limit:
-        from rlhfkit.errors import RlhfkitError
-
         raise RlhfkitError(
             f"prompt length {queries.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"{limit} positions; use shorter prompts, fewer new tokens, or a model with a longer context"
@@ -108,16 +111,11 @@ def sample_texts(
     desc: str | None = None,
 ) -> list[list[str]]:
     """K sampled completion texts per prompt, in batches (with a progress bar when `desc` is given)."""
-    from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
-    from rlhfkit.models import autocast
-
     device = next(model.parameters()).device
     flat = [p for p in prompts for _ in range(k)]
     texts: list[str] = []
     bar = None
     if desc is not None:
-        from rlhfkit.runio import progress
-
         bar = progress(len(flat), desc, unit="completion")
     for start in range(0, len(flat), batch_size):
         q, qm = encode_prompts(tokenizer, flat[start : start + batch_size])
@@ -145,8 +143,6 @@ def sample_completions(
     batch_size: int = 256,
 ) -> list[list[str]]:
     """K sampled completions (texts) for each prompt from a local policy directory."""
-    from rlhfkit.models import load_policy, load_tokenizer, resolve_device
-
     dev = resolve_device(device)
     tokenizer = load_tokenizer(policy_dir, "policy")
     model = load_policy(policy_dir, dev).eval()

@@ -1,0 +1,119 @@
+"""Where and how tensors are computed: device, precision (autocast), CPU threads, and a note when the machine is
+busy. Every stage starts with `rt = runtime(cfg)`.
+
+Layer: models (imports core only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.core.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU. Anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device = {name!r} is not a device torch knows ({e}); use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device = {name!r} but CUDA is not available here; use device = 'auto' or 'cpu'")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. 'auto' = bf16 on CUDA with bf16 support, else fp32."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if precision == "bf16":
+        if device.type == "cuda" and not bf16_ok:
+            raise ConfigError("precision = 'bf16' but this GPU does not support bf16; use 'fp32' or 'auto'")
+        return torch.bfloat16
+    raise ConfigError(f"precision = {precision!r}; choose 'auto', 'fp32' or 'bf16'")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for the forward passes (a no-op in fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (cores or OMP_NUM_THREADS), for threads = 0
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed for this run."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None = fp32
+
+
+def runtime(cfg) -> Runtime:
+    """Device, precision and CPU threads of a run. The thread count is set explicitly (the `threads` field,
+    1 by default) because CPU results depend on it: float sums are split across threads, so 1 and 2
+    threads give different last bits, which a long run amplifies into different models."""
+    torch.set_num_threads(torch_threads(cfg))
+    device = resolve_device(cfg.device)
+    return Runtime(device, resolve_precision(cfg.precision, device))
+
+
+def torch_threads(cfg) -> int:
+    """The CPU threads a run uses: `threads`, or torch's own default when it is 0."""
+    return cfg.threads if cfg.threads > 0 else TORCH_DEFAULT_THREADS
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's total."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def busy_machine_note(threads: int) -> str | None:
+    """A warning when other work already keeps the cores busy (1-minute load average), else None.
+    Oversubscribed CPU threads slow a run far more than 2x, because threads wait for each other."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], usable_cores()
+    if load + threads <= cores + 0.5:
+        return None
+    return (f"the machine is busy: load average {load:.1f} on {cores} cores, and this run uses {threads} "
+            f"thread{'s' if threads > 1 else ''}; it will run slower than usual (results do not change). "
+            "Lower `threads` or let the other jobs finish first.")
+
+
+_load_checked = False
+
+
+@contextlib.contextmanager
+def cpu_watch(cfg, name: str, warn, min_seconds: float = 10.0):
+    """On CPU, tell the user when the machine is oversubscribed: before the first stage of a process, when
+    other jobs already load the cores; after each stage, when it got less than 60% of the CPU its threads
+    ask for. Either way the run only gets slower: results do not depend on load."""
+    threads = torch_threads(cfg)
+    if resolve_device(cfg.device).type != "cpu":
+        yield
+        return
+    global _load_checked
+    if not _load_checked:  # once per process: later, the load average counts this run's own work too
+        _load_checked = True
+        if (note := busy_machine_note(threads)) is not None:
+            warn(note)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if wall >= min_seconds and cpu / (wall * threads) < 0.6:
+        warn(f"{name} got {cpu / (wall * threads):.0%} of the {threads} CPU thread{'s' if threads > 1 else ''} it "
+             f"asked for over {wall:.0f} s: the machine is oversubscribed, so the run is slower than usual "
+             "(results do not change)")
