@@ -19,15 +19,24 @@ HEADER = "| field | default | meaning |\n|---|---|---|\n"
 def reference_table() -> str:
     from rlhfkit.core.config import toml_value
     from rlhfkit.pipeline.config import Config
+    from rlhfkit.tasks import get_task
 
     cfg = Config()
+    task = Config().task
+    overrides = get_task(task).default_overrides()  # what the default task sets: what `rlhfkit config` prints
+
+    def default(section: str, name: str, value) -> str:
+        if name in overrides.get(section, {}):
+            return f"`{toml_value(value)}` (task '{task}': `{toml_value(overrides[section][name])}`)"
+        return f"`{toml_value(value)}`"
+
     rows = []
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if hasattr(value, "__dataclass_fields__"):
             doc = (type(value).__doc__ or "").strip().split("\n")[0]
             rows.append(f"| **[{f.name}]** | | {doc.split('] ', 1)[-1]} |")
-            rows += [f"| `{f.name}.{sf.name}` | `{toml_value(getattr(value, sf.name))}` | {sf.metadata['help']} |"
+            rows += [f"| `{f.name}.{sf.name}` | {default(f.name, sf.name, getattr(value, sf.name))} | {sf.metadata['help']} |"
                      for sf in fields(value)]
         else:
             rows.append(f"| `{f.name}` | `{toml_value(value)}` | {f.metadata['help']} |")

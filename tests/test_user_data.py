@@ -72,3 +72,31 @@ def test_user_model_with_files_and_simulated_feedback(files):
     prompts = {line for line in (d / "prompts.txt").read_text().splitlines()}
     ranked = [json.loads(line) for line in (out / "feedback" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(r["prompt"] in prompts for r in ranked)  # the feedback prompts came from the file
+
+
+def test_context_length_is_checked_before_anything_runs(tmp_path, tiny_policy_dir):
+    """A local model with 32 positions and the default response budget (64 with task = 'none') cannot sample:
+    said before SFT, not after SFT and the reward model have run (as it was: "prompt length 10 + max_new_tokens 64
+    exceeds the model's 64 positions" from the sampler)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"{a} {b} {c} {a} =" for a in range(10) for b in range(3) for c in range(2)) + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"{a} {a} =", "completion": f" {a}"}) + "\n" for a in range(10)) * 3)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"{a} =", "chosen": " 1", "rejected": " 2"}) + "\n" for a in range(10)))
+    base = ["task='none'", f"policy.path='{tiny_policy_dir}'", f"data.sft='{sft}'", f"data.prompts='{prompts}'",
+            f"reward.data='{prefs}'", "device='cpu'"]
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"has 32 positions, but the longest prompt of data.prompts = .* takes 6 tokens "
+                                          r".*data.max_new_tokens \(0: the task's 64\) = 64 more: 6 \+ 64 > 32\. Set "
+                                          r"data.max_new_tokens to at most 26"):
+        run_pipeline(load_config(overrides=base), out)
+    assert not (out / "sft").exists() and not (out / ".partial").exists()  # nothing ran
+    # DPO alone never samples before the evaluation, which is still checked; a budget that fits passes the check
+    with pytest.raises(ConfigError, match="longest prompt"):
+        run_pipeline(load_config(overrides=base + ["method='dpo'"]), out)
+    long_demo = tmp_path / "long.jsonl"
+    long_demo.write_text("".join(json.dumps({"prompt": "1 " * 40 + f"{a % 10} {a // 10} =", "completion": " 1"}) + "\n"
+                                 for a in range(30)))
+    with pytest.raises(ConfigError, match="longest demonstration of data.sft"):
+        run_pipeline(load_config(overrides=base + [f"data.sft='{long_demo}'", "data.max_new_tokens=4"]), out)

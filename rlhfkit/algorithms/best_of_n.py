@@ -36,7 +36,7 @@ import torch
 
 from rlhfkit.algorithms import Method
 from rlhfkit.core.config import F
-from rlhfkit.core.runio import MetricsLog, write_json
+from rlhfkit.core.runio import MetricsLog, tracked, write_json
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.selection import best_in_group
@@ -44,6 +44,7 @@ from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.spine.rollout import collect_rollouts
 
 SAMPLER_FILE = "sampler.json"
+CHUNK = 256  # prompts sampled at a time (CHUNK x N rows): a large set never sits in one batch
 
 
 @dataclass
@@ -87,7 +88,7 @@ def best_of_n_texts(policy, tokenizer, scorer, prompts: list[str], n: int, *, ma
     """The best-of-n completion of each prompt and its reward-model score: (texts, scores (P,)), sampling in
     batches of `batch_size` prompts (n rows each)."""
     texts, scores = [], []
-    for start in range(0, len(prompts), batch_size):
+    for start in tracked(range(0, len(prompts), batch_size), f"best of {n}: {len(prompts)} prompts", unit="chunk"):
         r = collect_rollouts(policy, None, scorer, tokenizer, prompts[start : start + batch_size], k=n,
                              max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, rt=rt,
                              with_logprobs=False)
@@ -110,17 +111,22 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     # 1. N samples per prompt, scored (from the training prompt stream, never the evaluation's).
     prompts = task.prompts(bc.n_prompts, random.Random(f"{cfg.seed}-best_of_n"))
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    r = collect_rollouts(policy, None, scorer, tokenizer, prompts, k=bc.n, max_new_tokens=task.max_new_tokens,
-                         temperature=bc.temperature, generator=generator, rt=rt, with_logprobs=False)
+    texts, scores, ended = [], [], []
+    for first in tracked(range(0, len(prompts), CHUNK), f"best_of_n: {len(prompts)} prompts x {bc.n}", unit="chunk"):
+        r = collect_rollouts(policy, None, scorer, tokenizer, prompts[first : first + CHUNK], k=bc.n,
+                             max_new_tokens=task.max_new_tokens, temperature=bc.temperature, generator=generator,
+                             rt=rt, with_logprobs=False)
+        texts, scores, ended = texts + r.texts, scores + [r.scores], ended + [r.ended]
+    scores, ended = torch.cat(scores), torch.cat(ended)  # (P * N,) each, a prompt's N samples consecutive
 
     # 2. The curve: the best of the first n of each prompt's N samples, n = 1, 2, 4, ..., N.
     log = MetricsLog(stage_dir / "metrics.jsonl")
     ns = sorted({2**i for i in range(int(math.log2(bc.n)) + 1)} | {bc.n})
     for n in ns:
-        first_n = torch.arange(len(prompts) * bc.n, device=r.scores.device).view(-1, bc.n)[:, :n].reshape(-1)
-        best = first_n[best_of_groups(r.scores[first_n], n, r.ended[first_n])]
-        picked = [r.texts[i] for i in best.tolist()]
-        log.log({"step": n, "objective/scores": r.scores[best].mean().item(), "objective/kl": best_of_n_kl(n),
+        first_n = torch.arange(len(prompts) * bc.n, device=scores.device).view(-1, bc.n)[:, :n].reshape(-1)
+        best = first_n[best_of_groups(scores[first_n], n, ended[first_n])]
+        picked = [texts[i] for i in best.tolist()]
+        log.log({"step": n, "objective/scores": scores[best].mean().item(), "objective/kl": best_of_n_kl(n),
                  **{f"gold/{k}": v for k, v in task.gold_metrics(prompts, picked).items()}})
     log.close()
 
@@ -131,6 +137,6 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
         "n": bc.n,
         "kl_bound": best_of_n_kl(bc.n),
         # this stage's curve; each evaluated answer then costs n samples and n reward-model scores
-        "passes": {"sampled": len(r.texts), "forward": len(r.texts), "backward": 0},
+        "passes": {"sampled": len(texts), "forward": len(texts), "backward": 0},
         "wall_time_s": time.time() - start,
     }

@@ -25,6 +25,8 @@ Deviations from Rafailov et al. (2023):
   steps, batch 64, beta 0.1); gradient-norm clip `dpo.max_grad_norm`.
 - Evaluation is implicit-reward accuracy and loss on comparisons of held-out items (split as the reward
   model's), not the paper's GPT-4 win rates; the policy's samples are judged by the evaluation stage.
+- Each epoch drops its remainder batch (len(train) % batch_size comparisons, different ones each epoch, as
+  the reward model); LoRA's dropout is zeroed with every other dropout.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 
 from rlhfkit.algorithms import Method
 from rlhfkit.core.config import F
-from rlhfkit.core.runio import MetricsLog, progress
+from rlhfkit.core.runio import MetricsLog, progress, tracked
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
@@ -193,7 +195,7 @@ def evaluate_dpo(policy, data, reference: Reference, split: str, dc: DPOConfig, 
     policy.eval()
     n = len(data[0]) // 2
     sums: dict[str, float] = defaultdict(float)
-    for s in range(0, n, batch_size):
+    for s in tracked(range(0, n, batch_size), f"dpo: evaluating ({split})"):
         idx = torch.arange(s, min(s + batch_size, n), device=rt.device)
         ref_chosen, ref_rejected = ref_pair_logps(reference, split, data, idx, rt)
         loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, dc, rt)
@@ -211,7 +213,8 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
     they mean what they mean for the pairwise losses."""
     policy.eval()
     all_rows = torch.arange(len(data.seqs[0]), device=rt.device).split(rows_per_forward)
-    policy_logps = torch.cat([row_logprobs(policy, data.seqs, rows, rt) for rows in all_rows])  # (M,)
+    policy_logps = torch.cat([row_logprobs(policy, data.seqs, rows, rt)
+                              for rows in tracked(all_rows, f"dpo: evaluating ({split})")])  # (M,)
     ref_logps = torch.cat([reference.rows(split, data.seqs, rows, rt) for rows in all_rows])  # (M,)
     rows, present, ranks, owner = data.batch(torch.arange(len(data.rows), device=rt.device))
     grid = lambda logps: to_grid(logps[rows], present)[owner]  # noqa: E731  (R, K)
@@ -274,7 +277,8 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
             builder = Reference(model=policy.eval())
             batches = {split: (torch.arange(len(s[0]), device=rt.device).split(2 * dc.batch_size) if listwise
                                else pair_batches(s, dc.batch_size)) for split, s in seqs.items()}
-            table = {split: builder.table_of(seqs[split], batches[split], rt) for split in ("train", "heldout")}
+            table = {split: builder.table_of(seqs[split], batches[split], rt, desc=f"dpo: reference log-probs ({split})")
+                     for split in ("train", "heldout")}
             save_cache(path, table, key)
             cache_status, cache_forwards, cache_sequences = "computed", builder.forwards, builder.sequences
         reference = Reference(table=table)

@@ -25,7 +25,8 @@ reports the final policy's.
 Deviations from Gulcehre et al., on purpose:
 - Thresholds are quantiles of each Grow set's scores (raised to the mean, the paper's tau_1 > V), not fixed
   numbers: a Bradley-Terry reward model is defined only up to an added constant (the paper's reward lies in
-  [0, 1]). The filter keeps scores >= tau (the paper's indicator; equal for continuous scores).
+  [0, 1]). The filter keeps scores >= tau (the paper's indicator; equal for continuous scores). The quantiles and
+  the mean V are over the Grow set's responses that ended with EOS, not the whole set (the others are never kept).
 - The Grow set is the policy's samples only; the paper adds the original supervised data D (ReST-EM drops it
   too). Each iteration draws new prompts from the task instead of re-sampling a fixed set.
 - Each Improve step trains a fixed number of epochs; the paper trains "while reward improves on D_eval".

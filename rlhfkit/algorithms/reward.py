@@ -15,8 +15,9 @@ pairs of one item share a prompt), the items split by the same hash. One reward 
 An encoder `reward.init` (BERT, MiniLM, ...; rlhfkit.models.scoring.is_decoder_model) is trained and read the way it
 reads text: its tokenizer's pair encoding of (prompt, completion), no EOS appended, its own forward (pooler
 and classifier head), r = the one logit; same loss, same held-out accuracy (bradley_terry only).
-Deviation from InstructGPT: comparisons of one item are not forced into one batch under bradley_terry (K is
-small here); plackett_luce keeps an item's whole ranking in one term instead.
+Deviations from InstructGPT: comparisons of one item are not forced into one batch under bradley_terry (K is
+small here); plackett_luce keeps an item's whole ranking in one term instead. Each epoch makes
+len // batch_size steps on a fresh shuffle and drops the remainder (different comparisons each epoch).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from rlhfkit.core.config import CRITERION_NAME
 from rlhfkit.core.errors import ConfigError, DataError
-from rlhfkit.core.runio import MetricsLog, progress
+from rlhfkit.core.runio import MetricsLog, progress, tracked
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, read_preferences
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
@@ -81,11 +82,12 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int = 512) -> dict:
+def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int = 512,
+                   desc: str = "reward model: evaluating") -> dict:
     model.eval()
     n = len(data.margins)
     correct, loss_sum = 0.0, 0.0
-    for start in range(0, n, batch_size):
+    for start in tracked(range(0, n, batch_size), desc):
         idx = torch.arange(start, min(start + batch_size, n), device=rt.device)
         c, r = pair_scores(model, data, idx, rt)
         loss, stats = bradley_terry_loss(c, r)
@@ -161,8 +163,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     log.close()
 
     # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
-    heldout = evaluate_pairs(model, test_data, rt)
-    train_eval = evaluate_pairs(model, train_data, rt)
+    heldout = evaluate_pairs(model, test_data, rt, desc="reward model: held-out accuracy")
+    train_eval = evaluate_pairs(model, train_data, rt, desc="reward model: training accuracy")
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     listwise_figures = ({"n_train_items": len(ranked.rows), "n_train_rankings": int((ranked.ranks >= 0).any(-1).sum())}

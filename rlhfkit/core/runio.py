@@ -76,6 +76,18 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def tracked(iterable, desc: str, unit: str = "batch", total: int | None = None):
+    """`iterable` with a progress bar (what is being done, how far, time left): for every loop of a phase that can
+    take more than a few seconds on a real model (an evaluation, a cache of log-probs, sampling a set)."""
+    bar = progress(len(iterable) if total is None else total, desc, unit)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def progress(total: int, desc: str, unit: str = "step"):
     """A tqdm bar with ETA on stderr."""
     import sys

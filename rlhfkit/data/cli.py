@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "formats":
-            print("format         kind      a record\n" + format_table())
+            print(f"{'format':<20} {'kind':<9} a record\n" + format_table())
             return 0
 
         if args.command == "convert":
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             return 0
         report = check_file(args.file, args.as_kind, args.from_fmt, args.split)
         print(format_check(report, args.show))
-        return 1 if report["problems"] else 0
+        return 2 if report["problems"] else 0  # bad input: the CLI's status for it, as every other command
     except RlhfkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,18 +183,60 @@ def _parse_rated(row: dict, where: str) -> list[RankingRecord]:
             for c, r in ratings.items()]
 
 
-def _parse_ultrafeedback(row: dict, where: str) -> list[RankingRecord]:
-    completions = _require(row, "completions", list, where)
-    responses, scores = [], []
-    for i, c in enumerate(completions):
-        at = f"{where}: completions[{i}]"
-        if not isinstance(c, dict):
-            raise DataError(f"{at}: must be an object {{response, overall_score}}, got {type(c).__name__}")
-        responses.append(_require(c, "response", str, at))
-        scores.append(_require(c, "overall_score", (int, float), at))
-    return [parse_ranking({**row, "prompt": _require(row, "instruction", str, where), "completions": responses,
-                           "labeler_id": row.get("labeler_id") or RATED_LABELER, "ranking": ranking_from_scores(scores)},
-                          where, item_id_required=False)]
+# The four aspects UltraFeedback's annotators rated (1-5), whose mean is each completion's "fine-grained" score.
+ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+
+
+def _finite_score(c: dict, key: str, at: str) -> float:
+    value = _require(c, key, (int, float), at)
+    if not math.isfinite(value):  # a NaN would otherwise rank best (every comparison with it is False)
+        raise DataError(f"{at}: field '{key}' is {value}, not a finite number; fix or drop this completion's record")
+    return float(value)
+
+
+def _fine_grained(c: dict, at: str) -> float:
+    """The mean of the four annotation ratings (what the `ultrafeedback_binarized` recipe ranks by), from
+    `annotations.<aspect>.Rating`, else the record's own `fine-grained_score`."""
+    annotations = c.get("annotations")
+    if isinstance(annotations, dict) and all(isinstance(annotations.get(a), dict) for a in ULTRAFEEDBACK_ASPECTS):
+        ratings = []
+        for aspect in ULTRAFEEDBACK_ASPECTS:
+            raw = annotations[aspect].get("Rating")
+            try:
+                rating = float(raw)
+            except (TypeError, ValueError):
+                raise DataError(f"{at}: annotations.{aspect}.Rating = {raw!r} is not a number (UltraFeedback rates "
+                                "1 to 5; 'N/A' marks a missing rating): fix or drop this record") from None
+            if not math.isfinite(rating):
+                raise DataError(f"{at}: annotations.{aspect}.Rating is {rating}, not a finite number")
+            ratings.append(rating)
+        return sum(ratings) / len(ratings)
+    if "fine-grained_score" in c:
+        return _finite_score(c, "fine-grained_score", at)
+    raise DataError(f"{at}: no fine-grained ratings (annotations.{{{', '.join(ULTRAFEEDBACK_ASPECTS)}}}.Rating, or "
+                    "fine-grained_score); read it as 'ultrafeedback' to rank by overall_score")
+
+
+def _ultrafeedback_parser(score):
+    """A parser of openbmb/UltraFeedback records that ranks each record's completions by score(completion, where)."""
+    def parse(row: dict, where: str) -> list[RankingRecord]:
+        completions = _require(row, "completions", list, where)
+        responses, scores = [], []
+        for i, c in enumerate(completions):
+            at = f"{where}: completions[{i}]"
+            if not isinstance(c, dict):
+                raise DataError(f"{at}: must be an object {{response, overall_score}}, got {type(c).__name__}")
+            responses.append(_require(c, "response", str, at))
+            scores.append(score(c, at))
+        return [parse_ranking({**row, "prompt": _require(row, "instruction", str, where), "completions": responses,
+                               "labeler_id": row.get("labeler_id") or RATED_LABELER,
+                               "ranking": ranking_from_scores(scores)}, where, item_id_required=False)]
+
+    return parse
+
+
+_parse_ultrafeedback = _ultrafeedback_parser(lambda c, at: _finite_score(c, "overall_score", at))
+_parse_ultrafeedback_fine = _ultrafeedback_parser(_fine_grained)
 
 
 def _parse_messages(row: dict, where: str) -> list[Demonstration]:
@@ -320,6 +362,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _parse_rated, _emit_rated),
     Format("ultrafeedback", "rankings", "openbmb/UltraFeedback records", "{instruction, completions: [{response, overall_score}]}",
            _parse_ultrafeedback, _emit_ultrafeedback),
+    # Not detected from the fields (they are the same records): named with --from / fmt=.
+    Format("ultrafeedback-fine", "rankings", "openbmb/UltraFeedback ranked by the mean of its 4 ratings",
+           "{instruction, completions: [{response, annotations}]}", _parse_ultrafeedback_fine, _emit_ultrafeedback),
     Format("sft", "sft", "SFT demonstrations (prompt-completion)", "{prompt, completion}",
            lambda row, where: [parse_demonstration(row, where)], _emit_sft),
     Format("messages", "sft", "SFT conversations", "{messages: [{role, content}, ...]}", _parse_messages, _emit_messages),
@@ -331,7 +376,7 @@ CONTRACT_FORMAT = {"pairs": "comparisons", "rankings": "rankings", "sft": "sft",
 
 
 def format_table() -> str:
-    return "\n".join(f"  {f.name:<14} {f.kind:<9} {f.fields}" for f in FORMATS.values())
+    return "\n".join(f"  {f.name:<18} {f.kind:<9} {f.fields}" for f in FORMATS.values())
 
 
 def detect_format(row: dict, where: str) -> str:
@@ -351,4 +396,4 @@ def detect_format(row: dict, where: str) -> str:
     if "prompt" in keys:
         return "sft" if "completion" in keys else "prompts"
     raise DataError(f"{where}: cannot tell the format from the fields {sorted(keys)}; the formats are:\n"
-                    f"{format_table()}\n(`--from FORMAT` or fmt= chooses one)")
+                    f"{format_table()}\n(`rlhfkit data convert FILE OUT --from FORMAT` reads it as one of them; fmt= from Python)")

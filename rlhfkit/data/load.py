@@ -108,7 +108,8 @@ def _parse(data: DataFile, row: dict, where: str, as_kind: str | None) -> list:
             return [messages_prompt(row, where)]
         return f.parse(row, where)
     except DataError as e:
-        how = (f"format '{f.name}' told from the fields of {data.detected_from}; --from chooses another"
+        how = (f"format '{f.name}' told from the fields of {data.detected_from}; to read it as another, convert it "
+               "with `rlhfkit data convert FILE OUT --from FORMAT` (fmt= from Python)"
                if data.detected_from else f"format '{f.name}'")
         raise DataError(f"{e}; expected {f.title} {f.fields} ({how})") from None
 

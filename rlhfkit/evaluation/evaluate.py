@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhfkit.algorithms.best_of_n import best_of_n_kl, best_of_n_texts
-from rlhfkit.core.runio import read_json
+from rlhfkit.core.runio import read_json, tracked
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.models.forward import freeze, response_logits
 from rlhfkit.models.load import load_policy, load_tokenizer
@@ -46,16 +47,22 @@ def policy_of(method, stage_dir: Path):
 
 def heldout_prompts(task, n: int, seed: int) -> list[str]:
     """Evaluation prompts from their own random stream (never the training streams); a prompt file's
-    held-out part (rlhfkit.tasks.files)."""
-    return task.heldout_prompts(n, random.Random(f"{seed}-eval"))
+    held-out part (rlhfkit.tasks.files), each prompt once: when that part holds fewer than eval.n_prompts, the
+    evaluation runs on all of them and says so (never repeating prompts to make up the number)."""
+    prompts = task.heldout_prompts(n, random.Random(f"{seed}-eval"))
+    if len(prompts) < n:
+        print(f"[rlhfkit] note: eval.n_prompts = {n}, but the held-out part of the prompts holds {len(prompts)}; "
+              f"evaluating on those {len(prompts)} (a larger data.heldout_fraction or more prompts gives more)",
+              file=sys.stderr, flush=True)
+    return prompts
 
 
 @torch.no_grad()
 def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[str], rt: Runtime,
-                    seed: int, batch_size: int = 500) -> dict:
+                    seed: int, batch_size: int = 500, name: str = "policy") -> dict:
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     texts, kl_pos_sum, kl_pos_count, k1_total = [], None, None, 0.0
-    for start in range(0, len(prompts), batch_size):
+    for start in tracked(range(0, len(prompts), batch_size), f"eval: {name} on {len(prompts)} held-out prompts"):
         q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts[start : start + batch_size]))
         with autocast(rt.device, rt.dtype):
             s = sample(policy, q, qm, max_new_tokens=task.max_new_tokens, eos_token_id=stop_ids(tokenizer),
@@ -136,7 +143,7 @@ def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, 
             continue
         # The SFT policy is the reference: reuse the loaded copy.
         policy = ref_policy if Path(path) == Path(sft_dir) else freeze(load_policy(path, rt.device, name))
-        results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed)
+        results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed, name=name)
         dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
     completions = {name: r.pop("completions") for name, r in results.items()}
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))

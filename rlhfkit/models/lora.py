@@ -9,8 +9,9 @@ with the adapter disabled (AdapterDisabled), so no second copy of the model is h
 Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models": W x + (alpha / r) B A x with B = 0 at the
 start, so the policy equals its base (the SFT model) at step 0 exactly: its KL to the reference is 0 and DPO's
 loss is ln 2, as with a full copy (tests/test_lora.py checks both). The adapter directory records the absolute
-path of its base (adapter_config.json's base_model_name_or_path); `rlhfkit merge` makes a directory that no
-longer needs it. peft is imported only when LoRA is on.
+path of its base (adapter_config.json's base_model_name_or_path); a run that was moved or copied still finds its
+base where it stands relative to the adapter (OUT/sft/model beside OUT/ppo/model: adapter_base), and
+`rlhfkit merge` makes a directory that no longer needs it. peft is imported only when LoRA is on.
 
 Layer: models (imports core only: the lowest module of the models package).
 """
@@ -32,17 +33,36 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base(path: str | Path) -> Path:
-    """The base model directory an adapter directory was trained on; it must still exist."""
+    """The base model directory an adapter directory was trained on. peft records its absolute path
+    (base_model_name_or_path); when that is gone because the run was moved or copied (or shared with a
+    colleague), the base is looked for where it stands relative to the adapter: the recorded path's last two or
+    more components (e.g. sft/model) under each folder above the adapter, nearest first."""
     config_file = Path(path) / ADAPTER_CONFIG
     try:
         base = json.loads(config_file.read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RlhfkitError(f"{config_file} is not a readable peft adapter config ({e})") from None
-    if not base or not Path(base).is_dir():
-        raise RlhfkitError(f"the LoRA adapter in {path} was trained on the base model {base!r}, which is not a local "
-                           "directory any more; restore it, or merge the adapter into its base while it exists "
-                           "(`rlhfkit merge`)")
-    return Path(base)
+    if base and Path(base).is_dir():
+        return Path(base)
+    moved = _moved_base(Path(path), Path(base)) if base else None
+    if moved is not None:
+        return moved
+    raise RlhfkitError(f"the LoRA adapter in {path} was trained on the base model {base!r}, which is not a local "
+                       "directory any more (nor found beside the adapter where it stood, e.g. OUT/sft/model for "
+                       "OUT/ppo/model); restore it, or merge the adapter into its base while it exists (`rlhfkit merge`)")
+
+
+def _moved_base(adapter: Path, recorded: Path) -> Path | None:
+    """The recorded base's place relative to the adapter, found again after a move: the shortest tail of the
+    recorded path (2 components or more) that names a model directory under a folder above the adapter."""
+    adapter = adapter.resolve()
+    parts = recorded.parts
+    for folder in adapter.parents:
+        for k in range(2, len(parts)):
+            candidate = folder.joinpath(*parts[-k:])
+            if candidate.resolve() != adapter and (candidate / "config.json").is_file():
+                return candidate
+    return None
 
 
 class AdapterDisabled(torch.nn.Module):

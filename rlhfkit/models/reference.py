@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.core.runio import progress
 from rlhfkit.models.forward import disable_dropout, forward_response, freeze, row_logprobs
 from rlhfkit.models.load import load_policy
 from rlhfkit.models.lora import AdapterDisabled, wrap_lora
@@ -55,11 +56,17 @@ class Reference:
         self.sequences += len(rows)
         return row_logprobs(self.model, seqs, rows, rt)
 
-    def table_of(self, seqs, row_batches: list[torch.Tensor], rt: Runtime) -> torch.Tensor:
-        """(M,) log-probs of every row of `seqs`, one forward per batch of rows (batches covering every row once)."""
+    def table_of(self, seqs, row_batches: list[torch.Tensor], rt: Runtime, desc: str | None = None) -> torch.Tensor:
+        """(M,) log-probs of every row of `seqs`, one forward per batch of rows (batches covering every row once);
+        with a progress bar (sequences scored, ETA) when `desc` is given: on a real model this takes minutes."""
         table = torch.zeros(len(seqs[0]), device=rt.device)
+        bar = progress(len(seqs[0]), desc, unit="seq") if desc is not None else None
         for rows in row_batches:
             table[rows] = self.forward(seqs, rows, rt).float()
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
         return table
 
 

@@ -25,7 +25,6 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from rlhfkit.pipeline import stages as pipeline
 from rlhfkit.algorithms import METHODS
 from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.core.runio import mark_complete, stage_result, write_json
@@ -34,6 +33,7 @@ from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
 from rlhfkit.feedback.elo import elo_ladder
 from rlhfkit.models.load import quiet_transformers
 from rlhfkit.models.runtime import runtime
+from rlhfkit.pipeline import stages as pipeline
 from rlhfkit.pipeline.config import Config
 from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.tasks import task_for

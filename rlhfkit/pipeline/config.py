@@ -69,9 +69,9 @@ class ModelConfig:
 class LoRAConfig:
     """[lora] LoRA (peft) for the policy: train low-rank adapters; the reference is the same model with the adapter off."""
 
-    r: int = F(0, "Rank of the adapters; 0 = train every weight (no LoRA). With r > 0 the method's policy (PPO, DPO, ...) trains adapters on the SFT model and saves only them.")
+    r: int = F(0, "Rank of the adapters; 0 = train every weight (no LoRA). With r > 0 every method that trains a policy (PPO, RLOO, GRPO, DPO, rejection sampling, ReST; not best-of-N, which trains nothing) trains adapters on the SFT model, its reference is the adapter switched off, and it saves only the adapter. PPO's value model stays a full model.")
     alpha: float = F(16.0, "Scale: the adapter's update is multiplied by alpha / r.")
-    dropout: float = F(0.0, "Dropout on the adapters' input (kept 0 in RL: the sampling and training passes must agree).")
+    dropout: float = F(0.0, "Dropout on the adapters' input; set to 0 in PPO, RLOO, GRPO and DPO with every dropout (sampling and training passes must agree), so it acts in SFT, rejection sampling and ReST.")
     target_modules: list[str] = F([], "Module names to adapt, e.g. ['q_proj', 'v_proj']; empty = peft's default for the architecture.")
     sft: bool = F(False, "Also train SFT as an adapter on policy.path (needs a pretrained model in policy.path).")
 
@@ -140,10 +140,10 @@ class RewardConfig:
     lr: float = F(3e-3, "AdamW learning rate (linear decay to 10%).")
     use_margin: bool = F(True, "bradley_terry: subtract each comparison's margin inside the sigmoid when it has one.")
     sources: list[RewardSourceConfig] = F([], "What the online methods (PPO, RLOO, GRPO, best-of-N, ...) and the evaluation score with: one [[reward.sources]] table per source; empty = this run's reward model alone (OUT/reward/model).")
-    combine: str = F("sum", "How the sources' scores become one reward: 'sum' (weighted by each source's weight) or 'llama2' (the safety source's score where it is below safety_threshold, else the helpfulness source's; Touvron et al. 2023).")
+    combine: str = F("sum", "How the sources' scores become one reward: 'sum' (weighted by each source's weight) or 'llama2' (Touvron et al. 2023, on probabilities: the safety source's where it is below safety_threshold, else the helpfulness source's, then its logit; a classifier source read with output = 'prob' is a probability, any other score goes through the sigmoid).")
     safety_source: str = F("", "combine = 'llama2': the name of the safety source.")
     helpfulness_source: str = F("", "combine = 'llama2': the name of the helpfulness source.")
-    safety_threshold: float = F(0.15, "combine = 'llama2': below this safety score (on that source's own scale; Llama 2's 0.15 is a probability: use output = 'prob'), the safety score is the reward.")
+    safety_threshold: float = F(0.15, "combine = 'llama2': below this safety probability, in (0, 1), the safety probability is the reward (Llama 2's 0.15).")
 
     def source_names(self) -> list[str]:
         """Each source's name: its own, else its criterion, else its kind."""
@@ -275,6 +275,13 @@ class _Rules:
                 need(get_value(self, key) in names, key, "name one of reward.sources (" +
                      (", ".join(map(repr, names)) if names else "none given: add [[reward.sources]] tables") + ")")
             need(r.safety_source != r.helpfulness_source, "reward.helpfulness_source", "must differ from reward.safety_source")
+            need(0.0 < r.safety_threshold < 1.0, "reward.safety_threshold",
+                 "combine = 'llama2' compares probabilities: give a threshold in (0, 1) (Llama 2's is 0.15)")
+            for key in ("reward.safety_source", "reward.helpfulness_source"):
+                i = names.index(get_value(self, key))
+                need(r.sources[i].kind != "classifier" or r.sources[i].output == "prob", f"reward.sources[{i}].output",
+                     f"combine = 'llama2' reads the {key.split('.')[1].split('_')[0]} source as a probability; a "
+                     "classifier's class logit is not one: set output = 'prob'")
         need(math.isfinite(r.safety_threshold), "reward.safety_threshold", "must be a finite number")
 
 
@@ -303,10 +310,13 @@ Config.__doc__ = ("A whole pipeline. Top-level fields first, then one section pe
                   "method (rlhfkit.algorithms.METHODS) between the reward model's and the evaluation's.")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **sections) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, validate: bool = True,
+                **sections) -> Config:
     """Build a validated Config from an optional TOML file and `section.key=value` overrides.
 
-    From Python, sections may also be given as dicts: load_config(ppo={"kl_coef": 0.0}).
+    From Python, sections may also be given as dicts: load_config(ppo={"kl_coef": 0.0}). validate = False skips
+    Config.validate (names and types are still checked): `rlhfkit config` prints a template to fill in, e.g. for
+    task = 'none' before policy.path is set.
     """
     layers: list[tuple[dict, Source]] = []
     if path is not None:
@@ -323,7 +333,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = Config()
     origins: dict[str, Source] = {}  # dotted key -> the layer that set it last
     if isinstance(task, str):  # else apply_dict below reports the wrong type
-
         try:
             defaults = {} if task == "none" else get_task(task).default_overrides()
         except ConfigError as e:
@@ -331,4 +340,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         apply_dict(cfg, defaults, Source("task", task), origins=origins)
     for data, source in layers:
         apply_dict(cfg, data, source, origins=origins)
-    return cfg.validate(origins)
+    return cfg.validate(origins) if validate else cfg

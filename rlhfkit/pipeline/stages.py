@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -34,8 +35,9 @@ from rlhfkit.algorithms import METHODS
 from rlhfkit.algorithms.reward import train_reward_model
 from rlhfkit.algorithms.sft import train_sft
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
-from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.core.runio import is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.contract import read_comparisons
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
 from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
@@ -108,7 +110,9 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     full = config_to_dict(cfg)
     inputs = {key: full[key] for key in _EVERY_STAGE}
     inputs["policy"] = full["policy"]
-    if name in METHODS or (name == "sft" and cfg.lora.sft):  # the stages LoRA changes (and all they feed)
+    # the stages LoRA changes (and all they feed): every method that trains a policy (not best-of-N), and SFT with
+    # lora.sft
+    if (name in METHODS and METHODS[name].trains) or (name == "sft" and cfg.lora.sft):
         inputs["lora"] = full["lora"]
     d = cfg.data  # your files in place of the task's data ([data]), and their contents
     if name == "sft" and d.sft:
@@ -150,7 +154,8 @@ def _recorded_inputs(out: Path, name: str, task: str, current: dict) -> dict | N
 
 def _with_new_fields(recorded: dict, task: str, current: dict) -> dict:
     """`recorded` with each section's missing fields filled in from the task's defaults, and the sections a
-    later rlhfkit reads (e.g. [lora]) at their defaults where the `current` inputs read them."""
+    later rlhfkit reads (e.g. [lora]) at their defaults where the `current` inputs read them (and dropped where
+    they no longer do)."""
     base = Config()  # the defaults as such, not a config to run (task = 'none' alone would not validate)
     if task != "none":
         apply_dict(base, get_task(task).default_overrides(), Source("task", task), origins={})
@@ -162,6 +167,8 @@ def _with_new_fields(recorded: dict, task: str, current: dict) -> dict:
     for section in _ADDED_SECTIONS:
         if section in current:
             filled.setdefault(section, defaults[section])
+        elif section in filled:  # recorded by an rlhfkit that read it here (best-of-N's [lora]), no longer read
+            del filled[section]
     return filled
 
 
@@ -208,19 +215,18 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     represent). Raises RlhfkitError; writes nothing."""
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     if cfg.data.sft or cfg.data.prompts:  # read (and check) the files now: errors name the file and line
-
         check_data_paths(cfg.data)
         task_for(cfg)
     if "sft" in names and cfg.policy.path:
         check_model_dir(cfg.policy.path, "policy.path", causal=True)
         load_tokenizer(cfg.policy.path, "policy.path")
+    if cfg.policy.path and not is_complete(out / "sft"):  # a finished SFT stage has already been checked
+        check_context_length(cfg, names)
     if "reward" in names and cfg.reward.init != "sft":
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
     if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
-
         preflight_sources(cfg)
     if cfg.reward.data:  # the comparisons (rankings) of every stage in `names` that reads them (reward model, DPO)
-
         for stage in names:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):
                 fraction = cfg.reward.heldout_fraction if stage == "reward" else getattr(cfg, stage).heldout_fraction
@@ -229,6 +235,48 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
                     load_rankings(cfg.reward.data, None, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
                 else:
                     load_comparisons(cfg.reward.data, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
+
+
+def _samples(name: str) -> bool:
+    """Whether stage `name` samples responses from a policy (all but SFT, the reward model and methods that only read
+    comparisons, such as DPO)."""
+    return name in ("feedback", "eval") or (name in METHODS and "reward" in METHODS[name].needs)
+
+
+def check_context_length(cfg: Config, names: list[str]) -> None:
+    """With a model of your own (policy.path), the longest prompt plus the response budget must fit the model's
+    positions wherever a stage samples, and the longest demonstration wherever SFT trains: said before anything
+    runs, not when sampling starts after SFT and the reward model have run. (A tiny model built from the config is
+    checked by Config.validate: policy.n_ctx.)"""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(cfg.policy.path), "max_position_embeddings", None)
+    if limit is None:
+        return
+    tokenizer = load_tokenizer(cfg.policy.path, "policy.path")
+    task = task_for(cfg)
+    budget = task.max_new_tokens
+    if any(_samples(n) for n in names):
+        prompts = task.all_prompts() if hasattr(task, "all_prompts") else task.prompts(256, random.Random(0))
+        lengths = encode_prompts(tokenizer, prompts)[1].sum(dim=1)
+        longest = int(lengths.max())
+        if longest + budget > limit:
+            i = int(lengths.argmax())
+            where = f"data.prompts = {cfg.data.prompts!r}" if cfg.data.prompts else f"task {cfg.task!r}"
+            budget_key = "data.max_new_tokens" + ("" if cfg.data.max_new_tokens else f" (0: the task's {budget})")
+            raise ConfigError(
+                f"policy.path = {cfg.policy.path!r} has {limit} positions, but the longest prompt of {where} takes "
+                f"{longest} tokens (prompt {i + 1}: {str(prompts[i])[:60]!r}) and {budget_key} = {budget} more: "
+                f"{longest} + {budget} > {limit}. Set data.max_new_tokens to at most {limit - longest}, shorten "
+                "the longest prompts, or use a model with a longer context")
+    if "sft" in names and cfg.data.sft:
+        demos = [d for split in task.sft_split(0, random.Random(0)) for d in split]
+        lengths = [len(encode_example(tokenizer, p, c)[0]) for p, c in demos]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[i] > limit:
+            raise ConfigError(f"policy.path = {cfg.policy.path!r} has {limit} positions, but the longest demonstration "
+                              f"of data.sft = {cfg.data.sft!r} takes {lengths[i]} tokens (prompt "
+                              f"{str(demos[i][0])[:60]!r}); shorten or drop it, or use a model with a longer context")
 
 
 def _reward_tokenizer(cfg: Config, out: Path):

@@ -13,16 +13,22 @@
 Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.models.scoring), 'sequence_classifier'
 (any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
 'classifier' (one class's logit or probability) and 'gold' (the task's gold scorer). The scores combine by
-`reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: the safety score where it is
-below a threshold, else the helpfulness score). No sources = the run's reward model alone, as before.
+`reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: on probabilities, the safety
+probability where it is below a threshold, else the helpfulness probability; then its logit). No sources = the run's
+reward model alone, as before.
 
 `build_scorer(cfg, task, rm_dir, rt)` is the one place a scorer is made; it returns an object called as
 `scorer(prompts, completions) -> (B,)`, and a combination also has `score_sources(...) -> ((B,), {name: (B,)})`,
 which collect_rollouts uses to log `objective/scores/<name>`.
 
-Deviations from Llama 2: no IS_SAFETY(prompt) tag (the rule looks at the safety score alone), the threshold is on
-the safety source's own scale, and the combined score is not passed through logit() and whitened here
-(`ppo.reward_norm` normalises scores by running moments instead).
+Llama 2's rule compares two probabilities in [0, 1], so 'llama2' puts both sources on that scale first: a
+classifier source read with output = 'prob' is one already (Config.validate requires it of a classifier), any
+other source's score s becomes sigmoid(s) (a Bradley-Terry score's probability of beating a response scored 0).
+Comparing a probability with a raw score instead (as rlhfkit did before) let an unsafe reply outrank every safe
+one whose raw helpfulness score was lower than its safety probability. Deviations from Llama 2: no IS_SAFETY(prompt)
+tag (the rule looks at the safety probability alone), and the logit of the combined probability is not whitened
+here (`ppo.reward_norm` normalises scores by running moments). As in Llama 2, a safe reply whose helpfulness
+probability is below the threshold can still rank under an unsafe one: the rule is the paper's.
 """
 
 from __future__ import annotations
@@ -50,10 +56,21 @@ def weighted_sum(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> 
     return sum(weights[name] * s for name, s in scores.items())
 
 
+LOGIT_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the logit, so a certain 0 or 1 stays finite
+
+
 def llama2_combine(safety: torch.Tensor, helpfulness: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B,) Llama 2's rule (Touvron et al. 2023, eq. 4, without the prompt's safety tag): the safety score
-    where it is below the threshold (an unsafe response is judged by safety alone), else the helpfulness score."""
-    return torch.where(safety < threshold, safety, helpfulness)
+    """(B,) Llama 2's rule (Touvron et al. 2023, eq. 4 and the logit before whitening, without the prompt's safety
+    tag) on two (B,) probabilities in [0, 1]: R_c = the safety probability where it is below the threshold (an
+    unsafe response is judged by safety alone), else the helpfulness probability; the reward is logit(R_c)."""
+    combined = torch.where(safety < threshold, safety, helpfulness)
+    return torch.logit(combined.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
+
+
+def as_probability(scores: torch.Tensor, is_probability: bool) -> torch.Tensor:
+    """A source's (B,) scores on the [0, 1] scale the Llama 2 rule compares: as they are when the source gives
+    probabilities (a classifier read with output = 'prob'), else sigmoid(score)."""
+    return scores if is_probability else torch.sigmoid(scores)
 
 
 class GoldScorer:
@@ -71,15 +88,18 @@ class CombinedScorer:
     """Several named scorers and how their scores become one reward (reward.combine)."""
 
     def __init__(self, scorers: dict, weights: dict[str, float], combine: str = "sum", safety: str = "",
-                 helpfulness: str = "", threshold: float = 0.15):
+                 helpfulness: str = "", threshold: float = 0.15, probabilities: frozenset = frozenset()):
         self.scorers, self.weights, self.combine = scorers, weights, combine
         self.safety, self.helpfulness, self.threshold = safety, helpfulness, threshold
+        self.probabilities = probabilities  # names of the sources whose scores are probabilities already
 
     def score_sources(self, prompts: list, completions: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B,) combined score and each source's (B,) score."""
         scores = {name: scorer(prompts, completions).float() for name, scorer in self.scorers.items()}
         if self.combine == "llama2":
-            return llama2_combine(scores[self.safety], scores[self.helpfulness], self.threshold), scores
+            safety, helpfulness = (as_probability(scores[name], name in self.probabilities)
+                                   for name in (self.safety, self.helpfulness))
+            return llama2_combine(safety, helpfulness, self.threshold), scores
         return weighted_sum(scores, self.weights), scores
 
     def __call__(self, prompts: list, completions: list) -> torch.Tensor:
@@ -116,7 +136,9 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
             scorers[name] = RewardModelScorer(source_model_dir(cfg, s, rm_dir), rt,
                                               decoder=None if s.kind == "reward_model" else False)
     weights = {name: s.weight for name, s in zip(r.source_names(), r.sources)}
-    return CombinedScorer(scorers, weights, r.combine, r.safety_source, r.helpfulness_source, r.safety_threshold)
+    probabilities = frozenset(name for name, s in zip(r.source_names(), r.sources) if s.output == "prob")
+    return CombinedScorer(scorers, weights, r.combine, r.safety_source, r.helpfulness_source, r.safety_threshold,
+                          probabilities)
 
 
 def value_reward_model(cfg: Config, rm_dir: Path) -> Path:

@@ -80,6 +80,13 @@ class DataTask(Task):
     def prompts(self, n: int, rng: random.Random) -> list:
         return _draw(self._prompts[0], n, rng) if self._prompts else self._need_base("prompts").prompts(n, rng)
 
+    def all_prompts(self) -> list:
+        """Every prompt the run can sample on: the file's training and held-out prompts (the base task's sample
+        of 256 without a prompt file)."""
+        if self._prompts:
+            return self._prompts[0] + self._prompts[1]
+        return self._need_base("prompts").prompts(256, random.Random(0))
+
     def heldout_prompts(self, n: int, rng: random.Random) -> list:
         """Up to n held-out prompts (all of them when the file's held-out part is smaller)."""
         if self._prompts:
