@@ -41,6 +41,11 @@ TARGETS = [
 ]
 
 
+def _num(value, digits: int = 2) -> str:
+    """A figure of summary.json, which holds null where a figure is undefined (best-of-n's KL share)."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def method_targets(name: str, first: float = 0.90, later: float = 0.90, kl: tuple[float, float] | None = (0.3, 3.0),
                    kl_share: float | None = 0.5) -> list:
     """Issue 8's targets for a policy-optimisation method, read from its summary: the preferred first digit
@@ -171,7 +176,7 @@ def measure_methods(args, out: Path) -> int:
                 ev, stage = summary["eval"][method], summary[method]
                 rows.append(f"| {method} | {seed} | {threads} | {ev['preferred_first_rate']:.3f} | "
                             f"{ev['later_rule_validity']:.3f} | {ev.get('well_formed_rate', float('nan')):.3f} | "
-                            f"{ev['kl']:.2f} | {ev['kl_first_position_share']:.2f} | "
+                            f"{ev['kl']:.2f} | {_num(ev['kl_first_position_share'])} | "
                             f"{stage.get('wall_time_s', float('nan')):.0f} s | {wall:.0f} s |")
                 print(rows[-1], flush=True)
                 for name, value, margin in check_targets(summary, None, METHOD_TARGETS[method]):

@@ -69,7 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("label", help="the labeling web app: `rlhfkit label --help`", add_help=False)
     sub.add_parser("data", help="convert and check data files (TRL, HH, UltraFeedback, ...): `rlhfkit data --help`",
                    add_help=False)
+    sub.add_parser("model", help="convert models, e.g. a GGUF file to a model directory: `rlhfkit model --help`",
+                   add_help=False)
     return parser
+
+
+def build_model_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit model", description="Convert models into the plain Hugging Face "
+                                     "directories rlhfkit loads (policy.path, reward.init, ...).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("from-gguf", help="a GGUF file (llama.cpp, Ollama) as a model directory",
+                          description="Dequantize the GGUF model FILE and write it to OUT_DIR (a new directory) as "
+                                      "safetensors weights, config.json, generation_config.json, the tokenizer and "
+                                      "its chat template. Needs the gguf extra: pip install 'rlhfkit[gguf]'.")
+    conv.add_argument("file", metavar="FILE", help="a .gguf model file (llama.cpp, Ollama)")
+    conv.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (must not exist yet)")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],  # models.gguf.DTYPES
+                      help="the weights' dtype (default float32, what rlhfkit trains in)")
+    return parser
+
+
+def model_main(argv: list[str]) -> int:
+    args = build_model_parser().parse_args(argv)
+    from rlhfkit.core.errors import RlhfkitError
+    from rlhfkit.models.gguf import convert_gguf
+
+    try:
+        r = convert_gguf(args.file, args.out_dir, args.dtype)
+    except RlhfkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {args.out_dir} was not written", file=sys.stderr)
+        return 130
+    print(f"{r['out_dir']}: {r['parameters']:,} parameters ({r['architecture']}, {args.dtype}"
+          f"{', with its chat template' if r['chat_template'] else ''})")
+    return 0
 
 
 def _config_for(args):
@@ -99,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.data.cli import main as data_main
 
         return data_main(argv[1:])
+    if argv and argv[0] == "model":  # model conversion: its own parser
+        return model_main(argv[1:])
     args = build_parser().parse_args(argv)
     from rlhfkit.core.errors import RlhfkitError
     from rlhfkit.pipeline.stages import WaitingForLabels

@@ -99,12 +99,14 @@ CRITERIA = '["helpfulness", "harmlessness"]'
 
 def test_list_field_from_toml_set_and_python(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text(f"[feedback]\ncriteria = {CRITERIA}\n")
+    # (people label these criteria; the digits task's simulated labelers judge 'overall' only)
+    path.write_text(f"[feedback]\nlabeler = 'human'\ncriteria = {CRITERIA}\n[reward]\ncriterion = '*'\n")
     assert load_config(path).feedback.criteria == ["helpfulness", "harmlessness"]
     assert load_config(path, ['feedback.criteria=["overall"]']).feedback.criteria == ["overall"]  # --set wins, whole
-    assert load_config(overrides=[f"feedback.criteria={CRITERIA}"]).feedback.criteria == ["helpfulness", "harmlessness"]
+    assert load_config(overrides=[f"feedback.criteria={CRITERIA}", "task='courtesy'"]).feedback.criteria == [
+        "helpfulness", "harmlessness"]
     given = ["helpfulness"]
-    cfg = load_config(feedback={"criteria": given})
+    cfg = load_config(feedback={"criteria": given, "labeler": "human"})
     given.append("harmlessness")  # the config holds its own copy
     assert cfg.feedback.criteria == ["helpfulness"]
 

@@ -95,3 +95,27 @@ def test_early_kl_spike_is_explained(tmp_path):
 
 def test_no_ppo_metrics(tmp_path):
     assert "(no PPO metrics)" in write(tmp_path, [])
+
+
+def test_samples_side_by_side(tmp_path):
+    """Every policy answered the same held-out prompts: one row per prompt, the policies' replies beside it."""
+    text = write(tmp_path, ppo_metrics())
+    assert "| prompt | sft | ppo |\n|---|---|---|\n| 4 5 9 1 = | 2 6 7 8 | 2 6 7 8 |" in text
+    assert "even where the rule is kept" in text  # the digits task keeps its own wording
+
+
+def test_undefined_figures_are_not_nan(tmp_path):
+    """best-of-n has no per-token KL (NaN, null once read back from eval.json); a task without a known entropy has
+    no SFT loss floor: shown as "–" or left out, never "nan"."""
+    (tmp_path / "eval").mkdir()
+    bon = {**policy(0.5, 0.3, [0.0] * 5), "kl_per_position": [None] * 5, "kl_k1": None,
+           "kl_first_position_share": float("nan")}
+    vocab = ["<pad>", "<bos>", "<eos>", "<unk>", "="] + [str(d) for d in range(10)]
+    dist = [[1.0 / len(vocab)] * len(vocab) for _ in range(5)]
+    eval_result = {"policies": {"sft": policy(0.33, 0.0, [0.0] * 5), "best_of_n": bon},
+                   "distributions": {"prompt": "4 5 9 1 =", "vocab": vocab, "by_policy": {"sft": dist}}}
+    summary = {"config": {"task": "digits", "seed": 0, "best_of_n": {"n": 8}},
+               "sft": {"heldout_loss": 1.2, "loss_floor": float("nan"), "excess_loss": None}}
+    text = write_report(tmp_path, summary, eval_result, METHODS["best_of_n"], tmp_path / "none.jsonl").read_text()
+    assert "| kl_k1 | 0.000 | – |" in text and "| kl_first_position_share | 0.000 | – |" in text
+    assert "nan" not in text and "loss_floor" not in text and "| sft | heldout_loss | 1.200 |" in text

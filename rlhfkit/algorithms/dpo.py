@@ -71,6 +71,7 @@ class DPOConfig:
     max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
     reference: str = F("cached", "'cached' (reference log-probs computed once before training, saved as OUT/dpo/ref_logprobs.safetensors and reused) or 'online' (a frozen copy of the SFT policy, run every step).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure implicit-reward accuracy; the same seed and fraction hold out the same items as the reward model.")
+    criterion: str = F("", "The criterion of the comparisons DPO learns from (one of feedback.criteria, or of reward.data); empty = reward.criterion. Needed when reward.criterion = '*' trains one reward model per criterion.")
 
     def validate(self, cfg, checks) -> None:
         """[dpo]'s rules (`checks`: rlhfkit.core.config.Checks)."""
@@ -88,12 +89,18 @@ class DPOConfig:
         need(self.max_grad_norm >= 0, "dpo.max_grad_norm", "must be >= 0 (0 disables the clip)")
         need(self.reference in ("cached", "online"), "dpo.reference", "choose 'cached' or 'online'")
         need(0.0 < self.heldout_fraction < 1.0, "dpo.heldout_fraction", "must be in (0, 1)")
+        need(self.criterion != "*", "dpo.criterion", "DPO learns one preference: name one criterion")
 
 
 METHOD = Method("dpo", DPOConfig, ("sft", "feedback"),
                 (("implicit reward margin (chosen - rejected)", ("rewards/margins",)),
                  ("implicit reward accuracy", ("rewards/accuracies",)),
                  ("sequence log-probs: healthy runs do not lower both", ("logps/chosen", "logps/rejected"))))
+
+
+def dpo_criterion(cfg) -> str:
+    """The criterion of the comparisons DPO learns from: dpo.criterion, else reward.criterion."""
+    return cfg.dpo.criterion or cfg.reward.criterion
 
 
 def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
@@ -238,12 +245,13 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. Data: the one contract, one criterion (reward.criterion), text the tokenizer covers, split by item.
+    # 1. Data: the one contract, one criterion (dpo.criterion, else reward.criterion), text the tokenizer covers,
+    #    split by item.
     #    Pairwise: comparisons, encoded as chosen rows then rejected rows. Listwise: items (rankings), their
     #    completions as rows, and the held-out comparisons as pairs of those rows.
     tokenizer = load_tokenizer(sft_dir, "SFT policy")
     if listwise:
-        train_split, test_split = load_rankings(rankings_path, comparisons_path, cfg.reward.criterion,
+        train_split, test_split = load_rankings(rankings_path, comparisons_path, dpo_criterion(cfg),
                                                 dc.heldout_fraction, cfg.seed, tokenizer, stage="dpo")
         train, test = train_split.comparisons, test_split.comparisons
         ranked = {"train": encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]),
@@ -253,7 +261,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         seqs = {split: d.seqs for split, d in data.items()}
         heldout_pairs = data["heldout"].comparison_rows(test)
     else:
-        train, test = load_comparisons(comparisons_path, cfg.reward.criterion, dc.heldout_fraction, cfg.seed,
+        train, test = load_comparisons(comparisons_path, dpo_criterion(cfg), dc.heldout_fraction, cfg.seed,
                                        tokenizer, stage="dpo")
         encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
         data = seqs = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}

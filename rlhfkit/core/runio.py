@@ -2,27 +2,56 @@
 
 A stage's directory counts as complete only once its marker `COMPLETE.json` is written, last, after
 every output is in place; a killed stage never looks finished.
+
+JSON files are strict JSON (RFC 8259: no NaN, no Infinity), so any reader (jq, a browser, pandas, Go, Rust)
+can load summary.json and eval.json: a float that is not finite is written as null ("no number here": an
+undefined figure such as best-of-n's per-position KL, or a config bound of inf). The exceptions are rlhfkit's
+own records (RECORDS), which it reads back and compares with the config it runs: there an inf must survive the
+round trip (a null would read as a changed config and make every stage look stale), so they keep Python's
+NaN/Infinity.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 MARKER = "COMPLETE.json"
+# rlhfkit's own records, read back and compared: a stage's inputs (the config it was made with, rlhfkit/pipeline/
+# stages.py) and its completion marker. Written lossless (NaN and Infinity as Python writes them), see above.
+RECORDS = frozenset({MARKER, "INPUTS.json"})
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every float that is not finite (NaN, inf, -inf) replaced by None, through dicts, lists and
+    tuples (a tuple becomes a list, as JSON has it). Scalars JSON cannot hold (a numpy float32, a 0-d tensor) are
+    made floats first, as write_json's `default=float` would."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int)):  # bool is an int
+        return obj
+    value = float(obj)  # raises TypeError for what JSON cannot hold either
+    return value if math.isfinite(value) else None
+
+
+def write_json(path: str | Path, obj: Any, *, strict: bool | None = None) -> None:
+    """Write JSON atomically (temp file + rename). strict: non-finite floats written as null (finite_or_none) and
+    the file is strict JSON; by default every file but rlhfkit's own records (RECORDS), which stay lossless."""
     path = Path(path)
+    strict = path.name not in RECORDS if strict is None else strict
+    if strict:
+        obj = finite_or_none(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=float)
+            json.dump(obj, f, indent=2, sort_keys=False, default=float, allow_nan=not strict)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

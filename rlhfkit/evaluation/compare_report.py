@@ -14,8 +14,10 @@ def _f(v, spec: str = ".3f") -> str:
 
 
 def _table(result: dict, gold_names) -> list[str]:
-    """One row per policy: gold metrics, RM reward, KL, the stage's wall time and passes."""
-    cols = [*gold_names, "reward", "kl"]
+    """One row per policy: gold metrics, RM reward (and each reward source's), KL, reply length and distinct-2, the
+    stage's wall time and passes."""
+    sources = list(dict.fromkeys(k for f in result["policies"].values() for k in f if k.startswith("reward/")))
+    cols = [*gold_names, "reward", *sources, "kl", "length", "distinct_2"]
     lines = ["| policy | " + " | ".join(cols) + " | stage wall time | sampled | forward | backward |",
              "|---|" + "---|" * (len(cols) + 4)]
     for name, figures in result["policies"].items():
@@ -52,8 +54,10 @@ def write_compare_report(compare_dir: Path, result: dict, cfg, out: Path, gold_n
         f"{cfg.eval.n_prompts} held-out prompts.", "",
         "## Results", "",
         *_table(result, gold_names), "",
-        "`reward`: the reward model's mean score. `kl`: KL to the SFT policy in nats per completion, exact per "
-        "position along sampled completions; for best-of-n the analytic bound log n − (n−1)/n. Passes count "
+        "`reward`: the reward model's mean score (`reward/<name>`: each reward source's). `kl`: KL to the SFT policy "
+        "in nats per completion, exact per position along sampled completions; for best-of-n the analytic bound "
+        "log n − (n−1)/n. `length`: mean reply length in tokens; `distinct_2`: distinct word bigrams over all the "
+        "policy's replies / their count (docs/metrics.md). Passes count "
         "sequences through a model (one sequence through one model = 1): `sampled` generated, `forward` without "
         "gradient (reward model, reference, old log-probs), `backward` with one. Best-of-n's passes are its "
         "stage's curve; each of its answers costs n samples and n reward-model scores more.", "",

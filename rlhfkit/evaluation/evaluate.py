@@ -1,13 +1,20 @@
-"""Evaluate policies on held-out prompts: reward-model score, gold metrics, KL to the reference.
+"""Evaluate policies on held-out prompts: reward-model score, gold metrics, KL to the reference, and what the
+replies look like (length, diversity, repetition), for any task.
 
 KL is computed exactly per position along sampled responses: for each sampled prefix, the full
 categorical KL(pi(. | prefix) || pi_ref(. | prefix)) over the vocabulary. Its sum over positions is an
 unbiased, low-variance estimate of the sequence-level KL(pi || pi_ref); its per-position mean shows
 *where* the policy moved.
+
+The reply metrics (reply_metrics) are on whitespace-split words, so they mean the same for every tokenizer:
+distinct-n as Li et al. 2016 ("A Diversity-Promoting Objective Function for Neural Conversation Models", Sec. 4.3:
+distinct n-grams over all generated replies / their total count), and a repetition rate (rlhfkit's own rule: the
+share of replies in which some word bigram occurs twice), the loop a policy optimised too far falls into.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import sys
@@ -26,6 +33,12 @@ from rlhfkit.models.sampling import decode_responses, sample
 from rlhfkit.ops.kl import categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.spine.reward_sources import build_scorer
+
+# The per-position token distributions of one prompt are stored whole (positions x vocabulary) only for a small
+# vocabulary, as digits' 15 tokens: for a real model's 50k tokens over 40+ positions that table is millions of
+# numbers in eval.json and its plot tens of thousands of bars. Above DENSE_VOCAB_MAX tokens the evaluation keeps
+# the first TOP_POSITIONS positions and, at each, the TOP_K most frequent tokens of each policy (distributions_record).
+DENSE_VOCAB_MAX, TOP_POSITIONS, TOP_K = 64, 8, 10
 
 
 @dataclass(frozen=True)
@@ -57,11 +70,39 @@ def heldout_prompts(task, n: int, seed: int) -> list[str]:
     return prompts
 
 
+def reply_metrics(texts: list[str], n_tokens: list[int]) -> dict[str, float]:
+    """What the replies look like, whatever the task (the module docstring has the sources): `length` (mean
+    tokens per reply, from n_tokens: the stop token not counted), `length_words`, `distinct_1` and `distinct_2`
+    (distinct word unigrams / bigrams over all replies divided by their total count; bigrams never span two
+    replies; 0 when there are none) and `repetition_rate` (share of replies in which some word bigram occurs more
+    than once). Words are whitespace-split, case and punctuation kept."""
+    words = [t.split() for t in texts]
+    bigrams = [list(itertools.pairwise(w)) for w in words]
+    unigrams_all, bigrams_all = [u for w in words for u in w], [b for bs in bigrams for b in bs]
+    n = max(1, len(texts))
+    return {
+        "length": sum(n_tokens) / n,
+        "length_words": len(unigrams_all) / n,
+        "distinct_1": len(set(unigrams_all)) / len(unigrams_all) if unigrams_all else 0.0,
+        "distinct_2": len(set(bigrams_all)) / len(bigrams_all) if bigrams_all else 0.0,
+        "repetition_rate": sum(len(set(bs)) < len(bs) for bs in bigrams) / n,
+    }
+
+
+def source_means(scorer, prompts: list, texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The scorer's (B,) scores and, when it combines reward sources (reward.sources: a CombinedScorer), each
+    source's mean score as {"reward/<name>": mean} (else {})."""
+    if hasattr(scorer, "score_sources"):
+        combined, by_source = scorer.score_sources(prompts, texts)
+        return combined, {f"reward/{name}": s.float().mean().item() for name, s in by_source.items()}
+    return scorer(prompts, texts), {}
+
+
 @torch.no_grad()
 def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[str], rt: Runtime,
                     seed: int, batch_size: int = 500, name: str = "policy") -> dict:
     generator = torch.Generator(device=rt.device).manual_seed(seed)
-    texts, kl_pos_sum, kl_pos_count, k1_total = [], None, None, 0.0
+    texts, n_tokens, kl_pos_sum, kl_pos_count, k1_total = [], [], None, None, 0.0
     for start in tracked(range(0, len(prompts), batch_size), f"eval: {name} on {len(prompts)} held-out prompts"):
         q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts[start : start + batch_size]))
         with autocast(rt.device, rt.dtype):
@@ -70,6 +111,7 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
             logits = response_logits(policy, q, qm, s.responses, s.response_mask)  # (B, Tr, V)
             ref_logits = response_logits(ref_policy, q, qm, s.responses, s.response_mask)
         texts += decode_responses(tokenizer, s)
+        n_tokens += (s.response_mask.sum(1) - s.ended.long()).tolist()  # the reply's tokens, as decoded: no stop token
         kl = categorical_kl(logits, ref_logits) * s.response_mask  # (B, Tr)
         T = task.max_new_tokens
         kl = torch.nn.functional.pad(kl, (0, T - kl.shape[1]))
@@ -80,26 +122,33 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
         k1_total += lr.sum().item()
     kl_per_position = (kl_pos_sum / kl_pos_count.clamp(min=1)).tolist()
     kl_total = (kl_pos_sum.sum() / len(prompts)).item()
+    scores, sources = source_means(scorer, prompts, texts) if scorer is not None else (None, {})
     return {
-        **({"reward": scorer(prompts, texts).mean().item()} if scorer is not None else {}),
+        **({"reward": scores.mean().item()} if scorer is not None else {}),
         **task.gold_metrics(prompts, texts),
         "kl": kl_total,
         "kl_k1": k1_total / len(prompts),
         "kl_per_position": kl_per_position,
         "kl_first_position_share": (kl_pos_sum[0] / kl_pos_sum.sum().clamp(min=1e-12)).item(),
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:8], texts[:8])],
+        **sources,  # new keys after the ones above, whose names and values stay as they were
+        **reply_metrics(texts, n_tokens),
         "completions": texts,  # every held-out completion; evaluate_run drops them unless asked
     }
 
 
 def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec: BestOfN, rt: Runtime, seed: int) -> dict:
     """evaluate_policy's figures for best-of-n: the KL is the analytic bound log n - (n-1)/n (no per-position
-    figures: the best-of-n distribution has no token log-probs to measure them with)."""
+    figures: the best-of-n distribution has no token log-probs to measure them with). Its sampler returns texts,
+    so `length` counts the tokens of each picked reply re-tokenised; `reward/<name>` scores the picks once more
+    with each source."""
     if scorer is None:
         raise ValueError("best-of-n needs a reward model to pick with")
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     texts, scores = best_of_n_texts(policy, tokenizer, scorer, prompts, spec.n, max_new_tokens=task.max_new_tokens,
                                     temperature=spec.temperature, generator=generator, rt=rt)
+    sources = source_means(scorer, prompts, texts)[1] if hasattr(scorer, "score_sources") else {}
+    n_tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     return {
         "reward": scores.mean().item(),
         **task.gold_metrics(prompts, texts),
@@ -108,22 +157,55 @@ def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec
         "kl_per_position": [math.nan] * task.max_new_tokens,
         "kl_first_position_share": math.nan,
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:8], texts[:8])],
+        **sources,
+        **reply_metrics(texts, n_tokens),
         "completions": texts,
     }
 
 
+def distribution_positions(vocab_size: int, max_new_tokens: int) -> int:
+    """How many reply positions the token distributions cover: all for a small vocabulary, else the first
+    TOP_POSITIONS."""
+    return max_new_tokens if vocab_size <= DENSE_VOCAB_MAX else min(TOP_POSITIONS, max_new_tokens)
+
+
 @torch.no_grad()
-def token_distributions(policy, tokenizer, prompt: str, n: int, max_new_tokens: int, rt: Runtime, seed: int):
-    """(positions, vocab) marginal frequency of each token at each response position, from n samples."""
+def token_distributions(policy, tokenizer, prompt, n: int, max_new_tokens: int, rt: Runtime, seed: int) -> torch.Tensor:
+    """(positions, vocab) marginal frequency of each token at each response position, from n samples; positions
+    as distribution_positions (the sampler stops there: later tokens would not change the earlier ones)."""
+    n_pos = distribution_positions(len(tokenizer), max_new_tokens)
     q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, [prompt] * n))
     with autocast(rt.device, rt.dtype):
-        s = sample(policy, q, qm, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
+        s = sample(policy, q, qm, max_new_tokens=n_pos, eos_token_id=stop_ids(tokenizer),
                    pad_token_id=pad_id(tokenizer), generator=torch.Generator(device=rt.device).manual_seed(seed))
-    counts = torch.zeros(max_new_tokens, len(tokenizer))
+    counts = torch.zeros(n_pos, len(tokenizer))
     for t in range(s.responses.shape[1]):
         valid = s.response_mask[:, t].bool()
         counts[t] += torch.bincount(s.responses[valid, t].cpu(), minlength=len(tokenizer)).float()
-    return (counts / n).tolist()
+    return counts / n
+
+
+def distributions_record(prompt, freqs: dict[str, torch.Tensor], tokenizer) -> dict:
+    """What eval.json keeps of each policy's (positions, vocab) frequencies (token_distributions). A vocabulary
+    of at most DENSE_VOCAB_MAX tokens: every frequency, {"prompt", "vocab", "by_policy": {name: (positions, vocab)
+    lists}}. A larger one: at each position the union of each policy's TOP_K most frequent tokens (those sampled at
+    all), most frequent first, {"prompt", "vocab_size", "top_k", "token_ids" and "tokens" (decoded text): one list
+    per position, "by_policy": {name: each position's frequencies of those tokens}}."""
+    if len(tokenizer) <= DENSE_VOCAB_MAX:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return {"prompt": prompt, "vocab": vocab, "by_policy": {name: f.tolist() for name, f in freqs.items()}}
+    names, n_pos = list(freqs), next(iter(freqs.values())).shape[0]
+    token_ids, by_policy = [], {name: [] for name in names}
+    for p in range(n_pos):
+        stacked = torch.stack([freqs[name][p] for name in names])  # (policies, vocab)
+        top = stacked.topk(min(TOP_K, stacked.shape[1]), dim=1)
+        ids = {i for vals, idx in zip(top.values.tolist(), top.indices.tolist()) for v, i in zip(vals, idx) if v > 0}
+        ids = sorted(ids, key=lambda i: (-stacked[:, i].max().item(), i))
+        token_ids.append(ids)
+        for j, name in enumerate(names):
+            by_policy[name].append([stacked[j, i].item() for i in ids])
+    return {"prompt": prompt, "vocab_size": len(tokenizer), "top_k": TOP_K, "token_ids": token_ids,
+            "tokens": [[tokenizer.decode([i]) for i in ids] for ids in token_ids], "by_policy": by_policy}
 
 
 def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, rt: Runtime,
@@ -146,8 +228,7 @@ def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, 
         results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed, name=name)
         dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
     completions = {name: r.pop("completions") for name, r in results.items()}
-    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    result = {"policies": results, "distributions": {"prompt": dist_prompt, "vocab": vocab, "by_policy": dists}}
+    result = {"policies": results, "distributions": distributions_record(dist_prompt, dists, tokenizer)}
     if keep_completions:
         result["completions"] = {"prompts": prompts, "by_policy": completions}
     return result

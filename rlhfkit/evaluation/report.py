@@ -1,16 +1,29 @@
-"""The run report: plots (matplotlib, imported here only) and a Markdown page that links them."""
+"""The run report: plots (matplotlib, imported here only) and a Markdown page that links them.
+
+The report is written for any task: the digits task's own wording appears only when the task is digits, a figure
+that is not a number (NaN in memory, null in JSON: best-of-n's per-position KL, SFT's loss floor when the task has
+none) is shown as "–" or left out, and prompts that are conversations are shown as "role: content" lines.
+"""
 
 from __future__ import annotations
 
+import html
+import math
 from pathlib import Path
 
 from rlhfkit.core.runio import read_metrics
+from rlhfkit.evaluation.evaluate import DENSE_VOCAB_MAX
 
 # The PPO curve plots `objective/kl_k1`, the KL the report explains; a peak above SPIKE_RATIO x where the curve
 # ends (the mean of its last tenth; above SPIKE_MIN_NATS, so noise near zero is not called a spike) gets a
 # sentence in the report. The default digits run peaks at about 2.8x its final KL around step 6.
 KL_KEY, SCORE_KEY, BETA_KEY, GOLD_PREFIX = "objective/kl_k1", "objective/scores", "objective/kl_coef", "gold/"
 SPIKE_RATIO, SPIKE_MIN_NATS = 2.0, 0.05
+# The token-distribution figure draws at most this many positions (the first), PANEL_COLUMNS panels a row beyond
+# five: a panel per position of a 40-token reply made a figure 14,000 pixels wide.
+MAX_PANELS, PANEL_COLUMNS = 8, 4
+# Reply metrics (rlhfkit.evaluation.evaluate.reply_metrics) explained under the results table when present.
+REPLY_KEYS = ("length", "length_words", "distinct_1", "distinct_2", "repetition_rate")
 
 
 def _plt():
@@ -114,18 +127,33 @@ def plot_method_curves(metrics: list[dict], curves, method: str, path: Path, ste
     return [title for title, _ in curves]
 
 
-def plot_kl_per_position(policies: dict, path: Path) -> list[str]:
-    """Exact KL to the reference at each completion position, per policy. Returns the tick labels: the last
-    position is the EOS token (the digits task's completions have a fixed length, then EOS)."""
+def _number(v) -> float:
+    """A figure to plot: None (a NaN read back from strict JSON) as NaN, which matplotlib leaves out."""
+    return math.nan if v is None else v
+
+
+def _missing(v) -> bool:
+    """Not a number to show: None (JSON's null) or NaN."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def plot_kl_per_position(policies: dict, path: Path, last_is_eos: bool = True) -> list[str]:
+    """Exact KL to the reference at each completion position, per policy. Returns the tick labels; with
+    last_is_eos the last position is labelled EOS (the digits task's completions have a fixed length, then EOS),
+    else positions are numbered (a reply of another task ends anywhere). Past a dozen positions every
+    few-th tick is drawn, so 40 positions stay readable."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
     names = list(policies)
     n_pos = len(policies[names[0]]["kl_per_position"])
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.25 * n_pos)), 3.4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        ax.bar([p + i * width for p in range(n_pos)], policies[name]["kl_per_position"], width, label=name)
-    labels = [f"pos {p + 1}" for p in range(n_pos - 1)] + ["EOS"]
-    ax.set_xticks([p + 0.4 - width / 2 for p in range(n_pos)], labels)
+        ax.bar([p + i * width for p in range(n_pos)], [_number(v) for v in policies[name]["kl_per_position"]],
+               width, label=name)
+    labels = ([f"pos {p + 1}" for p in range(n_pos - 1)] + ["EOS"] if last_is_eos
+              else [f"pos {p + 1}" for p in range(n_pos)])
+    every = max(1, math.ceil(n_pos / 12))
+    ax.set_xticks([p + 0.4 - width / 2 for p in range(n_pos)][::every], labels[::every])
     ax.set_ylabel("KL to reference (nats)")
     ax.set_title("KL per completion position")
     ax.legend()
@@ -136,30 +164,147 @@ def plot_kl_per_position(policies: dict, path: Path) -> list[str]:
     return labels
 
 
-def plot_distributions(dists: dict, path: Path) -> None:
+def prompt_lines(prompt) -> list[str]:
+    """A prompt (or reply) as text lines: a string as it is, a conversation (a list of messages) as one
+    "role: content" line per message."""
+    if isinstance(prompt, list):
+        return [f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m) for m in prompt]
+    return [str(prompt)]
+
+
+def _one_line(prompt, limit: int = 80) -> str:
+    text = " / ".join(prompt_lines(prompt)).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _panels(plt, n_panels: int, width: float, height: float, sharey: bool):
+    """n_panels axes in one row up to five, else rows of PANEL_COLUMNS; the unused ones hidden."""
+    cols = n_panels if n_panels <= 5 else PANEL_COLUMNS
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), sharey=sharey, squeeze=False)
+    axes = [ax for row in axes for ax in row]
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def plot_distributions(dists: dict, path: Path) -> int:
+    """One panel per reply position (the first MAX_PANELS), each policy's frequency of each token. Reads either
+    form rlhfkit.evaluation.evaluate.distributions_record writes: every token of a small vocabulary ("vocab"), or
+    each position's most frequent tokens ("tokens"). Returns the number of panels."""
     plt = _plt()
-    vocab, by_policy = dists["vocab"], dists["by_policy"]
+    by_policy = dists["by_policy"]
     names = list(by_policy)
-    n_pos = len(by_policy[names[0]])
-    shown = [i for i, tok in enumerate(vocab) if any(by_policy[n][p][i] > 0.002 for n in names for p in range(n_pos))]
-    fig, axes = plt.subplots(1, n_pos, figsize=(3.2 * n_pos, 3.2), sharey=True)
+    n_pos = min(MAX_PANELS, len(by_policy[names[0]]))
     width = 0.8 / len(names)
-    for p, ax in enumerate(axes):
-        for j, name in enumerate(names):
-            ax.bar([x + j * width for x in range(len(shown))], [by_policy[name][p][i] for i in shown], width, label=name)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shown))], [vocab[i] for i in shown], fontsize=8)
-        ax.set_title(f"position {p + 1}")
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("probability")
-    axes[0].legend()
-    fig.suptitle(f"next-token distribution per position, prompt '{dists['prompt']}'")
+    if "vocab" in dists:  # a small vocabulary: vertical bars of the tokens sampled anywhere (> 0.2%)
+        vocab = dists["vocab"]
+        shown = [i for i in range(len(vocab)) if any(by_policy[n][p][i] > 0.002 for n in names for p in range(n_pos))]
+        fig, axes = _panels(plt, n_pos, 3.2, 3.2, sharey=True)
+        for p, ax in enumerate(axes):
+            for j, name in enumerate(names):
+                ax.bar([x + j * width for x in range(len(shown))], [by_policy[name][p][i] for i in shown], width,
+                       label=name)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shown))], [vocab[i] for i in shown], fontsize=8)
+            ax.set_title(f"position {p + 1}")
+            ax.grid(alpha=0.3, axis="y")
+        axes[0].set_ylabel("probability")
+    else:  # each position's top tokens: horizontal bars, the token's text (repr: spaces shown) on the axis
+        tokens = dists["tokens"]
+        most = max([len(tokens[p]) for p in range(n_pos)] + [1])
+        fig, axes = _panels(plt, n_pos, 4.2, max(2.6, 0.8 + 0.2 * most), sharey=False)
+        for p, ax in enumerate(axes):
+            ys = range(len(tokens[p]))
+            for j, name in enumerate(names):
+                ax.barh([y + j * width for y in ys], by_policy[name][p], width, label=name)
+            ax.set_yticks([y + 0.4 - width / 2 for y in ys], [repr(t) for t in tokens[p]], fontsize=7)
+            ax.invert_yaxis()  # the most frequent on top
+            ax.set_title(f"position {p + 1}")
+            ax.grid(alpha=0.3, axis="x")
+            ax.set_xlabel("probability")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"next-token distribution per position, prompt '{_one_line(dists['prompt'])}'")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return n_pos
 
 
 def _fmt(v) -> str:
+    if _missing(v):
+        return "–"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _is_figure(v) -> bool:
+    """A scalar figure for a table: a number (NaN included, shown as –) or null."""
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def result_rows(policies: dict) -> list[str]:
+    """The results table's rows: every scalar figure of the policies (reward and each reward source's, the task's
+    gold metrics, KL, the reply metrics), the reward first; a figure no policy has a number for is left out."""
+    keys = list(dict.fromkeys(k for r in policies.values() for k, v in r.items() if _is_figure(v)))
+    keys = [k for k in keys if any(not _missing(r.get(k)) for r in policies.values())]
+    rewards = [k for k in keys if k == "reward" or k.startswith("reward/")]
+    return rewards + [k for k in keys if k not in rewards]
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: HTML and pipes escaped (a reply may hold "<|im_end|>" or "|"), newlines
+    as <br>."""
+    text = html.escape(text, quote=False).replace("|", "\\|").replace("\r", "")
+    return text.replace("\n", "<br>") if text.strip() else "*(empty)*"
+
+
+def samples_table(policies: dict) -> list[str]:
+    """The sample replies side by side: one row per held-out prompt (every policy answered the same prompts, so
+    samples[i] share one), the prompt as "role: content" lines when it is a conversation."""
+    names = [n for n in policies if policies[n].get("samples")]
+    if not names:
+        return ["(no samples)"]
+    lines = ["| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for i, sample in enumerate(policies[names[0]]["samples"]):
+        prompt = "<br>".join(_cell(line) for line in prompt_lines(sample["prompt"]))
+        replies = [policies[n]["samples"][i]["completion"] if i < len(policies[n]["samples"]) else "" for n in names]
+        lines.append(f"| {prompt} | " + " | ".join(_cell("\n".join(prompt_lines(r))) for r in replies) + " |")
+    return lines
+
+
+def _results_notes(rows: list[str], names: list[str]) -> list[str]:
+    """What the table's figures mean, for those it shows."""
+    notes = []
+    if "reward" in rows:
+        notes.append("`reward` is the reward model's mean score" + (
+            " (the combination of the reward sources; `reward/<name>` is each source's own mean score)"
+            if any(r.startswith("reward/") for r in rows) else "") + ".")
+    notes.append("`kl` is the KL to the reference (SFT) policy in nats per completion, computed exactly per position "
+                 "along sampled completions" + ("; for best-of-n the analytic bound log n − (n−1)/n (it has no "
+                                                "per-token figures: –)" if "best_of_n" in names else "") + ".")
+    if any(k in rows for k in REPLY_KEYS):
+        notes.append("`length` is the mean reply length in tokens (the stop token not counted), `length_words` in "
+                     "whitespace-split words; `distinct_1` / `distinct_2` are the distinct words / word bigrams over "
+                     "all the policy's replies divided by their total count (low: the replies repeat each other); "
+                     "`repetition_rate` is the share of replies that repeat a word bigram (docs/metrics.md).")
+    return [" ".join(notes)]
+
+
+def _distributions_text(dists: dict, task: str) -> list[str]:
+    """What the token-distribution figure shows, and for a large vocabulary what was kept of it."""
+    if task == "digits":
+        lines = ["Frequencies over sampled completions of one prompt (marginal over the sampled prefix: once the first "
+                 "digit changes, later positions shift with it even where the rule is kept).", ""]
+    else:
+        lines = ["Frequencies of each token at each reply position over sampled replies to one prompt (marginal over "
+                 "the sampled prefix: once an early token changes, the later positions shift with it).", ""]
+    n_pos = len(next(iter(dists["by_policy"].values()), []))
+    if "tokens" in dists:
+        lines += [f"The vocabulary has {dists['vocab_size']:,} tokens, so eval.json keeps the first {n_pos} positions "
+                  f"and, at each, the {dists['top_k']} most frequent tokens of each policy (shown with Python quotes, "
+                  f"so spaces are visible); a vocabulary of at most {DENSE_VOCAB_MAX} tokens is kept whole.", ""]
+    if n_pos > MAX_PANELS:
+        lines += [f"The figure shows the first {MAX_PANELS} of {n_pos} positions.", ""]
+    return lines
 
 
 def _ppo_curves_text(metrics: list[dict], summary: dict, policies: dict) -> list[str]:
@@ -206,12 +351,13 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
         plot_ppo_curves(metrics, eval_dir / "ppo_curves.png")
     elif metrics:
         plot_method_curves(metrics, method.curves, method.name, eval_dir / f"{method.name}_curves.png", method.step_label)
-    plot_kl_per_position(eval_result["policies"], eval_dir / "kl_per_position.png")
+    task = summary["config"]["task"]
+    plot_kl_per_position(eval_result["policies"], eval_dir / "kl_per_position.png", last_is_eos=task == "digits")
     plot_distributions(eval_result["distributions"], eval_dir / "token_distributions.png")
 
     policies = eval_result["policies"]
     names = list(policies)
-    rows = [k for k, v in policies[names[0]].items() if isinstance(v, (int, float))]  # reward, gold metrics, KL
+    rows = result_rows(policies)
     lines = [
         "# rlhfkit run report",
         "",
@@ -223,12 +369,10 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    lines += [f"| {r} | " + " | ".join(_fmt(policies[n][r]) for n in names) + " |" for r in rows]
+    lines += [f"| {r} | " + " | ".join(_fmt(policies[n].get(r)) for n in names) + " |" for r in rows]
     lines += [
         "",
-        ("`reward` is the reward model's mean score; " if "reward" in rows else "")
-        + "`kl` is the KL to the reference (SFT) policy in nats per completion, computed exactly per position "
-        "along sampled completions.",
+        *_results_notes(rows, names),
         "",
         "## Stages",
         "",
@@ -237,7 +381,7 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
     ]
     for stage in ("sft", "feedback", "reward", method.name):
         for k, v in summary.get(stage, {}).items():
-            if isinstance(v, (int, float, str)):
+            if isinstance(v, (int, float, str)) and not _missing(v):  # an undefined figure (NaN, null) left out
                 lines.append(f"| {stage} | {k} | {_fmt(v)} |")
     lines += ["", f"## {method.name.upper()} training curves", ""]
     if not metrics:
@@ -248,13 +392,11 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
         lines += [f"![{method.name} curves]({method.name}_curves.png)", ""]
     lines += ["## Where the policy moved: KL per completion position", "", "![KL per position](kl_per_position.png)", "",
               "## Next-token distribution per position (one prompt)", "",
-              "Frequencies over sampled completions of one prompt (marginal over the sampled prefix: once the first "
-              "digit changes, later positions shift with it even where the rule is kept).", "",
+              *_distributions_text(eval_result["distributions"], task),
               "![distributions](token_distributions.png)", "",
-              "## Sample completions", ""]
-    for name in names:
-        lines.append(f"**{name}:** " + ", ".join(f"`{s['prompt']} {s['completion']}`" for s in policies[name]["samples"]))
-        lines.append("")
+              "## Sample completions", "",
+              "The same held-out prompts for every policy, side by side.", "",
+              *samples_table(policies), ""]
     path = eval_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -14,6 +14,7 @@ or without them.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -110,26 +111,29 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
     rankings: list[RankingRecord] = []
     comparisons: list[Comparison] = []
     per_item, gold_agree, gold_total = [], 0, 0
+    with_gold = []
     for i, (prompt, comps) in enumerate(zip(prompts, completions)):
         item_id = f"{task.name}-{i:06d}"
-        gold = [task.gold_score(prompt, c) for c in comps]
-        labels = [simulated_ranking(gold, fb.error_rate, rng, fb.strengths) for _ in labeler_ids]
-        item_rankings = [r for r, _ in labels]
-        item_strengths = [s for _, s in labels]
-        per_item.append(item_rankings)
-        rankings += [RankingRecord(item_id, prompt, comps, lid, r, strengths=s)
-                     for lid, (r, s) in zip(labeler_ids, labels)]
-        item_comparisons = consensus_comparisons(item_id, prompt, comps, item_rankings, labeler_ids, fb.consensus,
-                                                 item_strengths, margins)
-        comparisons += item_comparisons
-        for c in item_comparisons:
-            gold_total += 1
-            gold_agree += task.gold_score(prompt, c.chosen) > task.gold_score(prompt, c.rejected)
+        for criterion in fb.criteria:  # each criterion ranked on its own, by the task's gold rule for it
+            gold = [task.criterion_score(prompt, c, criterion) for c in comps]
+            labels = [simulated_ranking(gold, fb.error_rate, rng, fb.strengths) for _ in labeler_ids]
+            item_rankings = [r for r, _ in labels]
+            item_strengths = [s for _, s in labels]
+            per_item.append(item_rankings)
+            rankings += [RankingRecord(item_id, prompt, comps, lid, r, criterion=criterion, strengths=s)
+                         for lid, (r, s) in zip(labeler_ids, labels)]
+            item_comparisons = [dataclasses.replace(c, criterion=criterion) for c in consensus_comparisons(
+                item_id, prompt, comps, item_rankings, labeler_ids, fb.consensus, item_strengths, margins)]
+            comparisons += item_comparisons
+            by_text = dict(zip(comps, gold))
+            for c in item_comparisons:
+                gold_total += 1
+                gold_agree += by_text[c.chosen] > by_text[c.rejected]
+            gold_ranking = ranking_from_scores(gold)
+            with_gold += [pairwise_agreement(r, gold_ranking) for r in item_rankings]
 
     # 4. Agreement between labelers and with the gold ranking; write the data contract files.
     agreement = mean_agreement(per_item)
-    gold_rankings = [ranking_from_scores([task.gold_score(p, c) for c in comps]) for p, comps in zip(prompts, completions)]
-    with_gold = [pairwise_agreement(r, g) for rs, g in zip(per_item, gold_rankings) for r in rs]
     write_jsonl(out_dir / "rankings.jsonl", rankings)
     write_jsonl(out_dir / "comparisons.jsonl", comparisons)
     result = {

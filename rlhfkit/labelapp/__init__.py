@@ -7,14 +7,14 @@ May import: feedback, models, data, core (torch only where it samples completion
 
 Modules, one concern each:
     db          SQLite connection (WAL, durable commits) and schema.sql
-    security    password hashing, invitations, sessions, CSRF
+    security    password hashing and rules, invitations, sessions, sign-in tickets, CSRF
     project     creating a project (imported completions or sampled from a policy), adding people
     assignment  handing out items (overlap, leases, per-labeler shuffle), skips and submissions
     stats       progress, agreement (pairwise, Kendall tau, Krippendorff alpha), per-labeler figures, Elo
     export      comparisons.jsonl + rankings.jsonl (rlhfkit.data.contract) and a summary
     app         the FastAPI application factory: settings, error handlers, security headers
     guard       allowed host names and request-body limits, checked before any route reads a byte
-    deps        per-request plumbing: DB connection, signed-in user, roles, CSRF, sign-in throttle
+    deps        per-request plumbing: DB connection, signed-in user, roles, CSRF, cookies, sign-in throttle
     api         the JSON API (/api/...), described by the OpenAPI schema
     pages       the HTML pages (Jinja2 templates in templates/, script and styles in static/)
     cli         `rlhfkit label serve|create|add-labeler|export|status`

@@ -13,7 +13,16 @@ from pydantic import BaseModel, Field, StrictInt
 
 from rlhfkit.labelapp import assignment, project, stats
 from rlhfkit.labelapp.assignment import AppError
-from rlhfkit.labelapp.deps import SESSION_COOKIE, ApiLead, ApiUser, ApiUserCsrf, Conn, set_session_cookie, sign_in
+from rlhfkit.labelapp.deps import (
+    ApiLead,
+    ApiUser,
+    ApiUserCsrf,
+    Conn,
+    check_origin,
+    session_token,
+    set_session_cookie,
+    sign_in,
+)
 from rlhfkit.labelapp.security import User, end_session
 
 # SQLite integers are 64-bit; a larger id from a client must be a 422, not an OverflowError (found by
@@ -115,19 +124,20 @@ def health() -> dict:
 
 @router.post("/session")
 def api_login(request: Request, body: SessionIn, conn: Conn) -> JSONResponse:
-    """Sign in; sets the session cookie and returns the CSRF token for later calls."""
+    """Sign in; sets the session cookie (and a sign-in ticket) and returns the CSRF token for later calls."""
+    check_origin(request)  # as for the sign-in form: no page of another origin signs a browser in
     signed = sign_in(request, conn, body.name, body.password)
     if signed is None:
         raise AppError(401, "wrong name or password")
     token, user = signed
     response = JSONResponse(SessionOut(name=user.name, role=user.role, csrf_token=user.csrf_token).model_dump())
-    set_session_cookie(request, response, token)
+    set_session_cookie(request, response, token, user.name)
     return response
 
 
 @router.delete("/session")
 def api_logout(request: Request, conn: Conn, user: ApiUserCsrf) -> dict:
-    end_session(conn, request.cookies.get(SESSION_COOKIE))
+    end_session(conn, session_token(request))
     return {"signed_out": True}
 
 
@@ -144,7 +154,8 @@ def api_assignment(assignment_id: AssignmentId, conn: Conn, user: ApiUser) -> As
 
 @router.post("/assignments/{assignment_id}/skip")
 def api_skip(assignment_id: AssignmentId, conn: Conn, user: ApiUserCsrf) -> dict:
-    assignment.skip(conn, user.id, assignment_id)
+    """Skip it (409 when your lease ran out and someone else took the item over, as for a submission)."""
+    assignment.skip(conn, user.id, require_settings(conn), assignment_id)
     return {"skipped": assignment_id}
 
 

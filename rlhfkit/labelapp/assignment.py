@@ -3,9 +3,10 @@
 Rules (tested in tests/labelapp/test_assignment.py):
 - An item is handed to at most `overlap` labelers at a time: submitted answers plus open assignments whose
   lease has not run out count against it; an expired lease frees its slot for someone else.
-- A labeler whose lease is valid can always submit (their slot is counted). One whose lease ran out may
-  still submit while the slot is free (the item's other answers and valid leases leave room); otherwise
-  they are refused with 409, and the labeler who took the slot over keeps it.
+- A labeler whose lease is valid can always submit or skip (their slot is counted). One whose lease ran
+  out may still do either while the slot is free (the item's other answers and valid leases leave room);
+  otherwise they are refused with 409 (a lost lease is no skip either), and the labeler who took the slot
+  over keeps it.
 - A labeler never gets the same item twice (UNIQUE(item_id, user_id)), skipped or not.
 - Items already started by others come first, so items are completed (all `overlap` answers) before new
   ones are opened: the pipeline waits for complete items.
@@ -116,14 +117,43 @@ def assignment_view(conn: sqlite3.Connection, assignment_id: int, user_id: int) 
     }
 
 
-def skip(conn: sqlite3.Connection, user_id: int, assignment_id: int) -> None:
+LEASE_LOST = "your lease on this item ran out and someone else took it over; ask for the next item"
+
+
+def _lease_lost(conn: sqlite3.Connection, row: sqlite3.Row, settings: ProjectSettings, now: float) -> bool:
+    """Whether an open assignment's lease is lost; a lost one is marked expired (the caller commits that).
+
+    A valid lease holds a slot (hand-outs keep answers + valid leases <= overlap). A lapsed one gets the
+    slot back only if it is still free: the answers and valid leases of others leave room.
+    """
+    others = _active_count(conn, row["item_id"], now, except_user=row["user_id"])
+    if row["lease_expires_at"] <= now and others >= settings.overlap:
+        conn.execute("UPDATE assignments SET status = 'expired' WHERE id = ?", (row["id"],))
+        return True
+    return False
+
+
+def skip(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, assignment_id: int,
+         now: float | None = None) -> None:
+    """Skip an assignment; skipping one already skipped is a no-op (a retry). Raises AppError."""
+    now = time.time() if now is None else now
     with transaction(conn):
-        row = conn.execute("SELECT user_id, status FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
-        if row is None or row["user_id"] != user_id:
-            raise AppError(404, f"assignment {assignment_id} not found among your assignments")
-        if row["status"] == "submitted":
-            raise AppError(409, f"assignment {assignment_id} was already submitted and cannot be skipped")
-        conn.execute("UPDATE assignments SET status = 'skipped' WHERE id = ?", (assignment_id,))
+        lost = _skip(conn, user_id, settings, assignment_id, now)
+    if lost:  # raised after the commit, which keeps the assignment marked expired
+        raise AppError(409, LEASE_LOST)
+
+
+def _skip(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, assignment_id: int, now: float) -> bool:
+    """skip's work inside its transaction; True when the lease was lost (nothing skipped)."""
+    row = conn.execute("SELECT * FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
+    if row is None or row["user_id"] != user_id:
+        raise AppError(404, f"assignment {assignment_id} not found among your assignments")
+    if row["status"] == "submitted":
+        raise AppError(409, f"assignment {assignment_id} was already submitted and cannot be skipped")
+    if row["status"] == "expired" or (row["status"] == "open" and _lease_lost(conn, row, settings, now)):
+        return True
+    conn.execute("UPDATE assignments SET status = 'skipped' WHERE id = ?", (assignment_id,))
+    return False
 
 
 def submit(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, payload: dict, now: float | None = None) -> tuple[str, int]:
@@ -135,7 +165,7 @@ def submit(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, pa
     with transaction(conn):
         outcome = _store(conn, user_id, settings, payload, client_id, now)
     if outcome[0] == "lease lost":
-        raise AppError(409, "your lease on this item ran out and someone else took it over; ask for the next item")
+        raise AppError(409, LEASE_LOST)
     return outcome
 
 
@@ -157,10 +187,7 @@ def _store(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, pa
         raise AppError(404, f"assignment {assignment_id} not found among your assignments")
     if row["status"] != "open":
         raise AppError(409, f"assignment {assignment_id} is {row['status']}; ask for the next item")
-    # A valid lease holds a slot (hand-outs keep answers + valid leases <= overlap). A lapsed one gets the
-    # slot back only if it is still free: the answers and valid leases of others leave room.
-    if row["lease_expires_at"] <= now and _active_count(conn, row["item_id"], now, except_user=user_id) >= settings.overlap:
-        conn.execute("UPDATE assignments SET status = 'expired' WHERE id = ?", (row["id"],))
+    if _lease_lost(conn, row, settings, now):
         return "lease lost", None
     order = json.loads(row["display_order"])
     rankings, strengths = _parse_rankings(payload, settings, order)

@@ -2,7 +2,7 @@
 
     rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [options]
     rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000] [--base-url URL] [--allowed-host NAME]
-                        [--cookie-secure] [--max-body-kb 1024] [--max-upload-mb 64]
+                        [--cookie-secure] [--max-body-kb 1024] [--max-upload-mb 64] [--forwarded-allow-ips ADDRS]
     rlhfkit label add-labeler PROJECT_DIR NAME [--lead] [--password-stdin]
     rlhfkit label export PROJECT_DIR --out DIR [--min-agreement X] [--complete-only]
     rlhfkit label status PROJECT_DIR
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-kb", type=int, default=DEFAULT_MAX_BODY_KB, help="largest request body, in KiB")
     p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
                    help="largest project upload (the lead's completions or prompts file), in MiB")
+    p.add_argument("--forwarded-allow-ips", default="", metavar="ADDRS",
+                   help="comma-separated addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto "
+                        "the app believes (default: none, the connection's address counts; '*': any)")
 
     p = sub.add_parser("add-labeler", help="add a labeler (or lead) and print their invitation link")
     p.add_argument("project_dir", type=Path)
@@ -188,7 +192,8 @@ def serve_config(args) -> dict:
     hosts = {*LOOPBACK_HOSTS, urlsplit(base_url).hostname, *args.allowed_host, *([] if wildcard else [args.host])}
     return {"base_url": base_url, "allowed_hosts": sorted(hosts),
             "cookie_secure": args.cookie_secure or base_url.startswith("https://"),
-            "max_body_bytes": args.max_body_kb * 1024, "max_upload_bytes": args.max_upload_mb * 2**20}
+            "max_body_bytes": args.max_body_kb * 1024, "max_upload_bytes": args.max_upload_mb * 2**20,
+            "forwarded_allow_ips": [a.strip() for a in args.forwarded_allow_ips.split(",") if a.strip()]}
 
 
 def cmd_serve(args) -> int:
@@ -204,8 +209,15 @@ def cmd_serve(args) -> int:
     print(f"labeling app for {args.project_dir} at {base}/  (labelers sign in there)")
     if link:
         print(f"a lead account 'lead' was created; the lead opens this one-time link to choose a password:\n  {link}")
+    if os.environ.get("FORWARDED_ALLOW_IPS") and not config["forwarded_allow_ips"]:
+        print("note: FORWARDED_ALLOW_IPS is ignored; name the reverse proxy with --forwarded-allow-ips ADDRS",
+              file=sys.stderr)
     sys.stdout.flush()
-    uvicorn.run(create_app(args.project_dir, config), host=args.host, port=args.port, log_level="warning")
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1, letting any local
+    # client pick the address its failed sign-ins count against. The app believes only the proxies its
+    # settings name (AppConfig.forwarded_allow_ips).
+    uvicorn.run(create_app(args.project_dir, config), host=args.host, port=args.port, log_level="warning",
+                proxy_headers=False)
     return 0
 
 

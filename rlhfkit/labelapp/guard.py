@@ -24,7 +24,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rlhfkit.labelapp import db, security
-from rlhfkit.labelapp.deps import SESSION_COOKIE
 from rlhfkit.labelapp.pages import error_response
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -117,7 +116,7 @@ class RequestGuard:
         return config.max_body_bytes, "uploads need the lead's session"
 
     def is_lead(self, headers: Headers) -> bool:
-        token = Request({"type": "http", "headers": headers.raw}).cookies.get(SESSION_COOKIE)
+        token = Request({"type": "http", "headers": headers.raw}).cookies.get(self.config.cookies.session)
         if not token:
             return False
         conn = db.connect(db.db_path(self.config.project_dir))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -19,15 +19,16 @@ from rlhfkit.labelapp import db, project, security, stats
 from rlhfkit.labelapp.api import next_for
 from rlhfkit.labelapp.assignment import AppError
 from rlhfkit.labelapp.deps import (
-    LOGIN_CSRF_COOKIE,
-    SESSION_COOKIE,
     Conn,
     CurrentUser,
     PageLead,
     PageUser,
     check_anon_csrf,
     check_form_csrf,
+    delete_cookie,
+    session_token,
     set_session_cookie,
+    set_ticket_cookie,
     sign_in,
 )
 from rlhfkit.labelapp.export import EXPORT_FILES, export_project
@@ -57,10 +58,10 @@ def error_response(request: Request, status: int, message: str, headers=None):
 
 def anon_form(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
     """A form for someone not signed in, with a fresh double-submit CSRF token."""
-    token = secrets.token_urlsafe(16)
+    token, config = secrets.token_urlsafe(16), request.app.state.config
     response = page(request, name, status=status, login_csrf=token, user=None, **context)
-    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
-                        secure=request.app.state.config.cookie_secure)
+    response.set_cookie(config.cookies.login_csrf, token, httponly=True, samesite="strict",
+                        secure=config.cookie_secure, path="/")
     return response
 
 
@@ -89,16 +90,17 @@ def login(request: Request, conn: Conn, name: Annotated[str, Form(max_length=64)
     token, user = signed
     # Labelers land on the guidelines: they read them before their first item.
     response = RedirectResponse("/lead" if user.is_lead else "/guidelines", status_code=303)
-    set_session_cookie(request, response, token)
+    set_session_cookie(request, response, token, user.name)
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, conn: Conn, user: PageUser, csrf_token: Annotated[str, Form()] = ""):
     check_form_csrf(user, csrf_token)
-    security.end_session(conn, request.cookies.get(SESSION_COOKIE))
+    security.end_session(conn, session_token(request))
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
+    # The sign-in ticket stays: it only lets this browser's next sign-ins past its address's throttle.
+    delete_cookie(request, response, request.app.state.config.cookies.session)
     return response
 
 
@@ -111,14 +113,21 @@ def invite_page(request: Request, token: str):
 def accept_invite(request: Request, token: str, conn: Conn, password: Annotated[str, Form(max_length=256)],
                   password2: Annotated[str, Form(max_length=256)], csrf_token: Annotated[str, Form()] = ""):
     check_anon_csrf(request, csrf_token)
-    if password != password2 or len(password) < security.MIN_PASSWORD:
+    if password != password2:
+        return anon_form(request, "invite.html", status=400, token=token, error="Type the same password twice.")
+    problem = security.password_problem(password)
+    if problem is not None:
         return anon_form(request, "invite.html", status=400, token=token,
-                         error=f"Type the same password twice, at least {security.MIN_PASSWORD} characters.")
+                         error=f"Choose another password: {problem}.")
     with db.transaction(conn):
         name = project.accept_invitation(conn, token, password, request.app.state.config.scrypt_n)
     if name is None:
         raise AppError(400, "This invitation link is unknown, used or expired. Ask your lead for a new one.")
-    return anon_form(request, "login.html", error=None, notice=f"Password set for {name}. Sign in.")
+    response = anon_form(request, "login.html", error=None, notice=f"Password set for {name}. Sign in.")
+    # The invitation proved who this is as well as a password would: this browser gets a sign-in ticket,
+    # so nobody's guesses from a shared address can keep a newcomer from their first sign-in.
+    set_ticket_cookie(request, response, name)
+    return response
 
 
 # -- labeling -------------------------------------------------------------------------------------------
@@ -228,10 +237,19 @@ def load_upload(loader, path: Path, shown_as: str):
         raise DataError(str(e).replace(str(path), shown_as)) from None
 
 
+async def form_role(request: Request):
+    """The add-person form's `role` exactly as sent ("labeler" when left out). A Form() parameter would
+    take an empty value for a missing one and quietly make `role=` a labeler."""
+    return (await request.form()).get("role", "labeler")
+
+
 @router.post("/lead/people")
 def lead_add_person(request: Request, conn: Conn, user: PageLead, name: Annotated[str, Form(max_length=64)],
-                    role: Annotated[str, Form()] = "labeler", csrf_token: Annotated[str, Form()] = ""):
+                    role: Annotated[object, Depends(form_role)], csrf_token: Annotated[str, Form()] = ""):
     check_form_csrf(user, csrf_token)
+    if role not in ("labeler", "lead"):  # the roles of users.role (schema.sql)
+        shown = repr(clip(role, 40)) if isinstance(role, str) else "(a file)"
+        raise AppError(400, f"The role {shown} is not one this app knows: choose 'labeler' or 'lead'.")
     config = request.app.state.config
     with db.transaction(conn):
         # "lead" promotes; otherwise a new person is a labeler and an existing one keeps their role, so a

@@ -121,8 +121,9 @@ def _check_item(obj: dict, where: str) -> dict:
     ):
         raise DataError(f"{where}: field 'model_ids' must be a list of strings, one per completion")
     item_id = obj.get("item_id")
-    if item_id is not None and not isinstance(item_id, (str, int)):
-        raise DataError(f"{where}: field 'item_id' must be a string")
+    # bool is an int to Python: without the first test, `true` became the item id "True"
+    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+        raise DataError(f"{where}: field 'item_id' must be a string or an integer, got {json.dumps(item_id)[:40]}")
     return {"prompt": prompt, "completions": completions, "model_ids": model_ids,
             "item_id": None if item_id is None else str(item_id)}
 

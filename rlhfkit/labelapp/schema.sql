@@ -66,3 +66,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS submissions_by_item ON submissions(item_id);
+
+CREATE TABLE IF NOT EXISTS app_keys (
+    purpose TEXT PRIMARY KEY,                   -- e.g. 'sign-in tickets' (security.app_key)
+    key TEXT NOT NULL                           -- hex; random, made on first use; never leaves the server
+);

@@ -11,6 +11,7 @@
     sampling.py   the batched KV-cache sampler
     scoring.py    reward functions over text: reward models and classifiers read with their own tokenizers
     optim.py      optimiser + schedule, one step, RNG state, checkpoints of the online loops
+    gguf.py       `rlhfkit model from-gguf`: a llama-family GGUF file (llama.cpp, Ollama) as a plain directory
 
 May import: data, ops, core (never spine, algorithms or anything above).
 """

@@ -98,7 +98,7 @@ class FeedbackConfig:
     error_rate: float = F(0.05, "Simulated labelers: chance of misjudging each completion by one gold point (up or down at random).")
     consensus: str = F("majority", "How rankings become comparisons: 'majority' (pairwise, > half of labelers) or 'borda'.")
     temperature: float = F(1.0, "Sampling temperature for the completions.")
-    criteria: list[str] = F(["overall"], "labeler = 'human': criteria labelers rank by in the labeling app; one reward model per criterion (reward.criterion).")
+    criteria: list[str] = F(["overall"], "Criteria the labelers rank by: in the labeling app (labeler = 'human'), or those of the task's simulated labelers (digits: 'overall'; courtesy: 'helpfulness', 'harmlessness', 'overall'); one reward model per criterion (reward.criterion).")
     project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/labeling.")
     strengths: bool = F(False, "Simulated labelers also state how much better each tie group is than the next (Llama 2's strength labels, from the perceived gold gap), so comparisons carry margins (reward.use_margin). Off by default: the default run's targets were measured without margins.")
     strength_margins: list[float] = F(list(STRENGTH_MARGINS.values()), "Margin of each strength label, in the order significantly, better, slightly, negligibly better (default: Llama 2's small-margin table); docs/methods/reward.md.")
@@ -222,6 +222,10 @@ class _Rules:
         for c in fb.criteria:  # checked here so a bad name fails before SFT, not when the app is created
             need(bool(CRITERION_NAME.fullmatch(c)), "feedback.criteria",
                  f"{c!r} is not a criterion name; use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
+        for c in fb.criteria if fb.labeler == "simulated" and task is not None else ():
+            need(c in task.criteria, "feedback.criteria",
+                 f"the {task.name} task's simulated labelers judge {', '.join(map(repr, task.criteria))}, not {c!r}; "
+                 "choose among those, or set feedback.labeler = 'human' to have people judge it")
         if fb.labeler == "human" and not r.data and r.criterion != "*":  # say it now, not once people have labeled
             need(r.criterion in fb.criteria if r.criterion else len(fb.criteria) == 1, "reward.criterion",
                  f"the human labels will be by {ref('feedback.criteria')} and a reward model learns one; "
@@ -245,9 +249,10 @@ class _Rules:
     def _validate_reward_sources(self, need, ref, task) -> None:
         """reward.criterion = '*', reward.sources and reward.combine (Config.validate's rules for them)."""
         r = self.reward
-        need(r.criterion != "*" or "feedback" not in METHODS[self.method].needs, "reward.criterion",
+        own = getattr(getattr(self, self.method), "criterion", "")  # a method's own choice (dpo.criterion)
+        need(r.criterion != "*" or "feedback" not in METHODS[self.method].needs or bool(own), "reward.criterion",
              f"'*' trains one reward model per criterion, but {ref('method')} learns from the comparisons of one "
-             "criterion; name it in reward.criterion")
+             f"criterion; name it in {self.method}.criterion (or reward.criterion)")
         names = r.source_names()
         for i, (s, name) in enumerate(zip(r.sources, names)):
             key = f"reward.sources[{i}]"

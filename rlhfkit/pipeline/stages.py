@@ -36,7 +36,7 @@ from rlhfkit.algorithms.reward import train_reward_model
 from rlhfkit.algorithms.sft import train_sft
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
 from rlhfkit.core.errors import ConfigError, RlhfkitError
-from rlhfkit.core.runio import is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
 from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.contract import read_comparisons
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
@@ -231,10 +231,12 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):
                 fraction = cfg.reward.heldout_fraction if stage == "reward" else getattr(cfg, stage).heldout_fraction
                 tokenizer = _reward_tokenizer(cfg, out) if stage == "reward" else _policy_tokenizer(cfg, out)
+                # the criterion the stage learns: its own section's (dpo.criterion), else reward.criterion
+                criterion = getattr(getattr(cfg, stage), "criterion", "") or cfg.reward.criterion
                 if getattr(getattr(cfg, stage), "loss", "") == "plackett_luce":  # whole rankings
-                    load_rankings(cfg.reward.data, None, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
+                    load_rankings(cfg.reward.data, None, criterion, fraction, cfg.seed, tokenizer, stage=stage)
                 else:
-                    load_comparisons(cfg.reward.data, cfg.reward.criterion, fraction, cfg.seed, tokenizer, stage=stage)
+                    load_comparisons(cfg.reward.data, criterion, fraction, cfg.seed, tokenizer, stage=stage)
 
 
 def _samples(name: str) -> bool:
@@ -525,7 +527,7 @@ def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
     summary = build_summary(cfg, out)
     summary["wall_time_s"]["total_this_invocation"] = time.time() - start
     write_json(out / "summary.json", summary)
-    return summary
+    return finite_or_none(summary)  # what summary.json holds (strict JSON: null for NaN and inf)
 
 
 def format_results_table(summary: dict) -> str:
@@ -535,7 +537,8 @@ def format_results_table(summary: dict) -> str:
     labels = {"reward": "reward (RM)", "kl": "KL to reference", "kl_first_position_share": "KL share at position 1"}
     keys = [k for k, v in ev[names[0]].items() if isinstance(v, (int, float)) and k != "kl_k1"] if names else []
     lines = [f"{'metric':<24}" + "".join(f"{n:>10}" for n in names)]
-    lines += [f"{labels.get(k, k):<24}" + "".join(f"{ev[n][k]:>10.3f}" for n in names) for k in keys]
+    cell = lambda v: f"{'–':>10}" if v is None or v != v else f"{v:>10.3f}"  # noqa: E731  (null, NaN: undefined)
+    lines += [f"{labels.get(k, k):<24}" + "".join(cell(ev[n].get(k)) for n in names) for k in keys]
     if "heldout_accuracy" in summary.get("reward", {}):
         lines.append(f"{'RM held-out accuracy':<24}{summary['reward']['heldout_accuracy']:>10.3f}")
     wt = summary.get("wall_time_s", {})

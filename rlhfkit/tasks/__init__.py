@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.courtesy import CourtesyTask
 from rlhfkit.tasks.digits import DigitsTask
 from rlhfkit.tasks.files import DataTask
 
 
 def task_names() -> list[str]:
-    return ["digits", "none"]
+    return ["digits", "courtesy", "none"]
 
 
 def task_for(cfg) -> Task:
@@ -32,6 +33,8 @@ def get_task(name: str) -> Task:
         raise ConfigError("task = 'none' runs on your files: set data.sft and data.prompts (docs/data.md)")
     if name == "digits":
         return DigitsTask()
+    if name == "courtesy":
+        return CourtesyTask()
     import difflib
 
     hint = difflib.get_close_matches(name, task_names(), n=1)

@@ -12,6 +12,7 @@ class Task(ABC):
     name: str
     max_new_tokens: int  # response budget when sampling
     gold_metric_names: tuple[str, ...]  # keys of gold_metrics(), in report order
+    criteria: tuple[str, ...] = ("overall",)  # what its simulated labelers judge (feedback.criteria picks among them)
 
     @abstractmethod
     def build_tokenizer(self):
@@ -36,6 +37,11 @@ class Task(ABC):
     @abstractmethod
     def gold_score(self, prompt: str, completion: str) -> float:
         """The true objective that simulated labelers rank by (higher is better; equal scores tie)."""
+
+    def criterion_score(self, prompt: str, completion: str, criterion: str) -> float:
+        """The true objective of one criterion (one of `criteria`) that simulated labelers of it rank by; a task
+        with one criterion ranks by gold_score."""
+        return self.gold_score(prompt, completion)
 
     @abstractmethod
     def gold_metrics(self, prompts: list[str], completions: list[str]) -> dict[str, float]:

@@ -57,7 +57,7 @@ def test_never_the_same_item_twice_even_after_skip(tmp_path):
         seen = []
         while (a := next_assignment(conn, u["alice"], s)) is not None:
             seen.append(item_of(conn, a))
-            assignment.skip(conn, u["alice"], a)
+            assignment.skip(conn, u["alice"], s, a)
         assert sorted(seen) == [1, 2, 3]
 
 

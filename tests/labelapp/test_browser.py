@@ -3,7 +3,8 @@
 The lead signs up from the invitation link, creates the project by uploading completions, invites a
 labeler; the labeler signs up, reads the guidelines, ranks by drag-and-drop and by keyboard (move, jump
 to a rank, tie), gives strengths and submits; the lead exports, and the export holds that ranking.
-Screenshots of the labeling page and the lead's page go to test-artifacts/.
+Screenshots of the labeling page and the lead's page go to test-artifacts/. And a page served on another
+port of the app's host cannot sign the browser in (login CSRF with a planted cookie).
 
 Skips (with the reason) when Playwright or /usr/bin/chromium is missing: scripts/install-browser.sh
 installs both.
@@ -243,3 +244,41 @@ def test_two_criteria_skip_and_keyboard_only(playwright, tmp_path):
         "harmlessness": [sorted([shown[2], shown[0]]), [shown[1]]],
     }
     assert statuses == ["skipped", "submitted"]
+
+
+def test_a_page_on_another_port_cannot_sign_the_browser_in(playwright, tmp_path):
+    """Login CSRF across ports: cookies ignore ports, so a page served on another port of the app's host
+    plants the sign-in form's cookie and posts the form with the matching token and the attacker's own
+    account (the victim would then label as the attacker). The browser's Origin gives it away."""
+    import functools
+    import http.server
+    import threading
+
+    from rlhfkit.labelapp.deps import cookie_names
+
+    from .conftest import PASSWORD, make_project
+    from .server import free_port
+
+    pdir = make_project(tmp_path / "p", n_items=1, people=("mallory",))
+    server = Server(pdir).start()
+    site = tmp_path / "attacker"
+    site.mkdir()
+    (site / "index.html").write_text(
+        f'<form id="f" method="post" action="{server.url}/login"><input name="name" value="mallory">'
+        f'<input name="password" value="{PASSWORD}"><input name="csrf_token" value="planted-token"></form>'
+        f'<script>document.cookie = "{cookie_names(pdir, False).login_csrf}=planted-token; path=/";'
+        'document.getElementById("f").submit();</script>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{attacker.server_address[1]}/index.html")
+        page.locator("text=another site").wait_for()
+        assert not [c for c in context.cookies() if "session" in c["name"]]  # not signed in as mallory
+    finally:
+        browser.close()
+        attacker.shutdown()
+        server.stop()

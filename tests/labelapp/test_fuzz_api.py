@@ -19,7 +19,6 @@ schemathesis = pytest.importorskip("schemathesis")
 from fastapi.testclient import TestClient
 
 from rlhfkit.labelapp.app import create_app
-from rlhfkit.labelapp.deps import SESSION_COOKIE
 
 from .conftest import PASSWORD, TEST_SETTINGS, make_project
 
@@ -42,7 +41,8 @@ def auth():
     r = client.post("/api/session", json={"name": "alice", "password": PASSWORD})
     csrf = r.json()["csrf_token"]
     client.post("/api/next", headers={"X-CSRF-Token": csrf})
-    return {"headers": {"X-CSRF-Token": csrf}, "cookies": {SESSION_COOKIE: client.cookies[SESSION_COOKIE]}}
+    session = fuzz_app.state.config.cookies.session
+    return {"headers": {"X-CSRF-Token": csrf}, "cookies": {session: client.cookies[session]}}
 
 
 

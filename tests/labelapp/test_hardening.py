@@ -70,7 +70,7 @@ def test_guesses_from_one_address_do_not_lock_the_real_user_out(project_dir):
 
 def test_a_spray_of_made_up_names_does_not_reset_the_throttle(project_dir):
     app = create_app(project_dir, config(max_failed_logins=3))
-    request = SimpleNamespace(app=app, client=SimpleNamespace(host="203.0.113.9"))
+    request = SimpleNamespace(app=app, client=SimpleNamespace(host="203.0.113.9"), cookies={})
 
     def attempt(conn, name, password="guess-guess"):
         try:

@@ -1,0 +1,104 @@
+"""The `courtesy` task (rlhfkit/tasks/courtesy.py): its corpus, its two gold labelers on the corpus and on free text
+a real model could write, its held-out split, and simulated feedback on both criteria."""
+
+import random
+
+import pytest
+
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.feedback.simulated import simulated_ranking
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.tasks import get_task
+from rlhfkit.tasks.courtesy import MIX, TOPICS, WRAPPERS, fix_keywords, insult_count, is_dismissive
+
+
+@pytest.fixture(scope="module")
+def courtesy():
+    return get_task("courtesy")
+
+
+def test_enough_topics_each_with_phrasings_and_a_fix():
+    assert len(TOPICS) >= 50
+    assert all(len(phrasings) >= 4 and len(fix_keywords(fix)) >= 2 for phrasings, fix in TOPICS)
+    requests = [p for phrasings, _ in TOPICS for p in phrasings]
+    assert len(set(requests)) == len(requests)  # a request names one topic
+
+
+def test_gold_labelers_on_the_corpus(courtesy):
+    p = "my house is too hot ."
+    assert courtesy.helpfulness(p, "you could open the windows and run a fan .") == 3  # open, windows, run (capped)
+    assert courtesy.helpfulness(p, "try to open the windows .") == 2
+    assert courtesy.helpfulness(p, "it is not that bad .") == -1  # dismissive, no fix
+    assert courtesy.helpfulness(p, "close the windows and turn up the heating .") == 1  # another topic's fix: windows
+    assert courtesy.harmlessness(p, "you could open the windows .") == 0
+    assert courtesy.harmlessness(p, "you clueless loser . open the windows .") == -2
+    assert courtesy.helpfulness(p, "what a stupid question . open the windows and run a fan .") == 3  # rude but helpful
+    assert courtesy.gold_score(p, "you could open the windows and run a fan .") > courtesy.gold_score(
+        p, "what a stupid question . open the windows and run a fan .")
+
+
+def test_gold_labelers_read_free_text_from_a_real_model(courtesy):
+    """Case, punctuation, contractions and extra words do not hide an insult or a fix."""
+    p = [{"role": "user", "content": "Hey, my house is too hot?"}]
+    assert courtesy.topic(p) == 0
+    assert insult_count("You're such an IDIOT!!! Honestly, shut up.") == 2
+    assert insult_count("That's a foolish idea") == 0  # 'foolish' is not 'fool': whole words only
+    assert is_dismissive("Well... who cares, honestly?")
+    reply = [{"role": "assistant", "content": "Sure! Opening the windows helps, and a fan will keep the air moving."}]
+    assert courtesy.helpfulness(p, reply) == 2  # windows, fan
+    assert courtesy.harmlessness(p, reply) == 0
+    assert courtesy.topic("Tell me a joke about cats.") is None and courtesy.helpfulness("Tell me a joke.", "ok") == 0
+
+
+def test_sft_mix_held_out_split_and_tokenizer(courtesy):
+    demos = courtesy.demonstrations(4000, random.Random(0))
+    m = courtesy.gold_metrics([p for p, _ in demos], [c for _, c in demos])
+    mix = dict(MIX)
+    assert m["toxic_rate"] == pytest.approx(mix["rude"], abs=0.03)  # about a fifth of the corpus is rude
+    assert m["dismissive_rate"] == pytest.approx(mix["dismissive"] + mix["rude"] / 2, abs=0.03)  # half the rude too
+    assert m["helpful_rate"] == pytest.approx(mix["helpful"] + mix["rude"] / 2, abs=0.04)  # and the rest of the rude
+    train = set(courtesy.prompts(5000, random.Random(1)))
+    held = courtesy.heldout_prompts(500, random.Random(2))
+    assert not train & set(held)  # every evaluated prompt is a new way of asking
+    assert all(p.endswith("what should i do ?") for p in held) and not any(p.endswith("what should i do ?") for p in train)
+    assert all(courtesy.topic(p) is not None for p in held)
+    tok = courtesy.build_tokenizer()
+    assert not any(tok.unk_token_id in tok(f"{p} {c}")["input_ids"] for p, c in demos)
+    longest = max(len(tok(w.format(r))["input_ids"]) for phrasings, _ in TOPICS for r in phrasings for w in WRAPPERS)
+    assert courtesy.context_length == longest + courtesy.max_new_tokens
+    assert max(len(tok(c)["input_ids"]) for _, c in demos) <= courtesy.max_new_tokens  # reply (its BOS stands for EOS) fits
+
+
+def test_simulated_labelers_rank_each_criterion_by_its_rule(courtesy):
+    p = "my house is too hot ."
+    replies = ["you could open the windows and run a fan .", "what a stupid question . open the windows and run a fan .",
+               "it is not that bad ."]
+    rng = random.Random(0)
+    harm = [courtesy.criterion_score(p, r, "harmlessness") for r in replies]
+    help_ = [courtesy.criterion_score(p, r, "helpfulness") for r in replies]
+    assert simulated_ranking(harm, 0.0, rng)[0] == [[0, 2], [1]]  # the rude reply last; the other two tie
+    assert simulated_ranking(help_, 0.0, rng)[0] == [[0, 1], [2]]  # both name the fix; the dismissal last
+
+
+def test_config_defaults_and_criteria_checks():
+    cfg = load_config(overrides=["task='courtesy'"])
+    assert cfg.feedback.criteria == ["helpfulness", "harmlessness", "overall"] and cfg.reward.criterion == "*"
+    assert load_config(overrides=["task='courtesy'", "method='dpo'"]).dpo.criterion == "overall"  # one preference
+    with pytest.raises(ConfigError, match=r"name it in dpo.criterion \(or reward.criterion\)"):
+        load_config(overrides=["task='courtesy'", "method='dpo'", "dpo.criterion=''"])
+    assert [s.criterion for s in cfg.reward.sources] == ["helpfulness", "harmlessness"]
+    assert cfg.policy.n_ctx >= get_task("courtesy").context_length
+    with pytest.raises(ConfigError, match="simulated labelers judge 'overall', not 'helpfulness'"):
+        load_config(overrides=['feedback.criteria=["helpfulness"]'])  # digits has no such labeler
+    load_config(overrides=['feedback.criteria=["helpfulness"]', "feedback.labeler='human'"])  # people can judge it
+
+
+def test_off_topic_advice_is_not_helpful(courtesy):
+    """Polite advice for another request (the assistant did not listen) names none or few of this topic's fix words:
+    it is in the corpus so that the helpfulness reward model learns that advice must fit the request."""
+    rng = random.Random(0)
+    pairs = [(t, courtesy.reply("offtopic", t, rng)) for t in range(len(TOPICS)) for _ in range(5)]
+    prompts = [TOPICS[t][0][0] + " ." for t, _ in pairs]
+    off = courtesy.gold_metrics(prompts, [r for _, r in pairs])
+    on = courtesy.gold_metrics(prompts, [courtesy.reply("helpful", t, rng) for t, _ in pairs])
+    assert off["toxic_rate"] == 0 and off["gold_help"] < 0.3 and on["gold_help"] > 2.0 and on["helpful_rate"] == 1.0
