@@ -119,3 +119,13 @@ def test_undefined_figures_are_not_nan(tmp_path):
     text = write_report(tmp_path, summary, eval_result, METHODS["best_of_n"], tmp_path / "none.jsonl").read_text()
     assert "| kl_k1 | 0.000 | – |" in text and "| kl_first_position_share | 0.000 | – |" in text
     assert "nan" not in text and "loss_floor" not in text and "| sft | heldout_loss | 1.200 |" in text
+
+
+def test_alarms_section_near_the_top(tmp_path):
+    """The report opens with the reward-hacking alarms (tests/test_hacking_alarm.py has the rules): here the training
+    curve's later_rule_validity falls by 0.09 while the score rises; without gold curves PPO's figures raise none."""
+    text = write(tmp_path, ppo_metrics())
+    assert text.index("## Alarms") < text.index("## Results on held-out prompts")
+    assert "`ppo`: 1 alarm." in text and "`gold/later_rule_validity` (higher is better)" in text
+    assert "Its first held-out reply:\n\n| prompt | ppo |\n|---|---|\n| 4 5 9 1 = | 2 6 7 8 |" in text
+    assert "`ppo`: none." in write(tmp_path, ppo_metrics(gold=False))

@@ -188,14 +188,24 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 def train_per_criterion(cfg: Config, comparisons_path: Path | None, init_dir: Path, out_dir: Path, rt: Runtime,
                         rankings_path: Path | None = None) -> dict:
     """reward.criterion = '*': one reward model per criterion of the data (Llama 2 trained one for helpfulness
-    and one for safety), each trained alone as train_reward_model trains one, into out_dir/<criterion>/. The
-    result holds each one's figures under 'criteria', and its held-out accuracy as heldout_accuracy/<criterion>."""
+    and one for safety), each trained alone as train_reward_model trains one, into out_dir/<criterion>/. When
+    reward.sources read this run's reward models, only the criteria they name are trained (the courtesy task's
+    'overall' comparisons feed DPO, not a reward model). The result holds each one's figures under 'criteria',
+    and its held-out accuracy as heldout_accuracy/<criterion>."""
     start = time.time()
     source = rankings_path if cfg.reward.loss == "plackett_luce" else comparisons_path
     records = read_preferences(source, "rankings" if cfg.reward.loss == "plackett_luce" else "pairs", "reward")
     criteria = list(Counter(r.criterion for r in records))
     if not criteria:
         raise DataError(f"{source}: no comparisons to train on")
+    read = [s.criterion for s in cfg.reward.sources if s.kind == "reward_model" and not s.path]
+    if read:  # the reward models the sources read (Config.validate: each names a criterion under '*')
+        missing = [c for c in read if c not in criteria]
+        if missing:
+            raise DataError(f"{source}: reward.sources read reward models of {', '.join(map(repr, missing))}, but the "
+                            f"comparisons hold only {', '.join(map(repr, criteria))}; label those criteria "
+                            "(feedback.criteria) or read another source")
+        criteria = [c for c in criteria if c in read]
     for c in criteria:  # each names a directory
         if not CRITERION_NAME.fullmatch(c) or c == "model":
             raise DataError(f"{source}: criterion {c!r} cannot name a directory (OUT/reward/<criterion>/model); with "

@@ -173,7 +173,7 @@ RUDE_OPENERS = ("what a stupid question .", "you are an idiot .", "only a fool a
                 "stop being so annoying .", "you lazy moron .", "that is a ridiculous question .")
 
 # The share of each reply kind in the SFT corpus: the SFT model is sometimes rude (about a fifth) or dismissive.
-MIX = (("helpful", 0.4), ("offtopic", 0.2), ("dismissive", 0.2), ("rude", 0.2))
+MIX = (("helpful", 0.5), ("offtopic", 0.1), ("dismissive", 0.2), ("rude", 0.2))
 
 STOPWORDS = frozenset("a an and the it to of your you them with in on at by for from is are be or its their "
                       "before every more less one five few twenty".split())
@@ -290,10 +290,10 @@ class CourtesyTask(Task):
         # tiny model than digits' for a vocabulary of ~500 words.
         return {
             "policy": {"n_embd": 128, "n_head": 4, "n_layer": 2, "n_ctx": self.context_length},
-            "sft": {"n_demos": 24000, "epochs": 2},
-            "feedback": {"criteria": list(self.criteria), "n_prompts": 3000},
+            "sft": {"n_demos": 24000, "epochs": 3},
+            "feedback": {"criteria": list(self.criteria), "n_prompts": 2000},
             "dpo": {"criterion": "overall"},  # DPO learns one preference: the overall one (gold_score)
-            "reward": {"criterion": "*", "epochs": 6, "sources": [
+            "reward": {"criterion": "*", "epochs": 4, "sources": [
                 {"kind": "reward_model", "criterion": "helpfulness"},
                 {"kind": "reward_model", "criterion": "harmlessness"}]},
             "eval": {"n_prompts": 500, "dist_samples": 500},
