@@ -102,3 +102,25 @@ def test_off_topic_advice_is_not_helpful(courtesy):
     off = courtesy.gold_metrics(prompts, [r for _, r in pairs])
     on = courtesy.gold_metrics(prompts, [courtesy.reply("helpful", t, rng) for t, _ in pairs])
     assert off["toxic_rate"] == 0 and off["gold_help"] < 0.3 and on["gold_help"] > 2.0 and on["helpful_rate"] == 1.0
+
+
+@pytest.mark.slow
+def test_courtesy_pipeline_plumbing_on_a_tiny_budget(tmp_path):
+    """The whole default courtesy pipeline on a tiny budget (no outcome threshold here: the outcome targets need the
+    default budget, measured in README "The `courtesy` task"): two reward models from the two labelers' rankings,
+    PPO against their sum, and an evaluation with the text metrics, samples and the alarms section."""
+    from rlhfkit.pipeline.stages import run_pipeline
+
+    budget = ["task='courtesy'", "device='cpu'", "sft.n_demos=3000", "sft.epochs=1", "feedback.n_prompts=150",
+              "reward.epochs=1", "ppo.total_steps=3", "ppo.rollout_batch_size=32", "ppo.minibatch_size=16",
+              "eval.n_prompts=40", "eval.dist_samples=20"]
+    out = tmp_path / "out"
+    summary = run_pipeline(load_config(overrides=budget), out)
+    assert set(summary["reward"]["criteria"]) == {"helpfulness", "harmlessness"}  # 'overall' only feeds DPO
+    comparisons = (out / "feedback" / "comparisons.jsonl").read_text()
+    assert all(f'"criterion": "{c}"' in comparisons for c in ("helpfulness", "harmlessness", "overall"))
+    ev = summary["eval"]
+    for name in ("sft", "ppo"):
+        assert {"toxic_rate", "helpful_rate", "distinct_2", "length", "reward/helpfulness", "reward/harmlessness"} <= set(ev[name])
+    report = (out / "eval" / "report.md").read_text()
+    assert "## Alarms" in report and "toxic_rate" in report

@@ -292,7 +292,11 @@ class CourtesyTask(Task):
             "policy": {"n_embd": 128, "n_head": 4, "n_layer": 2, "n_ctx": self.context_length},
             "sft": {"n_demos": 24000, "epochs": 3},
             "feedback": {"criteria": list(self.criteria), "n_prompts": 2000},
-            "dpo": {"criterion": "overall"},  # DPO learns one preference: the overall one (gold_score)
+            "dpo": {"criterion": "overall", "beta": 0.5},  # DPO learns one preference: the overall one (gold_score)
+            # At digits' 5e-4 PPO collapsed within 5 steps to one dismissive reply for every request (the reward
+            # fell from 5.3 to 0.5 and never came back); 1e-4 learns (seed 0: toxic 0.21 -> 0.02, helpful 0.37 -> 0.60,
+            # KL 1.0).
+            "ppo": {"lr": 1e-4},
             "reward": {"criterion": "*", "epochs": 4, "sources": [
                 {"kind": "reward_model", "criterion": "helpfulness"},
                 {"kind": "reward_model", "criterion": "harmlessness"}]},
