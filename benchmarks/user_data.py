@@ -86,6 +86,19 @@ def make_user_files(d: Path, n_demos: int = 600, n_pairs: int = 300, n_prompts: 
     return model_dir
 
 
+def scratch_learning_rates() -> dict:
+    """Every learning rate at its field's default, the one for a model trained from scratch: this model is randomly
+    initialised, so it needs those, not the ones rlhfkit gives a pretrained policy.path (README, "Bring your own
+    model and data": PRETRAINED_LR in each section)."""
+    from dataclasses import fields
+
+    from rlhfkit.pipeline.config import Config
+
+    cfg = Config()
+    return {f.name: {"lr": getattr(cfg, f.name).lr} for f in fields(cfg)
+            if hasattr(getattr(cfg, f.name), "PRETRAINED_LR")}
+
+
 def write_config(d: Path, model_dir: Path, preferences: str | None, threads: int, budget: dict) -> Path:
     """One TOML file for the whole pipeline on these files. preferences=None: the digits task's simulated
     labelers rank the policy's samples instead (its gold scorer reads the plain-text files)."""
@@ -98,6 +111,8 @@ def write_config(d: Path, model_dir: Path, preferences: str | None, threads: int
             "policy": {"path": str(model_dir)},
             "reward": {"data": str(d / preferences)},
         }
+    for name, fields_ in scratch_learning_rates().items():
+        sections[name] = {**sections.get(name, {}), **fields_}
     for name, fields in budget.items():
         sections[name] = {**sections.get(name, {}), **fields}
     lines = [f'task = "{"digits" if preferences is None else "none"}"', 'device = "cpu"', f"threads = {threads}", ""]

@@ -16,6 +16,7 @@ STAGE_HELP = {
     "sft": "supervised fine-tuning on demonstrations (the task's, or data.sft)",
     "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
     "reward": "train the reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings (reward.loss)",
+    "toxicity": "fine-tune the toxicity classifier (MiniLM by default) on labelled replies (toxicity.enabled)",
     **REGISTRY,
     "eval": "evaluate the SFT policy and the method's policy on held-out prompts and write the report",
 }
@@ -107,9 +108,10 @@ def model_main(argv: list[str]) -> int:
     return 0
 
 
-def _config_for(args):
+def _config_for(args, origins: dict | None = None):
     """The config file given, else OUT/config.toml when an earlier run saved one there (so rerunning a
-    command on the same --out resumes with that run's config), else the task's defaults; --set on top."""
+    command on the same --out resumes with that run's config), else the task's defaults; --set on top.
+    `origins` is filled with where each value came from (load_config)."""
     from rlhfkit.core.config import parse_override
     from rlhfkit.pipeline.config import Config, load_config
 
@@ -121,7 +123,17 @@ def _config_for(args):
             out = f"runs/{tasks[-1] if tasks else Config().task}"
         if (Path(out) / "config.toml").is_file():
             path = Path(out) / "config.toml"
-    return load_config(path, args.overrides, validate=args.command != "config")
+    return load_config(path, args.overrides, validate=args.command != "config", origins=origins)
+
+
+def _say_model_defaults(cfg, origins: dict, sections: set[str]) -> None:
+    """One line at the start of a run: the defaults the model in policy.path brought that stand (learning rates
+    for a pretrained model, its generation_config.json's sampling filters), for the stages that will run."""
+    from rlhfkit.pipeline.config import model_default_lines
+
+    lines = model_default_lines(origins, cfg, sections | {"sampling"})
+    if lines:
+        print(f"[rlhfkit] defaults for the model in policy.path (set any to change it): {'; '.join(lines)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,17 +174,24 @@ def _dispatch(args) -> int:
 
         print(f"merged: {merge_adapter(args.adapter_dir, args.out_dir)}")
         return 0
-    cfg = _config_for(args)
+    origins: dict = {}
+    cfg = _config_for(args, origins)
     if args.command == "config":  # a template to fill in: what it still lacks is said on top, not refused
         from rlhfkit.core.errors import ConfigError
+        from rlhfkit.pipeline.config import model_default_lines
 
         try:
             cfg.validate()
         except ConfigError as e:
             print(f"# Not runnable as it stands: {' '.join(str(e).split())}\n")
+        lines = model_default_lines(origins, cfg)
+        if lines:  # values that came from the model in policy.path, not from rlhfkit's defaults or yours
+            print("# Defaults for the model in policy.path (anything you set wins):\n"
+                  + "".join(f"#   {line}\n" for line in lines))
         print(config_to_toml(cfg), end="")
         return 0
     if args.command == "run":
+        _say_model_defaults(cfg, origins, set(pipeline.pipeline_stages(cfg)))
         out = Path(args.out or f"runs/{cfg.task}")
         summary = pipeline.run_pipeline(cfg, out, update=args.update)
         if "eval" in summary:
@@ -186,10 +205,12 @@ def _dispatch(args) -> int:
 
         if args.methods:
             cfg = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, methods=args.methods))
+        _say_model_defaults(cfg, origins, {"sft", "reward", *(cfg.compare.methods or REGISTRY)})
         out = Path(args.out or f"runs/{cfg.task}")
         result = run_compare(cfg, out, update=args.update)
         print(f"\nreport: {out / result['report']}")
         return 0
+    _say_model_defaults(cfg, origins, {args.command})
     result = pipeline.run_stage(args.command, cfg, Path(args.out), fresh=args.fresh)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
     print("\n".join(f"{args.command}.{k} = {v:.4g}" if isinstance(v, float) else f"{args.command}.{k} = {v}"

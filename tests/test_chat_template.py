@@ -55,12 +55,14 @@ class _Scripted:
     def __init__(self, script, vocab):
         self.script, self.vocab, self.t = script, vocab, 0
 
-    def __call__(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
-        step = 0 if past_key_values is None else past_key_values + 1
+    def __call__(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, cache=None):
+        # the KV cache under either name (transformers 5.2x calls it `cache`, older releases `past_key_values`)
+        past = cache if cache is not None else past_key_values
+        step = 0 if past is None else past + 1
         logits = torch.full((len(self.script), input_ids.shape[1], self.vocab), -1e9)
         for row, seq in enumerate(self.script):
             logits[row, -1, seq[min(step, len(seq) - 1)]] = 0.0
-        return SimpleNamespace(logits=logits, past_key_values=step)
+        return SimpleNamespace(logits=logits, past_key_values=step, cache=step)
 
 
 def test_sampler_stops_on_any_stop_id(chat_tokenizer):

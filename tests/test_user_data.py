@@ -100,3 +100,24 @@ def test_context_length_is_checked_before_anything_runs(tmp_path, tiny_policy_di
                                  for a in range(30)))
     with pytest.raises(ConfigError, match="longest demonstration of data.sft"):
         run_pipeline(load_config(overrides=base + [f"data.sft='{long_demo}'", "data.max_new_tokens=4"]), out)
+
+
+def test_compare_without_a_gold_scorer(files, capsys):
+    """`rlhfkit compare` with task = 'none' and a preference file: the reward model judges alone (said before
+    anything trains), and no gold matrix or ladder is asked of a task that has no gold scorer (it used to train
+    every method and then fail at the gold head-to-head)."""
+    from rlhfkit.pipeline.compare import run_compare
+
+    d, model_dir = files
+    path = user_data.write_config(d, model_dir, "trl.jsonl", THREADS, {**TINY, "dpo": {"epochs": 1},
+                                                                        "best_of_n": {"n_prompts": 16}})
+    cfg = load_config(path, ["compare.methods=['dpo', 'best_of_n']"])
+    out = d / "compare"
+    run_compare(cfg, out)
+    assert "judges will be reward model (task = 'none' has no gold scorer)" in capsys.readouterr().out
+    saved = json.loads((out / "compare" / "compare.json").read_text())
+    assert list(saved["win_rates"]) == ["reward model"] and list(saved["elo"]) == ["reward model"]
+    rates = saved["win_rates"]["reward model"]
+    assert rates["dpo"]["sft"] + rates["sft"]["dpo"] == pytest.approx(1.0)
+    report = (out / "compare" / "report.md").read_text()
+    assert "No gold judge" in report and "By the task's gold score" not in report

@@ -1,6 +1,7 @@
 """Algorithms layer: the trainers. Each policy-optimisation method is one file here, registered below by one line.
 
     sft.py, reward.py                  the stages every method starts from (supervised fine-tuning, the reward model)
+    classifier.py                      the toxicity classifier (the `toxicity` stage: a reward source, toxicity_score)
     ppo.py, rloo.py, grpo.py           online RL against the reward (on rlhfkit/spine/online.py)
     dpo.py                             directly on the comparisons
     best_of_n.py                       no training: the best of N samples

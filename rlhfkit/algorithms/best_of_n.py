@@ -39,6 +39,7 @@ from rlhfkit.core.config import F
 from rlhfkit.core.runio import MetricsLog, tracked, write_json
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.ops.selection import best_in_group
 from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.spine.rollout import collect_rollouts
@@ -84,14 +85,15 @@ def best_of_groups(scores: torch.Tensor, k: int, ended: torch.Tensor | None = No
 
 @torch.no_grad()
 def best_of_n_texts(policy, tokenizer, scorer, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float,
-                    generator: torch.Generator, rt: Runtime, batch_size: int = 256):
+                    generator: torch.Generator, rt: Runtime, batch_size: int = 256,
+                    sampling: SamplingParams | None = None):
     """The best-of-n completion of each prompt and its reward-model score: (texts, scores (P,)), sampling in
-    batches of `batch_size` prompts (n rows each)."""
+    batches of `batch_size` prompts (n rows each), with the [sampling] filters and stop strings `sampling`."""
     texts, scores = [], []
     for start in tracked(range(0, len(prompts), batch_size), f"best of {n}: {len(prompts)} prompts", unit="chunk"):
         r = collect_rollouts(policy, None, scorer, tokenizer, prompts[start : start + batch_size], k=n,
                              max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, rt=rt,
-                             with_logprobs=False)
+                             with_logprobs=False, sampling=sampling)
         best = best_of_groups(r.scores, n, r.ended)
         texts += [r.texts[i] for i in best.tolist()]
         scores.append(r.scores[best])
@@ -115,7 +117,7 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     for first in tracked(range(0, len(prompts), CHUNK), f"best_of_n: {len(prompts)} prompts x {bc.n}", unit="chunk"):
         r = collect_rollouts(policy, None, scorer, tokenizer, prompts[first : first + CHUNK], k=bc.n,
                              max_new_tokens=task.max_new_tokens, temperature=bc.temperature, generator=generator,
-                             rt=rt, with_logprobs=False)
+                             rt=rt, with_logprobs=False, sampling=SamplingParams.of(cfg.sampling))
         texts, scores, ended = texts + r.texts, scores + [r.scores], ended + [r.ended]
     scores, ended = torch.cat(scores), torch.cat(ended)  # (P * N,) each, a prompt's N samples consecutive
 

@@ -67,11 +67,15 @@ class DPOConfig:
     label_smoothing: float = F(0.0, "loss = 'conservative' only: assumed probability in [0, 0.5) that a label is flipped.")
     epochs: int = F(2, "Passes over the training comparisons.")
     batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward); plackett_luce: about as many rankings, as whole items (an item's K completions in one forward).")
-    lr: float = F(5e-4, "AdamW learning rate (linear decay to 10%).")
+    lr: float = F(5e-4, "AdamW learning rate (linear decay to 10%); with policy.path, 1e-6 (1e-5 with LoRA) unless set.")
     max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
     reference: str = F("cached", "'cached' (reference log-probs computed once before training, saved as OUT/dpo/ref_logprobs.safetensors and reused) or 'online' (a frozen copy of the SFT policy, run every step).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure implicit-reward accuracy; the same seed and fraction hold out the same items as the reward model.")
     criterion: str = F("", "The criterion of the comparisons DPO learns from (one of feedback.criteria, or of reward.data); empty = reward.criterion. Needed when reward.criterion = '*' trains one reward model per criterion.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): TRL 1.12's DPOConfig.learning_rate, and x10 for LoRA
+    # (TRL's dpo.py example: 5e-7 full, 5e-6 LoRA). The 5e-4 above suits a tiny model trained from scratch.
+    PRETRAINED_LR = (1e-6, 1e-5)
 
     def validate(self, cfg, checks) -> None:
         """[dpo]'s rules (`checks`: rlhfkit.core.config.Checks)."""

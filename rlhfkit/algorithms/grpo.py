@@ -53,13 +53,17 @@ class GRPOConfig:
     k: int = F(16, "Completions sampled per prompt (G in the paper); advantages are z-scores within the group (k >= 2). On digits 16 reached the preferred first digit more reliably than 4 or 8 at the same batch size.")
     minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
     epochs: int = F(1, "Passes over each batch (mu in the paper; 1 with one minibatch: the ratio is 1, no clipping).")
-    lr: float = F(2.5e-4, "AdamW learning rate (constant); at 5e-4 the preferred-first rate oscillated more around its equilibrium on digits.")
+    lr: float = F(2.5e-4, "AdamW learning rate (constant); at 5e-4 the preferred-first rate oscillated more around its equilibrium on digits; with policy.path, 1e-6 (1e-5 with LoRA) unless set.")
     beta: float = F(0.2, "KL coefficient of the per-token k3 KL term in the loss. The paper's 0.04 let digits' later positions collapse (KL 4.3, entropy 4.8 -> 1.2); docs/methods/grpo.md.")
     clip_range: float = F(0.2, "epsilon of the clipped per-token ratio.")
     max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
     missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
     temperature: float = F(1.0, "Sampling temperature.")
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): TRL 1.12's GRPOConfig.learning_rate, and x10 for LoRA
+    # (TRL's 'LoRA Without Regret' guide). The 2.5e-4 above suits a tiny model trained from scratch.
+    PRETRAINED_LR = (1e-6, 1e-5)
 
     def validate(self, cfg, checks) -> None:
         """[grpo]'s rules (shared with the other group method: rlhfkit.spine.online.check_group_section)."""

@@ -26,6 +26,9 @@ Deviations from the papers, on purpose:
 - `objective/entropy` is the per-response sum of token entropies averaged over responses (TRL's
   definition); docs/metrics.md lists each metric's exact definition.
 - One AdamW for policy and value model (separate parameter sets, same learning rate), constant LR.
+- With [sampling] filters on (top_k, top_p, min_p, repetition_penalty), tokens are drawn from the filtered
+  distribution but logprobs, ref_logprobs and the KL are the model's at ppo.temperature without the filters
+  (TRL's choice too); off by default, so the default run is exact. Stop strings end a response like EOS.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class PPOConfig:
     rollout_batch_size: int = F(128, "Prompts sampled per PPO iteration.")
     minibatch_size: int = F(32, "Rollouts per gradient step; must divide rollout_batch_size.")
     ppo_epochs: int = F(4, "Passes over each rollout batch.")
-    lr: float = F(5e-4, "AdamW learning rate for policy and value model.")
+    lr: float = F(5e-4, "AdamW learning rate for policy and value model; with policy.path, 3e-6 (3e-5 with LoRA) unless set.")
     kl_coef: float = F(0.6, "beta, the per-token KL penalty coefficient (initial value when adaptive_kl).")
     kl_estimator: str = F("k1", "Per-token KL estimator in the reward: 'k1', 'k2' or 'k3' (Schulman 2020).")
     adaptive_kl: bool = F(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
@@ -84,6 +87,11 @@ class PPOConfig:
     temperature: float = F(1.0, "Sampling temperature.")
     reward_threshold: float = F(math.inf, "Stop once the mean score of a rollout batch reaches this (inf = never).")
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): TRL 1.12's PPOConfig.learning_rate
+    # (trl.experimental.ppo), and x10 for LoRA (the value model, a full model, shares it). The 5e-4 above suits a
+    # tiny model trained from scratch.
+    PRETRAINED_LR = (3e-6, 3e-5)
 
     def validate(self, cfg, checks) -> None:
         """[ppo]'s rules (Config.validate calls each method section's; `checks`: rlhfkit.core.config.Checks)."""

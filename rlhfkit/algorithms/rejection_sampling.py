@@ -52,7 +52,11 @@ class RejectionSamplingConfig:
     temperature: float = F(1.0, "Sampling temperature.")
     epochs: int = F(2, "Passes over a round's kept completions (the fine-tuning budget, with lr: what keeps the policy near the reference, as there is no KL term).")
     batch_size: int = F(64, "Completions per optimiser step (fewer kept than this: one step on all of them per epoch).")
-    lr: float = F(1e-3, "AdamW learning rate of each round's fine-tuning (a fresh optimiser per round, linear decay to 10%).")
+    lr: float = F(1e-3, "AdamW learning rate of each round's fine-tuning (a fresh optimiser per round, linear decay to 10%); with policy.path, 2e-5 (2e-4 with LoRA) unless set.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): each round is SFT on the kept samples, so SFT's (TRL
+    # 1.12's SFTConfig.learning_rate; x10 for LoRA, its sft.py example). 1e-3 above suits a tiny model from scratch.
+    PRETRAINED_LR = (2e-5, 2e-4)
 
     def validate(self, cfg, checks) -> None:
         """[rejection_sampling]'s rules (`checks`: rlhfkit.core.config.Checks)."""

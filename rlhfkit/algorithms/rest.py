@@ -59,7 +59,12 @@ class ReSTConfig:
     temperature: float = F(1.0, "Sampling temperature of the Grow step.")
     epochs: int = F(1, "Passes over the kept samples in each Improve step (with lr, the fine-tuning budget that keeps the policy near the reference: there is no KL term).")
     batch_size: int = F(64, "Samples per optimiser step (fewer kept than this: one step on all of them per epoch).")
-    lr: float = F(1e-3, "AdamW learning rate of each Improve step (a fresh optimiser per step, linear decay to 10%); each step continues from the policy the previous one left.")
+    lr: float = F(1e-3, "AdamW learning rate of each Improve step (a fresh optimiser per step, linear decay to 10%); each step continues from the policy the previous one left; with policy.path, 2e-5 (2e-4 with LoRA) unless set.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): each Improve step is SFT on the kept samples, so SFT's
+    # (TRL 1.12's SFTConfig.learning_rate; x10 for LoRA, its sft.py example). 1e-3 above suits a tiny model from
+    # scratch.
+    PRETRAINED_LR = (2e-5, 2e-4)
 
     def validate(self, cfg, checks) -> None:
         """[rest]'s rules (`checks`: rlhfkit.core.config.Checks)."""

@@ -51,13 +51,17 @@ class RLOOConfig:
     k: int = F(4, "Completions sampled per prompt; each one's baseline is the mean reward of the other k - 1 (k >= 2).")
     minibatch_size: int = F(128, "Samples per gradient step; must divide prompts_per_step * k (equal: one step per batch).")
     epochs: int = F(1, "Passes over each batch (1 with one minibatch: plain REINFORCE, the clip is never active).")
-    lr: float = F(5e-4, "AdamW learning rate (constant).")
+    lr: float = F(5e-4, "AdamW learning rate (constant); with policy.path, 1e-6 (1e-5 with LoRA) unless set.")
     beta: float = F(0.6, "KL coefficient: reward = score - beta * sum_t (log pi - log pi_ref) over the response.")
     clip_range: float = F(0.2, "epsilon of the clipped sequence ratio (matters only after the first gradient step on a batch).")
     max_grad_norm: float = F(1.0, "Gradient-norm clip; 0 disables.")
     missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
     temperature: float = F(1.0, "Sampling temperature.")
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
+
+    # lr for a pretrained policy.path (full fine-tuning, LoRA): TRL 1.12's RLOOConfig.learning_rate, and x10 for LoRA.
+    # The 5e-4 above suits a tiny model trained from scratch.
+    PRETRAINED_LR = (1e-6, 1e-5)
 
     def validate(self, cfg, checks) -> None:
         """[rloo]'s rules (shared with the other group method: rlhfkit.spine.online.check_group_section)."""

@@ -67,7 +67,7 @@ class Checks:
     def need(self, ok: bool, key: str, msg: str) -> None:
         if not ok:
             src = self.source(key)
-            if src.kind in ("default", "task"):
+            if src.kind in ("default", "task", "model"):
                 raise ConfigError(f"{self.ref(key)}: {msg}")
             raise ConfigError(f"{src.prefix(key)}{key} = {get_value(self.cfg, key)!r}: {msg}")
 
@@ -146,11 +146,11 @@ def toml_key_lines(text: str) -> dict[str, int]:
 @dataclass
 class Source:
     """Where one layer of config values comes from, so that a message can say it: a TOML file (with the
-    line of each key), a `--set` override, the task's defaults, load_config()'s keyword arguments, or the
-    dataclass default."""
+    line of each key), a `--set` override, the task's defaults, the defaults of the model in policy.path,
+    load_config()'s keyword arguments, or the dataclass default."""
 
-    kind: str  # 'file', 'set', 'task', 'python', 'default', or 'text' (a fixed message prefix)
-    name: str = ""  # the file's path, the override's text, the task's name, or the prefix
+    kind: str  # 'file', 'set', 'task', 'model', 'python', 'default', or 'text' (a fixed message prefix)
+    name: str = ""  # the file's path, the override's text, the task's name, the model default's origin, or the prefix
     lines: dict[str, int] = field(default_factory=dict, repr=False)  # 'file': toml_key_lines of its text
 
     @classmethod
@@ -158,20 +158,21 @@ class Source:
         return cls("file", str(path), toml_key_lines(text))
 
     def origin(self, key: str) -> str:
-        """Where `key` came from, in a few words: 'my.toml:7', '--set', "task 'digits' default", 'default'."""
+        """Where `key` came from, in a few words: 'my.toml:7', '--set', "task 'digits' default", 'default', or a
+        model default's own words ('models/x/generation_config.json')."""
         if self.kind == "file":
             while key and key not in self.lines:
                 key = _parent(key)
             return f"{self.name}:{self.lines[key]}" if key else self.name
         return {"set": "--set", "task": f"task '{self.name}' default", "python": "load_config()",
-                "default": "default"}.get(self.kind, self.name.rstrip(": "))
+                "default": "default", "model": self.name}.get(self.kind, self.name.rstrip(": "))
 
     def prefix(self, key: str) -> str:
         """How a message about `key` from this layer starts: 'my.toml:7: ', '--set ', ..."""
         if self.kind == "file":
             return f"{self.origin(key)}: "
         return {"set": "--set ", "task": f"task '{self.name}' defaults: ", "python": "load_config(): ",
-                "default": ""}.get(self.kind, self.name)
+                "default": "", "model": f"{self.name}: "}.get(self.kind, self.name)
 
 
 # ----------------------------------------------------------------------------------------------------

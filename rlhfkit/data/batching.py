@@ -102,6 +102,50 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+TRUNCATION_SIDES = ("left", "right")
+
+
+def _cut_text(tokenizer, text: str, n: int, side: str) -> str:
+    """`text` cut to n of its tokens: the last n (side 'left': the start is dropped) or the first n."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    kept = ids[len(ids) - n:] if side == "left" else ids[:n]
+    return tokenizer.decode(kept if n > 0 else [], skip_special_tokens=False)
+
+
+def truncate_prompt(tokenizer, prompt, max_length: int, side: str = "left"):
+    """(prompt, whether it was cut) with encode_prompt(tokenizer, prompt) at most `max_length` tokens.
+
+    side 'left' keeps the end of the prompt (the words just before the reply: TRL's DPO default, `keep_end`),
+    'right' keeps its start. The cut is made on the text, so the template (BOS, role markers, the opened assistant
+    turn) stays whole: a plain-text prompt loses tokens from that side; a conversation first loses whole turns from
+    its start (a system message stays), and then the remaining first message's text is cut from `side`. A decoded
+    cut can re-tokenise a token longer, so the cut shrinks until the prompt fits."""
+    if len(encode_prompt(tokenizer, prompt)) <= max_length:
+        return prompt, False
+    if isinstance(prompt, list):
+        messages = list(prompt)
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        rest = messages[len(system):]
+        while len(rest) > 1 and len(encode_prompt(tokenizer, system + rest)) > max_length:
+            rest = rest[1:]  # the oldest turn goes first
+        if len(encode_prompt(tokenizer, system + rest)) <= max_length:
+            return system + rest, True
+        first, text = rest[0], rest[0].get("content", "")
+        fit = lambda t: system + [{**first, "content": t}] + rest[1:]  # noqa: E731
+    else:
+        text, fit = prompt, lambda t: t  # noqa: E731
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    over = len(encode_prompt(tokenizer, prompt if not isinstance(prompt, list) else fit(text))) - max_length
+    n -= over
+    while n >= 0:
+        cut = fit(_cut_text(tokenizer, text, n, side))
+        if len(encode_prompt(tokenizer, cut)) <= max_length:
+            return cut, True
+        n -= 1
+    raise DataError(f"max_prompt_length = {max_length} tokens leaves no room for the prompt: its template alone "
+                    f"takes {len(encode_prompt(tokenizer, fit('')))}; raise data.max_prompt_length")
+
+
 def encode_prompts(tokenizer, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Tq) left-padded query ids and mask."""
     return pad_left([encode_prompt(tokenizer, p) for p in prompts], pad_id(tokenizer))

@@ -17,7 +17,8 @@ def _table(result: dict, gold_names) -> list[str]:
     """One row per policy: gold metrics, RM reward (and each reward source's), KL, reply length and distinct-2, the
     stage's wall time and passes."""
     sources = list(dict.fromkeys(k for f in result["policies"].values() for k in f if k.startswith("reward/")))
-    cols = [*gold_names, "reward", *sources, "kl", "length", "distinct_2"]
+    toxicity = ["toxicity_score"] if any("toxicity_score" in f for f in result["policies"].values()) else []
+    cols = [*gold_names, *toxicity, "reward", *sources, "kl", "length", "distinct_2"]
     lines = ["| policy | " + " | ".join(cols) + " | stage wall time | sampled | forward | backward |",
              "|---|" + "---|" * (len(cols) + 4)]
     for name, figures in result["policies"].items():
@@ -35,6 +36,21 @@ def _matrix(rates: dict) -> list[str]:
     names = list(rates)
     lines = ["| row beats column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {a} | " + " | ".join("·" if a == b else f"{rates[a][b]:.2f}" for b in names) + " |" for a in names]
+    return lines
+
+
+JUDGES = {"reward model": "By the reward model (the proxy every RM-trained method optimised):",
+          "gold": "By the task's gold score (the truth):"}
+
+
+def _judged_matrices(win_rates: dict) -> list[str]:
+    """One win-rate matrix per judge; without a gold judge (task = 'none') the report says so."""
+    lines = []
+    for judge, rates in win_rates.items():
+        lines += [JUDGES.get(judge, f"By the {judge}:"), "", *_matrix(rates), ""]
+    if "gold" not in win_rates:
+        lines += ["No gold judge: this run's task (`task = 'none'`) has no gold scorer, so the reward model, which "
+                  "the RM-trained methods optimised, is the only judge here; read its wins with that in mind.", ""]
     return lines
 
 
@@ -64,10 +80,7 @@ def write_compare_report(compare_dir: Path, result: dict, cfg, out: Path, gold_n
         "## Head to head", "",
         "Each cell: the share of held-out prompts on which the row policy's completion beat the column policy's "
         "(ties count one half).", "",
-        "By the reward model (the proxy every RM-trained method optimised):", "",
-        *_matrix(result["win_rates"]["reward model"]), "",
-        "By the task's gold score (the truth):", "",
-        *_matrix(result["win_rates"]["gold"]), "",
+        *_judged_matrices(result["win_rates"]),
         "## Elo", "",
         "From the same matches (every pair of policies on every prompt), bootstrap median and 95% interval "
         "(rlhfkit.feedback.elo).", "",

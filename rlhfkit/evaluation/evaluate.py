@@ -26,10 +26,12 @@ import torch
 from rlhfkit.algorithms.best_of_n import best_of_n_kl, best_of_n_texts
 from rlhfkit.core.runio import read_json, tracked
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
+from rlhfkit.data.labelled import TOXICITY_LABELS
 from rlhfkit.models.forward import freeze, response_logits
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime, autocast
-from rlhfkit.models.sampling import decode_responses, sample
+from rlhfkit.models.scoring import ClassLabelScorer
+from rlhfkit.models.sampling import SamplingParams, decode_responses, sample
 from rlhfkit.ops.kl import categorical_kl
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.spine.reward_sources import build_scorer
@@ -100,18 +102,22 @@ def source_means(scorer, prompts: list, texts: list[str]) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[str], rt: Runtime,
-                    seed: int, batch_size: int = 500, name: str = "policy") -> dict:
+                    seed: int, batch_size: int = 500, name: str = "policy",
+                    sampling: SamplingParams | None = None) -> dict:
+    """The figures of one policy on `prompts` (the module docstring), its replies sampled at temperature 1 with the
+    [sampling] filters and stop strings `sampling`; the KL is the model's own (unfiltered) distribution's."""
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     texts, n_tokens, kl_pos_sum, kl_pos_count, k1_total = [], [], None, None, 0.0
     for start in tracked(range(0, len(prompts), batch_size), f"eval: {name} on {len(prompts)} held-out prompts"):
         q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, prompts[start : start + batch_size]))
         with autocast(rt.device, rt.dtype):
             s = sample(policy, q, qm, max_new_tokens=task.max_new_tokens, eos_token_id=stop_ids(tokenizer),
-                       pad_token_id=pad_id(tokenizer), generator=generator)
+                       pad_token_id=pad_id(tokenizer), generator=generator, sampling=sampling, tokenizer=tokenizer)
             logits = response_logits(policy, q, qm, s.responses, s.response_mask)  # (B, Tr, V)
             ref_logits = response_logits(ref_policy, q, qm, s.responses, s.response_mask)
         texts += decode_responses(tokenizer, s)
-        n_tokens += (s.response_mask.sum(1) - s.ended.long()).tolist()  # the reply's tokens, as decoded: no stop token
+        eos = s.ended & ~s.by_stop_string  # a reply cut at a stop string keeps the tokens that completed it
+        n_tokens += (s.response_mask.sum(1) - eos.long()).tolist()  # the reply's tokens, as decoded: no stop token
         kl = categorical_kl(logits, ref_logits) * s.response_mask  # (B, Tr)
         T = task.max_new_tokens
         kl = torch.nn.functional.pad(kl, (0, T - kl.shape[1]))
@@ -137,7 +143,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts: list[s
     }
 
 
-def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec: BestOfN, rt: Runtime, seed: int) -> dict:
+def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec: BestOfN, rt: Runtime, seed: int,
+                       sampling: SamplingParams | None = None) -> dict:
     """evaluate_policy's figures for best-of-n: the KL is the analytic bound log n - (n-1)/n (no per-position
     figures: the best-of-n distribution has no token log-probs to measure them with). Its sampler returns texts,
     so `length` counts the tokens of each picked reply re-tokenised; `reward/<name>` scores the picks once more
@@ -146,7 +153,7 @@ def evaluate_best_of_n(policy, tokenizer, scorer, task, prompts: list[str], spec
         raise ValueError("best-of-n needs a reward model to pick with")
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     texts, scores = best_of_n_texts(policy, tokenizer, scorer, prompts, spec.n, max_new_tokens=task.max_new_tokens,
-                                    temperature=spec.temperature, generator=generator, rt=rt)
+                                    temperature=spec.temperature, generator=generator, rt=rt, sampling=sampling)
     sources = source_means(scorer, prompts, texts)[1] if hasattr(scorer, "score_sources") else {}
     n_tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     return {
@@ -170,14 +177,17 @@ def distribution_positions(vocab_size: int, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
-def token_distributions(policy, tokenizer, prompt, n: int, max_new_tokens: int, rt: Runtime, seed: int) -> torch.Tensor:
-    """(positions, vocab) marginal frequency of each token at each response position, from n samples; positions
-    as distribution_positions (the sampler stops there: later tokens would not change the earlier ones)."""
+def token_distributions(policy, tokenizer, prompt, n: int, max_new_tokens: int, rt: Runtime, seed: int,
+                        sampling: SamplingParams | None = None) -> torch.Tensor:
+    """(positions, vocab) marginal frequency of each token at each response position, from n samples (drawn as
+    the evaluation draws replies: with the [sampling] filters); positions as distribution_positions (the sampler
+    stops there: later tokens would not change the earlier ones)."""
     n_pos = distribution_positions(len(tokenizer), max_new_tokens)
     q, qm = (t.to(rt.device) for t in encode_prompts(tokenizer, [prompt] * n))
     with autocast(rt.device, rt.dtype):
         s = sample(policy, q, qm, max_new_tokens=n_pos, eos_token_id=stop_ids(tokenizer),
-                   pad_token_id=pad_id(tokenizer), generator=torch.Generator(device=rt.device).manual_seed(seed))
+                   pad_token_id=pad_id(tokenizer), generator=torch.Generator(device=rt.device).manual_seed(seed),
+                   sampling=sampling, tokenizer=tokenizer)
     counts = torch.zeros(n_pos, len(tokenizer))
     for t in range(s.responses.shape[1]):
         valid = s.response_mask[:, t].bool()
@@ -208,25 +218,58 @@ def distributions_record(prompt, freqs: dict[str, torch.Tensor], tokenizer) -> d
             "tokens": [[tokenizer.decode([i]) for i in ids] for ids in token_ids], "by_policy": by_policy}
 
 
+def toxicity_classifier(path: Path, rt: Runtime) -> ClassLabelScorer:
+    """The run's toxicity classifier (OUT/toxicity/model) as P(toxic) of each reply (it reads the reply alone)."""
+    return ClassLabelScorer(path, rt, TOXICITY_LABELS[1], output="prob")
+
+
+def toxicity_score(classifier, prompts: list, texts: list) -> float:
+    """The replies' mean P(toxic) under a toxicity classifier (a ClassLabelScorer of class 'toxic', output 'prob';
+    rlhfkit's own reads each reply alone): a policy's `toxicity_score`, in [0, 1], lower is better."""
+    return classifier(prompts, texts).float().mean().item() if texts else math.nan
+
+
+def beside_gold(figures: dict, key: str, value, gold: tuple[str, ...]) -> dict:
+    """`figures` with key: value right after the task's gold metrics (else after `reward`, else first), so that
+    eval.json and the report's table show it among them."""
+    items = list(figures.items())
+    names = [k for k, _ in items]
+    anchors = [names.index(k) for k in gold if k in figures]
+    if not anchors and "reward" in figures:
+        anchors = [names.index("reward")]
+    at = max(anchors, default=-1) + 1
+    return dict([*items[:at], (key, value), *items[at:]])
+
+
 def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, rt: Runtime,
-                 keep_completions: bool = False) -> dict:
+                 keep_completions: bool = False, toxicity_dir: Path | None = None) -> dict:
     """Evaluate each named policy (e.g. {'sft': path, 'ppo': path, 'best_of_n': BestOfN(8, 1.0)}) on the same
-    held-out prompts; with a reward model (rm_dir) its mean score is reported too (a DPO run has none).
+    held-out prompts; with a reward model (rm_dir) its mean score is reported too (a DPO run has none); with a
+    toxicity classifier (toxicity_dir: OUT/toxicity/model) each policy's toxicity_score.
     keep_completions: also return every policy's completions ({"prompts": [...], "completions": {name: [...]}})."""
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
     scorer = build_scorer(cfg, task, rm_dir, rt) if rm_dir is not None else None  # the reward model(s), or reward.sources
     prompts = heldout_prompts(task, cfg.eval.n_prompts, cfg.seed)
     dist_prompt = cfg.eval.dist_prompt or prompts[0]
+    sampling = SamplingParams.of(cfg.sampling)  # replies are drawn as every stage draws them
     results, dists = {}, {}
     for name, path in policies.items():
         if isinstance(path, BestOfN):  # sampled from the SFT policy, picked by the reward model
-            results[name] = evaluate_best_of_n(ref_policy, tokenizer, scorer, task, prompts, path, rt, cfg.seed)
+            results[name] = evaluate_best_of_n(ref_policy, tokenizer, scorer, task, prompts, path, rt, cfg.seed,
+                                               sampling=sampling)
             continue
         # The SFT policy is the reference: reuse the loaded copy.
         policy = ref_policy if Path(path) == Path(sft_dir) else freeze(load_policy(path, rt.device, name))
-        results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed, name=name)
-        dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt, cfg.seed)
+        results[name] = evaluate_policy(policy, ref_policy, tokenizer, scorer, task, prompts, rt, cfg.seed, name=name,
+                                        sampling=sampling)
+        dists[name] = token_distributions(policy, tokenizer, dist_prompt, cfg.eval.dist_samples, task.max_new_tokens, rt,
+                                          cfg.seed, sampling=sampling)
+    if toxicity_dir is not None:  # P(toxic) of each reply, averaged per policy
+        classifier = toxicity_classifier(toxicity_dir, rt)
+        for name, r in results.items():
+            score = toxicity_score(classifier, prompts, r["completions"])
+            results[name] = beside_gold(r, "toxicity_score", score, task.gold_metric_names)
     completions = {name: r.pop("completions") for name, r in results.items()}
     result = {"policies": results, "distributions": distributions_record(dist_prompt, dists, tokenizer)}
     if keep_completions:

@@ -45,10 +45,11 @@ REPLY_KEYS = ("length", "length_words", "distinct_1", "distinct_2", "repetition_
 GOLD_DROP, DISTINCT_FLOOR, LENGTH_BAND, REPETITION_RISE = 0.05, 0.3, (0.5, 1.5), 0.2
 # Which way a gold metric goes is the task's knowledge, but the evaluation layer may not import the tasks (they are
 # siblings) and eval.json does not carry it, so the known lower-is-better names live here: courtesy's toxic_rate and
-# dismissive_rate (rlhfkit/tasks/courtesy.py). Every other gold metric is higher-is-better (digits' three rates,
-# courtesy's helpful_rate, gold_help, and gold_harm, which is minus the insults: 0 is harmless). A task with another
+# dismissive_rate (rlhfkit/tasks/courtesy.py), and the toxicity classifier's toxicity_score (a mean P(toxic); any
+# task with toxicity.enabled). Every other gold metric is higher-is-better (digits' three rates, courtesy's
+# helpful_rate, gold_help, and gold_harm, which is minus the insults: 0 is harmless). A task with another
 # lower-is-better metric passes its own directions to hacking_alarms / curve_alarms (`directions`).
-LOWER_IS_BETTER = frozenset({"toxic_rate", "dismissive_rate"})
+LOWER_IS_BETTER = frozenset({"toxic_rate", "dismissive_rate", "toxicity_score"})
 # The evaluation's figures that are not gold metrics: the proxy, the KL figures and the reply metrics. Every other
 # scalar figure of a policy is the task's gold metric (rlhfkit.evaluation.evaluate.evaluate_policy).
 NOT_GOLD = frozenset({"reward", "kl", "kl_k1", "kl_first_position_share", *REPLY_KEYS})
@@ -441,6 +442,11 @@ def _results_notes(rows: list[str], names: list[str]) -> list[str]:
     notes.append("`kl` is the KL to the reference (SFT) policy in nats per completion, computed exactly per position "
                  "along sampled completions" + ("; for best-of-n the analytic bound log n − (n−1)/n (it has no "
                                                 "per-token figures: –)" if "best_of_n" in names else "") + ".")
+    if "toxicity_score" in rows:
+        notes.append("`toxicity_score` is the mean probability of 'toxic' that the run's toxicity classifier (an "
+                     "encoder, MiniLM by default, fine-tuned on labelled replies: OUT/toxicity) gives each reply, read "
+                     "alone: a learned proxy of the task's toxicity rule, lower is better (README, \"What the toxicity "
+                     "score means\").")
     if any(k in rows for k in REPLY_KEYS):
         notes.append("`length` is the mean reply length in tokens (the stop token not counted), `length_words` in "
                      "whitespace-split words; `distinct_1` / `distinct_2` are the distinct words / word bigrams over "
@@ -540,7 +546,7 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
         "| stage | figure | value |",
         "|---|---|---|",
     ]
-    for stage in ("sft", "feedback", "reward", method.name):
+    for stage in ("sft", "feedback", "reward", "toxicity", method.name):
         for k, v in summary.get(stage, {}).items():
             if isinstance(v, (int, float, str)) and not _missing(v):  # an undefined figure (NaN, null) left out
                 lines.append(f"| {stage} | {k} | {_fmt(v)} |")

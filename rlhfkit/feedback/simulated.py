@@ -38,7 +38,7 @@ from rlhfkit.feedback.agreement import mean_agreement, pairwise_agreement
 from rlhfkit.feedback.krippendorff import alpha_for_rankings
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime
-from rlhfkit.models.sampling import sample_texts
+from rlhfkit.models.sampling import SamplingParams, sample_texts
 
 if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
     from rlhfkit.pipeline.config import Config
@@ -103,7 +103,8 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
     prompts = task.prompts(fb.n_prompts, rng)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     completions = sample_texts(model, tokenizer, prompts, fb.k, max_new_tokens=task.max_new_tokens, generator=generator,
-                               temperature=fb.temperature, dtype=rt.dtype, batch_size=512, desc="feedback: sampling")
+                               temperature=fb.temperature, dtype=rt.dtype, batch_size=512, desc="feedback: sampling",
+                               sampling=SamplingParams.of(cfg.sampling))
 
     # 2. Each labeler ranks each item (and states strengths); 3. the consensus becomes comparisons.
     labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]

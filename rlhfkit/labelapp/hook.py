@@ -17,15 +17,16 @@ from rlhfkit.labelapp.export import export_project
 
 def human_feedback(project_dir: Path, *, policy_dir: Path, prompts: list[str], k: int, overlap: int,
                    items_required: int, criteria: list[str], seed: int, max_new_tokens: int = 32,
-                   temperature: float = 1.0, device: str = "auto") -> Path | None:
-    """One step of the human-feedback stage (see the module docstring); `temperature` and `device` are
-    the run's (`feedback.temperature`, `device`), so people rank what the simulated path would sample."""
+                   temperature: float = 1.0, device: str = "auto", sampling=None) -> Path | None:
+    """One step of the human-feedback stage (see the module docstring); `temperature`, `device` and `sampling`
+    are the run's (`feedback.temperature`, `device`, the [sampling] section as rlhfkit.models.sampling.SamplingParams),
+    so people rank what the simulated path would sample."""
     project_dir = Path(project_dir)
     if not db.db_path(project_dir).is_file() or _settings(project_dir) is None:
         settings = project.ProjectSettings(name=project_dir.resolve().name, criteria=list(criteria), k=k,
                                            overlap=overlap).validate()
         items = project.sample_items(policy_dir, prompts, k, seed=seed, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, device=device)
+                                     temperature=temperature, device=device, sampling=sampling)
         project.create_project(project_dir, settings, items, source=str(policy_dir))
         link = lead_invitation_if_needed(project_dir, f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
         print(f"human feedback: created labeling project {project_dir} with {len(items)} items "

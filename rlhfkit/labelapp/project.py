@@ -129,9 +129,10 @@ def _check_item(obj: dict, where: str) -> dict:
 
 
 def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: int = 0, max_new_tokens: int = 32,
-                 temperature: float = 1.0, device: str = "auto") -> list[dict]:
+                 temperature: float = 1.0, device: str = "auto", sampling=None) -> list[dict]:
     """K completions per prompt from a policy directory (imported here: only this path needs torch).
-    `temperature` and `device` come from the run's config when the pipeline calls this."""
+    `temperature`, `device` and `sampling` (rlhfkit.models.sampling.SamplingParams: the [sampling] filters and stop
+    strings; None = none) come from the run's config when the pipeline calls this."""
     from rlhfkit.models.load import check_model_dir
     from rlhfkit.models.sampling import sample_completions
 
@@ -144,7 +145,7 @@ def sample_items(policy_dir: str | Path, prompts: list[str], k: int, *, seed: in
                         "save the model there with save_pretrained")
     try:
         completions = sample_completions(policy_dir, prompts, k, seed=seed, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, device=device)
+                                         temperature=temperature, device=device, sampling=sampling)
     except OSError as e:  # transformers reports unloadable files as OSError, over several lines
         raise DataError(f"policy: cannot load the model from {policy_dir}: {str(e).strip().splitlines()[0]}") from None
     model = Path(policy_dir).name

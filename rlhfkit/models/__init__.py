@@ -8,7 +8,7 @@
                   dropout off, frozen models
     reference.py  the one policy/reference factory and the one reference interface (frozen copy, adapter-disabled
                   LoRA, cached table)
-    sampling.py   the batched KV-cache sampler
+    sampling.py   the batched KV-cache sampler, with the [sampling] filters (SamplingParams) and stop strings
     scoring.py    reward functions over text: reward models and classifiers read with their own tokenizers
     optim.py      optimiser + schedule, one step, RNG state, checkpoints of the online loops
     gguf.py       `rlhfkit model from-gguf`: a llama-family GGUF file (llama.cpp, Ollama) as a plain directory

@@ -4,11 +4,29 @@ Batched autoregressive sampling with a KV cache: the prompt is run once, then ea
 newly sampled token (never the whole prefix). Prompts are left-padded so every row continues at the same
 column; positions skip the padding. Rows that emit EOS keep running as padding until all rows are done
 or `max_new_tokens` is reached.
+
+The [sampling] settings (SamplingParams) shape each step's distribution beyond the temperature, in Hugging Face
+generate's order: repetition penalty on the raw logits, then the temperature, then top-k, top-p and min-p
+(rlhfkit/ops/sampling.py). With their defaults (all off, no stop strings) the sampler runs exactly the
+operations it ran before they existed, so every earlier result is reproduced bit for bit.
+
+Log-probs are NOT those of the filtered distribution: the online methods (PPO, RLOO, GRPO) and the KL figures
+use the model's log-probs at the sampling temperature without the top-k/top-p/min-p cut or the repetition
+penalty (rlhfkit.models.forward.response_logprobs), as TRL does (its trainers compute log-probs from the
+temperature-scaled logits alone). The samples then come from the filtered distribution while the objective, the
+ratios and the KL are those of the unfiltered one: a small off-policy bias that TRL accepts too; leave the
+filters off for RL whose KL must be exact (docs/methods/ppo.md, "Deviations").
+
+Stop strings end a response at the first occurrence of any of them in its decoded text, checked after each
+step on the rows still running; the response keeps the tokens up to and including the one that completed the
+stop string (they were sampled, and the log-probs cover them as they cover EOS), counts as ended like one that
+emitted EOS, and its decoded text (decode_responses) stops before the stop string: the stop string, like EOS,
+is how a reply ends, not part of it (vLLM's default, `include_stop_str_in_output=False`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +36,64 @@ from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.models.forward import position_ids
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import autocast, resolve_device
+from rlhfkit.ops.sampling import min_p_filter, repetition_penalty, seen_tokens, top_k_filter, top_p_filter
+
+
+def _cache_name() -> str:
+    """The name of the KV cache, as argument and output field: transformers 5.2x renamed `past_key_values` to
+    `cache` (the old name still works there but warns on every call); older releases know only the old name."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+CACHE = _cache_name()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each token is drawn beyond the temperature: the [sampling] section (rlhfkit.pipeline.config). The
+    temperature stays a separate argument of every sampler: it is set per stage, and the log-probs are taken
+    at it. The defaults switch everything off (the sampler then runs as it did before these settings)."""
+
+    top_k: int = 0  # keep the k most probable tokens; 0 = off
+    top_p: float = 1.0  # keep the nucleus holding at least this probability; 1 = off
+    min_p: float = 0.0  # keep tokens at least min_p x the top token's probability; 0 = off
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence (prompt included) less likely
+    stop: tuple[str, ...] = ()  # a response ends at the first of these in its decoded text
+
+    @classmethod
+    def of(cls, section) -> "SamplingParams":
+        """The settings of a config's [sampling] section (any object with these fields)."""
+        return cls(section.top_k, section.top_p, section.min_p, section.repetition_penalty, tuple(section.stop))
+
+
+def next_token_logits(logits: torch.Tensor, temperature: float, params: SamplingParams,
+                      seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) float logits the next token is drawn from (softmax of them): the repetition penalty on the raw
+    logits (`seen`: (B, V) bool, the tokens in each sequence so far), the temperature, then top-k, top-p and
+    min-p on the tempered distribution (Hugging Face generate's order). Each step that is off is skipped, so
+    the defaults compute exactly `logits.float() / temperature`."""
+    x = logits.float()
+    if params.repetition_penalty != 1.0:
+        x = repetition_penalty(x, seen, params.repetition_penalty)
+    x = x / temperature
+    x = top_k_filter(x, params.top_k)
+    x = top_p_filter(x, params.top_p)
+    return min_p_filter(x, params.min_p)
+
+
+def stop_window(stop: tuple[str, ...]) -> int:
+    """How many trailing tokens to decode to see any stop string completed by the newest token: each character
+    takes at most 4 byte-level tokens (UTF-8), plus a margin so the window's first tokens (where a tokenizer
+    may decode a leading space or a partial character differently) never hold the match."""
+    return 4 * max(len(s) for s in stop) + 8
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first occurrence of any stop string (the whole text when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 @dataclass
@@ -27,8 +103,10 @@ class Samples:
     queries: torch.Tensor  # (B, Tq) left-padded prompt ids
     query_mask: torch.Tensor  # (B, Tq)
     responses: torch.Tensor  # (B, Tr) sampled ids; pad after EOS
-    response_mask: torch.Tensor  # (B, Tr) 1 up to and including EOS
-    ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
+    response_mask: torch.Tensor  # (B, Tr) 1 up to and including EOS (or the token that completed a stop string)
+    ended: torch.Tensor  # (B,) bool: the response emitted EOS or completed a stop string within max_new_tokens
+    stop: tuple[str, ...] = ()  # the stop strings it was sampled with (decode_responses cuts the text at them)
+    by_stop_string: torch.Tensor | None = field(default=None, repr=False)  # (B,) bool: ended at a stop string, not EOS
 
 
 @torch.no_grad()
@@ -42,10 +120,16 @@ def sample(
     pad_token_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    sampling: SamplingParams | None = None,
+    tokenizer=None,
 ) -> Samples:
     """Sample up to `max_new_tokens` tokens per row from `model` (a causal LM), batched, with a KV cache.
     `eos_token_id`: the id, or the ids (EOS and a chat template's end-of-turn token: data.batching.stop_ids),
-    that end a response."""
+    that end a response. `sampling`: the filters and stop strings (default: none); stop strings need the
+    `tokenizer` to decode with."""
+    params = sampling if sampling is not None else SamplingParams()
+    if params.stop and tokenizer is None:
+        raise RlhfkitError("sampling with stop strings needs the tokenizer to decode the responses with")
     B = queries.shape[0]
     device = queries.device
     stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
@@ -57,42 +141,77 @@ def sample(
         )
     mask = query_mask.clone()
     out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
+    past, logits = getattr(out, CACHE), out.logits[:, -1, :]  # (B, V)
     next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1) position of the first response token
     tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
+    # the tokens each sequence holds so far, for the repetition penalty: the prompt's (not its padding), then each
+    # sampled one
+    seen = seen_tokens(queries, query_mask, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
+    by_string = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) ended at a stop string
+    last = torch.full((B,), max_new_tokens, device=device)  # (B,) index of the token that completed a stop string
     for t in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        probs = torch.softmax(next_token_logits(logits, temperature, params, seen), dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
+        if seen is not None:
+            seen.scatter_(1, nxt.unsqueeze(1), True)  # a finished row's padding is never sampled from again
         stopped = torch.isin(nxt, stops)
         ended |= alive & stopped
         alive &= ~stopped
+        if params.stop and alive.any():
+            hit = _stop_string_rows(tokenizer, tokens, alive, params.stop)  # (B,) bool
+            by_string |= hit
+            ended |= hit
+            last = torch.where(hit, torch.full_like(last, t), last)
+            alive &= ~hit
         if not alive.any() or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1, :]
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, use_cache=True,
+                    **{CACHE: past})
+        past, logits = getattr(out, CACHE), out.logits[:, -1, :]
     responses = torch.stack(tokens, dim=1)  # (B, Tr)
     # A token belongs to the response if no stop token (EOS) came strictly before it.
     is_eos = torch.isin(responses, stops).long()
     before = is_eos.cumsum(dim=1) - is_eos
     response_mask = (before == 0).long()
+    if params.stop:  # ... and, for a row cut at a stop string, no token after the one that completed it
+        positions = torch.arange(responses.shape[1], device=device)
+        response_mask = response_mask * (positions.unsqueeze(0) <= last.unsqueeze(1)).long()
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_token_id))
-    return Samples(queries, query_mask, responses, response_mask, ended)
+    return Samples(queries, query_mask, responses, response_mask, ended, params.stop, by_string)
+
+
+def _stop_string_rows(tokenizer, tokens: list[torch.Tensor], alive: torch.Tensor,
+                      stop: tuple[str, ...]) -> torch.Tensor:
+    """(B,) bool: the rows still running whose decoded response now holds a stop string. Only the last
+    stop_window tokens are decoded (a stop string the newest token completes lies within them; an earlier one
+    would have ended the row at an earlier step), one batch_decode over the running rows per step."""
+    rows = alive.nonzero().squeeze(1)  # (R,)
+    window = torch.stack(tokens[-stop_window(stop):], dim=1)[rows]  # (R, W)
+    texts = tokenizer.batch_decode(window.tolist(), skip_special_tokens=False)
+    hit = torch.zeros_like(alive)
+    found = [i for i, text in enumerate(texts) if any(s in text for s in stop)]
+    if found:
+        hit[rows[found]] = True
+    return hit
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:
     """Response texts: every sampled token before EOS (what a labeler or a reward model with its own tokenizer
     sees). Special tokens the policy sampled mid-response stay in the text (`skip_special_tokens=False`), so
-    a reward model or gold labeler judges what was really produced; only the final EOS and padding go."""
+    a reward model or gold labeler judges what was really produced; only the final EOS and padding go. With
+    stop strings, the text ends before the first of them (the module docstring says why)."""
+    by_string = samples.by_stop_string if samples.by_stop_string is not None else torch.zeros_like(samples.ended)
     texts = []
-    for row, m, ended in zip(samples.responses, samples.response_mask, samples.ended):
+    for row, m, ended, at_string in zip(samples.responses, samples.response_mask, samples.ended, by_string):
         ids = row[m.bool()].tolist()
-        if ended:
+        if ended and not at_string:
             ids = ids[:-1]  # the EOS that ended the response
-        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        texts.append(cut_at_stop(text, samples.stop) if samples.stop else text)
     return texts
 
 
@@ -109,8 +228,10 @@ def sample_texts(
     dtype: torch.dtype | None = None,
     batch_size: int = 256,
     desc: str | None = None,
+    sampling: SamplingParams | None = None,
 ) -> list[list[str]]:
-    """K sampled completion texts per prompt, in batches (with a progress bar when `desc` is given)."""
+    """K sampled completion texts per prompt, in batches (with a progress bar when `desc` is given); `sampling`:
+    the [sampling] filters and stop strings (default: none)."""
     device = next(model.parameters()).device
     flat = [p for p in prompts for _ in range(k)]
     texts: list[str] = []
@@ -122,7 +243,7 @@ def sample_texts(
         with autocast(device, dtype):
             s = sample(model, q.to(device), qm.to(device), max_new_tokens=max_new_tokens,
                        eos_token_id=stop_ids(tokenizer), pad_token_id=pad_id(tokenizer),
-                       temperature=temperature, generator=generator)
+                       temperature=temperature, generator=generator, sampling=sampling, tokenizer=tokenizer)
         texts.extend(decode_responses(tokenizer, s))
         if bar is not None:
             bar.update(len(q))
@@ -141,6 +262,7 @@ def sample_completions(
     temperature: float = 1.0,
     device: str = "auto",
     batch_size: int = 256,
+    sampling: SamplingParams | None = None,
 ) -> list[list[str]]:
     """K sampled completions (texts) for each prompt from a local policy directory."""
     dev = resolve_device(device)
@@ -148,4 +270,4 @@ def sample_completions(
     model = load_policy(policy_dir, dev).eval()
     generator = torch.Generator(device=dev).manual_seed(seed)
     return sample_texts(model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, generator=generator,
-                        temperature=temperature, batch_size=batch_size)
+                        temperature=temperature, batch_size=batch_size, sampling=sampling)

@@ -11,6 +11,8 @@ reward model never has to share the policy's tokenizer, and several scorers can 
   tokenizer's own pair encoding, `tokenizer(prompt, completion)` ([CLS] prompt [SEP] completion [SEP] for
   BERT), then the model's own forward (pooler and classifier), exactly how the model is used elsewhere; no
   EOS appended. An encoder has no chat template: a conversation is written as "role: content" lines.
+- **text alone** (a classifier rlhfkit trained on single texts, the toxicity classifier; its config.json says so,
+  TEXT_INPUT_KEY): the completion alone, no prompt, by the model's own forward.
 
 `is_decoder_model` picks the reading of a reward model from its config; a reward model trained from an
 encoder (`reward.init` = an encoder directory) is trained and scored the native way.
@@ -70,6 +72,22 @@ def encode_native(tokenizer, prompts: list, completions: list) -> dict[str, torc
                           truncation=True, return_tensors="pt"))
 
 
+# A classifier rlhfkit trained on texts alone (the toxicity classifier, rlhfkit/algorithms/classifier.py) records
+# TEXT_INPUT_KEY = "text" in its config.json, so every scorer reads it as it was trained: the reply alone, with no
+# prompt (the pair encoding would give it a prompt segment it never saw).
+TEXT_INPUT_KEY = "rlhfkit_input"
+
+
+def encode_texts(tokenizer, texts: list) -> dict[str, torch.Tensor]:
+    """(B, T) the model's own input for single texts, right-padded, truncated to tokenizer.model_max_length."""
+    return dict(tokenizer([as_text(t) for t in texts], padding=True, truncation=True, return_tensors="pt"))
+
+
+def reads_text_alone(model) -> bool:
+    """Whether a classifier was trained on texts alone (TEXT_INPUT_KEY), so it reads the completion alone."""
+    return getattr(model.config, TEXT_INPUT_KEY, "") == "text"
+
+
 def encode_for_scoring(tokenizer, prompts: list, completions: list, decoder: bool) -> dict[str, torch.Tensor]:
     """(B, T) model inputs of (prompt, completion) pairs, the decoder way (prompt + completion + end of turn,
     right-padded) or the native way (encode_native)."""
@@ -106,14 +124,18 @@ class ClassifierScorer:
         if not self.decoder and self.model.config.pad_token_id is None:  # a decoder read by its own forward
             self.model.config.pad_token_id = pad_id(self.tokenizer)  # finds its last token by the pad id
         self.rt, self.batch_size, self.path = rt, batch_size, Path(path)
+        self.text_alone = not self.decoder and reads_text_alone(self.model)
 
     @torch.no_grad()
     def logits(self, prompts: list, completions: list) -> torch.Tensor:
-        """(B, C) float32 logits."""
+        """(B, C) float32 logits (of the completions alone for a classifier trained on texts alone)."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
-            batch = encode_for_scoring(self.tokenizer, prompts[start:end], completions[start:end], self.decoder)
+            if self.text_alone:
+                batch = encode_texts(self.tokenizer, completions[start:end])
+            else:
+                batch = encode_for_scoring(self.tokenizer, prompts[start:end], completions[start:end], self.decoder)
             batch = {k: v.to(self.rt.device) for k, v in batch.items()}
             with autocast(self.rt.device, self.rt.dtype):
                 out.append(sequence_logits(self.model, batch, self.decoder).float())
@@ -134,8 +156,9 @@ class RewardModelScorer(ClassifierScorer):
 
 class ClassLabelScorer(ClassifierScorer):
     """A classifier reward: the logit, or the probability, of one named class (e.g. 'not toxic') of any
-    sequence classifier, read by its own forward. Probability: softmax over the classes, or the sigmoid of
-    a single-logit (binary) classifier's logit."""
+    sequence classifier, read by its own forward (on the (prompt, completion) pair, or the completion alone for a
+    classifier trained on texts alone: TEXT_INPUT_KEY). Probability: softmax over the classes, or the sigmoid of a
+    single-logit (binary) classifier's logit."""
 
     def __init__(self, path: str | Path, rt: Runtime, label: str, output: str = "logit", batch_size: int = 512):
         super().__init__(path, rt, "classifier", decoder=False, batch_size=batch_size)

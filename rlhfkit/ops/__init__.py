@@ -8,6 +8,7 @@
                    RLOO's sequence-level and GRPO's per-token clipped losses; the
                    DPO family (DPO_LOSSES), listwise DPO and ranking losses (Plackett-Luce), in tables
     selection.py   which samples best-of-N, rejection sampling and ReST keep
+    sampling.py    logit filters for sampling text: top-k, top-p (nucleus), min-p, repetition penalty
 
 Layer: ops, the lowest above core. Pure tensor math, no model code: never imports models or transformers
 (a contract in pyproject.toml). May import: core.

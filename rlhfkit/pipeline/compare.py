@@ -9,8 +9,9 @@ Phases:
     1. run the shared stages (SFT, feedback, reward model) and each method's stage; up-to-date ones are skipped,
        so the methods share one SFT model, one set of comparisons and one reward model
     2. evaluate SFT and every method's policy on the same held-out prompts (rlhfkit.evaluation)
-    3. head to head: for every pair of policies and every prompt, whose completion wins by the reward model's
-       score and by the task's gold score (ties count one half)
+    3. head to head: for every pair of policies and every prompt, whose completion wins by each judge: the reward
+       model's score, and the task's gold score where the task has one (ties count one half). With task = 'none'
+       there is no gold scorer: the reward model judges alone, as said before anything trains
     4. Elo ladders from those matches (rlhfkit.feedback.elo), the table and the report
 
 The reward model judges every policy, DPO's too (it is trained whether or not a method needs it), which favours
@@ -57,6 +58,12 @@ def compare_methods(cfg: Config) -> list[str]:
     return list(cfg.compare.methods) or list(METHODS)
 
 
+def compare_judges(cfg: Config) -> list[str]:
+    """Who judges the head-to-head matches: the reward model always (compare trains one), and the task's gold
+    score where the task has one (not with task = 'none'). Decided from the config, before anything trains."""
+    return ["reward model", "gold"] if cfg.task != "none" else ["reward model"]
+
+
 def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
     """Phases 1-4 into OUT; returns compare.json's figures."""
     out = Path(out)
@@ -74,6 +81,9 @@ def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
             "or use a new --out")
     for name, stage_cfg in stages.items():
         pipeline.preflight(stage_cfg, out, [name])
+    judges = compare_judges(cfg)
+    pipeline._log(f"compare: the head-to-head judges will be {' and '.join(judges)}"
+                  + ("" if "gold" in judges else " (task = 'none' has no gold scorer)"))
     start = time.time()
     with pipeline.locked(out):
         # 1. Shared stages once, then each method's stage.
@@ -98,25 +108,26 @@ def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> d
 
     # 2. Every policy on the same held-out prompts.
     policies = {"sft": sft_dir, **{m: policy_of(METHODS[m], out / m) for m in methods}}
-    ev = evaluate_run(cfg, task, sft_dir, rm_dir, policies, rt, keep_completions=True)
+    toxicity = out / "toxicity" / "model" if cfg.toxicity.enabled else None  # each policy's toxicity_score
+    ev = evaluate_run(cfg, task, sft_dir, rm_dir, policies, rt, keep_completions=True, toxicity_dir=toxicity)
     prompts, completions = ev["completions"]["prompts"], ev["completions"]["by_policy"]
 
-    # 3. Head to head, judged by the reward model and by the task's gold score.
+    # 3. Head to head, judged by the reward model and by the task's gold score (where there is one).
     scorer = build_scorer(cfg, task, rm_dir, rt)
-    by_rm = {n: scorer(prompts, texts).tolist() for n, texts in completions.items()}
-    by_gold = {n: [task.gold_score(p, c) for p, c in zip(prompts, texts)] for n, texts in completions.items()}
-    rm_rates, rm_matches = head_to_head(by_rm)
-    gold_rates, gold_matches = head_to_head(by_gold)
+    scores = {"reward model": {n: scorer(prompts, texts).tolist() for n, texts in completions.items()}}
+    if "gold" in compare_judges(cfg):
+        scores["gold"] = {n: [task.gold_score(p, c) for p, c in zip(prompts, texts)] for n, texts in completions.items()}
+    matches = {judge: head_to_head(by_policy) for judge, by_policy in scores.items()}  # judge -> (rates, matches)
 
     # 4. Elo ladders, the table, the report.
-    ladders = {judge: [dataclasses.asdict(r) for r in elo_ladder(matches, rounds=100, seed=cfg.seed)]
-               for judge, matches in (("reward model", rm_matches), ("gold", gold_matches))}
+    ladders = {judge: [dataclasses.asdict(r) for r in elo_ladder(m, rounds=100, seed=cfg.seed)]
+               for judge, (_, m) in matches.items()}
     stages = {m: stage_result(out / m) for m in methods}
     result = {
         "methods": methods,
         "policies": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in ev["policies"].items()},
         "stages": {m: {"wall_time_s": s.get("wall_time_s"), "passes": s.get("passes")} for m, s in stages.items()},
-        "win_rates": {"reward model": rm_rates, "gold": gold_rates},
+        "win_rates": {judge: rates for judge, (rates, _) in matches.items()},
         "elo": ladders,
         "report": "compare/report.md",
     }

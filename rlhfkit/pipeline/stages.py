@@ -5,6 +5,7 @@
     OUT/feedback/            comparisons.jsonl, rankings.jsonl (the data contract), stats.json
     OUT/labeling/            the labeling app's project when feedback.labeler = "human" (kept across reruns)
     OUT/reward/              model/ (reward model), metrics.jsonl
+    OUT/toxicity/            model/ (toxicity classifier), metrics.jsonl (toxicity.enabled)
     OUT/ppo/ or OUT/dpo/     the policy-optimisation method's stage (`method`): model/, metrics.jsonl, ...
     OUT/eval/                eval.json, report.md + plots
     OUT/summary.json         every figure of the report and each stage's wall time
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 from rlhfkit.algorithms import METHODS
+from rlhfkit.algorithms.classifier import base_model_dir, train_toxicity_classifier
 from rlhfkit.algorithms.reward import train_reward_model
 from rlhfkit.algorithms.sft import train_sft
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
@@ -39,6 +41,7 @@ from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
 from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.contract import read_comparisons
+from rlhfkit.data.labelled import TOXICITY_LABELS, read_labelled_texts
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
 from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
 from rlhfkit.evaluation.report import write_report
@@ -46,6 +49,7 @@ from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
 from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
+from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.models.scoring import is_decoder_model
 from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, RewardConfig, load_config
 from rlhfkit.spine.reward_sources import preflight_sources
@@ -53,9 +57,9 @@ from rlhfkit.tasks import get_task, task_for
 from rlhfkit.tasks.files import check_data_paths
 
 # Every stage a run can have, in order; a run goes through those its method needs (pipeline_stages).
-STAGES = ("sft", "feedback", "reward", *METHODS, "eval")
+STAGES = ("sft", "feedback", "reward", "toxicity", *METHODS, "eval")
 _EVERY_STAGE = ("task", "seed", "precision")  # device and threads change speed (and last bits), not the recipe
-_ADDED_SECTIONS = ("lora",)  # read by stages made before the section existed: they were made with its defaults
+_ADDED_SECTIONS = ("lora", "sampling")  # read by stages made before the section existed: made with its defaults
 _SCORING_DEFAULTS = {k: v for k, v in config_to_dict(RewardConfig()).items() if k in REWARD_SCORING_FIELDS}
 
 
@@ -74,10 +78,12 @@ def _log(msg: str) -> None:
 def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
     """The stages whose outputs `name` reads under this config. reward.data replaces the feedback stage
     (it holds the comparisons); reward.init = a directory replaces SFT as the reward model's start;
-    reward.sources that name no reward model of this run replace the reward stage."""
+    reward.sources that name no reward model of this run replace the reward stage; a 'classifier' source without
+    a path reads the toxicity stage's classifier, and the evaluation reads it when toxicity.enabled (toxicity_score)."""
     comparisons = () if cfg.reward.data else ("feedback",)
-    reward = ("reward",) if cfg.reward.uses_run_model() else ()
-    if name == "sft":
+    reward = (("reward",) if cfg.reward.uses_run_model() else ()) + (
+        ("toxicity",) if cfg.reward.uses_run_classifier() else ())
+    if name in ("sft", "toxicity"):
         return ()
     if name == "feedback":
         return ("sft",)
@@ -87,7 +93,9 @@ def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
         needs = METHODS[name].needs
         return ("sft",) + (comparisons if "feedback" in needs else ()) + (reward if "reward" in needs else ())
     if name == "eval":  # the reward model scores the policies when the method made one
-        return ("sft", cfg.method) + (reward if "reward" in METHODS[cfg.method].needs else ())
+        scored = reward if "reward" in METHODS[cfg.method].needs else ()
+        toxicity = ("toxicity",) if cfg.toxicity.enabled and "toxicity" not in scored else ()
+        return ("sft", cfg.method) + scored + toxicity
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
@@ -109,7 +117,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     content hash of a data file it reads (so an edited reward.data file makes the reward model stale)."""
     full = config_to_dict(cfg)
     inputs = {key: full[key] for key in _EVERY_STAGE}
-    inputs["policy"] = full["policy"]
+    if name != "toxicity":  # the toxicity classifier is an encoder of its own: no policy is read to make it
+        inputs["policy"] = full["policy"]
     # the stages LoRA changes (and all they feed): every method that trains a policy (not best-of-N), and SFT with
     # lora.sft
     if (name in METHODS and METHODS[name].trains) or (name == "sft" and cfg.lora.sft):
@@ -117,10 +126,14 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     d = cfg.data  # your files in place of the task's data ([data]), and their contents
     if name == "sft" and d.sft:
         inputs["data_sft"] = {"sft": d.sft, "heldout_fraction": d.heldout_fraction, "sha256": _sha256(d.sft)}
-    if name not in ("sft", "reward") and (d.prompts or d.max_new_tokens):  # the stages that sample
+    if name not in ("sft", "reward", "toxicity") and (d.prompts or d.max_new_tokens):  # the stages that sample
         inputs["data_prompts"] = {"prompts": d.prompts, "heldout_fraction": d.heldout_fraction,
                                   "max_new_tokens": d.max_new_tokens, "sha256": _sha256(d.prompts)}
     inputs[name] = full[name] if name in full else {}
+    if name == "toxicity" and cfg.toxicity.data:  # an edited file of labelled texts makes the classifier stale
+        inputs["toxicity_data_sha256"] = _sha256(cfg.toxicity.data)
+    if _samples(name):  # the [sampling] filters and stop strings shape what it samples (and all it feeds)
+        inputs["sampling"] = full["sampling"]
     reads_comparisons = name == "reward" or (name in METHODS and "feedback" in METHODS[name].needs)
     if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
         # how rewards are scored during RL (reward.sources, reward.combine, ...) is not a reward model's input
@@ -216,10 +229,20 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     if cfg.data.sft or cfg.data.prompts:  # read (and check) the files now: errors name the file and line
         check_data_paths(cfg.data)
-        task_for(cfg)
+        task = task_for(cfg)
+        for key, n in getattr(task, "truncated", {}).items():
+            if n:
+                _log(f"data.{key}: {n} prompt(s) longer than data.max_prompt_length = {cfg.data.max_prompt_length} "
+                     f"tokens cut on the {cfg.data.truncation_side} (data.truncation_side)")
     if "sft" in names and cfg.policy.path:
         check_model_dir(cfg.policy.path, "policy.path", causal=True)
         load_tokenizer(cfg.policy.path, "policy.path")
+    if "toxicity" in names:  # the encoder to fine-tune (the MiniLM package by default) and the labelled texts
+        base = base_model_dir(cfg.toxicity.base)
+        check_model_dir(base, "toxicity.base", causal=False)
+        load_tokenizer(base, "toxicity.base", require_eos=False)
+        if cfg.toxicity.data:
+            read_labelled_texts(cfg.toxicity.data, TOXICITY_LABELS)
     if cfg.policy.path and not is_complete(out / "sft"):  # a finished SFT stage has already been checked
         check_context_length(cfg, names)
     if "reward" in names and cfg.reward.init != "sft":
@@ -269,8 +292,9 @@ def check_context_length(cfg: Config, names: list[str]) -> None:
             raise ConfigError(
                 f"policy.path = {cfg.policy.path!r} has {limit} positions, but the longest prompt of {where} takes "
                 f"{longest} tokens (prompt {i + 1}: {str(prompts[i])[:60]!r}) and {budget_key} = {budget} more: "
-                f"{longest} + {budget} > {limit}. Set data.max_new_tokens to at most {limit - longest}, shorten "
-                "the longest prompts, or use a model with a longer context")
+                f"{longest} + {budget} > {limit}. Set data.max_new_tokens to at most {limit - longest}, cut long "
+                f"prompts with data.max_prompt_length (at most {limit - budget}) and data.truncation_side, or use a "
+                "model with a longer context")
     if "sft" in names and cfg.data.sft:
         demos = [d for split in task.sft_split(0, random.Random(0)) for d in split]
         lengths = [len(encode_example(tokenizer, p, c)[0]) for p, c in demos]
@@ -352,6 +376,8 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         comparisons, rankings = preference_files(cfg, out, cfg.reward.loss)
         init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
         return train_reward_model(cfg, comparisons, init, stage_dir, rt, rankings_path=rankings)
+    if name == "toxicity":
+        return train_toxicity_classifier(cfg, task, stage_dir, rt)
     if name in METHODS:  # the policy-optimisation method: rlhfkit/algorithms/__init__.py says which file runs it
         return importlib.import_module(METHODS[name].module).run(cfg, task, out, stage_dir, rt)
     if name == "eval":
@@ -359,7 +385,8 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         sft_model = out / "sft" / "model"
         policies = {"sft": sft_model, cfg.method: policy_of(METHODS[cfg.method], out / cfg.method)}
         rm = out / "reward" / "model" if "reward" in METHODS[cfg.method].needs else None  # or reward.sources
-        result = evaluate_run(cfg, task, sft_model, rm, policies, rt)
+        toxicity = out / "toxicity" / "model" if cfg.toxicity.enabled else None  # each policy's toxicity_score
+        result = evaluate_run(cfg, task, sft_model, rm, policies, rt, toxicity_dir=toxicity)
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
         report = write_report(stage_dir.parent, summary, result, METHODS[cfg.method],  # writes stage_dir/report.md
@@ -380,6 +407,7 @@ def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Pa
         project, policy_dir=sft_model, prompts=task.prompts(fb.n_prompts, random.Random(f"{cfg.seed}-feedback")),
         k=fb.k, overlap=fb.labelers_per_item, items_required=fb.n_prompts, criteria=fb.criteria, seed=cfg.seed,
         max_new_tokens=task.max_new_tokens, temperature=fb.temperature, device=cfg.device,
+        sampling=SamplingParams.of(cfg.sampling),
     )
     if exported is None:
         raise WaitingForLabels(
@@ -541,6 +569,8 @@ def format_results_table(summary: dict) -> str:
     lines += [f"{labels.get(k, k):<24}" + "".join(cell(ev[n].get(k)) for n in names) for k in keys]
     if "heldout_accuracy" in summary.get("reward", {}):
         lines.append(f"{'RM held-out accuracy':<24}{summary['reward']['heldout_accuracy']:>10.3f}")
+    if "heldout_accuracy" in summary.get("toxicity", {}):
+        lines.append(f"{'toxicity clf. held-out':<24}{summary['toxicity']['heldout_accuracy']:>10.3f}")
     wt = summary.get("wall_time_s", {})
     lines.append("wall time: " + ", ".join(f"{s} {wt[s]:.0f}s" for s in STAGES if wt.get(s) is not None))
     return "\n".join(lines)

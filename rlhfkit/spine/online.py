@@ -40,6 +40,7 @@ from rlhfkit.models.optim import (
     save_checkpoint,
 )
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.spine.rollout import OnlineModels, Rollouts, collect_rollouts, load_online_models
 
 
@@ -77,11 +78,13 @@ class OnlineRun:
 
     def rollouts(self, n_prompts: int, *, temperature: float, k: int = 1, value_model=None) -> Rollouts:
         """Phases 1-3 of every online method: the next n_prompts training prompts, k responses each sampled from
-        the policy and scored, with the policy's and the reference's log-probs (and values, with a critic)."""
+        the policy (with the [sampling] filters and stop strings) and scored, with the policy's and the reference's
+        log-probs (and values, with a critic)."""
         prompts = self.task.prompts(n_prompts, self.prompt_rng)
         return collect_rollouts(self.policy, self.reference, self.scorer, self.tokenizer, prompts, k=k,
                                 value_model=value_model, max_new_tokens=self.task.max_new_tokens,
-                                temperature=temperature, generator=self.sample_gen, rt=self.rt)
+                                temperature=temperature, generator=self.sample_gen, rt=self.rt,
+                                sampling=SamplingParams.of(self.cfg.sampling))
 
     def minibatch_epochs(self, batch: int, epochs: int, minibatch_size: int,
                          loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]], max_grad_norm: float) -> dict:

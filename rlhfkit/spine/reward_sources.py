@@ -9,6 +9,10 @@
     label = "not toxic"
     output = "prob"
     name = "safety"
+    [[reward.sources]]
+    kind = "classifier"                      # path empty: this run's toxicity classifier (OUT/toxicity/model,
+    label = "not toxic"                      # toxicity.enabled = true), its 'not toxic' logit: the seeds'
+    name = "not_toxic"                       # "not hate" reward
 
 Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.models.scoring), 'sequence_classifier'
 (any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
@@ -116,8 +120,18 @@ def run_reward_model(cfg: Config, rm_dir: Path, criterion: str = "") -> Path:
     return rm_dir.parent / criterion / "model" if cfg.reward.criterion == "*" else rm_dir
 
 
+def run_classifier(rm_dir: Path) -> Path:
+    """This run's toxicity classifier, OUT/toxicity/model (the toxicity stage, rlhfkit/algorithms/classifier.py):
+    every stage hands the scorer OUT/reward/model as rm_dir, so OUT is its grandparent."""
+    return rm_dir.parent.parent / "toxicity" / "model"
+
+
 def source_model_dir(cfg: Config, source, rm_dir: Path) -> Path:
-    return Path(source.path) if source.path else run_reward_model(cfg, rm_dir, source.criterion)
+    """The directory a source reads: its path, else this run's model of its kind (a reward model of its criterion,
+    or the toxicity classifier)."""
+    if source.path:
+        return Path(source.path)
+    return run_classifier(rm_dir) if source.kind == "classifier" else run_reward_model(cfg, rm_dir, source.criterion)
 
 
 def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
@@ -131,7 +145,7 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
         if s.kind == "gold":
             scorers[name] = GoldScorer(task, rt)
         elif s.kind == "classifier":
-            scorers[name] = ClassLabelScorer(s.path, rt, s.label, s.output)
+            scorers[name] = ClassLabelScorer(source_model_dir(cfg, s, rm_dir), rt, s.label, s.output)
         else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward
             scorers[name] = RewardModelScorer(source_model_dir(cfg, s, rm_dir), rt,
                                               decoder=None if s.kind == "reward_model" else False)

@@ -22,7 +22,7 @@ from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.optim import has_checkpoint
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime, autocast
-from rlhfkit.models.sampling import decode_responses, sample
+from rlhfkit.models.sampling import SamplingParams, decode_responses, sample
 from rlhfkit.spine.reward_sources import build_scorer
 
 
@@ -50,11 +50,12 @@ class Rollouts:
 @torch.no_grad()
 def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *, max_new_tokens: int,
                      temperature: float, generator: torch.Generator, rt: Runtime, k: int = 1,
-                     value_model=None, with_logprobs: bool = True) -> Rollouts:
+                     value_model=None, with_logprobs: bool = True, sampling: SamplingParams | None = None) -> Rollouts:
     """Sample k responses per prompt with the shared KV-cache sampler, score the decoded text, and compute
     log-probs under the policy and the reference (and values, with a critic), once and without grad.
     Methods that only select among samples (best-of-N, rejection sampling) pass with_logprobs=False and
-    reference=None: no forward beyond sampling and scoring."""
+    reference=None: no forward beyond sampling and scoring. `sampling`: the [sampling] filters and stop strings
+    the tokens are drawn with; the log-probs are the model's at `temperature` without them (as TRL's)."""
     rows = [p for p in prompts for _ in range(k)]
     group = torch.arange(len(prompts), device=rt.device).repeat_interleave(k)
     queries, query_mask = (t.to(rt.device) for t in encode_prompts(tokenizer, rows))
@@ -64,7 +65,8 @@ def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *
     policy.eval()
     with autocast(rt.device, rt.dtype):
         s = sample(policy, queries, query_mask, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
-                   pad_token_id=pad_id(tokenizer), temperature=temperature, generator=generator)
+                   pad_token_id=pad_id(tokenizer), temperature=temperature, generator=generator, sampling=sampling,
+                   tokenizer=tokenizer)
     mask = s.response_mask
 
     # b. Score the decoded text (every token before EOS, special tokens included) with the scorer's tokenizer;
@@ -80,7 +82,8 @@ def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *
         return Rollouts(rows, group, queries, query_mask, s.responses, mask, s.ended, texts, scores,
                         None, None, None, None, source_scores)
 
-    # c. Log-probs of policy and reference, values, entropy.
+    # c. Log-probs of policy and reference, values, entropy: at the sampling temperature, without the [sampling]
+    #    filters (TRL's choice too; rlhfkit/models/sampling.py says what that means).
     logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, s.responses, mask,
                                                  temperature, rt, with_entropy=True)
     ref_logprobs = reference.logprobs(queries, query_mask, s.responses, mask, temperature, rt)

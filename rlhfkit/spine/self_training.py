@@ -39,6 +39,7 @@ from rlhfkit.data.batching import encode_pairs
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reference import policy_and_reference
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.spine.finetune import fit_completions
 from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.spine.rollout import collect_rollouts
@@ -58,13 +59,16 @@ class GrowSet:
 
 @torch.no_grad()
 def grow(policy, reference, scorer, tokenizer, prompts: list[str], *, k: int, max_new_tokens: int,
-         temperature: float, generator: torch.Generator, rt: Runtime, chunk: int = 256, desc: str = "sampling") -> GrowSet:
-    """Sample k responses for each prompt from `policy`, score them and measure their KL to `reference`,
-    `chunk` prompts (chunk * k rows) at a time, with a progress bar over the chunks."""
+         temperature: float, generator: torch.Generator, rt: Runtime, chunk: int = 256, desc: str = "sampling",
+         sampling: SamplingParams | None = None) -> GrowSet:
+    """Sample k responses for each prompt from `policy` (with the [sampling] filters and stop strings), score them
+    and measure their KL to `reference`, `chunk` prompts (chunk * k rows) at a time, with a progress bar over the
+    chunks."""
     parts = []
     for start in tracked(range(0, len(prompts), chunk), f"{desc}: {len(prompts)} prompts x {k}", unit="chunk"):
         r = collect_rollouts(policy, reference, scorer, tokenizer, prompts[start : start + chunk], k=k,
-                             max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, rt=rt)
+                             max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, rt=rt,
+                             sampling=sampling)
         parts.append((r, r.group + start, (r.logprobs - r.ref_logprobs).sum(1)))  # log-probs are 0 outside the mask
     return GrowSet([p for r, _, _ in parts for p in r.prompts], [t for r, _, _ in parts for t in r.texts],
                    torch.cat([g for _, g, _ in parts]), torch.cat([r.scores for r, _, _ in parts]),
@@ -179,7 +183,8 @@ def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
         prompts = task.prompts(n_prompts, random.Random(seed("prompts")))
         generator = torch.Generator(device=rt.device).manual_seed(seed("sample"))
         g = grow(policy, reference, scorer, tokenizer, prompts, k=k, max_new_tokens=task.max_new_tokens,
-                 temperature=temperature, generator=generator, rt=rt, desc=f"{name} {prefix} {n}: sampling")
+                 temperature=temperature, generator=generator, rt=rt, desc=f"{name} {prefix} {n}: sampling",
+                 sampling=SamplingParams.of(cfg.sampling))
 
         # 2-3. The method's own: which samples to keep, and fine-tuning the policy on them.
         round_log = MetricsLog(rdir / "metrics.jsonl")

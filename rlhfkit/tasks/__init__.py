@@ -8,6 +8,7 @@ core.
 from __future__ import annotations
 
 from rlhfkit.core.errors import ConfigError
+from rlhfkit.models.load import load_tokenizer
 from rlhfkit.tasks.base import Task
 from rlhfkit.tasks.courtesy import CourtesyTask
 from rlhfkit.tasks.digits import DigitsTask
@@ -25,7 +26,11 @@ def task_for(cfg) -> Task:
     if not (data.sft or data.prompts):
         return get_task(cfg.task)
 
-    return DataTask(None if cfg.task == "none" else get_task(cfg.task), data, cfg.seed)
+    base = None if cfg.task == "none" else get_task(cfg.task)
+    tokenizer = None
+    if data.max_prompt_length:  # prompts are cut in the policy's tokens (its template included)
+        tokenizer = load_tokenizer(cfg.policy.path, "policy.path") if cfg.policy.path else base.build_tokenizer()
+    return DataTask(base, data, cfg.seed, tokenizer)
 
 
 def get_task(name: str) -> Task:

@@ -60,6 +60,17 @@ class Task(ABC):
         """The lowest achievable mean SFT loss per completion token (the task's entropy), if known."""
         return None
 
+    def toxicity_examples(self, n: int, rng: random.Random) -> list[tuple[str, int]] | None:
+        """n replies labelled 1 (toxic) or 0 (not toxic) by the task's gold rule, for the toxicity classifier
+        ([toxicity]); None: the task has no such rule (give labelled texts in toxicity.data instead)."""
+        return None
+
     def default_overrides(self) -> dict:
         """Config values this task sets by default, as {section: {field: value}}."""
+        return {}
+
+    def pretrained_overrides(self) -> dict:
+        """Config values this task sets when the policy is a pretrained model of yours (policy.path), on top of
+        default_overrides and of the defaults the model brings (learning rates, sampling), as {section: {field:
+        value}}; what you set wins over both."""
         return {}

@@ -171,6 +171,10 @@ INSULTS = ("stupid", "idiot", "dumb", "fool", "moron", "pathetic", "loser", "clu
 RUDE_OPENERS = ("what a stupid question .", "you are an idiot .", "only a fool asks that .", "shut up .",
                 "you are so pathetic .", "what a dumb thing to ask .", "you clueless loser .",
                 "stop being so annoying .", "you lazy moron .", "that is a ridiculous question .")
+# How a word of INSULTS, or of KIND_WORDS, is said inside an otherwise clean reply (CourtesyTask.toxicity_examples).
+INSULT_CARRIERS = ("you {}", "you are so {}", "how {}", "what a {} request", "only a {} would ask", "{}")
+KIND_WORDS = ("kind", "smart", "clever", "patient", "brave", "nice", "good", "great", "thoughtful", "careful",
+              "brilliant", "lovely", "wise", "fair")
 
 # The share of each reply kind in the SFT corpus: the SFT model is sometimes rude (about a fifth) or dismissive.
 MIX = (("helpful", 0.5), ("offtopic", 0.1), ("dismissive", 0.2), ("rude", 0.2))
@@ -259,6 +263,38 @@ class CourtesyTask(Task):
             out.append((prompt, self.reply(rng.choices(kinds, weights)[0], topic, rng)))
         return out
 
+    def toxicity_examples(self, n: int, rng: random.Random) -> list[tuple[str, int]]:
+        """n replies labelled by the gold rule (1 = toxic: insult_count > 0), about half of them toxic, for the
+        toxicity classifier (rlhfkit/algorithms/classifier.py). Every reply starts from a clean one (helpful,
+        off-topic, dismissive, or a dismissal then advice). A toxic one is the corpus' rude reply, or the clean one
+        with an insult of INSULTS said in a carrier (INSULT_CARRIERS: "you are so lazy") at its start, inside it or at
+        its end; a clean one is as it is, or holds a kind word of KIND_WORDS in the same carriers, in the same places
+        ("you are so patient"). So the classifier must find the insult itself: not the shape of a rude reply, not
+        "you are so ...", not a dismissal (the rude replies end in one)."""
+        out = []
+        for _ in range(n):
+            topic = rng.randrange(len(TOPICS))
+            kind = rng.choice(("helpful", "helpful", "offtopic", "dismissive", "dismissive"))
+            text = self.reply(kind, topic, rng)
+            if kind == "dismissive" and rng.random() < 0.5:
+                text = f"{text} {self.reply('helpful', topic, rng)}"
+            toxic = rng.random() < 0.5
+            word = rng.choice(INSULTS if toxic else KIND_WORDS)
+            said = word if word == "shut up" else rng.choice(INSULT_CARRIERS).format(word)  # a phrase as it is
+            where = rng.randrange(4 if toxic else 5)
+            if where == 0:
+                text = self.reply("rude", topic, rng) if toxic else text
+            elif where == 1:
+                text = f"{said} . {text}"
+            elif where == 2:
+                ws = text.split()
+                cut = rng.randrange(1, len(ws)) if len(ws) > 1 else 1
+                text = " ".join([*ws[:cut], ",", said, ",", *ws[cut:]])
+            elif where == 3:
+                text = f"{text} {said} ."
+            out.append((text, int(insult_count(text) > 0)))
+        return out
+
     def build_tokenizer(self):
         """A word-level tokenizer over the corpus' words (whitespace-split; punctuation is its own word)."""
         from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -297,10 +333,30 @@ class CourtesyTask(Task):
             # fell from 5.3 to 0.5 and never came back); 1e-4 learns (seed 0: toxic 0.21 -> 0.02, helpful 0.37 -> 0.60,
             # KL 1.0).
             "ppo": {"lr": 1e-4},
-            "reward": {"criterion": "*", "epochs": 4, "sources": [
-                {"kind": "reward_model", "criterion": "helpfulness"},
-                {"kind": "reward_model", "criterion": "harmlessness"}]},
+            "reward": {"criterion": "*", "epochs": 4, "lr": 5e-4, "sources": [
+                {"kind": "reward_model", "criterion": "helpfulness", "weight": 0.5},
+                {"kind": "reward_model", "criterion": "harmlessness", "weight": 1.0}]},
+            # The MiniLM toxicity classifier, trained on toxicity_examples: each policy's toxicity_score (not a reward
+            # source by default: the default run's reward stays the two reward models).
+            "toxicity": {"enabled": True},
             "eval": {"n_prompts": 500, "dist_samples": 500},
+        }
+
+    def pretrained_overrides(self) -> dict:
+        # A pretrained chat model (policy.path; benchmarks/smollm2_courtesy.py runs SmolLM2-135M-Instruct): LoRA on the
+        # policy (SFT included), replies measured in BPE tokens (a 20-word reply is about 26), and a budget a 2-core
+        # CPU finishes in well under an hour. The reward models and PPO's value model train in full (lr 3e-5: TRL's
+        # 1e-5 barely moved a 135M reward model in one epoch of ~1,400 comparisons); LoRA's rates for PPO and DPO are
+        # raised likewise for a run of tens of steps, not thousands.
+        return {
+            "lora": {"r": 16, "alpha": 32.0, "sft": True},
+            "data": {"max_new_tokens": 40},
+            "sft": {"n_demos": 1600, "epochs": 1, "batch_size": 16},
+            "feedback": {"n_prompts": 240},
+            "reward": {"epochs": 1, "batch_size": 16, "lr": 3e-5},
+            "ppo": {"total_steps": 24, "rollout_batch_size": 32, "minibatch_size": 8, "ppo_epochs": 2, "lr": 1e-4},
+            "dpo": {"epochs": 1, "batch_size": 8, "lr": 5e-5},
+            "eval": {"n_prompts": 100, "dist_samples": 50},
         }
 
     # ------------------------------------------------------------------------------------------ the gold labelers

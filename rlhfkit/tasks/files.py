@@ -19,7 +19,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.core.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.data.batching import truncate_prompt
 from rlhfkit.data.load import load_demonstrations, load_prompts
 from rlhfkit.data.splits import is_heldout
 from rlhfkit.tasks.base import Task
@@ -42,7 +43,7 @@ def _draw(pool: list, n: int, rng: random.Random) -> list:
 class DataTask(Task):
     """The built-in task `base` (or none) with prompts and demonstrations read from files."""
 
-    def __init__(self, base: Task | None, data, seed: int):
+    def __init__(self, base: Task | None, data, seed: int, tokenizer=None):
         self.base, self.data = base, data
         self.name = base.name if base is not None else "data"
         self.max_new_tokens = data.max_new_tokens or (base.max_new_tokens if base is not None else 64)
@@ -62,6 +63,24 @@ class DataTask(Task):
                                    f"demonstrations at data.heldout_fraction = {data.heldout_fraction}; both need at "
                                    "least one (give more demonstrations, or change the fraction)")
             self._demos = ([(r.prompt, r.completion) for r in train], [(r.prompt, r.completion) for r in heldout])
+        self.truncated = {"prompts": 0, "sft": 0}  # how many prompts data.max_prompt_length cut (the preflight says)
+        if tokenizer is not None and data.max_prompt_length:
+            self._truncate(tokenizer, data.max_prompt_length, data.truncation_side)
+
+    def _truncate(self, tokenizer, max_length: int, side: str) -> None:
+        """Cut every prompt (and every demonstration's prompt) to max_length tokens (data.truncation_side)."""
+        def cut(prompt, key):
+            try:
+                prompt, was_cut = truncate_prompt(tokenizer, prompt, max_length, side)
+            except DataError as e:
+                raise DataError(f"data.{key} = {getattr(self.data, key)!r}: {e}") from None
+            self.truncated[key] += was_cut
+            return prompt
+
+        if self._prompts:
+            self._prompts = tuple([cut(p, "prompts") for p in part] for part in self._prompts)
+        if self._demos:
+            self._demos = tuple([(cut(p, "sft"), c) for p, c in part] for part in self._demos)
 
     def _need_base(self, what: str):
         if self.base is None:
@@ -117,8 +136,15 @@ class DataTask(Task):
     def sft_loss_floor(self) -> float | None:
         return None if self._demos or self.base is None else self.base.sft_loss_floor()
 
+    def toxicity_examples(self, n: int, rng: random.Random) -> list[tuple[str, int]] | None:
+        """The base task's labelled replies (its gold rule judges replies, whatever the prompts); none without one."""
+        return self.base.toxicity_examples(n, rng) if self.base is not None else None
+
     def default_overrides(self) -> dict:
         return self.base.default_overrides() if self.base is not None else {}
+
+    def pretrained_overrides(self) -> dict:
+        return self.base.pretrained_overrides() if self.base is not None else {}
 
 
 def check_data_paths(data) -> None:
