@@ -55,7 +55,7 @@ def main() -> int:
     sets = [a for o in ["task='courtesy'", f"policy.path='{model}'", f"threads={args.threads}",
                         f"device='{args.device}'", *args.overrides] for a in ("--set", o)]
     first = out / args.methods[0]
-    walls = {args.methods[0]: run("run", "--out", str(first), *sets, "--set", f"method='{args.methods[0]}'")}
+    walls = {args.methods[0]: run("run", "--out", str(first), "--update", *sets, "--set", f"method='{args.methods[0]}'")}
     for method in args.methods[1:]:  # from the first run's SFT model, comparisons and reward models
         run_dir = out / method
         shutil.rmtree(run_dir, ignore_errors=True)
