@@ -77,8 +77,11 @@ def load_comparisons(path: str | Path, criterion: str, heldout_fraction: float, 
     check_representable(tokenizer, texts, str(path), "reward model" if stage == "reward" else f"{stage} policy")
     train, test = split_by_item(comparisons, heldout_fraction, seed)
     if not train or not test:
-        raise DataError(f"{path}: {len(comparisons)} comparisons are too few to hold out "
-                        f"{heldout_fraction:.0%} of items; label more items or change {stage}.heldout_fraction")
+        of = f" of criterion {criterion!r}" if criterion and criterion != "*" else ""
+        raise DataError(f"{path}: {len(comparisons)} comparisons{of} are too few to hold out "
+                        f"{heldout_fraction:.0%} of items; label more items or change {stage}.heldout_fraction "
+                        "(when the labelers tied most replies, the policy's samples differ too little by this "
+                        "criterion)")
     return train, test
 
 
