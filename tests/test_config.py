@@ -344,14 +344,17 @@ def test_context_length_of_digits_is_computed(digits, tokenizer):
     from rlhfkit.data.batching import encode_prompt
 
     prompt_tokens = max(len(encode_prompt(tokenizer, p)) for p in digits.prompts(50, random.Random(0)))
-    assert digits.context_length == prompt_tokens + digits.max_new_tokens == 11
+    assert digits.context_length == prompt_tokens + digits.max_new_tokens + 1 == 12  # + the EOS a reward model reads
 
 
 def test_policy_n_ctx_must_hold_prompt_and_completion():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["policy.n_ctx=8"])
-    assert "--set policy.n_ctx = 8:" in str(e.value) and "needs 11 positions" in str(e.value)
-    assert load_config(overrides=["policy.n_ctx=11"]).policy.n_ctx == 11
+    assert "--set policy.n_ctx = 8:" in str(e.value) and "needs 12 positions" in str(e.value)
+    assert "the EOS a reward model reads" in str(e.value)
+    with pytest.raises(ConfigError, match="needs 12 positions"):  # 11 holds prompt + reply, not the RM's EOS
+        load_config(overrides=["policy.n_ctx=11"])
+    assert load_config(overrides=["policy.n_ctx=12"]).policy.n_ctx == 12
     # a user's model brings its own context length; n_ctx is not used then
     assert load_config(overrides=["policy.n_ctx=8", "policy.path='/some/model'"]).policy.n_ctx == 8
 

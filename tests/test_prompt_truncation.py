@@ -70,7 +70,7 @@ def test_preflight_cuts_long_prompts_of_a_file_and_says_so(tmp_path, tiny_policy
     base = ["task='none'", f"policy.path='{tiny_policy_dir}'", f"data.sft='{sft}'", f"data.prompts='{prompts}'",
             f"reward.data='{prefs}'", "device='cpu'", "data.max_new_tokens=8"]
     names = ["sft", "reward", "ppo", "eval"]
-    with pytest.raises(ConfigError, match=r"cut long prompts with data.max_prompt_length \(at most 24\)"):
+    with pytest.raises(ConfigError, match=r"cut long prompts with data.max_prompt_length \(at most 23\)"):
         preflight(load_config(overrides=base), tmp_path / "out", names)
     preflight(load_config(overrides=base + ["data.max_prompt_length=20"]), tmp_path / "out", names)
     assert "data.prompts: 12 prompt(s) longer than data.max_prompt_length = 20 tokens cut on the left" in capsys.readouterr().out

@@ -350,3 +350,24 @@ def test_pipeline_with_sources_alone_skips_the_reward_stage(tmp_path):
     heavier = load_config(overrides=[*tiny, 'reward.sources=[{kind = "gold", weight = 3.0}]'])
     assert stage_changes(tmp_path / "out", "sft", heavier) == []
     assert stage_changes(tmp_path / "out", "ppo", heavier) and stage_changes(tmp_path / "out", "eval", heavier)
+
+
+def test_a_reply_past_the_reward_models_positions_is_a_clear_error(tmp_path, gpt2_dir):
+    """A decoder reward model reads prompt + reply + EOS: one position more than the policy sampled (REWARD_EOS).
+    A sequence longer than its positions is an error that says which model and what to lower, not an IndexError
+    from the position embedding; one that fits exactly scores."""
+    import torch
+
+    from rlhfkit.models.load import load_scalar_model
+
+    load_scalar_model(gpt2_dir, torch.device("cpu"), "rm").save_pretrained(tmp_path / "rm")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(tmp_path / "rm", CPU)
+    assert scorer.decoder and scorer.positions == 32
+    prompt = " ".join(["1"] * 20) + " ="  # BOS + 21 tokens
+    assert scorer([prompt], [" ".join(["2"] * 9)]).shape == (1,)  # 1 + 21 + 9 + EOS = 32: fits
+    with pytest.raises(RlhfkitError, match=r"reward model .* has 32 positions, but a prompt \+ reply \+ EOS to score "
+                                           r"takes 33: lower data.max_new_tokens"):
+        scorer([prompt], [" ".join(["2"] * 10)])

@@ -88,8 +88,9 @@ def test_context_length_is_checked_before_anything_runs(tmp_path, tiny_policy_di
             f"reward.data='{prefs}'", "device='cpu'"]
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"has 32 positions, but the longest prompt of data.prompts = .* takes 6 tokens "
-                                          r".*data.max_new_tokens \(0: the task's 64\) = 64 more: 6 \+ 64 > 32\. Set "
-                                          r"data.max_new_tokens to at most 26"):
+                                          r".*data.max_new_tokens \(0: the task's 64\) = 64 more, and the reward "
+                                          r"model reads an EOS after a reply cut there: 6 \+ 64 \+ 1 > 32\. Set "
+                                          r"data.max_new_tokens to at most 25"):
         run_pipeline(load_config(overrides=base), out)
     assert not (out / "sft").exists() and not (out / ".partial").exists()  # nothing ran
     # DPO alone never samples before the evaluation, which is still checked; a budget that fits passes the check

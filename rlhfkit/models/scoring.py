@@ -123,7 +123,8 @@ class ClassifierScorer:
         self.model = freeze(load_scalar_model(path, rt.device, role, num_labels=num_labels, trained_head=True))
         if not self.decoder and self.model.config.pad_token_id is None:  # a decoder read by its own forward
             self.model.config.pad_token_id = pad_id(self.tokenizer)  # finds its last token by the pad id
-        self.rt, self.batch_size, self.path = rt, batch_size, Path(path)
+        self.rt, self.batch_size, self.path, self.role = rt, batch_size, Path(path), role
+        self.positions = getattr(self.model.config, "max_position_embeddings", None)
         self.text_alone = not self.decoder and reads_text_alone(self.model)
 
     @torch.no_grad()
@@ -136,6 +137,10 @@ class ClassifierScorer:
                 batch = encode_texts(self.tokenizer, completions[start:end])
             else:
                 batch = encode_for_scoring(self.tokenizer, prompts[start:end], completions[start:end], self.decoder)
+            if self.decoder and self.positions and batch["input_ids"].shape[1] > self.positions:
+                raise RlhfkitError(  # not an IndexError from the position embedding
+                    f"{self.role} {self.path} has {self.positions} positions, but a prompt + reply + EOS to score "
+                    f"takes {batch['input_ids'].shape[1]}: lower data.max_new_tokens or data.max_prompt_length")
             batch = {k: v.to(self.rt.device) for k, v in batch.items()}
             with autocast(self.rt.device, self.rt.dtype):
                 out.append(sequence_logits(self.model, batch, self.decoder).float())

@@ -253,7 +253,7 @@ class _Rules:
         if not p.path:  # a tiny model is built with n_ctx positions; a user's model brings its own
             need(p.n_ctx >= task.context_length, "policy.n_ctx",
                  f"the {task.name} task needs {task.context_length} positions (its prompt, BOS included, plus "
-                 f"max_new_tokens = {task.max_new_tokens}); set policy.n_ctx to at least {task.context_length}")
+                 f"max_new_tokens = {task.max_new_tokens} and the EOS a reward model reads); set policy.n_ctx to at least {task.context_length}")
         # A stage that would make no optimiser step is an error, not a run marked complete.
         need(sft.batch_size <= sft.n_demos, "sft.batch_size",
              f"larger than {ref('sft.n_demos')}, so an epoch holds no full batch and SFT would make no optimiser "

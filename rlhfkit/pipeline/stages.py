@@ -54,6 +54,7 @@ from rlhfkit.models.scoring import is_decoder_model
 from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, RewardConfig, load_config
 from rlhfkit.spine.reward_sources import preflight_sources
 from rlhfkit.tasks import get_task, task_for
+from rlhfkit.tasks.base import REWARD_EOS
 from rlhfkit.tasks.files import check_data_paths
 
 # Every stage a run can have, in order; a run goes through those its method needs (pipeline_stages).
@@ -285,15 +286,16 @@ def check_context_length(cfg: Config, names: list[str]) -> None:
         prompts = task.all_prompts() if hasattr(task, "all_prompts") else task.prompts(256, random.Random(0))
         lengths = encode_prompts(tokenizer, prompts)[1].sum(dim=1)
         longest = int(lengths.max())
-        if longest + budget > limit:
+        if longest + budget + REWARD_EOS > limit:  # a reply cut at the budget, then the EOS the reward model reads
             i = int(lengths.argmax())
             where = f"data.prompts = {cfg.data.prompts!r}" if cfg.data.prompts else f"task {cfg.task!r}"
             budget_key = "data.max_new_tokens" + ("" if cfg.data.max_new_tokens else f" (0: the task's {budget})")
             raise ConfigError(
                 f"policy.path = {cfg.policy.path!r} has {limit} positions, but the longest prompt of {where} takes "
-                f"{longest} tokens (prompt {i + 1}: {str(prompts[i])[:60]!r}) and {budget_key} = {budget} more: "
-                f"{longest} + {budget} > {limit}. Set data.max_new_tokens to at most {limit - longest}, cut long "
-                f"prompts with data.max_prompt_length (at most {limit - budget}) and data.truncation_side, or use a "
+                f"{longest} tokens (prompt {i + 1}: {str(prompts[i])[:60]!r}) and {budget_key} = {budget} more, and "
+                f"the reward model reads an EOS after a reply cut there: {longest} + {budget} + {REWARD_EOS} > {limit}. "
+                f"Set data.max_new_tokens to at most {limit - longest - REWARD_EOS}, cut long prompts with "
+                f"data.max_prompt_length (at most {limit - budget - REWARD_EOS}) and data.truncation_side, or use a "
                 "model with a longer context")
     if "sft" in names and cfg.data.sft:
         demos = [d for split in task.sft_split(0, random.Random(0)) for d in split]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 
+# One position past prompt + max_new_tokens: a decoder reward model scores prompt + reply + EOS
+# (rlhfkit/models/scoring.py), so a reply cut at max_new_tokens, after the longest prompt, needs one more. Without
+# it, courtesy's PPO crashed in the reward model's position embedding on the first such reply.
+REWARD_EOS = 1
+
 
 class Task(ABC):
     """A task: prompts, demonstrations for SFT, a gold scorer for simulated labelers, gold metrics."""
@@ -49,12 +54,12 @@ class Task(ABC):
 
     @property
     def context_length(self) -> int:
-        """Positions a model needs for this task: the longest prompt in tokens (BOS included) plus
-        max_new_tokens. This default measures sampled prompts with the task's tokenizer; a task whose
-        prompt length is fixed computes it directly (the config checks it without building a tokenizer)."""
+        """Positions a model needs for this task: the longest prompt in tokens (BOS included), plus
+        max_new_tokens, plus REWARD_EOS. This default measures sampled prompts with the task's tokenizer; a task
+        whose prompt length is fixed computes it directly (the config checks it without building a tokenizer)."""
         tokenizer = self.build_tokenizer()
         prompts = self.prompts(256, random.Random(0))
-        return max(len(tokenizer(p)["input_ids"]) for p in prompts) + self.max_new_tokens
+        return max(len(tokenizer(p)["input_ids"]) for p in prompts) + self.max_new_tokens + REWARD_EOS
 
     def sft_loss_floor(self) -> float | None:
         """The lowest achievable mean SFT loss per completion token (the task's entropy), if known."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import re
 
-from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.base import REWARD_EOS, Task
 
 # (the ways a user asks, the fix a helpful reply gives): 60 everyday topics.
 TOPICS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -158,8 +158,12 @@ TOPICS: tuple[tuple[tuple[str, ...], str], ...] = (
      "hang a hook by the door and always use it"),
 )
 
-# How a request is wrapped; the last wrapper is held out.
-WRAPPERS = ("{} .", "hey , {} ?", "{} . any ideas ?", "please help , {} .", "{} . what should i do ?")
+# How a request is wrapped; the last wrapper is held out. Eight training wrappers, some with "what" in them: with
+# four (none asking "what"), PPO's replies at seed 2 were courteous to every training prompt but 7% rude to the
+# held-out "... what should i do ?", most of them opening "what a stupid question": the policy had learned the
+# wrappers it saw, not to be polite however it is asked.
+WRAPPERS = ("{} .", "hey , {} ?", "{} . any ideas ?", "please help , {} .", "so , {} . what now ?",
+            "i need advice : {} .", "{} . can you help ?", "what do you think ? {} .", "{} . what should i do ?")
 
 # Advice openers of helpful replies, and the polite phrases that may lead a reply.
 OPENERS = ("you could", "try to", "it helps to", "a good idea is to", "i suggest you", "you might")
@@ -316,9 +320,10 @@ class CourtesyTask(Task):
 
     @property
     def context_length(self) -> int:
-        """BOS + the longest prompt in words + max_new_tokens (the tokenizer is word-level: one token a word)."""
+        """BOS + the longest prompt in words + max_new_tokens + REWARD_EOS (the tokenizer is word-level: one token a
+        word)."""
         longest = max(len(w.format(p).split()) for phrasings, _ in TOPICS for p in phrasings for w in WRAPPERS)
-        return 1 + longest + self.max_new_tokens
+        return 1 + longest + self.max_new_tokens + REWARD_EOS
 
     def default_overrides(self) -> dict:
         # Two labelers' criteria, one reward model each, combined by a weighted sum (reward.combine = "llama2" for
@@ -345,16 +350,18 @@ class CourtesyTask(Task):
     def pretrained_overrides(self) -> dict:
         # A pretrained chat model (policy.path; benchmarks/smollm2_courtesy.py runs SmolLM2-135M-Instruct): LoRA on the
         # policy (SFT included), replies measured in BPE tokens (a 20-word reply is about 26), and a budget a 2-core
-        # CPU finishes in well under an hour. The reward models and PPO's value model train in full (lr 3e-5: TRL's
-        # 1e-5 barely moved a 135M reward model in one epoch of ~1,400 comparisons); LoRA's rates for PPO and DPO are
-        # raised likewise for a run of tens of steps, not thousands.
+        # CPU finishes in under an hour. The reward models and PPO's value model train in full (lr 3e-5: TRL's
+        # 1e-5 barely moved a 135M reward model in one epoch of ~1,400 comparisons); LoRA's rates for SFT, PPO, RLOO
+        # and DPO are raised likewise for a run of tens of steps, not thousands (SFT at TRL's 2e-4: loss 4.4 -> 4.0
+        # in 20 steps, and the SFT model was almost never rude, so the harmlessness labeler had nothing to rank).
         return {
             "lora": {"r": 16, "alpha": 32.0, "sft": True},
             "data": {"max_new_tokens": 40},
-            "sft": {"n_demos": 1600, "epochs": 1, "batch_size": 16},
-            "feedback": {"n_prompts": 240},
+            "sft": {"n_demos": 1200, "epochs": 1, "batch_size": 16, "lr": 5e-4},
+            "feedback": {"n_prompts": 120},
             "reward": {"epochs": 1, "batch_size": 16, "lr": 3e-5},
             "ppo": {"total_steps": 24, "rollout_batch_size": 32, "minibatch_size": 8, "ppo_epochs": 2, "lr": 1e-4},
+            "rloo": {"total_steps": 30, "prompts_per_step": 8, "minibatch_size": 16, "lr": 1e-4},
             "dpo": {"epochs": 1, "batch_size": 8, "lr": 5e-5},
             "eval": {"n_prompts": 100, "dist_samples": 50},
         }

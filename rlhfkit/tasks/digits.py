@@ -14,7 +14,7 @@ import random
 
 import numpy as np
 
-from rlhfkit.tasks.base import Task
+from rlhfkit.tasks.base import REWARD_EOS, Task
 
 SEP = "="
 N_PROMPT = 4
@@ -57,9 +57,9 @@ class DigitsTask(Task):
 
     @property
     def context_length(self) -> int:
-        """BOS + the prompt's digits and separator + max_new_tokens: every prompt tokenises to the same length
-        (one token per digit, see build_tokenizer), so no tokenizer is needed to know it."""
-        return 1 + N_PROMPT + 1 + self.max_new_tokens
+        """BOS + the prompt's digits and separator + max_new_tokens + REWARD_EOS: every prompt tokenises to the same
+        length (one token per digit, see build_tokenizer), so no tokenizer is needed to know it."""
+        return 1 + N_PROMPT + 1 + self.max_new_tokens + REWARD_EOS
 
     def default_overrides(self) -> dict:
         # DPO's usual beta of 0.1 lets the digits policy drift (seed 0: later validity 0.73, KL 4.4); at 0.5 it
