@@ -1,6 +1,7 @@
 """`rlhfkit label ...`: the labeling app's command line (the main CLI forwards here).
 
     rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [options]
+                         [--temperature 1.0] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--stop S]
     rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000] [--base-url URL] [--allowed-host NAME]
                         [--cookie-secure] [--max-body-kb 1024] [--max-upload-mb 64] [--forwarded-allow-ips ADDRS]
     rlhfkit label add-labeler PROJECT_DIR NAME [--lead] [--password-stdin]
@@ -44,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-minutes", type=float, default=30, help="unanswered items return to the pool after this")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest completion sampled from the policy")
+    # The pipeline's [sampling] filters, so people can rank what a run would sample; unset = the policy's
+    # generation_config.json (as `rlhfkit run` with policy.path), else off.
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (as feedback.temperature)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most probable tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=None, help="keep tokens at least this x the top one's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 makes repeated tokens less likely")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a completion at this text (repeatable)")
 
     p = sub.add_parser("serve", help="run the web app")
     p.add_argument("project_dir", type=Path)
@@ -106,6 +116,31 @@ def _require_project(project_dir: Path) -> None:
         raise ConfigError(f"{project_dir}: no labeling project here; create one with `rlhfkit label create {project_dir} ...`")
 
 
+def _sampling(args):
+    """The sampling filters of `create --policy`: each flag given, else the policy's generation_config.json, else
+    off; checked here (a flag's name in the error), not as a traceback from the sampler."""
+    from rlhfkit.core.generation import generation_defaults
+    from rlhfkit.models.sampling import SamplingParams
+
+    values = generation_defaults(Path(args.policy) / "generation_config.json")
+    given = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repetition_penalty": args.repetition_penalty, "stop": args.stop}
+    values.update({k: v for k, v in given.items() if v is not None})
+    checks = [("temperature", args.temperature, args.temperature > 0, "above 0"),
+              ("top-k", values.get("top_k", 0), values.get("top_k", 0) >= 0, "at least 0 (0 = off)"),
+              ("top-p", values.get("top_p", 1.0), 0 < values.get("top_p", 1.0) <= 1, "in (0, 1] (1 = off)"),
+              ("min-p", values.get("min_p", 0.0), 0 <= values.get("min_p", 0.0) < 1, "in [0, 1) (0 = off)"),
+              ("repetition-penalty", values.get("repetition_penalty", 1.0), values.get("repetition_penalty", 1.0) > 0,
+               "above 0 (1 = off)")]
+    for flag, value, ok, want in checks:
+        if not ok:
+            origin = "" if given.get(flag.replace("-", "_")) is not None or flag == "temperature" else \
+                f" (from {Path(args.policy) / 'generation_config.json'})"
+            raise ConfigError(f"--{flag} {value}{origin}: give a value {want}")
+    return SamplingParams(int(values.get("top_k", 0)), float(values.get("top_p", 1.0)), float(values.get("min_p", 0.0)),
+                          float(values.get("repetition_penalty", 1.0)), tuple(values.get("stop", ())))
+
+
 def cmd_create(args) -> int:
     from rlhfkit.labelapp import project
 
@@ -128,7 +163,8 @@ def cmd_create(args) -> int:
         items, source = project.load_completions(args.completions), str(args.completions)
     else:
         items = project.sample_items(args.policy, project.load_prompts(args.prompts), args.k, seed=args.seed,
-                                     max_new_tokens=args.max_new_tokens)
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     sampling=_sampling(args))
         source = str(args.policy)
     n = project.create_project(args.project_dir, settings, items, source)
     print(f"created {args.project_dir} with {n} items; next: `rlhfkit label add-labeler {args.project_dir} NAME`"

@@ -41,6 +41,7 @@ from rlhfkit.core.config import (
     toml_value,
 )
 from rlhfkit.core.errors import ConfigError
+from rlhfkit.core.generation import generation_defaults
 from rlhfkit.data.contract import STRENGTH_MARGINS
 from rlhfkit.data.labelled import TOXICITY_LABELS
 from rlhfkit.tasks import get_task
@@ -456,37 +457,7 @@ def _last(layers: list[tuple[dict, Source]], section: str, key: str, default):
 # ----------------------------------------------------------------------------------------------------
 # The defaults a model of your own brings (policy.path)
 
-# generation_config.json key (transformers' GenerationConfig) -> [sampling] field. Its temperature is not taken:
-# the stages' temperatures (feedback.temperature, ppo.temperature, ...) stay rlhfkit's 1.0, as TRL's trainers keep
-# theirs whatever the model's file says; the online methods optimise, and take log-probs and KL, at that
-# temperature, and a chat model's recommended 0.6-0.7 is for answering, not for exploring.
-GENERATION_KEYS = {"top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-                   "stop_strings": "stop"}
 MODEL_LR_SOURCE = "default for a pretrained policy.path"
-
-
-def generation_defaults(path: str | Path) -> dict:
-    """The [sampling] values a model's generation_config.json sets (GENERATION_KEYS, those present and not null;
-    a single stop string as a list of one). A missing or unreadable file sets none; a file that is not a JSON
-    object is a ConfigError naming it (types and ranges are checked as any other layer's, naming it too)."""
-    import json
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):  # no file, a directory that does not exist, no permission
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the model's generation config or remove "
-                          "it (it gives the [sampling] defaults)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object of generation settings, got {type(data).__name__}")
-    out = {ours: data[theirs] for theirs, ours in GENERATION_KEYS.items() if data.get(theirs) is not None}
-    if isinstance(out.get("stop"), str):
-        out["stop"] = [out["stop"]]
-    return out
 
 
 def model_defaults(model_path: str, *, lora: bool = False, lora_sft: bool = False,

@@ -175,3 +175,38 @@ def test_an_export_target_that_exists_is_refused_unless_it_holds_an_export(tmp_p
     # a previous export is replaced
     assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 0
     assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_create_from_a_policy_samples_with_the_filters_asked_for(tmp_path, capsys, monkeypatch):
+    """`create --policy` draws with the pipeline's [sampling] filters: each flag given, else the policy's
+    generation_config.json (as `rlhfkit run` with policy.path), else off; a value out of range is a clear error
+    naming the flag (or the file it came from)."""
+    from rlhfkit.labelapp import project
+    from rlhfkit.models.sampling import SamplingParams
+
+    seen = {}
+
+    def fake_sample_items(policy_dir, prompts, k, **kwargs):
+        seen.update(kwargs)
+        return [{"prompt": p, "completions": [f"a{i}" for i in range(k)], "model_ids": ["m"] * k, "item_id": None}
+                for p in prompts]
+
+    monkeypatch.setattr(project, "sample_items", fake_sample_items)
+    policy, prompts = tmp_path / "policy", tmp_path / "prompts.txt"
+    policy.mkdir()
+    (policy / "generation_config.json").write_text(json.dumps({"top_p": 0.9, "repetition_penalty": 1.2,
+                                                               "temperature": 0.6}))
+    prompts.write_text("hello\nhow are you\n")
+    assert main(["create", str(tmp_path / "p1"), "--policy", str(policy), "--prompts", str(prompts),
+                 "--top-k", "5", "--stop", "\n\n", "--temperature", "0.8"]) == 0
+    assert seen["sampling"] == SamplingParams(top_k=5, top_p=0.9, min_p=0.0, repetition_penalty=1.2, stop=("\n\n",))
+    assert seen["temperature"] == 0.8  # the file's temperature is for answering, not taken (as in the pipeline)
+    assert main(["create", str(tmp_path / "p2"), "--policy", str(policy), "--prompts", str(prompts),
+                 "--top-p", "1.5"]) == 2
+    assert "--top-p 1.5: give a value in (0, 1]" in one_error_line(capsys)
+    (policy / "generation_config.json").write_text(json.dumps({"min_p": 2}))
+    assert main(["create", str(tmp_path / "p3"), "--policy", str(policy), "--prompts", str(prompts)]) == 2
+    assert "--min-p 2 (from " in one_error_line(capsys)
+    (policy / "generation_config.json").unlink()
+    assert main(["create", str(tmp_path / "p4"), "--policy", str(policy), "--prompts", str(prompts)]) == 0
+    assert seen["sampling"] == SamplingParams() and seen["temperature"] == 1.0  # nothing set: every filter off
