@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("config", nargs="?", help="TOML config file to resolve (default: the task's built-in defaults)")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
     sub.add_parser("label", help="the labeling web app: `rlhfkit label --help`", add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible server for a policy directory: `rlhfkit serve --help`",
+                   add_help=False)
     sub.add_parser("data", help="convert and check data files (TRL, HH, UltraFeedback, ...): `rlhfkit data --help`",
                    add_help=False)
     sub.add_parser("model", help="convert models, e.g. a GGUF file to a model directory: `rlhfkit model --help`",
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.labelapp.cli import main as label_main
 
         return label_main(argv[1:])
+    if argv and argv[0] == "serve":  # the OpenAI-compatible server has its own parser and dependencies
+        from rlhfkit.serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] == "data":  # data files: its own parser
         from rlhfkit.data.cli import main as data_main
 

@@ -181,7 +181,7 @@ def test_pretrained_model_gets_the_task_settings_for_it(tmp_path):
     cfg = load_config(overrides=["task='courtesy'", f"policy.path='{tmp_path}'", "ppo.total_steps=7"], origins=origins)
     assert (cfg.lora.r, cfg.lora.sft, cfg.data.max_new_tokens) == (16, True, 40)
     assert cfg.ppo.lr == 1e-4 and cfg.reward.lr == 3e-5  # the task's rate wins over the generic pretrained one
-    assert cfg.sft.lr == 5e-4 and cfg.rloo.lr == 1e-4 and cfg.rloo.total_steps == 30
+    assert cfg.sft.lr == 5e-4 and cfg.rloo.lr == 1e-4 and cfg.rloo.total_steps == 30 and cfg.feedback.n_prompts == 400
     assert cfg.grpo.lr == 1e-5 and cfg.rest.lr == 2e-4  # generic pretrained rates with LoRA where the task sets none
     assert cfg.ppo.total_steps == 7  # the user's --set wins
     lines = " ".join(model_default_lines(origins, cfg))

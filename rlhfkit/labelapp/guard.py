@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rlhfkit.core.hosts import host_name, normalise_hosts
 from rlhfkit.labelapp import db, security
 from rlhfkit.labelapp.pages import error_response
 
@@ -36,27 +37,6 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, message: str):
         super().__init__(413, message)
-
-
-def host_name(header: str | None) -> str | None:
-    """The host part of a Host header, lowercased, without port, brackets or trailing dot; None if malformed."""
-    if not header:
-        return None
-    value = header.strip().lower()
-    if value.startswith("["):  # [IPv6]:port
-        end = value.find("]")
-        rest = value[end + 1:] if end > 0 else "x"
-        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
-            return None
-        return value[1:end]
-    name, colon, port = value.partition(":")
-    if colon and not port.isdigit():
-        return None
-    return name.rstrip(".") or None
-
-
-def normalise_hosts(hosts) -> set[str]:
-    return {h.strip().lower().strip("[]").rstrip(".") for h in hosts if h and h.strip()}
 
 
 class RequestGuard:

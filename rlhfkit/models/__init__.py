@@ -12,6 +12,8 @@
     scoring.py    reward functions over text: reward models and classifiers read with their own tokenizers
     optim.py      optimiser + schedule, one step, RNG state, checkpoints of the online loops
     gguf.py       `rlhfkit model from-gguf`: a llama-family GGUF file (llama.cpp, Ollama) as a plain directory
+    judge.py      the AI judge: templates (judge_templates/*.toml), a local causal LM's answer probabilities,
+                  position swap, the cache of judgements
 
 May import: data, ops, core (never spine, algorithms or anything above).
 """

@@ -354,11 +354,13 @@ class CourtesyTask(Task):
         # 1e-5 barely moved a 135M reward model in one epoch of ~1,400 comparisons); LoRA's rates for SFT, PPO, RLOO
         # and DPO are raised likewise for a run of tens of steps, not thousands (SFT at TRL's 2e-4: loss 4.4 -> 4.0
         # in 20 steps, and the SFT model was almost never rude, so the harmlessness labeler had nothing to rank).
+        # Feedback on 400 prompts: after SFT SmolLM2 is rude in a few replies in a hundred, so 120 prompts gave the
+        # harmlessness labeler 31 comparisons, too few to hold any out.
         return {
             "lora": {"r": 16, "alpha": 32.0, "sft": True},
             "data": {"max_new_tokens": 40},
             "sft": {"n_demos": 1200, "epochs": 1, "batch_size": 16, "lr": 5e-4},
-            "feedback": {"n_prompts": 120},
+            "feedback": {"n_prompts": 400},
             "reward": {"epochs": 1, "batch_size": 16, "lr": 3e-5},
             "ppo": {"total_steps": 24, "rollout_batch_size": 32, "minibatch_size": 8, "ppo_epochs": 2, "lr": 1e-4},
             "rloo": {"total_steps": 30, "prompts_per_step": 8, "minibatch_size": 16, "lr": 1e-4},
