@@ -14,7 +14,7 @@ from rlhfkit.algorithms import REGISTRY
 
 STAGE_HELP = {
     "sft": "supervised fine-tuning on demonstrations (the task's, or data.sft)",
-    "feedback": "sample K completions per prompt and rank them (simulated or human labelers)",
+    "feedback": "sample K completions per prompt and rank them (simulated or human labelers, or an AI judge)",
     "reward": "train the reward model: Bradley-Terry on comparisons or Plackett-Luce on rankings (reward.loss)",
     "toxicity": "fine-tune the toxicity classifier (MiniLM by default) on labelled replies (toxicity.enabled)",
     **REGISTRY,

@@ -318,6 +318,26 @@ def test_chain_of_thought_is_greedy_and_reads_the_answer_after_the_rationale(jud
     assert [p for p, _ in again] == pytest.approx([p for p, _ in out]) and [r for _, r in again] == [r for _, r in out]
 
 
+def test_self_consistency_averages_the_answer_over_sampled_rationales(judge_dirs, template):
+    """cot_samples = 3: three rationales sampled at cot_temperature (draws seeded by the input's cache key), the
+    answer read after each, averaged: equal to a manual average over those rationales, whatever the batch."""
+    judge = LocalJudge(judge_dirs["llama"], template, batch_size=2, cot_max_tokens=6, cot_samples=3,
+                       cot_temperature=1.5)
+    out = judge.first_probs(ITEMS[:3], cot=True)
+    for item, (p, joined) in zip(ITEMS[:3], out):
+        rationales = joined.split("\n~~~\n")
+        assert len(rationales) == 3 and len(set(rationales)) > 1  # sampled, not greedy
+        text = render(template, judge.tokenizer, *item, few_shot=True, cot=True)
+        manual = [_manual_prob(judge, text + r.rstrip() + "\nSo", (" 1", " 2")) for r in rationales]
+        assert p == pytest.approx(sum(manual) / 3, abs=1e-5)
+    alone = LocalJudge(judge_dirs["llama"], template, cot_max_tokens=6, cot_samples=3, cot_temperature=1.5)
+    assert alone.first_probs(ITEMS[1:2], cot=True) == [out[1]]  # the same draws outside the batch
+    greedy = LocalJudge(judge_dirs["llama"], template, cot_max_tokens=6)
+    assert greedy.options(True) != judge.options(True) and greedy.options(False) == judge.options(False)
+    with pytest.raises(ConfigError, match="cot_samples"):
+        LocalJudge(judge_dirs["llama"], template, cot_samples=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Position swap and what the judgements say
 

@@ -360,10 +360,10 @@ def test_strengths_flow_from_labelers_to_the_reward_loss(sft_out, tmp_path, monk
     seen = []
     real_loss = reward_module.bradley_terry_loss
 
-    def spy(chosen, rejected, margin=None):
+    def spy(chosen, rejected, margin=None, target=None):
         if margin is not None:  # training steps (the evaluation passes none)
             seen.append(margin.detach().clone())
-        return real_loss(chosen, rejected, margin)
+        return real_loss(chosen, rejected, margin, target)
 
     monkeypatch.setattr(reward_module, "bradley_terry_loss", spy)
     for use_margin in (True, False):

@@ -5,7 +5,8 @@
 
 r is the head's output at the last real token of prompt + completion + EOS. `reward.loss` picks the loss:
 Bradley-Terry on the comparisons, chosen and rejected in ONE forward pass (stacked on the batch axis), the
-margin m from the labelers' strengths (`reward.use_margin`); or Plackett-Luce on the rankings
+margin m from the labelers' strengths (`reward.use_margin`), the target an AI labeler's soft label where the
+comparisons carry one (`reward.soft_labels`: cross-entropy, distilled RLAIF, docs/rlaif.md); or Plackett-Luce on the rankings
 (rankings.jsonl), batched by item: an item's K completions in ONE forward, each labeler's ranking of it one
 term (ties, identical texts, several labelers: rlhfkit/data/ranked.py and docs/methods/reward.md).
 Both are measured the same way: pairwise accuracy on the consensus comparisons of held-out items (not pairs:
@@ -26,7 +27,7 @@ import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -43,6 +44,8 @@ from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.scoring import encode_for_scoring, is_decoder_model, sequence_rewards
 from rlhfkit.ops.losses import RANKING_LOSSES, bradley_terry_loss
 
+GoldScore = Callable[[object, object, str], float]  # (prompt, completion, criterion) -> the task's gold score
+
 if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
     from rlhfkit.pipeline.config import Config
 
@@ -51,17 +54,21 @@ class EncodedComparisons(NamedTuple):
     inputs: dict[str, torch.Tensor]  # (2N, T) model inputs: chosen rows first, then rejected rows
     margins: torch.Tensor  # (N,) 0 where unknown
     decoder: bool  # read the decoder way (last token) or the native way (the model's own forward)
+    targets: torch.Tensor  # (N,) P(chosen better): the soft label, 1 for a hard label
 
     def to(self, device) -> "EncodedComparisons":
-        return EncodedComparisons({k: v.to(device) for k, v in self.inputs.items()}, self.margins.to(device), self.decoder)
+        return EncodedComparisons({k: v.to(device) for k, v in self.inputs.items()}, self.margins.to(device),
+                                  self.decoder, self.targets.to(device))
 
 
 def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool = True) -> EncodedComparisons:
-    """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.models.scoring), and margins."""
+    """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.models.scoring), margins
+    and targets (soft labels)."""
     prompts = [c.prompt for c in comparisons] * 2
     completions = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
     margins = torch.tensor([c.margin or 0.0 for c in comparisons], dtype=torch.float32)
-    return EncodedComparisons(encode_for_scoring(tokenizer, prompts, completions, decoder), margins, decoder)
+    targets = torch.tensor([1.0 if c.soft_label is None else c.soft_label for c in comparisons], dtype=torch.float32)
+    return EncodedComparisons(encode_for_scoring(tokenizer, prompts, completions, decoder), margins, decoder, targets)
 
 
 def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
@@ -96,13 +103,27 @@ def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
+def gold_ordered(comparisons: list[Comparison], gold: GoldScore) -> list[Comparison]:
+    """The comparisons whose two replies the gold scorer tells apart, with `chosen` the gold-better one and hard
+    labels: what heldout_gold_accuracy measures the reward model on, whoever labelled the data."""
+    out = []
+    for c in comparisons:
+        a, b = gold(c.prompt, c.chosen, c.criterion), gold(c.prompt, c.rejected, c.criterion)
+        if a != b:
+            better, worse = (c.chosen, c.rejected) if a > b else (c.rejected, c.chosen)
+            out.append(dataclasses.replace(c, chosen=better, rejected=worse, margin=None, soft_label=None))
+    return out
+
+
 def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Path, out_dir: Path, rt: Runtime,
-                       rankings_path: Path | None = None) -> dict:
+                       rankings_path: Path | None = None, gold: GoldScore | None = None) -> dict:
     """Train on the comparisons (bradley_terry) or the rankings (plackett_luce; the comparisons, when given,
     measure it); save in out_dir/model. preference_files says which files a run reads. reward.criterion = '*':
-    one model per criterion (train_per_criterion)."""
+    one model per criterion (train_per_criterion). `gold` (prompt, completion, criterion) -> score, the task's gold
+    scorer where it has one, adds heldout_gold_accuracy: the held-out pairs ordered by the truth, not the labels
+    (an AI labeler's reward model measured against the gold labels of the same items)."""
     if cfg.reward.criterion == "*":
-        return train_per_criterion(cfg, comparisons_path, init_dir, out_dir, rt, rankings_path)
+        return train_per_criterion(cfg, comparisons_path, init_dir, out_dir, rt, rankings_path, gold)
     start = time.time()
     rc = cfg.reward
     listwise = rc.loss == "plackett_luce"
@@ -129,6 +150,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     test_data = encode_comparisons(tokenizer, test, decoder).to(rt.device)
     if not rc.use_margin:
         train_data.margins.zero_()
+    soft = rc.soft_labels and not listwise and bool((train_data.targets < 1.0).any())  # distilled RLAIF
 
     # 3. Train: a batch is comparisons (bradley_terry: chosen + rejected in one forward) or items (plackett_luce:
     #    an item's K completions in one forward, each of its rankings one term).
@@ -136,7 +158,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         if listwise:
             return RANKING_LOSSES["plackett_luce"](*ranking_scores(model, ranked, idx, rt))
         chosen, rejected = pair_scores(model, train_data, idx, rt)
-        return bradley_terry_loss(chosen, rejected, train_data.margins[idx])
+        return bradley_terry_loss(chosen, rejected, train_data.margins[idx], train_data.targets[idx] if soft else None)
 
     n = len(ranked.rows) if listwise else len(train)  # items or comparisons
     batch_size = ranked.items_per_batch(rc.batch_size) if listwise else rc.batch_size  # ~batch_size rankings
@@ -164,6 +186,10 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 
     # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
     heldout = evaluate_pairs(model, test_data, rt, desc="reward model: held-out accuracy")
+    gold_test = gold_ordered(test, gold) if gold is not None else []
+    gold_figures = {"heldout_gold_accuracy": evaluate_pairs(
+        model, encode_comparisons(tokenizer, gold_test, decoder).to(rt.device), rt,
+        desc="reward model: held-out gold accuracy")["accuracy"], "n_heldout_gold": len(gold_test)} if gold_test else {}
     train_eval = evaluate_pairs(model, train_data, rt, desc="reward model: training accuracy")
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
@@ -177,6 +203,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         **listwise_figures,
         "heldout_accuracy": heldout["accuracy"],
         "heldout_loss": heldout["loss"],
+        **gold_figures,
+        "soft_labels": soft,
         "train_accuracy": train_eval["accuracy"],
         "n_train": len(train),
         "n_heldout": len(test),
@@ -186,7 +214,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 
 
 def train_per_criterion(cfg: Config, comparisons_path: Path | None, init_dir: Path, out_dir: Path, rt: Runtime,
-                        rankings_path: Path | None = None) -> dict:
+                        rankings_path: Path | None = None, gold: GoldScore | None = None) -> dict:
     """reward.criterion = '*': one reward model per criterion of the data (Llama 2 trained one for helpfulness
     and one for safety), each trained alone as train_reward_model trains one, into out_dir/<criterion>/. When
     reward.sources read this run's reward models, only the criteria they name are trained (the courtesy task's
@@ -215,7 +243,7 @@ def train_per_criterion(cfg: Config, comparisons_path: Path | None, init_dir: Pa
     for c in criteria:
         one = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, criterion=c))
         (out_dir / c).mkdir(parents=True, exist_ok=True)
-        results[c] = train_reward_model(one, comparisons_path, init_dir, out_dir / c, rt, rankings_path)
+        results[c] = train_reward_model(one, comparisons_path, init_dir, out_dir / c, rt, rankings_path, gold)
     return {
         "criteria": results,
         **{f"heldout_accuracy/{c}": r["heldout_accuracy"] for c, r in results.items()},

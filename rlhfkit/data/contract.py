@@ -64,6 +64,14 @@ class Comparison:
     margin: float | None = None  # strength of the preference (see STRENGTH_MARGINS); None = unknown
     labeler_ids: list[str] = field(default_factory=list)  # who supports this preference
     criterion: str = "overall"  # e.g. "helpfulness", "harmlessness"; one reward model per criterion
+    # An AI labeler's probability that `chosen` is better, in [0.5, 1] (docs/rlaif.md); None = a hard label. The
+    # reward model trains on it by cross-entropy (reward.soft_labels: distilled RLAIF, Lee et al. 2023).
+    soft_label: float | None = None
+    rationale: str | None = None  # the AI labeler's chain of thought (both orders with position swap); None = none
+
+
+# Comparison fields written only when set (records without them stay as before: the fields are optional to read).
+OPTIONAL_WHEN_NONE = ("soft_label", "rationale")
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,11 @@ def parse_comparison(obj: dict, where: str, item_id_required: bool = True) -> Co
     if not all(isinstance(x, str) for x in labeler_ids):
         raise DataError(f"{where}: field 'labeler_ids' must be a list of strings")
     margin = _require(obj, "margin", (int, float), where, optional=True)
+    soft_label = _require(obj, "soft_label", (int, float), where, optional=True)
+    if soft_label is not None and not 0.5 <= soft_label <= 1.0:
+        raise DataError(f"{where}: field 'soft_label' = {soft_label!r} must be in [0.5, 1], the probability that "
+                        "'chosen' is better (swap chosen and rejected if the labeler preferred the other)")
+    rationale = _require(obj, "rationale", str, where, optional=True)
     texts = {key: parse_text(_require(obj, key, (str, list), where), key, where) for key in ("prompt", "chosen", "rejected")}
     prompt, (chosen, rejected) = align_replies(texts["prompt"], [texts["chosen"], texts["rejected"]],
                                                ["chosen", "rejected"], where)
@@ -284,6 +297,8 @@ def parse_comparison(obj: dict, where: str, item_id_required: bool = True) -> Co
         margin=None if margin is None else float(margin),
         labeler_ids=list(labeler_ids),
         criterion=_require(obj, "criterion", str, where, optional=True) or "overall",
+        soft_label=None if soft_label is None else float(soft_label),
+        rationale=rationale,
     )
     if comparison.chosen == comparison.rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a comparison needs two different completions")
@@ -371,6 +386,13 @@ def record_kind(path: str | Path) -> str:
     raise DataError(f"{path}: contains no records")
 
 
+def _as_row(record: Any) -> Any:
+    """A record as one JSON object: a dataclass's fields, less those of OPTIONAL_WHEN_NONE that are None."""
+    if not hasattr(record, "__dataclass_fields__"):
+        return record
+    return {k: v for k, v in asdict(record).items() if not (v is None and k in OPTIONAL_WHEN_NONE)}
+
+
 def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
     """Write records (dataclasses or dicts) atomically: a killed writer never leaves a half file."""
     path = Path(path)
@@ -380,7 +402,7 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps(asdict(r) if hasattr(r, "__dataclass_fields__") else r, ensure_ascii=False) + "\n")
+                f.write(json.dumps(_as_row(r), ensure_ascii=False) + "\n")
                 n += 1
         os.replace(tmp, path)
     except BaseException:

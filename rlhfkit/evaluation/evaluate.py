@@ -28,6 +28,7 @@ from rlhfkit.core.runio import read_json, tracked
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.data.labelled import TOXICITY_LABELS
 from rlhfkit.models.forward import freeze, response_logits
+from rlhfkit.models.judge import judge_pairs
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.scoring import ClassLabelScorer
@@ -241,11 +242,24 @@ def beside_gold(figures: dict, key: str, value, gold: tuple[str, ...]) -> dict:
     return dict([*items[:at], (key, value), *items[at:]])
 
 
+def win_outcome(p: float) -> float:
+    """A match's outcome from the judge's P(a better): 1 (a wins), 0 (b wins) or 1/2 (a tie)."""
+    return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+
+
+def judge_head_to_head(judge, jc, prompts: list, by_policy: dict[str, list], pairs) -> dict[tuple, list[float]]:
+    """The AI judge's P(a's reply is better than b's) on each prompt, for each (a, b) in `pairs`, with the
+    [judge] options `jc` (both orders with jc.swap, so identical replies are an exact tie)."""
+    return {(a, b): [j.p for j in judge_pairs(judge, prompts, by_policy[a], by_policy[b], swap=jc.swap,
+                                              few_shot=jc.few_shot, cot=jc.cot)] for a, b in pairs}
+
+
 def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, rt: Runtime,
-                 keep_completions: bool = False, toxicity_dir: Path | None = None) -> dict:
+                 keep_completions: bool = False, toxicity_dir: Path | None = None, judge=None) -> dict:
     """Evaluate each named policy (e.g. {'sft': path, 'ppo': path, 'best_of_n': BestOfN(8, 1.0)}) on the same
     held-out prompts; with a reward model (rm_dir) its mean score is reported too (a DPO run has none); with a
-    toxicity classifier (toxicity_dir: OUT/toxicity/model) each policy's toxicity_score.
+    toxicity classifier (toxicity_dir: OUT/toxicity/model) each policy's toxicity_score; with an AI judge
+    (rlhfkit.spine.judging.open_judge, asked as cfg.judge says) each policy's judge_win_rate against SFT's replies.
     keep_completions: also return every policy's completions ({"prompts": [...], "completions": {name: [...]}})."""
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     ref_policy = freeze(load_policy(sft_dir, rt.device, "reference policy"))
@@ -271,6 +285,12 @@ def evaluate_run(cfg, task, sft_dir: Path, rm_dir: Path | None, policies: dict, 
             score = toxicity_score(classifier, prompts, r["completions"])
             results[name] = beside_gold(r, "toxicity_score", score, task.gold_metric_names)
     completions = {name: r.pop("completions") for name, r in results.items()}
+    if judge is not None:  # the share of prompts where the judge prefers the policy's reply to SFT's
+        others = [n for n in results if n != "sft"]
+        verdicts = judge_head_to_head(judge, cfg.judge, prompts, completions, [(n, "sft") for n in others])
+        for n in others:
+            outcomes = [win_outcome(p) for p in verdicts[(n, "sft")]]
+            results[n]["judge_win_rate"] = sum(outcomes) / len(outcomes)
     result = {"policies": results, "distributions": distributions_record(dist_prompt, dists, tokenizer)}
     if keep_completions:
         result["completions"] = {"prompts": prompts, "by_policy": completions}

@@ -92,12 +92,12 @@ def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, r
     ]
 
 
-def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
-    start = time.time()
+def sample_items(cfg: Config, task, sft_dir: Path, rt: Runtime) -> tuple[list, list[list], random.Random]:
+    """The items to label: feedback.n_prompts prompts and K completions each from the SFT policy, and the stage's
+    random stream after drawing them. Every labeler (simulated, AI) gets the same items for the same seed, so their
+    labels can be compared item for item."""
     fb = cfg.feedback
     rng = random.Random(f"{cfg.seed}-feedback")
-
-    # 1. Prompts and K completions each from the SFT policy.
     tokenizer = load_tokenizer(sft_dir, "sft policy")
     model = load_policy(sft_dir, rt.device, "sft policy").eval()
     prompts = task.prompts(fb.n_prompts, rng)
@@ -105,6 +105,15 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
     completions = sample_texts(model, tokenizer, prompts, fb.k, max_new_tokens=task.max_new_tokens, generator=generator,
                                temperature=fb.temperature, dtype=rt.dtype, batch_size=512, desc="feedback: sampling",
                                sampling=SamplingParams.of(cfg.sampling))
+    return prompts, completions, rng
+
+
+def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    start = time.time()
+    fb = cfg.feedback
+
+    # 1. Prompts and K completions each from the SFT policy.
+    prompts, completions, rng = sample_items(cfg, task, sft_dir, rt)
 
     # 2. Each labeler ranks each item (and states strengths); 3. the consensus becomes comparisons.
     labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]

@@ -13,11 +13,14 @@ orders and average, p = (p_12 + (1 - p_21)) / 2 (`swap_average`).
 The parts, top to bottom:
   JudgeTemplate, load_template   the prompt as data (a TOML file the user edits: judge_templates/pairwise.toml)
   render                         the judge's input text, through the tokenizer's chat template when it has one
+  judge_messages                 the same input as chat messages, for an OpenAI-compatible endpoint
   answer_token_ids               the two labels' token ids (each must be ONE token after the answer prefix)
   JudgeCache                     judgements on disk (SQLite), keyed by judge, template, input and options
-  LocalJudge                     a causal-LM directory as a judge: batched, left-padded, last position only
+  JudgeModel, LocalJudge         a causal-LM directory as a judge: batched, left-padded, last position only
   judge_pairs                    any judge (PairJudge), both orders, averaged: Judgement per pair
   position_bias, same_position_rate, alignment    how a judge behaves, measured on its judgements
+The 1-10 score judge (direct RLAIF) is rlhfkit/models/judge_score.py, built from these parts.
+The OpenAI-compatible back-end (RemoteJudge) is rlhfkit/models/judge_remote.py.
 
 Deviations from the papers (docs/rlaif.md, "Deviations"):
 1. A chat model is given the preamble as the system message and each exemplar as a user turn answered by an
@@ -26,7 +29,8 @@ Deviations from the papers (docs/rlaif.md, "Deviations"):
 2. Chain of thought generates ONE greedy rationale (top-k = 1), cut at the answer line, then reads the labels'
    probabilities after the rationale and `cot_answer_prefix` (the paper's two-step CoT). The rationale is kept
    as text and re-tokenised with the rest of the input, so its ids may differ from the ids generated (a BPE
-   merge across a boundary). Self-consistency (several sampled rationales) is not here yet.
+   merge across a boundary). Self-consistency (cot_samples > 1) samples that many rationales instead and averages
+   the probabilities read after each (Lee et al. 2023, Sec. 2.1.3).
 3. A label that does not continue the answer prefix as one token may take the prefix's trailing spaces
    (GPT-2-style tokenizers read "Answer: 1" as "Answer", ":", " 1"): the input then ends before the spaces and
    the label read is " 1". Lee et al. read the token after "Preferred Summary=" and need no such rule.
@@ -111,7 +115,7 @@ class JudgeTemplate:
 
     def __post_init__(self):
         where = self.source
-        _check_placeholders(self.question, where, "question")
+        check_placeholders(self.question, where, "question")
         labels = self.labels
         if (not isinstance(labels, tuple) or len(labels) != 2 or not all(isinstance(x, str) and x for x in labels)):
             raise ConfigError(f"{where}: labels = {labels!r}; give two non-empty strings, e.g. labels = [\"1\", \"2\"]")
@@ -125,35 +129,47 @@ class JudgeTemplate:
     @property
     def content_hash(self) -> str:
         """sha256 of everything that shapes a judgement (not `source`): part of every cache key."""
-        content = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
-        content["exemplars"] = [vars(ex) for ex in self.exemplars]
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return template_hash(self)
 
 
-def _check_placeholders(text: str, where: str, field: str) -> None:
+def template_hash(template) -> str:
+    """sha256 of a template dataclass's fields but `source`, its `exemplars` as dicts (any judge's template)."""
+    content = {f.name: getattr(template, f.name) for f in fields(template) if f.name != "source"}
+    content["exemplars"] = [vars(ex) for ex in template.exemplars]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _braced(names) -> str:
+    shown = ["{" + n + "}" for n in names]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
+def check_placeholders(text: str, where: str, field: str, placeholders: tuple[str, ...] = PLACEHOLDERS) -> None:
+    """A ConfigError naming `where` and `field` unless `text` holds each of `placeholders` and no other."""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as e:  # a single { or }
         raise ConfigError(f"{where}: {field}: {e}; write a literal brace as {{{{ or }}}}") from None
-    unknown = sorted({n for n in names if n not in PLACEHOLDERS})
+    unknown = sorted({n for n in names if n not in placeholders})
     if unknown:
-        shown = ", ".join("{" + n + "}" for n in unknown)
-        raise ConfigError(f"{where}: {field} has the unknown placeholder(s) {shown}; "
-                          f"use only {{prompt}}, {{reply_1}} and {{reply_2}} (a literal brace is {{{{ or }}}})")
-    missing = [n for n in PLACEHOLDERS if n not in names]
+        raise ConfigError(f"{where}: {field} has the unknown placeholder(s) {_braced(unknown)}; use only "
+                          f"{_braced(placeholders)} (a literal brace is {{{{ or }}}})")
+    missing = [n for n in placeholders if n not in names]
     if missing:
-        raise ConfigError(f"{where}: {field} lacks {', '.join('{' + n + '}' for n in missing)}; the question must "
-                          "show the prompt and both replies")
+        raise ConfigError(f"{where}: {field} lacks {_braced(missing)}; the question must show "
+                          f"{_braced(placeholders)}")
 
 
 _EXEMPLAR_FIELDS = tuple(f.name for f in fields(Exemplar))
 _TEMPLATE_FIELDS = tuple(f.name for f in fields(JudgeTemplate) if f.name != "source")
 
 
-def _string(table: dict, key: str, where: str, field: str, required: bool) -> str | None:
+def string_field(table: dict, key: str, where: str, field: str, required: bool,
+                 example: Path = DEFAULT_TEMPLATE) -> str | None:
+    """table[key] as a string (None when absent and not required); a ConfigError naming `where` and `field`."""
     if key not in table:
         if required:
-            raise ConfigError(f"{where}: the field {field} is missing; add it (see {DEFAULT_TEMPLATE.name})")
+            raise ConfigError(f"{where}: the field {field} is missing; add it (see {example.name})")
         return None
     value = table[key]
     if not isinstance(value, str):
@@ -161,7 +177,8 @@ def _string(table: dict, key: str, where: str, field: str, required: bool) -> st
     return value
 
 
-def _unknown(table: dict, known: tuple[str, ...], where: str, prefix: str) -> None:
+def unknown_fields(table: dict, known: tuple[str, ...], where: str, prefix: str) -> None:
+    """A ConfigError naming the first key of `table` that is not in `known` (a typo), and the known ones."""
     extra = [k for k in table if k not in known]
     if extra:
         raise ConfigError(f"{where}: unknown field {prefix}{extra[0]}; the fields are {', '.join(known)}")
@@ -169,10 +186,10 @@ def _unknown(table: dict, known: tuple[str, ...], where: str, prefix: str) -> No
 
 def template_from_dict(raw: dict, source: str = "<in memory>") -> JudgeTemplate:
     """A JudgeTemplate from a parsed TOML table; every error a ConfigError naming `source` and the field."""
-    _unknown(raw, _TEMPLATE_FIELDS, source, "")
+    unknown_fields(raw, _TEMPLATE_FIELDS, source, "")
     kwargs = {}
     for key in ("question", "preamble", "answer_prefix", "cot_instruction", "cot_answer_prefix"):
-        value = _string(raw, key, source, key, required=key == "question")
+        value = string_field(raw, key, source, key, required=key == "question")
         if value is not None:
             kwargs[key] = value
     if "labels" in raw:
@@ -188,22 +205,27 @@ def template_from_dict(raw: dict, source: str = "<in memory>") -> JudgeTemplate:
     parsed = []
     for i, ex in enumerate(exemplars, start=1):
         name = f"exemplars[{i}]"
-        _unknown(ex, _EXEMPLAR_FIELDS, source, name + ".")
-        values = {k: _string(ex, k, source, f"{name}.{k}", required=k != "rationale") for k in _EXEMPLAR_FIELDS}
+        unknown_fields(ex, _EXEMPLAR_FIELDS, source, name + ".")
+        values = {k: string_field(ex, k, source, f"{name}.{k}", required=k != "rationale") for k in _EXEMPLAR_FIELDS}
         parsed.append(Exemplar(**{k: v for k, v in values.items() if v is not None}))
     return JudgeTemplate(**kwargs, exemplars=tuple(parsed), source=source)
 
 
-def load_template(path: str | Path = DEFAULT_TEMPLATE) -> JudgeTemplate:
-    """The judge template in a TOML file (default: the shipped pairwise.toml)."""
+def read_template_file(path: str | Path, example: Path = DEFAULT_TEMPLATE) -> dict:
+    """The TOML table in a judge template file; a ConfigError pointing at `example` (a shipped template) when the
+    file is missing or not TOML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"judge template {path} does not exist; copy {DEFAULT_TEMPLATE} and edit it")
+        raise ConfigError(f"judge template {path} does not exist; copy {example} and edit it")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e}); compare it with {DEFAULT_TEMPLATE}") from None
-    return template_from_dict(raw, str(path))
+        raise ConfigError(f"{path}: not valid TOML ({e}); compare it with {example}") from None
+
+
+def load_template(path: str | Path = DEFAULT_TEMPLATE) -> JudgeTemplate:
+    """The judge template in a TOML file (default: the shipped pairwise.toml)."""
+    return template_from_dict(read_template_file(path), str(Path(path)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,28 +250,50 @@ def render(template: JudgeTemplate, tokenizer, prompt, reply_1, reply_2, few_sho
     message when the template refuses a system role), each exemplar a user turn and an assistant answer, the
     question a user turn, then the assistant turn opened (+ answer_prefix). Without: the same parts as one text,
     separated by blank lines, each answer on the line after its question."""
-    shots = template.exemplars if few_shot else ()
+    return render_parts(tokenizer, template.preamble, _shots(template, few_shot, cot),
+                        _question(template, prompt, reply_1, reply_2, cot), "" if cot else template.answer_prefix)
+
+
+def _shots(template: JudgeTemplate, few_shot: bool, cot: bool) -> list[tuple[str, str]]:
+    return [(_question(template, e.prompt, e.reply_1, e.reply_2, cot), _exemplar_answer(template, e, cot))
+            for e in (template.exemplars if few_shot else ())]
+
+
+def judge_messages(template: JudgeTemplate, prompt, reply_1, reply_2, few_shot: bool = True,
+                   cot: bool = False) -> list[dict]:
+    """The conversation `render` gives a chat template, as messages (what an OpenAI-compatible judge is sent,
+    rlhfkit.models.judge_remote): the answer prefix has no place in it, so a chat judge needs answer_prefix = ""."""
+    return chat_messages(template.preamble, _shots(template, few_shot, cot),
+                         _question(template, prompt, reply_1, reply_2, cot))
+
+
+def chat_messages(preamble: str, shots: Sequence[tuple[str, str]], question: str) -> list[dict]:
+    """Any judge's conversation from its filled-in parts: the preamble as the system message (none when ""), each
+    (question, answer) exemplar a user turn answered by an assistant turn, then the question as a user turn."""
+    turns = [{"role": "system", "content": preamble}] if preamble else []
+    for q, a in shots:
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return turns + [{"role": "user", "content": question}]
+
+
+def render_parts(tokenizer, preamble: str, shots: Sequence[tuple[str, str]], question: str, answer: str) -> str:
+    """Any judge's input from its filled-in parts: the preamble, the (question, answer) exemplars, the question,
+    and the text the answer starts with (render's layout, with or without a chat template)."""
     if not has_chat_template(tokenizer):
-        blocks = [template.preamble] if template.preamble else []
-        blocks += [_question(template, e.prompt, e.reply_1, e.reply_2, cot) + "\n" + _exemplar_answer(template, e, cot)
-                   for e in shots]
-        answer = "" if cot else template.answer_prefix
-        blocks.append(_question(template, prompt, reply_1, reply_2, cot) + "\n" + answer)
+        blocks = [preamble] if preamble else []
+        blocks += [q + "\n" + a for q, a in shots]
+        blocks.append(question + "\n" + answer)
         return "\n\n".join(blocks)
-    turns = []
-    for e in shots:
-        turns += [{"role": "user", "content": _question(template, e.prompt, e.reply_1, e.reply_2, cot)},
-                  {"role": "assistant", "content": _exemplar_answer(template, e, cot)}]
-    turns.append({"role": "user", "content": _question(template, prompt, reply_1, reply_2, cot)})
-    system = [{"role": "system", "content": template.preamble}] if template.preamble else []
+    turns = chat_messages(preamble, shots, question)
     try:
-        text = render_chat(tokenizer, system + turns, add_generation_prompt=True)
-    except DataError:
-        if not system:
-            raise
-        turns[0] = {"role": "user", "content": template.preamble + "\n\n" + turns[0]["content"]}
         text = render_chat(tokenizer, turns, add_generation_prompt=True)
-    return text if cot else text + template.answer_prefix
+    except DataError:
+        if not preamble:
+            raise
+        turns = turns[1:]  # the template refuses a system role: the preamble leads the first user message
+        turns[0] = {"role": "user", "content": preamble + "\n\n" + turns[0]["content"]}
+        text = render_chat(tokenizer, turns, add_generation_prompt=True)
+    return text + answer
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -258,19 +302,29 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
+def label_token_ids(tokenizer, context: str, labels: Sequence[str],
+                    max_tokens: int = 1) -> tuple[int, list[list[int]]] | None:
+    """(cut, ids): each label's token ids where it continues `context` (a rendering ending with the answer prefix)
+    by 1 to max_tokens tokens, the input cut before the context's `cut` trailing spaces (0, else all of them:
+    deviation 3). None when neither cut fits every label, or two labels get the same ids."""
+    full = [encode_text(tokenizer, context + label) for label in labels]
+    spaces = len(context) - len(context.rstrip(" "))
+    for cut in dict.fromkeys((0, spaces)):
+        base = encode_text(tokenizer, context[: len(context) - cut])
+        if all(1 <= len(f) - len(base) <= max_tokens and f[: len(base)] == base for f in full):
+            ids = [f[len(base):] for f in full]
+            return (cut, ids) if len({tuple(i) for i in ids}) == len(ids) else None
+    return None
+
+
 def answer_token_ids(tokenizer, template: JudgeTemplate, context: str, field: str, judge: str) -> tuple[int, list[int]]:
     """(cut, ids): the two labels' token ids read after `context` (a rendering ending with the answer prefix), and
     how many trailing characters of every such input go into the label's token (deviation 3: trailing spaces,
     for tokenizers that merge " 1"). A ConfigError when a label is not one token there, or both are the same."""
+    found = label_token_ids(tokenizer, context, template.labels, max_tokens=1)
+    if found is not None:
+        return found[0], [ids[0] for ids in found[1]]
     full = [encode_text(tokenizer, context + label) for label in template.labels]
-    spaces = len(context) - len(context.rstrip(" "))
-    for cut in dict.fromkeys((0, spaces)):
-        base = encode_text(tokenizer, context[: len(context) - cut])
-        if all(len(f) == len(base) + 1 and f[: len(base)] == base for f in full):
-            ids = [f[-1] for f in full]
-            if ids[0] == ids[1]:
-                break
-            return cut, ids
     base = encode_text(tokenizer, context)
     shown = "; ".join(f"{label!r} -> {tokenizer.convert_ids_to_tokens(f[max(len(base) - 2, 0):])}"
                       for label, f in zip(template.labels, full))
@@ -312,8 +366,10 @@ def model_identity(path: str | Path) -> str:
 
 class JudgeCache:
     """Judgements on disk: one SQLite row per judged input, key (judgement_key) -> P(the reply shown first is
-    better) and the rationale. A judge commits after each batch, so a run that dies keeps every batch it
-    finished, and a rerun reads them instead of calling the model."""
+    better) and the rationale (the score judge, rlhfkit.models.judge_score, keeps its expected score in the
+    p_first column, under keys of its own: its template's hash and options {"judgement": "score", ...}). A judge
+    commits after each batch, so a run that dies keeps every batch it finished, and a rerun reads them instead of
+    calling the model."""
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS judgements "
               "(key TEXT PRIMARY KEY, p_first REAL NOT NULL, rationale TEXT NOT NULL)")
@@ -360,13 +416,21 @@ class JudgeStats:
     """What judging cost so far (the issue's "cost" metric)."""
 
     calls: int = 0
-    """Forward passes that read answers (one per batch; rationale generation not counted)."""
+    """Forward passes that read answers (one per batch, and for the score judge one more per first token of a
+    two-token label; rationale generation not counted); a remote judge: requests answered."""
     judged: int = 0
     """Inputs the model judged."""
     cached: int = 0
     """Inputs answered from the cache (or repeated within a call) without the model."""
     tokens: int = 0
-    """Tokens the model read (padding excluded) plus rationale tokens it generated."""
+    """Tokens the model read (padding excluded) plus rationale tokens it generated; a remote judge: the endpoint's
+    `usage.total_tokens`."""
+    bounded: int = 0
+    """A remote judge: inputs with only one label among the top log-probs, the other's bounded by the smallest shown
+    (rlhfkit.models.judge_remote, deviation 1)."""
+    from_text: int = 0
+    """A remote judge: inputs with neither label among the top log-probs, read from the answer's text instead
+    (the first label 1, the second 0, anything else 0.5; rlhfkit.models.judge_remote, deviation 2)."""
 
 
 class PairJudge(Protocol):
@@ -389,28 +453,66 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     return model.get_output_embeddings()(hidden)  # (B, V)
 
 
-class LocalJudge:
-    """A local causal-LM directory as a pairwise judge (PairJudge): each ordered comparison rendered with the
-    template, batched and left-padded, one forward reading only the last position, and P(first better) = the
-    softmax over the two labels' logits. Deterministic: eval mode, dropout off, greedy rationales.
+class JudgeModel:
+    """What every local judge shares (LocalJudge, rlhfkit.models.judge_score.LocalScoreJudge): a causal-LM
+    directory loaded frozen in eval mode with dropout off, its tokenizer, its identity for the cache, the cache,
+    and `next_token_logits`, one batched, left-padded forward that reads only the last position.
 
-    cache: a JudgeCache or a path to one (None = no cache). cot_max_tokens: the longest rationale."""
+    cache: a JudgeCache or a path to one (None = no cache)."""
 
-    def __init__(self, path: str | Path, template: JudgeTemplate | None = None, rt: Runtime | None = None, *,
-                 batch_size: int = 16, cache: JudgeCache | str | Path | None = None, cot_max_tokens: int = 96):
-        if batch_size < 1 or cot_max_tokens < 1:
-            raise ConfigError(f"judge batch_size = {batch_size}, cot_max_tokens = {cot_max_tokens}; both must be >= 1")
+    def __init__(self, path: str | Path, rt: Runtime | None = None, *, batch_size: int = 16,
+                 cache: JudgeCache | str | Path | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"judge batch_size = {batch_size}; it must be >= 1")
         self.path = check_model_dir(path, "judge", causal=True)
-        self.template = template if template is not None else load_template()
         self.rt = rt if rt is not None else Runtime(torch.device("cpu"), None)
         self.tokenizer = load_tokenizer(self.path, "judge")
         self.model = freeze(disable_dropout(load_policy(self.path, self.rt.device, "judge")))
         self.identity = model_identity(self.path)
         self.cache = JudgeCache(cache) if isinstance(cache, (str, Path)) else cache
-        self.batch_size, self.cot_max_tokens = batch_size, cot_max_tokens
+        self.batch_size = batch_size
         self.stats = JudgeStats()
         self.positions = getattr(self.model.config, "max_position_embeddings", None)
         self.keep_one = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @torch.no_grad()
+    def next_token_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(B, V) fp32 next-token logits after each token sequence, in one left-padded forward (stats: one call,
+        the tokens read; the caller counts what it judged)."""
+        longest = max(len(s) for s in seqs)
+        if self.positions is not None and longest > self.positions:
+            raise RlhfkitError(
+                f"judge {self.path} has {self.positions} positions, but a rendered input takes {longest} tokens; "
+                "shorten the replies or the template (preamble, exemplars), judge without few-shot, or use a judge "
+                "with a longer context")
+        ids, mask = pad_left(seqs, pad_id(self.tokenizer))  # (B, T): every row ends at column T - 1
+        ids, mask = ids.to(self.rt.device), mask.to(self.rt.device)
+        with autocast(self.rt.device, self.rt.dtype):
+            logits = last_logits(self.model, ids, mask, self.keep_one)  # (B, V)
+        self.stats.calls += 1
+        self.stats.tokens += sum(len(s) for s in seqs)
+        return logits.float()
+
+
+class LocalJudge(JudgeModel):
+    """A local causal-LM directory as a pairwise judge (PairJudge): each ordered comparison rendered with the
+    template, batched and left-padded, one forward reading only the last position, and P(first better) = the
+    softmax over the two labels' logits. Deterministic: eval mode, dropout off, greedy rationales.
+
+    cache: a JudgeCache or a path to one (None = no cache). cot_max_tokens: the longest rationale. cot_samples > 1:
+    self-consistency (Lee et al. 2023, Sec. 2.1.3, after Wang et al. 2022): that many rationales sampled at
+    cot_temperature, P(first better) read after each and averaged; the draws of an input are seeded by its cache key,
+    so they do not depend on what else is in the batch."""
+
+    def __init__(self, path: str | Path, template: JudgeTemplate | None = None, rt: Runtime | None = None, *,
+                 batch_size: int = 16, cache: JudgeCache | str | Path | None = None, cot_max_tokens: int = 96,
+                 cot_samples: int = 1, cot_temperature: float = 0.7):
+        if cot_max_tokens < 1 or cot_samples < 1 or not cot_temperature > 0:
+            raise ConfigError(f"judge cot_max_tokens = {cot_max_tokens}, cot_samples = {cot_samples}, "
+                              f"cot_temperature = {cot_temperature}; the first two must be >= 1, the last > 0")
+        super().__init__(path, rt, batch_size=batch_size, cache=cache)
+        self.template = template if template is not None else load_template()
+        self.cot_max_tokens, self.cot_samples, self.cot_temperature = cot_max_tokens, cot_samples, cot_temperature
         self._answers: dict[bool, tuple[int, list[int]]] = {}
         self._answer(cot=False)  # a template whose labels do not fit this tokenizer fails here, not mid-run
 
@@ -428,7 +530,10 @@ class LocalJudge:
 
     def options(self, cot: bool) -> dict:
         """The settings besides the input that decide a judgement (part of its cache key)."""
-        return {"cot": cot, "cot_max_tokens": self.cot_max_tokens if cot else None, "dtype": str(self.rt.dtype)}
+        options = {"cot": cot, "cot_max_tokens": self.cot_max_tokens if cot else None, "dtype": str(self.rt.dtype)}
+        if cot and self.cot_samples > 1:  # (absent otherwise: the keys of greedy judgements stay as they were)
+            options.update(cot_samples=self.cot_samples, cot_temperature=self.cot_temperature)
+        return options
 
     def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True,
                     cot: bool = False) -> list[tuple[float, str]]:
@@ -442,6 +547,8 @@ class LocalJudge:
         todo = [k for k in dict.fromkeys(keys) if k not in done]
         self.stats.cached += len(keys) - len(todo)
         text_of = dict(zip(keys, texts))
+        if cot and self.cot_samples > 1:
+            return self._self_consistent(keys, todo, text_of, done, cut, label_ids)
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             contexts = [text_of[k] for k in batch]
@@ -455,38 +562,41 @@ class LocalJudge:
                 self.cache.put(rows)  # committed: a crash in a later batch keeps this one
         return [done[k] for k in keys]
 
-    @torch.no_grad()
+    def _self_consistent(self, keys, todo, text_of, done, cut, label_ids) -> list[tuple[float, str]]:
+        """Self-consistency: per input, cot_samples rationales in one batch (draws seeded by its key), the labels'
+        probabilities after each, averaged; the rationales kept, separated by a line '~~~'."""
+        for key in todo:
+            context, n = text_of[key], self.cot_samples
+            rationales = self._rationales([context] * n, seed=int(key[:15], 16))
+            contexts = [context + r.rstrip() + self.template.cot_answer_prefix for r in rationales]
+            probs = self._label_probs([c[: len(c) - cut] for c in contexts], label_ids)
+            row = (key, sum(probs) / n, "\n~~~\n".join(rationales))
+            done[key] = row[1:]
+            if self.cache is not None:
+                self.cache.put([row])
+        return [done[k] for k in keys]
+
     def _label_probs(self, contexts: list[str], label_ids: list[int]) -> list[float]:
         """P(label 1) / (P(label 1) + P(label 2)) as the next token after each context, in one forward."""
         seqs = [encode_text(self.tokenizer, c) for c in contexts]
-        longest = max(len(s) for s in seqs)
-        if self.positions is not None and longest > self.positions:
-            raise RlhfkitError(
-                f"judge {self.path} has {self.positions} positions, but a rendered comparison takes {longest} tokens; "
-                "shorten the replies or the template (preamble, exemplars), judge without few-shot, or use a judge "
-                "with a longer context")
-        ids, mask = pad_left(seqs, pad_id(self.tokenizer))  # (B, T): every row ends at column T - 1
-        ids, mask = ids.to(self.rt.device), mask.to(self.rt.device)
-        with autocast(self.rt.device, self.rt.dtype):
-            logits = last_logits(self.model, ids, mask, self.keep_one)  # (B, V)
-        pair = logits[:, label_ids].float()  # (B, 2): z_1, z_2
-        self.stats.calls += 1
+        pair = self.next_token_logits(seqs)[:, label_ids]  # (B, 2): z_1, z_2
         self.stats.judged += len(seqs)
-        self.stats.tokens += sum(len(s) for s in seqs)
         return torch.softmax(pair, dim=-1)[:, 0].tolist()
 
     @torch.no_grad()
-    def _rationales(self, contexts: list[str]) -> list[str]:
-        """A greedy rationale after each context (top-k 1: the draw is the argmax whatever the generator), ended by
-        the end of the turn, by the answer line's text, or by cot_max_tokens."""
+    def _rationales(self, contexts: list[str], seed: int | None = None) -> list[str]:
+        """A rationale after each context, ended by the end of the turn, by the answer line's text, or by
+        cot_max_tokens: greedy (top-k 1: the draw is the argmax whatever the generator), or with a `seed` sampled at
+        cot_temperature (self-consistency)."""
         seqs = [encode_text(self.tokenizer, c) for c in contexts]
         q, qm = pad_left(seqs, pad_id(self.tokenizer))
         stop = self.template.cot_answer_prefix.strip()
-        params = SamplingParams(top_k=1, stop=(stop,) if stop else ())
-        generator = torch.Generator(device=self.rt.device).manual_seed(0)
+        params = SamplingParams(top_k=1 if seed is None else 0, stop=(stop,) if stop else ())
+        generator = torch.Generator(device=self.rt.device).manual_seed(0 if seed is None else seed)
         with autocast(self.rt.device, self.rt.dtype):
             s = sample(self.model, q.to(self.rt.device), qm.to(self.rt.device), max_new_tokens=self.cot_max_tokens,
-                       eos_token_id=stop_ids(self.tokenizer), pad_token_id=pad_id(self.tokenizer), temperature=1.0,
+                       eos_token_id=stop_ids(self.tokenizer), pad_token_id=pad_id(self.tokenizer),
+                       temperature=1.0 if seed is None else self.cot_temperature,
                        generator=generator, sampling=params, tokenizer=self.tokenizer)
         self.stats.tokens += int(s.response_mask.sum())
         return decode_responses(self.tokenizer, s)

@@ -48,13 +48,22 @@ from rlhfkit.ops.advantages import masked_mean
 from rlhfkit.ops.kl import KL_ESTIMATORS
 
 
-def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None):
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None,
+                       target: torch.Tensor | None = None):
     """Reward-model loss -log sigma(r(x, y_c) - r(x, y_r) - m) (Bradley & Terry 1952; InstructGPT eq. 1;
-    margin m from Llama 2, Touvron et al. 2023, eq. 2). Inputs (B,); margin 0 where unknown."""
+    margin m from Llama 2, Touvron et al. 2023, eq. 2). Inputs (B,); margin 0 where unknown.
+
+    With `target` (B,), the probability t that chosen is better (an AI labeler's soft label; 1 = a hard label), the
+    loss is the cross-entropy to it, -[t log sigma(d) + (1 - t) log sigma(-d)] with d the (margin-shifted)
+    difference: distilled RLAIF (Lee et al. 2023, Sec. 2.2, "cross-entropy loss against the soft labels"). At t = 1
+    it is the loss above; its minimum over d is at sigma(d) = t, not at d = infinity."""
     diff = chosen_scores - rejected_scores
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
+    if target is None:
+        loss = -F.logsigmoid(diff).mean()
+    else:
+        loss = -(target * F.logsigmoid(diff) + (1.0 - target) * F.logsigmoid(-diff)).mean()
     return loss, {"accuracy": (chosen_scores > rejected_scores).float().mean().detach()}
 
 

@@ -10,8 +10,9 @@ Phases:
        so the methods share one SFT model, one set of comparisons and one reward model
     2. evaluate SFT and every method's policy on the same held-out prompts (rlhfkit.evaluation)
     3. head to head: for every pair of policies and every prompt, whose completion wins by each judge: the reward
-       model's score, and the task's gold score where the task has one (ties count one half). With task = 'none'
-       there is no gold scorer: the reward model judges alone, as said before anything trains
+       model's score, the task's gold score where the task has one, and the AI judge's verdict on the two replies
+       with eval.judge (ties count one half). With task = 'none' there is no gold scorer: the reward model (and
+       the AI judge) judge alone, as said before anything trains
     4. Elo ladders from those matches (rlhfkit.feedback.elo), the table and the report
 
 The reward model judges every policy, DPO's too (it is trained whether or not a method needs it), which favours
@@ -30,12 +31,13 @@ from rlhfkit.algorithms import METHODS
 from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.core.runio import mark_complete, stage_result, write_json
 from rlhfkit.evaluation.compare_report import write_compare_report
-from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
+from rlhfkit.evaluation.evaluate import evaluate_run, judge_head_to_head, policy_of, win_outcome
 from rlhfkit.feedback.elo import elo_ladder
 from rlhfkit.models.load import quiet_transformers
 from rlhfkit.models.runtime import runtime
 from rlhfkit.pipeline import stages as pipeline
 from rlhfkit.pipeline.config import Config
+from rlhfkit.spine.judging import judge_cache_path, open_judge
 from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.tasks import task_for
 
@@ -43,12 +45,17 @@ from rlhfkit.tasks import task_for
 def head_to_head(scores: dict[str, list[float]]) -> tuple[dict[str, dict[str, float]], list[tuple[str, str, float]]]:
     """From each policy's per-prompt scores (the same prompts in the same order): the win rate of every policy
     against every other (ties count 1/2) and the matches, one per pair of policies and prompt, for Elo."""
-    rates: dict[str, dict[str, float]] = {a: {} for a in scores}
+    return tally({(a, b): [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(scores[a], scores[b], strict=True)]
+                  for a, b in combinations(scores, 2)}, list(scores))
+
+
+def tally(outcomes: dict[tuple[str, str], list[float]], names: list[str]):
+    """Win rates and Elo matches from each pair (a, b)'s per-prompt outcomes for a (1 win, 0 loss, 1/2 tie)."""
+    rates: dict[str, dict[str, float]] = {n: {} for n in names}
     matches = []
-    for a, b in combinations(scores, 2):
-        outcomes = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(scores[a], scores[b], strict=True)]
-        matches += [(a, b, o) for o in outcomes]
-        rates[a][b] = sum(outcomes) / len(outcomes)
+    for (a, b), results in outcomes.items():
+        matches += [(a, b, o) for o in results]
+        rates[a][b] = sum(results) / len(results)
         rates[b][a] = 1.0 - rates[a][b]
     return rates, matches
 
@@ -59,9 +66,10 @@ def compare_methods(cfg: Config) -> list[str]:
 
 
 def compare_judges(cfg: Config) -> list[str]:
-    """Who judges the head-to-head matches: the reward model always (compare trains one), and the task's gold
-    score where the task has one (not with task = 'none'). Decided from the config, before anything trains."""
-    return ["reward model", "gold"] if cfg.task != "none" else ["reward model"]
+    """Who judges the head-to-head matches: the reward model always (compare trains one), the task's gold
+    score where the task has one (not with task = 'none'), and the AI judge of [judge] with eval.judge. Decided
+    from the config, before anything trains."""
+    return ["reward model"] + (["gold"] if cfg.task != "none" else []) + (["ai judge"] if cfg.eval.judge else [])
 
 
 def run_compare(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
@@ -109,7 +117,9 @@ def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> d
     # 2. Every policy on the same held-out prompts.
     policies = {"sft": sft_dir, **{m: policy_of(METHODS[m], out / m) for m in methods}}
     toxicity = out / "toxicity" / "model" if cfg.toxicity.enabled else None  # each policy's toxicity_score
-    ev = evaluate_run(cfg, task, sft_dir, rm_dir, policies, rt, keep_completions=True, toxicity_dir=toxicity)
+    judge = open_judge(cfg.judge, rt, judge_cache_path(cfg.judge, out)) if cfg.eval.judge else None
+    ev = evaluate_run(cfg, task, sft_dir, rm_dir, policies, rt, keep_completions=True, toxicity_dir=toxicity,
+                      judge=judge)
     prompts, completions = ev["completions"]["prompts"], ev["completions"]["by_policy"]
 
     # 3. Head to head, judged by the reward model and by the task's gold score (where there is one).
@@ -117,7 +127,11 @@ def _compare(cfg: Config, out: Path, methods: list[str], compare_dir: Path) -> d
     scores = {"reward model": {n: scorer(prompts, texts).tolist() for n, texts in completions.items()}}
     if "gold" in compare_judges(cfg):
         scores["gold"] = {n: [task.gold_score(p, c) for p, c in zip(prompts, texts)] for n, texts in completions.items()}
-    matches = {judge: head_to_head(by_policy) for judge, by_policy in scores.items()}  # judge -> (rates, matches)
+    matches = {name: head_to_head(by_policy) for name, by_policy in scores.items()}  # judge -> (rates, matches)
+    if judge is not None:  # the AI judge compares the two replies themselves (rlhfkit.evaluation.evaluate)
+        pairs = list(combinations(completions, 2))
+        verdicts = judge_head_to_head(judge, cfg.judge, prompts, completions, pairs)
+        matches["ai judge"] = tally({ab: [win_outcome(p) for p in ps] for ab, ps in verdicts.items()}, list(completions))
 
     # 4. Elo ladders, the table, the report.
     ladders = {judge: [dataclasses.asdict(r) for r in elo_ladder(m, rounds=100, seed=cfg.seed)]

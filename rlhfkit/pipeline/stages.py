@@ -45,13 +45,15 @@ from rlhfkit.data.labelled import TOXICITY_LABELS, read_labelled_texts
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
 from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
 from rlhfkit.evaluation.report import write_report
+from rlhfkit.feedback.ai import run_ai_feedback
 from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
 from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
 from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.models.scoring import is_decoder_model
-from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, RewardConfig, load_config
+from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, JudgeConfig, RewardConfig, load_config
+from rlhfkit.spine.judging import judge_cache_path, open_judge, preflight_judge
 from rlhfkit.spine.reward_sources import preflight_sources
 from rlhfkit.tasks import get_task, task_for
 from rlhfkit.tasks.base import REWARD_EOS
@@ -135,6 +137,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
         inputs["toxicity_data_sha256"] = _sha256(cfg.toxicity.data)
     if _samples(name):  # the [sampling] filters and stop strings shape what it samples (and all it feeds)
         inputs["sampling"] = full["sampling"]
+    if _judges(name, cfg):  # the AI judge's labels (or verdicts) are its output's; its cache and speed settings not
+        inputs["judge"] = {**full["judge"], **_JUDGE_RUNTIME_DEFAULTS}
     reads_comparisons = name == "reward" or (name in METHODS and "feedback" in METHODS[name].needs)
     if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
         # how rewards are scored during RL (reward.sources, reward.combine, ...) is not a reward model's input
@@ -146,6 +150,17 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     if _scores(name, cfg):  # it is the input of the stages that score with it
         inputs["reward"] = full["reward"]
     return inputs
+
+
+# [judge] fields that change how fast or where judgements are made, not what they are: not a stage's inputs.
+JUDGE_RUNTIME_FIELDS = ("batch_size", "max_concurrency", "timeout_s", "max_retries", "cache", "api_key_env")
+_JUDGE_RUNTIME_DEFAULTS = {k: v for k, v in config_to_dict(JudgeConfig()).items() if k in JUDGE_RUNTIME_FIELDS}
+
+
+def _judges(name: str, cfg: Config) -> bool:
+    """Whether stage `name` asks the AI judge: the feedback stage with feedback.labeler = 'ai', the evaluation with
+    eval.judge."""
+    return (name == "feedback" and cfg.feedback.labeler == "ai") or (name == "eval" and cfg.eval.judge)
 
 
 def _scores(name: str, cfg: Config) -> bool:
@@ -246,6 +261,8 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
             read_labelled_texts(cfg.toxicity.data, TOXICITY_LABELS)
     if cfg.policy.path and not is_complete(out / "sft"):  # a finished SFT stage has already been checked
         check_context_length(cfg, names)
+    if any(_judges(name, cfg) for name in names):
+        preflight_judge(cfg.judge)
     if "reward" in names and cfg.reward.init != "sft":
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
     if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
@@ -372,12 +389,15 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         sft_model = out / "sft" / "model"
         if cfg.feedback.labeler == "human":
             return _human_feedback(cfg, task, sft_model, out, stage_dir)
+        if cfg.feedback.labeler == "ai":
+            return run_ai_feedback(cfg, task, sft_model, stage_dir, rt, judge_cache_path(cfg.judge, out))
 
         return run_simulated_feedback(cfg, task, sft_model, stage_dir, rt)
     if name == "reward":
         comparisons, rankings = preference_files(cfg, out, cfg.reward.loss)
         init = out / "sft" / "model" if cfg.reward.init == "sft" else Path(cfg.reward.init)
-        return train_reward_model(cfg, comparisons, init, stage_dir, rt, rankings_path=rankings)
+        gold = task.criterion_score if cfg.task != "none" and not cfg.reward.data else None  # heldout_gold_accuracy
+        return train_reward_model(cfg, comparisons, init, stage_dir, rt, rankings_path=rankings, gold=gold)
     if name == "toxicity":
         return train_toxicity_classifier(cfg, task, stage_dir, rt)
     if name in METHODS:  # the policy-optimisation method: rlhfkit/algorithms/__init__.py says which file runs it
@@ -388,7 +408,8 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         policies = {"sft": sft_model, cfg.method: policy_of(METHODS[cfg.method], out / cfg.method)}
         rm = out / "reward" / "model" if "reward" in METHODS[cfg.method].needs else None  # or reward.sources
         toxicity = out / "toxicity" / "model" if cfg.toxicity.enabled else None  # each policy's toxicity_score
-        result = evaluate_run(cfg, task, sft_model, rm, policies, rt, toxicity_dir=toxicity)
+        judge = open_judge(cfg.judge, rt, judge_cache_path(cfg.judge, out)) if cfg.eval.judge else None
+        result = evaluate_run(cfg, task, sft_model, rm, policies, rt, toxicity_dir=toxicity, judge=judge)
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
         report = write_report(stage_dir.parent, summary, result, METHODS[cfg.method],  # writes stage_dir/report.md

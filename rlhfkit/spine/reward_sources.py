@@ -16,7 +16,9 @@
 
 Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.models.scoring), 'sequence_classifier'
 (any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
-'classifier' (one class's logit or probability) and 'gold' (the task's gold scorer). The scores combine by
+'classifier' (one class's logit or probability), 'gold' (the task's gold scorer) and 'judge' (direct RLAIF, Lee et
+al. 2023, Sec. 2.3: a causal LM's expected 1-10 score of each reply under a score template, rescaled to [-1, 1];
+rlhfkit.models.judge_score; no cache, as an online run scores new text at every step). The scores combine by
 `reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: on probabilities, the safety
 probability where it is below a threshold, else the helpfulness probability; then its logit). No sources = the run's
 reward model alone, as before.
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhfkit.core.errors import ConfigError
+from rlhfkit.models.judge_score import DEFAULT_SCORE_TEMPLATE, LocalScoreJudge, load_score_template, score_label_ids
 from rlhfkit.models.load import check_model_dir, load_tokenizer
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.models.scoring import ClassLabelScorer, RewardModelScorer, class_index, is_decoder_model
@@ -86,6 +89,32 @@ class GoldScorer:
     def __call__(self, prompts: list, completions: list) -> torch.Tensor:
         return torch.tensor([self.task.gold_score(p, c) for p, c in zip(prompts, completions, strict=True)],
                             dtype=torch.float32, device=self.rt.device)
+
+
+class JudgeScorer:
+    """A score judge as a reward (kind = 'judge'): each reply's expected score, rescaled to [-1, 1]."""
+
+    def __init__(self, judge: LocalScoreJudge, few_shot: bool = True):
+        self.judge, self.few_shot = judge, few_shot
+
+    def __call__(self, prompts: list, completions: list) -> torch.Tensor:
+        scores = self.judge.scores(prompts, completions, self.few_shot)
+        return torch.tensor(scores, dtype=torch.float32, device=self.judge.rt.device)  # (B,)
+
+
+def score_template_path(source) -> Path:
+    """A judge source's score template: its `template`, else the shipped score.toml."""
+    return Path(getattr(source, "template", "") or DEFAULT_SCORE_TEMPLATE)
+
+
+def open_score_judge(source, rt: Runtime, key: str) -> JudgeScorer:
+    """The scorer of the kind = 'judge' source `source` (reward.sources[i], `key` in messages): a LocalScoreJudge
+    on its path, with its template, no cache."""
+    if not source.path:
+        raise ConfigError(f"{key}.path is empty: kind = 'judge' reads a causal-LM directory (the judge); set its "
+                          "path")
+    judge = LocalScoreJudge(source.path, load_score_template(score_template_path(source)), rt)
+    return JudgeScorer(judge, getattr(source, "few_shot", True))
 
 
 class CombinedScorer:
@@ -141,9 +170,11 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
     if not r.sources:
         return RewardModelScorer(rm_dir, rt)
     scorers = {}
-    for name, s in zip(r.source_names(), r.sources):
+    for i, (name, s) in enumerate(zip(r.source_names(), r.sources)):
         if s.kind == "gold":
             scorers[name] = GoldScorer(task, rt)
+        elif s.kind == "judge":
+            scorers[name] = open_score_judge(s, rt, f"reward.sources[{i}]")
         elif s.kind == "classifier":
             scorers[name] = ClassLabelScorer(source_model_dir(cfg, s, rm_dir), rt, s.label, s.output)
         else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward
@@ -177,17 +208,24 @@ def check_value_init(path: Path, policy_tokenizer=None) -> None:
 
 def preflight_sources(cfg: Config) -> None:
     """What can be checked before any stage runs: each source's directory (a model, its tokenizer), a
-    classifier's label, and that PPO's value model can start from the reward model (not an encoder)."""
+    classifier's label, a judge's score template and that its labels are one or two tokens for its tokenizer, and
+    that PPO's value model can start from the reward model (not an encoder)."""
     from transformers import AutoConfig
-
 
     r = cfg.reward
     for i, (name, s) in enumerate(zip(r.source_names(), r.sources)):
-        if not s.path:
-            continue
         role = f"reward.sources[{i}] ({name})"
-        check_model_dir(s.path, role, causal=False)
-        load_tokenizer(s.path, role, require_eos=s.kind == "reward_model" and is_decoder_model(s.path))
+        template = load_score_template(score_template_path(s)) if s.kind == "judge" else None
+        if not s.path:
+            if template is not None:
+                raise ConfigError(f"reward.sources[{i}].path is empty: kind = 'judge' reads a causal-LM directory "
+                                  "(the judge); set its path")
+            continue
+        check_model_dir(s.path, role, causal=s.kind == "judge")
+        needs_eos = s.kind in ("reward_model", "judge") and is_decoder_model(s.path)
+        tokenizer = load_tokenizer(s.path, role, require_eos=needs_eos)
+        if template is not None:
+            score_label_ids(tokenizer, template, s.path)
         if s.kind == "classifier":
             class_index(AutoConfig.from_pretrained(s.path).id2label, s.label, Path(s.path))
     if cfg.method == "ppo" and cfg.ppo.value_init == "reward":

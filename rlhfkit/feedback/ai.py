@@ -1,0 +1,139 @@
+"""The feedback stage with an AI labeler (feedback.labeler = 'ai'): the judge of [judge] labels every pair.
+
+RLAIF (Lee et al. 2023, "RLAIF vs. RLHF", Sec. 2): an off-the-shelf LLM labels preference pairs; its preference
+probability is kept as a soft label, and the reward model is trained on it by cross-entropy (distilled RLAIF,
+rlhfkit/algorithms/reward.py with reward.soft_labels). Here the items are those the simulated labelers would get
+(rlhfkit/feedback/simulated.py, sample_items: same prompts and completions for the same seed), so labels can be
+compared item for item.
+
+    1. Prompts and K completions each from the SFT policy (sample_items).
+    2. Every pair (i, j), i < j, of an item's distinct completions goes to the judge, both orders with judge.swap:
+       p_ij = P(completion i is better) (rlhfkit.models.judge.judge_pairs), in chunks with a progress bar; the
+       judge's SQLite cache (judge.cache) keeps every finished batch, so a killed stage judges nothing twice.
+    3. Each pair becomes one comparison, chosen = the preferred completion, soft_label = max(p_ij, 1 - p_ij)
+       (a pair at exactly 0.5 keeps i as chosen with soft label 0.5: no preference, nothing lost). The judge's
+       ranking of the item (for reward.loss = 'plackett_luce') orders the completions by their mean probability
+       of beating the others (identical texts tie): a Borda count over soft wins.
+    4. How the judge behaves (stats.json): AI-labeler alignment with the task's gold labels on the pairs gold tells
+       apart (Lee et al.'s metric), position bias (share of orders where the first-shown reply was preferred) and
+       Lee et al.'s same-position rate, the mean soft label, and the cost (judge calls, inputs, tokens, cache hits).
+
+Layer: feedback (imports spine, models, data, core).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlhfkit.core.runio import progress, write_json
+from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, write_jsonl
+from rlhfkit.feedback.simulated import sample_items
+from rlhfkit.models.judge import Judgement, alignment, judge_pairs, position_bias, same_position_rate
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine.judging import open_judge
+
+if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
+    from rlhfkit.pipeline.config import Config
+
+AI_LABELER = "ai-judge"  # the labeler id on every comparison and ranking the judge makes
+CHUNK = 256  # pairs per call to the judge: the progress bar's step (the judge batches within it)
+
+
+def item_pairs(completions: list) -> list[tuple[int, int]]:
+    """(i, j), i < j, for every pair of distinct texts among one item's completions (a repeated text is judged once:
+    its first occurrence stands for it)."""
+    first = {}
+    for i, c in enumerate(completions):
+        first.setdefault(repr(c), i)
+    distinct = sorted(first.values())
+    return [(a, b) for n, a in enumerate(distinct) for b in distinct[n + 1:]]
+
+
+def soft_comparison(item_id: str, prompt, a, b, j: Judgement, criterion: str) -> Comparison:
+    """One comparison from the judge's P(a better) = j.p: the preferred reply chosen, its probability the soft label,
+    the rationale(s) kept (both orders with swap, the first-shown order first)."""
+    rationale = "\n---\n".join(r for r in (j.rationale_ab, j.rationale_ba) if r) or None
+    chosen, rejected, p = (a, b, j.p) if j.p >= 0.5 else (b, a, 1.0 - j.p)
+    return Comparison(item_id=item_id, prompt=prompt, chosen=chosen, rejected=rejected, labeler_ids=[AI_LABELER],
+                      criterion=criterion, soft_label=p, rationale=rationale)
+
+
+def soft_ranking(completions: list, wins: dict[tuple[int, int], float]) -> list[list[int]]:
+    """An item's ranking from its pairs' P(i beats j): each text scored by its mean probability of beating the
+    other distinct texts, ties for identical texts (and exactly equal scores)."""
+    texts = [repr(c) for c in completions]
+    distinct = list(dict.fromkeys(texts))
+    index = {t: texts.index(t) for t in distinct}  # a text's first occurrence, the one judged (item_pairs)
+    p = {}
+    for (i, j), p_ij in wins.items():
+        p[(i, j)], p[(j, i)] = p_ij, 1.0 - p_ij
+    score = {t: sum(p[(index[t], index[u])] for u in distinct if u != t) / max(len(distinct) - 1, 1) for t in distinct}
+    return ranking_from_scores([score[t] for t in texts])
+
+
+def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime, cache_path: Path) -> dict:
+    """Label the items with the judge of cfg.judge (its cache at `cache_path`); write comparisons.jsonl,
+    rankings.jsonl and stats.json to out_dir. With task = 'none' there is no gold scorer: no alignment figure."""
+    start = time.time()
+    has_gold = cfg.task != "none"
+    fb, jc = cfg.feedback, cfg.judge
+    criterion = fb.criteria[0]  # Config.validate: the judge labels one criterion, its template's question
+
+    # 1. The items: prompts and K completions each (the simulated labelers' items for this seed).
+    prompts, completions, _ = sample_items(cfg, task, sft_dir, rt)
+
+    # 2. Every pair of distinct completions, both orders (judge.swap), in chunks (progress; cached per batch).
+    judge = open_judge(jc, rt, cache_path)
+    pairs = [(n, i, j) for n, comps in enumerate(completions) for i, j in item_pairs(comps)]
+    judgements: list[Judgement] = []
+    bar = progress(len(pairs), "feedback: AI judge", unit="pair")
+    for s in range(0, len(pairs), CHUNK):
+        chunk = pairs[s : s + CHUNK]
+        judgements += judge_pairs(judge, [prompts[n] for n, _, _ in chunk], [completions[n][i] for n, i, _ in chunk],
+                                  [completions[n][j] for n, _, j in chunk], swap=jc.swap, few_shot=jc.few_shot,
+                                  cot=jc.cot)
+        bar.update(len(chunk))
+    bar.close()
+
+    # 3. Comparisons with soft labels, and the judge's ranking of each item.
+    comparisons, rankings, wins = [], [], [{} for _ in prompts]
+    for (n, i, j), jg in zip(pairs, judgements):
+        comps = completions[n]
+        comparisons.append(soft_comparison(f"{task.name}-{n:06d}", prompts[n], comps[i], comps[j], jg, criterion))
+        wins[n][(i, j)] = jg.p
+    for n, (prompt, comps) in enumerate(zip(prompts, completions)):
+        rankings.append(RankingRecord(f"{task.name}-{n:06d}", prompt, comps, AI_LABELER, soft_ranking(comps, wins[n]),
+                                      criterion=criterion))
+    write_jsonl(out_dir / "rankings.jsonl", rankings)
+    write_jsonl(out_dir / "comparisons.jsonl", comparisons)
+
+    # 4. How the judge behaves: alignment with the gold labels, position bias, cost.
+    gold = [(task.criterion_score(prompts[n], completions[n][i], criterion),
+             task.criterion_score(prompts[n], completions[n][j], criterion)) for n, i, j in pairs] if has_gold else []
+    told_apart = [k for k, (a, b) in enumerate(gold) if a != b]
+    stats = judge.stats
+    result = {
+        "labeler": "ai",
+        "judge": jc.path or f"{jc.base_url} ({jc.model})",
+        "n_items": len(prompts),
+        "k": fb.k,
+        "n_comparisons": len(comparisons),
+        "comparisons_per_item": len(comparisons) / len(prompts),
+        "judge_alignment_with_gold": (alignment([judgements[k] for k in told_apart],
+                                                [gold[k][0] > gold[k][1] for k in told_apart]) if told_apart else None),
+        "n_gold_pairs": len(told_apart),
+        "judge_position_bias": position_bias(judgements) if judgements else None,
+        "judge_same_position_rate": same_position_rate(judgements) if judgements and jc.swap else None,
+        "mean_soft_label": sum(c.soft_label for c in comparisons) / max(len(comparisons), 1),
+        "judge_calls": stats.calls,
+        "judge_inputs": stats.judged,
+        "judge_cached": stats.cached,
+        "judge_tokens": stats.tokens,
+        "judge_bounded": stats.bounded,
+        "judge_from_text": stats.from_text,
+        "wall_time_s": time.time() - start,
+    }
+    write_json(out_dir / "stats.json", result)
+    return result
