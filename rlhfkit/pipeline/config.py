@@ -236,7 +236,7 @@ class JudgeConfig:
 class CompareConfig:
     """[compare] `rlhfkit compare`: several methods from the same SFT model, feedback and reward model (rlhfkit/pipeline/compare.py)."""
 
-    methods: list[str] = F([], "Methods to run and compare; empty = every registered method.")
+    methods: list[str] = F([], "Methods to run and compare; empty = every registered method except sl_cai (which needs a chat model: name it to run it).")
 
 
 
@@ -438,7 +438,7 @@ def _fields() -> list:
 
     return [
         ("task", str, F("digits", "Built-in task; it supplies prompts, demonstrations, gold labels and default settings ([data] files replace its prompts and demonstrations). 'none': your files alone.")),
-        ("method", str, F("ppo", "Policy optimisation (README, 'Methods'): 'ppo', 'rloo' or 'grpo' (online RL against the reward model), 'dpo' (directly on the comparisons), 'best_of_n' (no training), 'rejection_sampling' or 'rest' (fine-tuning on the reward model's picks); stages a method does not need are skipped (no reward model for DPO).")),
+        ("method", str, F("ppo", "Policy optimisation (README, 'Methods'): 'ppo', 'rloo' or 'grpo' (online RL against the reward model), 'dpo' (directly on the comparisons), 'best_of_n' (no training), 'rejection_sampling' or 'rest' (fine-tuning on the reward model's picks), 'sl_cai' (Constitutional AI's supervised stage: fine-tuning on the policy's own revisions under a constitution); stages a method does not need are skipped (no reward model for DPO).")),
         ("seed", int, F(0, "Seed for every random choice: same seed and config give the same result on CPU.")),
         ("device", str, F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")),
         ("precision", str, F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")),

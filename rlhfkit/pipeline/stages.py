@@ -40,6 +40,7 @@ from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_to
 from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
 from rlhfkit.data.batching import encode_example, encode_prompts
+from rlhfkit.data.chat import has_chat_template
 from rlhfkit.data.contract import read_comparisons
 from rlhfkit.data.labelled import TOXICITY_LABELS, read_labelled_texts
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
@@ -53,6 +54,7 @@ from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision,
 from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.models.scoring import is_decoder_model
 from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, JudgeConfig, RewardConfig, load_config
+from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION, load_constitution
 from rlhfkit.spine.judging import judge_cache_path, open_judge, preflight_judge
 from rlhfkit.spine.reward_sources import preflight_sources
 from rlhfkit.tasks import get_task, task_for
@@ -263,6 +265,12 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
         check_context_length(cfg, names)
     if any(_judges(name, cfg) for name in names):
         preflight_judge(cfg.judge)
+    if "sl_cai" in names:  # the critique -> revision chains are conversations: the policy needs a chat template
+        load_constitution(cfg.sl_cai.constitution or DEFAULT_CONSTITUTION)
+        if not has_chat_template(_policy_tokenizer(cfg, out)):
+            raise ConfigError("method = 'sl_cai' asks the policy to critique and revise its replies in a conversation, "
+                              "and its tokenizer has no chat template: set policy.path to a chat model (e.g. "
+                              "SmolLM2-135M-Instruct, README 'A real model'), or give its tokenizer a chat_template")
     if "reward" in names and cfg.reward.init != "sft":
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
     if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
