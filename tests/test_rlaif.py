@@ -7,9 +7,11 @@ pairs (catches a flipped orientation, a lost swap, a wrong pair); its alignment 
 the comparisons and the gold scorer; the loss's targets against the comparisons' soft labels (through a spy).
 """
 
+import dataclasses
 import json
 import math
 import shutil
+import tomllib
 from itertools import combinations
 
 import pytest
@@ -21,13 +23,25 @@ from rlhfkit.algorithms.reward import gold_ordered
 from rlhfkit.core.errors import ConfigError, DataError
 from rlhfkit.data.contract import Comparison, read_comparisons, read_rankings, write_jsonl
 from rlhfkit.evaluation.evaluate import evaluate_run, judge_head_to_head, win_outcome
-from rlhfkit.feedback.ai import item_pairs, soft_comparison, soft_ranking
-from rlhfkit.models.judge import Judgement, LocalJudge, alignment, load_template
+from rlhfkit.feedback.ai import item_pairs, principle_templates, soft_comparison, soft_ranking
+from rlhfkit.models.judge import (
+    DEFAULT_TEMPLATE,
+    Judgement,
+    LocalJudge,
+    alignment,
+    for_principle,
+    judge_pairs,
+    load_template,
+    same_answer_format,
+    template_from_dict,
+)
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import bradley_terry_loss
 from rlhfkit.pipeline.compare import compare_judges, head_to_head, tally
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.pipeline.stages import pipeline_stages, run_stage, stage_inputs
+from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION
+from rlhfkit.spine.judging import judge_template
 from rlhfkit.tasks import get_task
 
 CPU = Runtime(torch.device("cpu"), None)
@@ -296,3 +310,78 @@ def test_direct_rlaif_needs_no_feedback_and_no_reward_model():
     with pytest.raises(ConfigError, match=r"reward.sources\[0\].template"):
         load_config(overrides=MICRO + ["reward.sources=[{kind='gold', template='/t.toml'}]"])
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Constitutional AI's feedback (RL-CAI): each pair under a drawn principle, clamped labels
+
+
+PRINCIPLED = TEMPLATE.replace('question = "Q: {prompt}', 'question = "{principle} Q: {prompt}')
+
+
+def test_a_principle_fills_the_question_and_nothing_else():
+    template = template_from_dict(tomllib.loads(PRINCIPLED), "p.toml")
+    assert template.asks_principle and not load_template().asks_principle
+    asked = for_principle(template, "Which is {kinder}?")
+    assert asked.question.startswith("Which is {{kinder}}? Q: {prompt}") and not asked.asks_principle
+    assert (asked.labels, asked.exemplars, asked.preamble) == (template.labels, template.exemplars, template.preamble)
+    with pytest.raises(ConfigError, match="no {principle}"):
+        for_principle(load_template(), "Which is kinder?")
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        template_from_dict(tomllib.loads(PRINCIPLED.replace("{principle}", "{rule}")), "p.toml")
+    with pytest.raises(ConfigError, match="labels"):
+        same_answer_format(template, dataclasses.replace(asked, labels=("A", "B")))
+
+
+def test_principles_are_drawn_per_pair_reproducibly():
+    template = template_from_dict(tomllib.loads(PRINCIPLED), "p.toml")
+    a = principle_templates(template, str(DEFAULT_CONSTITUTION), 40, seed=0)
+    assert [t.question for t in a] == [t.question for t in principle_templates(template, str(DEFAULT_CONSTITUTION),
+                                                                              40, seed=0)]
+    assert len({t.question for t in a}) > 2  # several principles asked
+    assert [t.question for t in a] != [t.question for t in principle_templates(template, str(DEFAULT_CONSTITUTION),
+                                                                              40, seed=1)]
+    assert principle_templates(template, "", 3, seed=0) == [None] * 3
+
+
+def test_the_ai_labeler_asks_each_pair_under_its_drawn_principle_and_clamps(judge_setup, tmp_path):
+    judge, _, sft_out = judge_setup
+    template = tmp_path / "principled.toml"
+    template.write_text(PRINCIPLED)
+    out = tmp_path / "out"
+    shutil.copytree(sft_out, out)
+    extra = [f"judge.constitution='{DEFAULT_CONSTITUTION}'", "feedback.n_prompts=20"]
+    run_stage("feedback", load_config(overrides=_ai(judge, template, *extra)), out)
+    comparisons = read_comparisons(out / "feedback" / "comparisons.jsonl")
+    # the oracle: each pair judged directly under the principle drawn for it
+    direct = LocalJudge(judge, load_template(template))
+    asked = principle_templates(direct.template, str(DEFAULT_CONSTITUTION), len(comparisons), seed=0)
+    want = [judge_pairs(direct, [c.prompt], [c.chosen], [c.rejected], template=t)[0].p for c, t in zip(comparisons, asked)]
+    assert [c.soft_label for c in comparisons] == pytest.approx(want, abs=1e-5)
+    # clamped into [0.4, 0.6]: the same labels, pulled in
+    run_stage("feedback", load_config(overrides=_ai(judge, template, *extra, "judge.clamp=0.1")), out)
+    pulled = read_comparisons(out / "feedback" / "comparisons.jsonl")
+    assert [c.soft_label for c in pulled] == pytest.approx([min(c.soft_label, 0.6) for c in comparisons])
+    assert max(c.soft_label for c in comparisons) > 0.6
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["judge.constitution='/c.toml'", "judge.template='/t.toml'", "eval.judge=true"], "eval.judge"),
+    (["judge.clamp=0.5"], "judge.clamp"),
+])
+def test_impossible_constitution_settings_name_the_field(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=MICRO + ["judge.path='/j'", *overrides])
+
+
+def test_a_template_and_a_constitution_must_go_together(tmp_path):
+    plain = load_config(overrides=MICRO + ["judge.path='/j'", f"judge.constitution='{DEFAULT_CONSTITUTION}'",
+                                           f"judge.template='{DEFAULT_TEMPLATE}'"]).judge
+    with pytest.raises(ConfigError, match="no {principle}"):
+        judge_template(plain)
+    (tmp_path / "p.toml").write_text(PRINCIPLED)
+    lonely = load_config(overrides=MICRO + ["judge.path='/j'", f"judge.template='{tmp_path / 'p.toml'}'"]).judge
+    with pytest.raises(ConfigError, match="judge.constitution"):
+        judge_template(lonely)
+    default = load_config(overrides=MICRO + ["judge.path='/j'", f"judge.constitution='{DEFAULT_CONSTITUTION}'"]).judge
+    assert judge_template(default).asks_principle  # the constitutional template by default

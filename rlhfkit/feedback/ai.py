@@ -9,7 +9,10 @@ compared item for item.
     1. Prompts and K completions each from the SFT policy (sample_items).
     2. Every pair (i, j), i < j, of an item's distinct completions goes to the judge, both orders with judge.swap:
        p_ij = P(completion i is better) (rlhfkit.models.judge.judge_pairs), in chunks with a progress bar; the
-       judge's SQLite cache (judge.cache) keeps every finished batch, so a killed stage judges nothing twice.
+       judge's SQLite cache (judge.cache) keeps every finished batch, so a killed stage judges nothing twice. With
+       judge.constitution (Constitutional AI's RL stage, Bai et al. 2022, Sec. 4.1) each pair is asked under a
+       principle drawn at random: its comparison question fills the template's {principle}; with judge.clamp the
+       probabilities are clamped into [0.5 - clamp, 0.5 + clamp] (the paper's 40-60% for chain of thought).
     3. Each pair becomes one comparison, chosen = the preferred completion, soft_label = max(p_ij, 1 - p_ij)
        (a pair at exactly 0.5 keeps i as chosen with soft label 0.5: no preference, nothing lost). The judge's
        ranking of the item (for reward.loss = 'plackett_luce') orders the completions by their mean probability
@@ -23,6 +26,8 @@ Layer: feedback (imports spine, models, data, core).
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,8 +35,17 @@ from typing import TYPE_CHECKING
 from rlhfkit.core.runio import progress, write_json
 from rlhfkit.data.contract import Comparison, RankingRecord, ranking_from_scores, write_jsonl
 from rlhfkit.feedback.simulated import sample_items
-from rlhfkit.models.judge import Judgement, alignment, judge_pairs, position_bias, same_position_rate
+from rlhfkit.models.judge import (
+    Judgement,
+    JudgeTemplate,
+    alignment,
+    for_principle,
+    judge_pairs,
+    position_bias,
+    same_position_rate,
+)
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine.constitution import load_constitution
 from rlhfkit.spine.judging import open_judge
 
 if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
@@ -73,6 +87,34 @@ def soft_ranking(completions: list, wins: dict[tuple[int, int], float]) -> list[
     return ranking_from_scores([score[t] for t in texts])
 
 
+def principle_templates(template: JudgeTemplate, constitution: str, n: int, seed: int) -> list:
+    """The question each of n pairs is asked: with a constitution (RL-CAI, Bai et al. 2022, Sec. 4.1), the template
+    asking a principle drawn at random for that pair (a seeded stream: the same draws for the same seed and pairs);
+    without one, None (the judge's own question) for every pair."""
+    if not constitution:
+        return [None] * n
+    principles = load_constitution(constitution).principles
+    variants = [for_principle(template, p.comparison) for p in principles]  # a template lacking {principle} fails
+    rng = random.Random(f"{seed}-feedback-principles")
+    return [variants[rng.randrange(len(variants))] for _ in range(n)]
+
+
+def _by_template(questions: list, ks) -> list[tuple]:
+    """(template, [pair index, ...]) groups of the pairs `ks` by the question they are asked, in first-seen order."""
+    groups: dict[int, tuple] = {}
+    for k in ks:
+        groups.setdefault(id(questions[k]), (questions[k], []))[1].append(k)
+    return list(groups.values())
+
+
+def clamped(j: Judgement, clamp: float) -> Judgement:
+    """The judgement with P(a better) clamped into [0.5 - clamp, 0.5 + clamp] (clamp = 0: as it is). Bai et al. 2022
+    (Sec. 4.1) clamp chain-of-thought labels to 40-60%: a rationale makes the judge's probabilities near 0 or 1."""
+    if not clamp:
+        return j
+    return dataclasses.replace(j, p=min(max(j.p, 0.5 - clamp), 0.5 + clamp))
+
+
 def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime, cache_path: Path) -> dict:
     """Label the items with the judge of cfg.judge (its cache at `cache_path`); write comparisons.jsonl,
     rankings.jsonl and stats.json to out_dir. With task = 'none' there is no gold scorer: no alignment figure."""
@@ -84,17 +126,22 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
     # 1. The items: prompts and K completions each (the simulated labelers' items for this seed).
     prompts, completions, _ = sample_items(cfg, task, sft_dir, rt)
 
-    # 2. Every pair of distinct completions, both orders (judge.swap), in chunks (progress; cached per batch).
+    # 2. Every pair of distinct completions, both orders (judge.swap), in chunks (progress; cached per batch);
+    #    with a constitution, each pair under a principle drawn at random (RL-CAI).
     judge = open_judge(jc, rt, cache_path)
     pairs = [(n, i, j) for n, comps in enumerate(completions) for i, j in item_pairs(comps)]
-    judgements: list[Judgement] = []
+    questions = principle_templates(judge.template, jc.constitution, len(pairs), cfg.seed)
+    judgements: list[Judgement | None] = [None] * len(pairs)
     bar = progress(len(pairs), "feedback: AI judge", unit="pair")
     for s in range(0, len(pairs), CHUNK):
-        chunk = pairs[s : s + CHUNK]
-        judgements += judge_pairs(judge, [prompts[n] for n, _, _ in chunk], [completions[n][i] for n, i, _ in chunk],
-                                  [completions[n][j] for n, _, j in chunk], swap=jc.swap, few_shot=jc.few_shot,
-                                  cot=jc.cot)
-        bar.update(len(chunk))
+        for tpl, ks in _by_template(questions, range(s, min(s + CHUNK, len(pairs)))):
+            chunk = [pairs[k] for k in ks]
+            out = judge_pairs(judge, [prompts[n] for n, _, _ in chunk], [completions[n][i] for n, i, _ in chunk],
+                              [completions[n][j] for n, _, j in chunk], swap=jc.swap, few_shot=jc.few_shot,
+                              cot=jc.cot, template=tpl)
+            for k, jg in zip(ks, out):
+                judgements[k] = clamped(jg, jc.clamp)
+        bar.update(min(CHUNK, len(pairs) - s))
     bar.close()
 
     # 3. Comparisons with soft labels, and the judge's ranking of each item.

@@ -49,7 +49,7 @@ import json
 import sqlite3
 import string
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -67,7 +67,9 @@ from rlhfkit.models.scoring import as_text
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "judge_templates"
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "pairwise.toml"
+CONSTITUTIONAL_TEMPLATE = TEMPLATES_DIR / "constitutional.toml"  # asks a principle's question (RL-CAI)
 PLACEHOLDERS = ("prompt", "reply_1", "reply_2")  # what a question must hold, each at least once
+PRINCIPLE = "principle"  # what a question may hold: a constitution's comparison question (RL-CAI, for_principle)
 
 # ----------------------------------------------------------------------------------------------------
 # The prompt as data
@@ -115,7 +117,7 @@ class JudgeTemplate:
 
     def __post_init__(self):
         where = self.source
-        check_placeholders(self.question, where, "question")
+        check_placeholders(self.question, where, "question", optional=(PRINCIPLE,))
         labels = self.labels
         if (not isinstance(labels, tuple) or len(labels) != 2 or not all(isinstance(x, str) and x for x in labels)):
             raise ConfigError(f"{where}: labels = {labels!r}; give two non-empty strings, e.g. labels = [\"1\", \"2\"]")
@@ -125,6 +127,11 @@ class JudgeTemplate:
             if ex.answer not in labels:
                 raise ConfigError(f"{where}: exemplars[{i}].answer = {ex.answer!r} is not one of labels "
                                   f"{list(labels)!r}; answer with the label of the better reply")
+
+    @property
+    def asks_principle(self) -> bool:
+        """Whether the question holds {principle}, filled in with a constitution's comparison (for_principle)."""
+        return any(name == PRINCIPLE for _, name, _, _ in string.Formatter().parse(self.question))
 
     @property
     def content_hash(self) -> str:
@@ -144,16 +151,18 @@ def _braced(names) -> str:
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
 
 
-def check_placeholders(text: str, where: str, field: str, placeholders: tuple[str, ...] = PLACEHOLDERS) -> None:
-    """A ConfigError naming `where` and `field` unless `text` holds each of `placeholders` and no other."""
+def check_placeholders(text: str, where: str, field: str, placeholders: tuple[str, ...] = PLACEHOLDERS,
+                       optional: tuple[str, ...] = ()) -> None:
+    """A ConfigError naming `where` and `field` unless `text` holds each of `placeholders`, and no other than those
+    and `optional`."""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as e:  # a single { or }
         raise ConfigError(f"{where}: {field}: {e}; write a literal brace as {{{{ or }}}}") from None
-    unknown = sorted({n for n in names if n not in placeholders})
+    unknown = sorted({n for n in names if n not in placeholders + optional})
     if unknown:
         raise ConfigError(f"{where}: {field} has the unknown placeholder(s) {_braced(unknown)}; use only "
-                          f"{_braced(placeholders)} (a literal brace is {{{{ or }}}})")
+                          f"{_braced(placeholders + optional)} (a literal brace is {{{{ or }}}})")
     missing = [n for n in placeholders if n not in names]
     if missing:
         raise ConfigError(f"{where}: {field} lacks {_braced(missing)}; the question must show "
@@ -232,7 +241,22 @@ def load_template(path: str | Path = DEFAULT_TEMPLATE) -> JudgeTemplate:
 # The judge's input
 
 
+def for_principle(template: JudgeTemplate, comparison: str) -> JudgeTemplate:
+    """The template asking one principle's comparison question (Constitutional AI's RL stage, Bai et al. 2022,
+    Sec. 4.1): {principle} in its question replaced by `comparison`, everything else (labels, answer format,
+    exemplars) the same."""
+    if not template.asks_principle:
+        raise ConfigError(f"{template.source}: the question has no {{{PRINCIPLE}}} placeholder for a principle's "
+                          "comparison question; add one (see judge_templates/constitutional.toml)")
+    literal = comparison.replace("{", "{{").replace("}", "}}")
+    question = template.question.replace("{" + PRINCIPLE + "}", literal)
+    return replace(template, question=question, source=f"{template.source} (principle)")
+
+
 def _question(template: JudgeTemplate, prompt, reply_1, reply_2, cot: bool) -> str:
+    if template.asks_principle:
+        raise ConfigError(f"{template.source}: the question asks a {{{PRINCIPLE}}}, which only a constitution fills "
+                          "in: set judge.constitution, or remove {principle} from the question")
     q = template.question.format(prompt=as_text(prompt), reply_1=as_text(reply_1), reply_2=as_text(reply_2))
     return q + "\n\n" + template.cot_instruction if cot else q
 
@@ -434,10 +458,26 @@ class JudgeStats:
 
 
 class PairJudge(Protocol):
-    """What judge_pairs needs of a back-end: P(the reply shown first is better) for ordered comparisons."""
+    """What judge_pairs needs of a back-end: P(the reply shown first is better) for ordered comparisons, asked
+    with its own template or another of the same answer format (`template`, a principle's question)."""
 
-    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True,
-                    cot: bool = False) -> list[tuple[float, str]]: ...
+    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True, cot: bool = False,
+                    template: JudgeTemplate | None = None) -> list[tuple[float, str]]: ...
+
+
+_ANSWER_FORMAT = ("labels", "answer_prefix", "cot_instruction", "cot_answer_prefix", "preamble", "exemplars")
+
+
+def same_answer_format(own: JudgeTemplate, other: JudgeTemplate | None) -> JudgeTemplate:
+    """`other` (None = `own`), which must differ from the judge's own template in its question alone: the labels'
+    token ids, the chain-of-thought prompts and the exemplars were checked for `own` when the judge was made."""
+    if other is None:
+        return own
+    changed = [f for f in _ANSWER_FORMAT if getattr(own, f) != getattr(other, f)]
+    if changed:
+        raise ConfigError(f"{other.source}: differs from the judge's template {own.source} in {', '.join(changed)}; "
+                          "a judge asks another question (for_principle) with its own answer format only")
+    return other
 
 
 def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
@@ -521,7 +561,8 @@ class LocalJudge(JudgeModel):
             if cot and not self.template.cot_instruction:
                 raise ConfigError(f"{self.template.source}: chain of thought needs a cot_instruction (what to write "
                                   "before the answer); add one to the template or judge without chain of thought")
-            probe = render(self.template, self.tokenizer, "a question", "one reply", "another reply", False, cot)
+            asked = for_principle(self.template, "Which is better?") if self.template.asks_principle else self.template
+            probe = render(asked, self.tokenizer, "a question", "one reply", "another reply", False, cot)
             field = "cot_answer_prefix" if cot else "answer_prefix"
             if cot:
                 probe += "Some reasons." + self.template.cot_answer_prefix
@@ -535,13 +576,15 @@ class LocalJudge(JudgeModel):
             options.update(cot_samples=self.cot_samples, cot_temperature=self.cot_temperature)
         return options
 
-    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True,
-                    cot: bool = False) -> list[tuple[float, str]]:
+    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True, cot: bool = False,
+                    template: JudgeTemplate | None = None) -> list[tuple[float, str]]:
         """(P(the reply shown first is better), rationale) for each (prompt, reply_1, reply_2); "" without cot.
-        Cached inputs make no model call; each distinct input is judged once; the cache is written per batch."""
+        Cached inputs make no model call; each distinct input is judged once; the cache is written per batch.
+        `template`: another question with this judge's answer format (for_principle); None = the judge's own."""
+        tpl = same_answer_format(self.template, template)
         cut, label_ids = self._answer(cot)
-        texts = [render(self.template, self.tokenizer, p, r1, r2, few_shot, cot) for p, r1, r2 in items]
-        options, template_hash = self.options(cot), self.template.content_hash
+        texts = [render(tpl, self.tokenizer, p, r1, r2, few_shot, cot) for p, r1, r2 in items]
+        options, template_hash = self.options(cot), tpl.content_hash
         keys = [judgement_key(self.identity, template_hash, t, options) for t in texts]
         done = self.cache.get(keys) if self.cache is not None else {}
         todo = [k for k in dict.fromkeys(keys) if k not in done]
@@ -634,15 +677,17 @@ def swap_average(p_ab: float, p_ba: float) -> float:
 
 
 def judge_pairs(judge: PairJudge, prompts: Sequence, replies_a: Sequence, replies_b: Sequence, *,
-                swap: bool = True, few_shot: bool = True, cot: bool = False) -> list[Judgement]:
-    """A Judgement per (prompt, a, b); with swap, both orders go to the judge in one call and are averaged."""
+                swap: bool = True, few_shot: bool = True, cot: bool = False,
+                template: JudgeTemplate | None = None) -> list[Judgement]:
+    """A Judgement per (prompt, a, b); with swap, both orders go to the judge in one call and are averaged.
+    `template`: a question other than the judge's own, with its answer format (for_principle)."""
     if not len(prompts) == len(replies_a) == len(replies_b):
         raise ValueError(f"{len(prompts)} prompts, {len(replies_a)} and {len(replies_b)} replies; one of each per pair")
     n = len(prompts)
     items = list(zip(prompts, replies_a, replies_b))
     if swap:
         items += list(zip(prompts, replies_b, replies_a))
-    out = judge.first_probs(items, few_shot=few_shot, cot=cot)
+    out = judge.first_probs(items, few_shot=few_shot, cot=cot, **({"template": template} if template else {}))
     if not swap:
         return [Judgement(p, p, None, r) for p, r in out]
     return [Judgement(swap_average(p_ab, p_ba), p_ab, p_ba, r_ab, r_ba)

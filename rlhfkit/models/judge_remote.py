@@ -65,6 +65,7 @@ from rlhfkit.models.judge import (
     judge_pairs,
     judgement_key,
     load_template,
+    same_answer_format,
 )
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # a server here needs no real key (rlhfkit serve, vLLM by default)
@@ -144,16 +145,17 @@ class RemoteJudge:
         """The settings besides the input that decide a judgement (part of its cache key)."""
         return {"cot": cot, "cot_max_tokens": self.cot_max_tokens if cot else None, "top_logprobs": self.top_logprobs}
 
-    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True,
-                    cot: bool = False) -> list[tuple[float, str]]:
+    def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True, cot: bool = False,
+                    template: JudgeTemplate | None = None) -> list[tuple[float, str]]:
         """(P(the reply shown first is better), rationale) for each (prompt, reply_1, reply_2), in input order; ""
         without cot. Cached inputs make no request; each distinct input is asked once; each answer is cached as
         it arrives."""
         if cot and not self.template.cot_instruction:
             raise ConfigError(f"{self.template.source}: chain of thought needs a cot_instruction (what to write "
                               "before the answer); add one to the template or judge without chain of thought")
-        conversations = [judge_messages(self.template, p, r1, r2, few_shot, cot) for p, r1, r2 in items]
-        options, template_hash = self.options(cot), self.template.content_hash
+        tpl = same_answer_format(self.template, template)  # another question (a principle's), the same answers
+        conversations = [judge_messages(tpl, p, r1, r2, few_shot, cot) for p, r1, r2 in items]
+        options, template_hash = self.options(cot), tpl.content_hash
         keys = [judgement_key(self.identity, template_hash, json.dumps(c, ensure_ascii=False), options)
                 for c in conversations]
         done = self.cache.get(keys) if self.cache is not None else {}

@@ -218,6 +218,8 @@ class JudgeConfig:
     template: str = F("", "The pairwise template (TOML: preamble, question, labels, exemplars, chain-of-thought prompts); empty = rlhfkit's pairwise.toml (rlhfkit/models/judge_templates/).")
     few_shot: bool = F(True, "Show the template's exemplars before each comparison.")
     cot: bool = F(False, "Chain of thought: the judge writes a rationale first (greedy), then the labels' probabilities are read after it; the rationale is kept with each comparison.")
+    constitution: str = F("", "Constitutional AI's feedback (RL-CAI, Bai et al. 2022): a constitution file (rlhfkit/spine/constitutions/harmless.toml); each pair is judged under a principle drawn at random, its comparison question filling the template's {principle} (use judge_templates/constitutional.toml); empty = the template's own question.")
+    clamp: float = F(0.0, "Clamp every soft label into [0.5 - clamp, 0.5 + clamp]; 0 = off. Bai et al. 2022 clamp chain-of-thought labels to 40-60% (clamp = 0.1), as a rationale makes the judge over-confident.")
     cot_samples: int = F(1, "With cot: rationales per comparison; > 1 = self-consistency (Lee et al. 2023): that many rationales sampled at cot_temperature, the labels' probabilities read after each and averaged (a local judge only).")
     cot_temperature: float = F(0.7, "With cot and cot_samples > 1: the rationales' sampling temperature.")
     swap: bool = F(True, "Judge both orders of every pair and average (position swap, Lee et al. 2023): a judge that prefers a position cancels out.")
@@ -400,6 +402,9 @@ class _Rules:
              "or an endpoint; set one of them")
         need(not j.base_url or bool(j.model), "judge.model", "judge.base_url needs the model's name at the endpoint")
         checks.at_least_one("judge.cot_samples")
+        need(0.0 <= j.clamp < 0.5, "judge.clamp", "must be in [0, 0.5): 0 = off, 0.1 = Bai et al.'s 40-60%")
+        need(not (self.eval.judge and j.constitution), "eval.judge", "asks the judge one question for every prompt, "
+             "and judge.constitution makes it ask a drawn principle's: judge the evaluation without a constitution")
         checks.positive("judge.cot_temperature")
         need(j.cot_samples == 1 or not j.base_url, "judge.cot_samples", "self-consistency needs a local judge "
              "(judge.path): an endpoint's rationale cannot be continued to read the answer after each sample")

@@ -11,21 +11,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhfkit.models.judge import DEFAULT_TEMPLATE, LocalJudge, load_template
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.models.judge import CONSTITUTIONAL_TEMPLATE, DEFAULT_TEMPLATE, JudgeTemplate, LocalJudge, load_template
 from rlhfkit.models.judge_remote import RemoteJudge
 from rlhfkit.models.load import check_model_dir, load_tokenizer
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION, load_constitution
 
 
 def open_judge(jc, rt: Runtime, cache: str | Path | None):
     """The judge of the [judge] section `jc` (rlhfkit.pipeline.config.JudgeConfig), its judgements cached in the
     SQLite file `cache` (None = no cache): a LocalJudge on jc.path, else a RemoteJudge on jc.base_url."""
-    template = load_template(jc.template or DEFAULT_TEMPLATE)
+    template = judge_template(jc)
     if jc.path:
         return LocalJudge(jc.path, template, rt, batch_size=jc.batch_size, cache=cache, cot_samples=jc.cot_samples,
                           cot_temperature=jc.cot_temperature)
     return RemoteJudge(jc.base_url, jc.model, template, api_key_env=jc.api_key_env, cache=cache,
                        max_concurrency=jc.max_concurrency, timeout_s=jc.timeout_s, max_retries=jc.max_retries)
+
+
+def judge_template(jc) -> JudgeTemplate:
+    """The template of [judge]: judge.template, else rlhfkit's pairwise.toml, or constitutional.toml (which asks a
+    principle's question) with judge.constitution. A template that asks a principle needs a constitution and the
+    other way round: a ConfigError says which to set."""
+    template = load_template(jc.template or (CONSTITUTIONAL_TEMPLATE if jc.constitution else DEFAULT_TEMPLATE))
+    if jc.constitution and not template.asks_principle:
+        raise ConfigError(f"judge.template = {jc.template!r} has no {{principle}} in its question, so the principles "
+                          f"of judge.constitution = {jc.constitution!r} cannot be asked; add one (as "
+                          f"{CONSTITUTIONAL_TEMPLATE} does), or leave judge.template empty")
+    if template.asks_principle and not jc.constitution:
+        raise ConfigError(f"judge.template = {jc.template!r} asks a {{principle}}: set judge.constitution to a "
+                          f"constitution file (e.g. {DEFAULT_CONSTITUTION}), or use a template without one")
+    return template
 
 
 def judge_cache_path(jc, out: Path) -> Path:
@@ -38,7 +55,9 @@ def preflight_judge(jc) -> None:
     """What can be checked of the judge before anything runs: its template, and its directory and tokenizer (a
     local judge; whether the labels are single tokens is checked when it loads, before the first judgement). An
     endpoint is first reached when the judging starts."""
-    load_template(jc.template or DEFAULT_TEMPLATE)
+    judge_template(jc)
+    if jc.constitution:
+        load_constitution(jc.constitution)
     if jc.path:
         check_model_dir(jc.path, "judge.path", causal=True)
         load_tokenizer(jc.path, "judge.path")
