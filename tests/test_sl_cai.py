@@ -7,6 +7,8 @@ template before anything runs."""
 import random
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from rlhfkit.algorithms.sl_cai import helpful_demonstrations
 from rlhfkit.core.errors import ConfigError
@@ -44,6 +46,18 @@ def test_sl_cai_fine_tunes_the_policy_on_its_own_revisions(chat_policy, tmp_path
     assert result["steps"] == 4 * (16 // 8)  # 8 revisions + 8 helpful demonstrations, 4 epochs of 2 steps
     ev = run_stage("eval", load_config(overrides=overrides + ["eval.n_prompts=16", "eval.dist_samples=8"]), out)
     assert ev["sl_cai"]["kl"] > 0 and (out / "eval" / "report.md").is_file()
+
+    # the RL stage of Constitutional AI starts from the SL-CAI policy: sft.epochs = 0 takes policy.path as it is
+    rl = tmp_path / "rl"
+    start = load_config(overrides=[f"policy.path='{out / 'sl_cai' / 'model'}'", "sft.epochs=0", "sft.n_demos=64",
+                                   "device='cpu'", "threads=1"])
+    sft = run_stage("sft", start, rl)
+    assert sft["steps"] == 0 and sft["heldout_loss"] > 0
+    kept = AutoModelForCausalLM.from_pretrained(rl / "sft" / "model").state_dict()
+    slcai = AutoModelForCausalLM.from_pretrained(out / "sl_cai" / "model").state_dict()
+    assert all(torch.equal(kept[k], slcai[k]) for k in slcai)
+    with pytest.raises(ConfigError, match="sft.epochs"):
+        load_config(overrides=["sft.epochs=0"])  # no policy.path: nothing to start from
 
 
 def test_a_policy_without_a_chat_template_is_refused_before_anything_runs(tmp_path):

@@ -59,7 +59,7 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
     log = MetricsLog(out_dir / "metrics.jsonl")
     fit = fit_completions(model, train, epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr,
                           weight_decay=sc.weight_decay, generator=torch.Generator().manual_seed(cfg.seed), rt=rt,
-                          log=log, desc="sft")
+                          log=log, desc="sft") if sc.epochs else {"steps": 0}  # 0: policy.path as it is
     log.close()
 
     # 4. Evaluate on held-out demonstrations and save with save_pretrained. With LoRA the adapter is kept in
