@@ -385,3 +385,17 @@ def test_a_template_and_a_constitution_must_go_together(tmp_path):
         judge_template(lonely)
     default = load_config(overrides=MICRO + ["judge.path='/j'", f"judge.constitution='{DEFAULT_CONSTITUTION}'"]).judge
     assert judge_template(default).asks_principle  # the constitutional template by default
+
+
+def test_chain_of_thought_rationales_are_kept_with_each_comparison(judge_setup, tmp_path):
+    judge, template, sft_out = judge_setup
+    out = tmp_path / "out"
+    shutil.copytree(sft_out, out)
+    run_stage("feedback", load_config(overrides=_ai(judge, template, "judge.cot=true", "feedback.n_prompts=6")), out)
+    comparisons = read_comparisons(out / "feedback" / "comparisons.jsonl")
+    direct = LocalJudge(judge, load_template(template))
+    for c in comparisons[:4]:
+        v = direct.judge([c.prompt], [c.chosen], [c.rejected], cot=True)[0]
+        # both orders' rationales, the chosen-first order first when the judge preferred the first-listed pair member
+        assert set(c.rationale.split("\n---\n")) == {v.rationale_ab, v.rationale_ba} and v.rationale_ab
+        assert c.soft_label == pytest.approx(max(v.p, 1 - v.p), abs=1e-5)

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/confi
     from rlhfkit.pipeline.config import Config
 
 AI_LABELER = "ai-judge"  # the labeler id on every comparison and ranking the judge makes
-CHUNK = 256  # pairs per call to the judge: the progress bar's step (the judge batches within it)
+CHUNK = 32  # pairs per call to the judge: the progress bar's step (the judge batches within it)
 
 
 def item_pairs(completions: list) -> list[tuple[int, int]]:
