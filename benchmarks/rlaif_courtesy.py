@@ -151,8 +151,8 @@ def direct_phase(args, judge_dir: Path, out: Path, base: list[str]) -> dict:
     if not (d / "sft" / "COMPLETE.json").is_file():
         shutil.copytree(out / "sft_only" / "sft", d / "sft")
     source = f"reward.sources=[{{kind='judge', path='{judge_dir}', few_shot=false}}]"
-    extra = ["reward.criterion=''", source, f"ppo.total_steps={args.direct_steps}", "ppo.rollout_batch_size=32",
-             "ppo.minibatch_size=16", "eval.n_prompts=200"]
+    extra = ["reward.criterion=''", source, "ppo.value_init='policy'", f"ppo.total_steps={args.direct_steps}",
+             "ppo.rollout_batch_size=32", "ppo.minibatch_size=16", "eval.n_prompts=100"]
     seconds = rlhfkit("run", "--out", str(d), "--update", *sets(base + extra))
     summary = json.loads((d / "summary.json").read_text())
     ev = summary["eval"]
@@ -160,7 +160,8 @@ def direct_phase(args, judge_dir: Path, out: Path, base: list[str]) -> dict:
             for n in ("sft", "ppo")]
     print(table(rows, ["policy", "toxic", "helpful", "judge score (reward)", "KL"]))
     print(f"direct RLAIF: {seconds:.0f} s ({summary['wall_time_s']})")
-    return {"eval": {n: {k: v for k, v in ev[n].items() if isinstance(v, (int, float))} for n in ev},
+    return {"eval": {n: {k: v for k, v in ev[n].items() if isinstance(v, (int, float))}
+                     for n in ev if isinstance(ev[n], dict)},
             "wall_time_s": summary["wall_time_s"]}
 
 
