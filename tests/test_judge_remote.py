@@ -198,12 +198,15 @@ class Endpoint:
                 if status is not None:  # Retry-After in ms: the client's backoff, made short for the test
                     return JSONResponse({"error": {"message": "crafted failure", "type": "server_error"}},
                                         status_code=status, headers={"retry-after-ms": "1"})
-                reply = answer(body)
+                replies = answer(body)
+                replies = replies if isinstance(replies, list) else [replies]  # a list: one reply per choice
+                generated = sum(len(r["steps"]) for r in replies)
                 return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
-                                     "message": {"role": "assistant", "content": reply["text"]}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(reply["steps"]),
-                                  "total_tokens": 10 + len(reply["steps"])}}
+                        "choices": [{"index": i, "finish_reason": "stop", "logprobs": {"content": r["steps"]},
+                                     "message": {"role": "assistant", "content": r["text"]}}
+                                    for i, r in enumerate(replies)],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": generated,
+                                  "total_tokens": 10 + generated}}
             finally:
                 with lock:
                     self.in_flight -= 1
@@ -368,6 +371,47 @@ def test_chain_of_thought_reads_the_label_after_the_answer_line():
     assert body["messages"] == judge_messages(TEMPLATE, question(body), "a", "b", few_shot=True, cot=True)
     assert body["messages"][2]["content"] == "it greets\nSo 1"  # the exemplar's rationale, then its answer line
     assert body["messages"][-1]["content"].endswith("Better one?\n\nThink first.")
+
+
+def test_self_consistency_asks_for_n_seeded_choices_and_averages_their_readings(tmp_path):
+    """cot_samples = 3: one request per input for three choices at cot_temperature with a seed from the cache key;
+    P is the mean of the choices' readings (one read from the text), the rationales kept in order."""
+    def answer(body):
+        return [greedy(["Good", "\n", "So", " 1"], {3: [(" 2", math.log(0.25))]}),  # P = 0.99 / (0.99 + 0.25)
+                greedy(["Bad", "\n", "So", " 2"], {3: [(" 1", math.log(0.5))]}),  # P = 0.5 / (0.5 + 0.99)
+                greedy(["Lost", "."])][: body.get("n", 1)]  # no answer line: 0.5 from the text
+
+    endpoint, cache = Endpoint(answer), tmp_path / "judgements.sqlite"
+    first = math.exp(-0.01) / (math.exp(-0.01) + 0.25)
+    second = 0.5 / (0.5 + math.exp(-0.01))
+    with serving(endpoint.app) as url:
+        judge = RemoteJudge(url, NAME, TEMPLATE, cot_max_tokens=20, cot_samples=3, cot_temperature=0.9, cache=cache)
+        got = judge.first_probs([("x", "a", "b"), ("y", "a", "b")], cot=True)
+        greedy_judge = RemoteJudge(url, NAME, TEMPLATE, cot_max_tokens=20, cache=cache)
+        one = greedy_judge.first_probs([("x", "a", "b")], cot=True)  # another cache key: asked again, greedily
+    assert [p for p, _ in got] == pytest.approx([(first + second + 0.5) / 3] * 2, abs=1e-9)
+    assert got[0][1] == "Good\n\n~~~\nBad\n\n~~~\nLost."
+    assert judge.stats.from_text == 2 and judge.stats.calls == 2  # each input's reading counted once, by its worst
+    x, y = endpoint.bodies[:2] if question(endpoint.bodies[0]) == "x" else endpoint.bodies[1::-1]
+    assert (x["n"], x["temperature"], y["n"]) == (3, 0.9, 3) and x["seed"] != y["seed"]
+    assert "n" not in endpoint.bodies[2] and endpoint.bodies[2]["temperature"] == 0
+    assert one[0][0] == pytest.approx(first, abs=1e-9) and len(endpoint.bodies) == 3
+    with serving(Endpoint(lambda body: greedy(["Good"])).app) as url:  # a server that gives one choice for n = 3
+        with pytest.raises(RlhfkitError, match="1 choice.*n = 3.*cot_samples"):
+            RemoteJudge(url, NAME, TEMPLATE, cot_samples=3, max_retries=0).first_probs([("z", "a", "b")], cot=True)
+
+
+def test_self_consistency_through_rlhfkit_serve_is_reproducible(judge_dir, served):
+    """Against a real server: the same input gives the same sampled judgement in two judges (the seed is the cache
+    key's), and sampling at a high temperature moves it off the greedy one."""
+    items = list(zip(PROMPTS[:3], REPLIES_A[:3], REPLIES_B[:3]))
+    a = RemoteJudge(served, NAME, TEMPLATE, cot_max_tokens=6, cot_samples=3, cot_temperature=2.0)
+    b = RemoteJudge(served, NAME, TEMPLATE, cot_max_tokens=6, cot_samples=3, cot_temperature=2.0)
+    got = a.first_probs(items, cot=True, few_shot=False)
+    assert b.first_probs(items, cot=True, few_shot=False) == got
+    assert all(len(r.split("\n~~~\n")) == 3 for _, r in got)
+    greedy_reading = RemoteJudge(served, NAME, TEMPLATE, cot_max_tokens=6).first_probs(items, cot=True, few_shot=False)
+    assert [r for _, r in got] != [r for _, r in greedy_reading]
 
 
 # ----------------------------------------------------------------------------------------------------

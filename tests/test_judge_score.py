@@ -11,6 +11,7 @@ byte-level split), so "10" is two tokens and "1" ... "9" one each.
 """
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -353,6 +354,12 @@ def test_a_judge_source_rewards_the_rescaled_scores(judge_dirs, template, templa
     assert parts["judge"].dtype == torch.float32 and parts["judge"].shape == (len(PROMPTS),)
     assert parts["judge"].tolist() == pytest.approx(want, abs=1e-5) and combined.tolist() == pytest.approx(
         [2 * w for w in want], abs=1e-5)
+    assert scorer.scorers["judge"].judge.batch_size == cfg.judge.batch_size == 16
+    small = load_config(device="cpu", ppo={"value_init": "policy"}, judge={"batch_size": 2},
+                        reward={"sources": [dataclasses.asdict(s) for s in cfg.reward.sources]})
+    batched = build_scorer(small, digits, Path("unused"), CPU)  # [judge] batch_size: replies per forward
+    assert batched.scorers["judge"].judge.batch_size == 2
+    assert batched.score_sources(PROMPTS, REPLIES)[1]["judge"].tolist() == pytest.approx(want, abs=1e-4)
     zero_shot = RewardSourceConfig(kind="judge", path=str(judge_dirs["digits"]), template=str(template_file),
                                    few_shot=False)
     assert open_score_judge(zero_shot, CPU, "s")(PROMPTS, REPLIES).tolist() == pytest.approx(

@@ -23,7 +23,7 @@ from rlhfkit.algorithms.reward import gold_ordered
 from rlhfkit.core.errors import ConfigError, DataError
 from rlhfkit.data.contract import Comparison, read_comparisons, read_rankings, write_jsonl
 from rlhfkit.evaluation.evaluate import evaluate_run, judge_head_to_head, win_outcome
-from rlhfkit.feedback.ai import item_pairs, principle_templates, soft_comparison, soft_ranking
+from rlhfkit.feedback.ai import drawn_principles, item_pairs, principle_templates, soft_comparison, soft_ranking
 from rlhfkit.models.judge import (
     DEFAULT_TEMPLATE,
     Judgement,
@@ -40,7 +40,7 @@ from rlhfkit.ops.losses import bradley_terry_loss
 from rlhfkit.pipeline.compare import compare_judges, head_to_head, tally
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.pipeline.stages import pipeline_stages, run_stage, stage_inputs
-from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION
+from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION, load_constitution
 from rlhfkit.spine.judging import judge_template
 from rlhfkit.tasks import get_task
 
@@ -358,6 +358,10 @@ def test_the_ai_labeler_asks_each_pair_under_its_drawn_principle_and_clamps(judg
     asked = principle_templates(direct.template, str(DEFAULT_CONSTITUTION), len(comparisons), seed=0)
     want = [judge_pairs(direct, [c.prompt], [c.chosen], [c.rejected], template=t)[0].p for c, t in zip(comparisons, asked)]
     assert [c.soft_label for c in comparisons] == pytest.approx(want, abs=1e-5)
+    # each comparison names the principle it was asked under (the data contract's `principle`)
+    names = [n for n, _ in drawn_principles(direct.template, str(DEFAULT_CONSTITUTION), len(comparisons), seed=0)]
+    assert [c.principle for c in comparisons] == names and len(set(names)) > 2
+    assert set(names) <= {p.name for p in load_constitution(DEFAULT_CONSTITUTION).principles}
     # clamped into [0.4, 0.6]: the same labels, pulled in
     run_stage("feedback", load_config(overrides=_ai(judge, template, *extra, "judge.clamp=0.1")), out)
     pulled = read_comparisons(out / "feedback" / "comparisons.jsonl")
@@ -399,3 +403,68 @@ def test_chain_of_thought_rationales_are_kept_with_each_comparison(judge_setup, 
         # both orders' rationales, the chosen-first order first when the judge preferred the first-listed pair member
         assert set(c.rationale.split("\n---\n")) == {v.rationale_ab, v.rationale_ba} and v.rationale_ab
         assert c.soft_label == pytest.approx(max(v.p, 1 - v.p), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One reward model on two files' comparisons (reward.mix_data: RL-CAI's AI harmlessness + human helpfulness labels)
+
+
+def test_mixed_comparisons_train_the_same_reward_model_and_are_measured_apart(judge_setup, tmp_path, monkeypatch):
+    _, _, sft_out = judge_setup
+    out = tmp_path / "out"
+    shutil.copytree(sft_out, out)
+    run_stage("feedback", load_config(overrides=MICRO), out)
+    own = read_comparisons(out / "feedback" / "comparisons.jsonl")
+    # the oracle: the same pairs the other way round, under another criterion, with the same items (so the same
+    # held-out items): on every held-out pair exactly one of the two files' labels is right
+    mix = tmp_path / "helpful.jsonl"
+    write_jsonl(mix, [dataclasses.replace(c, chosen=c.rejected, rejected=c.chosen, criterion="helpful") for c in own])
+    seen = []
+    real_encode = reward_module.encode_comparisons
+
+    def spy(tokenizer, comparisons, decoder=True):
+        seen.append(comparisons)
+        return real_encode(tokenizer, comparisons, decoder)
+
+    monkeypatch.setattr(reward_module, "encode_comparisons", spy)
+    alone = run_stage("reward", load_config(overrides=MICRO), out)
+    seen.clear()
+    mixed = run_stage("reward", load_config(overrides=MICRO + [f"reward.mix_data='{mix}'"]), out)
+    assert mixed["n_train_mix"] == alone["n_train"] and mixed["n_train"] == 2 * alone["n_train"]
+    assert mixed["n_heldout_mix"] == alone["n_heldout"] and mixed["n_heldout"] == 2 * alone["n_heldout"]
+    train = seen[0]  # the training set: the feedback's comparisons, then the mixed file's
+    assert [c.criterion for c in train] == ["overall"] * alone["n_train"] + ["helpful"] * alone["n_train"]
+    assert {(c.rejected, c.chosen) for c in train if c.criterion == "helpful"} == {
+        (c.chosen, c.rejected) for c in train if c.criterion == "overall"}
+    own_acc, mix_acc = mixed["heldout_accuracy_own"], mixed["heldout_accuracy_mix"]
+    assert own_acc + mix_acc == pytest.approx(1.0)  # each part measured on its own pairs (a wrong slice breaks this)
+    assert (own_acc + mix_acc) / 2 == pytest.approx(mixed["heldout_accuracy"])
+    assert "heldout_accuracy_mix" not in alone and mixed["mix_data"] == str(mix)
+    # the mixed file is an input of the reward model (an edit makes it stale), not of the feedback stage
+    cfg = load_config(overrides=MICRO + [f"reward.mix_data='{mix}'"])
+    before = stage_inputs("reward", cfg)
+    mix.write_text(mix.read_text().replace("helpful", "helpful2"))
+    assert stage_inputs("reward", cfg) != before
+    assert stage_inputs("feedback", cfg) == stage_inputs("feedback", load_config(overrides=MICRO))
+
+
+def test_a_bad_mixed_file_fails_before_anything_runs_naming_file_and_line(judge_setup, tmp_path):
+    _, _, sft_out = judge_setup
+    out = tmp_path / "out"
+    shutil.copytree(sft_out, out)
+    run_stage("feedback", load_config(overrides=MICRO), out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"item_id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        run_stage("reward", load_config(overrides=MICRO + [f"reward.mix_data='{bad}'"]), out)
+    assert not (out / "reward").exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["reward.mix_data='/m.jsonl'", "reward.loss='plackett_luce'"], "reward.mix_data"),
+    (["reward.mix_data='/m.jsonl'", "reward.criterion='*'"], "reward.mix_data"),
+    (["reward.mix_criterion='helpful'"], "reward.mix_criterion"),
+])
+def test_impossible_mix_settings_name_the_field(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=MICRO + overrides)

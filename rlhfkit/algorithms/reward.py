@@ -142,6 +142,10 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         ranked = encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]).to(rt.device)
     else:
         train, test = load_comparisons(comparisons_path, rc.criterion, rc.heldout_fraction, cfg.seed, tokenizer)
+    own_test = test  # the main data's held-out pairs (gold accuracy is theirs)
+    if rc.mix_data:  # a second file in the same model (RL-CAI: AI harmlessness + human helpfulness labels)
+        mix_train, mix_test = load_comparisons(rc.mix_data, rc.mix_criterion, rc.heldout_fraction, cfg.seed, tokenizer)
+        train, test = train + mix_train, test + mix_test
 
     # 2. Model: the initial backbone (the SFT policy by default) with a fresh scalar head.
     torch.manual_seed(cfg.seed)  # the new head's init
@@ -186,10 +190,18 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 
     # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
     heldout = evaluate_pairs(model, test_data, rt, desc="reward model: held-out accuracy")
-    gold_test = gold_ordered(test, gold) if gold is not None else []
-    gold_figures = {"heldout_gold_accuracy": evaluate_pairs(
-        model, encode_comparisons(tokenizer, gold_test, decoder).to(rt.device), rt,
-        desc="reward model: held-out gold accuracy")["accuracy"], "n_heldout_gold": len(gold_test)} if gold_test else {}
+
+    def accuracy_on(comparisons: list[Comparison], desc: str) -> float:
+        return evaluate_pairs(model, encode_comparisons(tokenizer, comparisons, decoder).to(rt.device), rt,
+                              desc=desc)["accuracy"]
+
+    mix_figures = {"mix_data": rc.mix_data, "n_train_mix": len(mix_train), "n_heldout_mix": len(mix_test),
+                   "heldout_accuracy_own": accuracy_on(own_test, "reward model: held-out accuracy (own data)"),
+                   "heldout_accuracy_mix": accuracy_on(mix_test, "reward model: held-out accuracy (mix_data)"),
+                   } if rc.mix_data else {}
+    gold_test = gold_ordered(own_test, gold) if gold is not None else []
+    gold_figures = {"heldout_gold_accuracy": accuracy_on(gold_test, "reward model: held-out gold accuracy"),
+                    "n_heldout_gold": len(gold_test)} if gold_test else {}
     train_eval = evaluate_pairs(model, train_data, rt, desc="reward model: training accuracy")
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
@@ -204,6 +216,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         "heldout_accuracy": heldout["accuracy"],
         "heldout_loss": heldout["loss"],
         **gold_figures,
+        **mix_figures,
         "soft_labels": soft,
         "train_accuracy": train_eval["accuracy"],
         "n_train": len(train),

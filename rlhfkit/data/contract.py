@@ -68,10 +68,11 @@ class Comparison:
     # reward model trains on it by cross-entropy (reward.soft_labels: distilled RLAIF, Lee et al. 2023).
     soft_label: float | None = None
     rationale: str | None = None  # the AI labeler's chain of thought (both orders with position swap); None = none
+    principle: str | None = None  # the constitution's principle the AI labeler was asked under (RL-CAI); None = none
 
 
 # Comparison fields written only when set (records without them stay as before: the fields are optional to read).
-OPTIONAL_WHEN_NONE = ("soft_label", "rationale")
+OPTIONAL_WHEN_NONE = ("soft_label", "rationale", "principle")
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ def parse_comparison(obj: dict, where: str, item_id_required: bool = True) -> Co
         raise DataError(f"{where}: field 'soft_label' = {soft_label!r} must be in [0.5, 1], the probability that "
                         "'chosen' is better (swap chosen and rejected if the labeler preferred the other)")
     rationale = _require(obj, "rationale", str, where, optional=True)
+    principle = _require(obj, "principle", str, where, optional=True)
     texts = {key: parse_text(_require(obj, key, (str, list), where), key, where) for key in ("prompt", "chosen", "rejected")}
     prompt, (chosen, rejected) = align_replies(texts["prompt"], [texts["chosen"], texts["rejected"]],
                                                ["chosen", "rejected"], where)
@@ -299,6 +301,7 @@ def parse_comparison(obj: dict, where: str, item_id_required: bool = True) -> Co
         criterion=_require(obj, "criterion", str, where, optional=True) or "overall",
         soft_label=None if soft_label is None else float(soft_label),
         rationale=rationale,
+        principle=principle,
     )
     if comparison.chosen == comparison.rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a comparison needs two different completions")

@@ -65,13 +65,13 @@ def item_pairs(completions: list) -> list[tuple[int, int]]:
     return [(a, b) for n, a in enumerate(distinct) for b in distinct[n + 1:]]
 
 
-def soft_comparison(item_id: str, prompt, a, b, j: Judgement, criterion: str) -> Comparison:
+def soft_comparison(item_id: str, prompt, a, b, j: Judgement, criterion: str, principle: str | None = None) -> Comparison:
     """One comparison from the judge's P(a better) = j.p: the preferred reply chosen, its probability the soft label,
-    the rationale(s) kept (both orders with swap, the first-shown order first)."""
+    the rationale(s) kept (both orders with swap, the first-shown order first), the principle asked (if any)."""
     rationale = "\n---\n".join(r for r in (j.rationale_ab, j.rationale_ba) if r) or None
     chosen, rejected, p = (a, b, j.p) if j.p >= 0.5 else (b, a, 1.0 - j.p)
     return Comparison(item_id=item_id, prompt=prompt, chosen=chosen, rejected=rejected, labeler_ids=[AI_LABELER],
-                      criterion=criterion, soft_label=p, rationale=rationale)
+                      criterion=criterion, soft_label=p, rationale=rationale, principle=principle)
 
 
 def soft_ranking(completions: list, wins: dict[tuple[int, int], float]) -> list[list[int]]:
@@ -91,10 +91,16 @@ def principle_templates(template: JudgeTemplate, constitution: str, n: int, seed
     """The question each of n pairs is asked: with a constitution (RL-CAI, Bai et al. 2022, Sec. 4.1), the template
     asking a principle drawn at random for that pair (a seeded stream: the same draws for the same seed and pairs);
     without one, None (the judge's own question) for every pair."""
+    return [t for _, t in drawn_principles(template, constitution, n, seed)]
+
+
+def drawn_principles(template: JudgeTemplate, constitution: str, n: int, seed: int) -> list[tuple]:
+    """(principle name, template) for each of n pairs, as principle_templates draws them; (None, None) without a
+    constitution. Pairs under one principle share one template object (the judge batches by it)."""
     if not constitution:
-        return [None] * n
+        return [(None, None)] * n
     principles = load_constitution(constitution).principles
-    variants = [for_principle(template, p.comparison) for p in principles]  # a template lacking {principle} fails
+    variants = [(p.name, for_principle(template, p.comparison)) for p in principles]  # lacking {principle} fails
     rng = random.Random(f"{seed}-feedback-principles")
     return [variants[rng.randrange(len(variants))] for _ in range(n)]
 
@@ -130,7 +136,8 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
     #    with a constitution, each pair under a principle drawn at random (RL-CAI).
     judge = open_judge(jc, rt, cache_path)
     pairs = [(n, i, j) for n, comps in enumerate(completions) for i, j in item_pairs(comps)]
-    questions = principle_templates(judge.template, jc.constitution, len(pairs), cfg.seed)
+    drawn = drawn_principles(judge.template, jc.constitution, len(pairs), cfg.seed)
+    questions = [t for _, t in drawn]
     judgements: list[Judgement | None] = [None] * len(pairs)
     bar = progress(len(pairs), "feedback: AI judge", unit="pair")
     for s in range(0, len(pairs), CHUNK):
@@ -146,9 +153,10 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
 
     # 3. Comparisons with soft labels, and the judge's ranking of each item.
     comparisons, rankings, wins = [], [], [{} for _ in prompts]
-    for (n, i, j), jg in zip(pairs, judgements):
+    for (n, i, j), jg, (principle, _) in zip(pairs, judgements, drawn):
         comps = completions[n]
-        comparisons.append(soft_comparison(f"{task.name}-{n:06d}", prompts[n], comps[i], comps[j], jg, criterion))
+        comparisons.append(soft_comparison(f"{task.name}-{n:06d}", prompts[n], comps[i], comps[j], jg, criterion,
+                                           principle))
         wins[n][(i, j)] = jg.p
     for n, (prompt, comps) in enumerate(zip(prompts, completions)):
         rankings.append(RankingRecord(f"{task.name}-{n:06d}", prompt, comps, AI_LABELER, soft_ranking(comps, wins[n]),

@@ -16,7 +16,9 @@ tests/test_judge_remote.py checks the two agree on a model served by `rlhfkit se
 Chain of thought: one greedy call generates the rationale with log-probs on; the labels are read at the first
 generated token after the answer line's text that is not whitespace alone (the answer line's text is
 `cot_answer_prefix` without surrounding whitespace, where LocalJudge stops its rationale), and the rationale is the
-text before the answer line.
+text before the answer line. Self-consistency (cot_samples > 1, Lee et al. 2023): one request asks for cot_samples
+choices (`n`) sampled at cot_temperature with a `seed` drawn from the input's cache key (as LocalJudge seeds its
+draws), each choice read as above; P is their mean, the rationales are kept separated by a line '~~~'.
 
 Requests run on a pool of `max_concurrency` threads, so at most that many are in flight; the official client retries
 429, 5xx and connection errors with exponential backoff (honouring Retry-After) up to `max_retries` times, each
@@ -92,17 +94,20 @@ class RemoteJudge:
     cache: a JudgeCache or a path to one (None = no cache). max_concurrency: requests in flight at most.
     timeout_s: one attempt's limit. max_retries: the client's retries of 429, 5xx, timeouts and connection errors.
     top_logprobs: K, the most probable tokens the endpoint shows (OpenAI allows 20). cot_max_tokens: the rationale's
-    length, as LocalJudge's (the request allows ANSWER_ROOM more for the answer line)."""
+    length, as LocalJudge's (the request allows ANSWER_ROOM more for the answer line). cot_samples > 1: that many
+    rationales per input sampled at cot_temperature, their readings averaged (self-consistency)."""
 
     def __init__(self, base_url: str, model: str, template: JudgeTemplate | None = None, *,
                  api_key_env: str = "OPENAI_API_KEY", cache: JudgeCache | str | Path | None = None,
                  max_concurrency: int = 4, timeout_s: float = 60.0, max_retries: int = 5, top_logprobs: int = 20,
-                 cot_max_tokens: int = 96):
-        if max_concurrency < 1 or timeout_s <= 0 or max_retries < 0 or top_logprobs < 1 or cot_max_tokens < 1:
+                 cot_max_tokens: int = 96, cot_samples: int = 1, cot_temperature: float = 0.7):
+        if (max_concurrency < 1 or timeout_s <= 0 or max_retries < 0 or top_logprobs < 1 or cot_max_tokens < 1
+                or cot_samples < 1 or not cot_temperature > 0):
             raise ConfigError(f"remote judge: max_concurrency = {max_concurrency}, timeout_s = {timeout_s}, "
                               f"max_retries = {max_retries}, top_logprobs = {top_logprobs}, cot_max_tokens = "
-                              f"{cot_max_tokens}; give max_concurrency, top_logprobs and cot_max_tokens >= 1, "
-                              "timeout_s > 0 and max_retries >= 0")
+                              f"{cot_max_tokens}, cot_samples = {cot_samples}, cot_temperature = {cot_temperature}; "
+                              "give max_concurrency, top_logprobs, cot_max_tokens and cot_samples >= 1, timeout_s "
+                              "and cot_temperature > 0 and max_retries >= 0")
         self.base_url = base_url.rstrip("/")
         host = urlparse(self.base_url).hostname
         if urlparse(self.base_url).scheme not in ("http", "https") or not host:
@@ -122,6 +127,7 @@ class RemoteJudge:
         self.cache = JudgeCache(cache) if isinstance(cache, (str, Path)) else cache
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
         self.top_logprobs, self.cot_max_tokens = top_logprobs, cot_max_tokens
+        self.cot_samples, self.cot_temperature = cot_samples, cot_temperature
         self.stats = JudgeStats()
         try:
             import openai
@@ -143,7 +149,11 @@ class RemoteJudge:
 
     def options(self, cot: bool) -> dict:
         """The settings besides the input that decide a judgement (part of its cache key)."""
-        return {"cot": cot, "cot_max_tokens": self.cot_max_tokens if cot else None, "top_logprobs": self.top_logprobs}
+        options = {"cot": cot, "cot_max_tokens": self.cot_max_tokens if cot else None,
+                   "top_logprobs": self.top_logprobs}
+        if cot and self.cot_samples > 1:  # (absent otherwise: the keys of greedy judgements stay as they were)
+            options.update(cot_samples=self.cot_samples, cot_temperature=self.cot_temperature)
+        return options
 
     def first_probs(self, items: Sequence[tuple], *, few_shot: bool = True, cot: bool = False,
                     template: JudgeTemplate | None = None) -> list[tuple[float, str]]:
@@ -175,7 +185,8 @@ class RemoteJudge:
 
         if todo:
             pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(todo)), thread_name_prefix="judge")
-            futures: dict[Future, str] = {pool.submit(self._ask, conversation_of[k], cot): k for k in todo}
+            futures: dict[Future, str] = {pool.submit(self._ask, conversation_of[k], cot, int(k[:15], 16)): k
+                                          for k in todo}
             try:
                 for future in as_completed(futures):
                     keep(futures[future], future.result())
@@ -197,21 +208,32 @@ class RemoteJudge:
     # ------------------------------------------------------------------------------------------------
     # One request (on a worker thread)
 
-    def _ask(self, messages: list[dict], cot: bool) -> Reading:
-        """One greedy chat completion with log-probs, read as P(first better)."""
+    def _ask(self, messages: list[dict], cot: bool, seed: int) -> Reading:
+        """One chat completion with log-probs, read as P(first better): greedy, or with self-consistency
+        cot_samples choices sampled with `seed` (the input's), their readings averaged."""
+        n = self.cot_samples if cot else 1
+        sampled = {"n": n, "temperature": self.cot_temperature, "seed": seed % 2**31} if n > 1 else {"temperature": 0}
         try:
             response = self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.cot_max_tokens + ANSWER_ROOM if cot else 1,
-                temperature=0, logprobs=True, top_logprobs=self.top_logprobs)
+                logprobs=True, top_logprobs=self.top_logprobs, **sampled)
         except self._openai.OpenAIError as e:
             raise self._failure(e) from None
-        if not response.choices:
-            raise RlhfkitError(f"judge endpoint {self.base_url} answered with no choices; check that it serves "
-                               f"chat completions for {self.model!r}")
-        choice = response.choices[0]
+        if len(response.choices) < n:
+            raise RlhfkitError(f"judge endpoint {self.base_url} answered with {len(response.choices)} choice(s) for "
+                               f"n = {n}; check that it serves chat completions for {self.model!r}"
+                               + (" and several choices per request (or set judge.cot_samples = 1)" if n > 1 else ""))
+        tokens = response.usage.total_tokens if response.usage is not None else 0
+        readings = [self._read(choice, cot) for choice in response.choices[:n]]
+        hows = {how for _, _, how in readings}
+        how = "text" if "text" in hows else "bounded" if "bounded" in hows else "logprobs"  # the least exact
+        return Reading(sum(p for p, _, _ in readings) / n, "\n~~~\n".join(r for _, r, _ in readings), how, tokens)
+
+    def _read(self, choice, cot: bool) -> tuple[float, str, str]:
+        """(P(first better), rationale, how) of one choice: the labels' log-probs at the answer (after the answer
+        line with cot), else the answer's text (deviations 1 and 2)."""
         steps = list(choice.logprobs.content or []) if choice.logprobs is not None else []
         text = choice.message.content or ""
-        tokens = response.usage.total_tokens if response.usage is not None else 0
         labels = self.template.labels
         if not cot:
             rationale, step, answer = "", 0 if steps else None, text
@@ -219,8 +241,8 @@ class RemoteJudge:
             rationale, step, answer = answer_line(steps, text, self.template.cot_answer_prefix.strip())
         found = label_probability(steps[step], labels) if step is not None else None
         if found is not None:
-            return Reading(found[0], rationale, found[1], tokens)
-        return Reading(text_probability(answer, labels), rationale, "text", tokens)
+            return found[0], rationale, found[1]
+        return text_probability(answer, labels), rationale, "text"
 
     def _failure(self, e: Exception) -> RlhfkitError:
         """What went wrong with the endpoint once the client gave up, and what to check (never the raw exception)."""

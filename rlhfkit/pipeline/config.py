@@ -159,6 +159,8 @@ class RewardConfig:
 
     init: str = F("sft", "Initial weights: 'sft' (the SFT policy's backbone + a new head) or a local model directory: a causal LM, or an encoder such as BERT/MiniLM (trained and scored with its own tokenizer's pair encoding and its pooler; a pretrained encoder wants reward.lr ~1e-4; docs/methods/reward.md).")
     data: str = F("", "Preference data for the reward model and DPO, in any format rlhfkit reads (its comparisons or rankings, TRL, Anthropic HH, UltraFeedback; JSONL, JSON, Parquet; docs/data.md); rankings for loss = 'plackett_luce'; empty = the feedback stage's output.")
+    mix_data: str = F("", "A second preference file whose comparisons train the same reward model beside the main ones (reward.data or the feedback stage's), each file split by item with heldout_fraction: e.g. human helpfulness labels mixed with an AI labeler's harmlessness labels, as RL-CAI's preference model (Bai et al. 2022, Sec. 4.1; docs/cai.md). bradley_terry only; empty = none.")
+    mix_criterion: str = F("", "reward.mix_data: take its comparisons of this criterion (empty = the file must hold a single criterion); its criterion may differ from the main data's.")
     loss: str = F("bradley_terry", "'bradley_terry' (pairs: the comparisons) or 'plackett_luce' (whole K-way rankings, each labeler's ranking one term); docs/methods/reward.md.")
     criterion: str = F("", "Train only on comparisons of this criterion; empty = the data must hold a single criterion; '*' = one reward model per criterion in the data, each in OUT/reward/<criterion>/model (reward.sources pick them by criterion).")
     heldout_fraction: float = F(0.1, "Share of items (not pairs) held out to measure pairwise accuracy.")
@@ -220,10 +222,10 @@ class JudgeConfig:
     cot: bool = F(False, "Chain of thought: the judge writes a rationale first (greedy), then the labels' probabilities are read after it; the rationale is kept with each comparison.")
     constitution: str = F("", "Constitutional AI's feedback (RL-CAI, Bai et al. 2022): a constitution file (rlhfkit/spine/constitutions/harmless.toml); each pair is judged under a principle drawn at random, its comparison question filling the template's {principle} (use judge_templates/constitutional.toml); empty = the template's own question.")
     clamp: float = F(0.0, "Clamp every soft label into [0.5 - clamp, 0.5 + clamp]; 0 = off. Bai et al. 2022 clamp chain-of-thought labels to 40-60% (clamp = 0.1), as a rationale makes the judge over-confident.")
-    cot_samples: int = F(1, "With cot: rationales per comparison; > 1 = self-consistency (Lee et al. 2023): that many rationales sampled at cot_temperature, the labels' probabilities read after each and averaged (a local judge only).")
+    cot_samples: int = F(1, "With cot: rationales per comparison; > 1 = self-consistency (Lee et al. 2023): that many rationales sampled at cot_temperature, the labels' probabilities read after each and averaged (an endpoint is asked for that many choices, `n`, with a seed).")
     cot_temperature: float = F(0.7, "With cot and cot_samples > 1: the rationales' sampling temperature.")
     swap: bool = F(True, "Judge both orders of every pair and average (position swap, Lee et al. 2023): a judge that prefers a position cancels out.")
-    batch_size: int = F(16, "path: comparisons per forward pass.")
+    batch_size: int = F(16, "path: comparisons per forward pass; also the replies per forward of a kind = 'judge' reward source.")
     max_concurrency: int = F(4, "base_url: requests in flight at once.")
     timeout_s: float = F(60.0, "base_url: seconds before a request is given up (then retried).")
     max_retries: int = F(5, "base_url: retries of a failed request (connection errors, 429, 5xx), with exponential backoff.")
@@ -316,6 +318,14 @@ class _Rules:
                  "set reward.criterion to one of them")
         need(0.0 < r.heldout_fraction < 1.0, "reward.heldout_fraction", "must be in (0, 1)")
         need(r.loss in ("bradley_terry", "plackett_luce"), "reward.loss", "choose 'bradley_terry' or 'plackett_luce'")
+        if r.mix_data:  # one reward model on two files' comparisons
+            need(r.loss == "bradley_terry", "reward.mix_data",
+                 "mixes comparisons into a bradley_terry reward model; set reward.loss = 'bradley_terry' or drop it")
+            need(r.criterion != "*", "reward.mix_data",
+                 "mixes two files into one reward model, and reward.criterion = '*' trains one per criterion; "
+                 "set reward.criterion to the main data's criterion (or empty) or drop reward.mix_data")
+        need(not r.mix_criterion or bool(r.mix_data), "reward.mix_criterion", "picks a criterion of reward.mix_data; "
+             "set reward.mix_data too")
         self._validate_reward_sources(need, ref, task)
         self._validate_toxicity(checks, task)
         checks.positive("sft.lr", "reward.lr", "feedback.temperature")
@@ -408,8 +418,6 @@ class _Rules:
         need(not (self.eval.judge and j.constitution), "eval.judge", "asks the judge one question for every prompt, "
              "and judge.constitution makes it ask a drawn principle's: judge the evaluation without a constitution")
         checks.positive("judge.cot_temperature")
-        need(j.cot_samples == 1 or not j.base_url, "judge.cot_samples", "self-consistency needs a local judge "
-             "(judge.path): an endpoint's rationale cannot be continued to read the answer after each sample")
         for key, uses in (("feedback.labeler", fb.labeler == "ai"), ("eval.judge", self.eval.judge)):
             need(not uses or j.configured(), key, f"{'labels with' if key.startswith('feedback') else 'asks'} the AI "
                  "judge: set judge.path to a local causal-LM directory (or judge.base_url and judge.model)")

@@ -147,6 +147,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
         inputs["reward"] = {**full["reward"], **_SCORING_DEFAULTS}
         if cfg.reward.data and Path(cfg.reward.data).is_file():
             inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
+        if name == "reward" and cfg.reward.mix_data and Path(cfg.reward.mix_data).is_file():
+            inputs["reward_mix_data_sha256"] = hashlib.sha256(Path(cfg.reward.mix_data).read_bytes()).hexdigest()
     for upstream in stage_needs(name, cfg):
         inputs.update(stage_inputs(upstream, cfg))
     if _scores(name, cfg):  # it is the input of the stages that score with it
@@ -275,6 +277,9 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
         check_model_dir(cfg.reward.init, "reward.init", causal=False)
     if any(_scores(name, cfg) for name in names):  # the reward sources' directories, PPO's value model
         preflight_sources(cfg)
+    if "reward" in names and cfg.reward.mix_data:  # the comparisons mixed into the reward model's
+        load_comparisons(cfg.reward.mix_data, cfg.reward.mix_criterion, cfg.reward.heldout_fraction, cfg.seed,
+                         _reward_tokenizer(cfg, out), stage="reward")
     if cfg.reward.data:  # the comparisons (rankings) of every stage in `names` that reads them (reward model, DPO)
         for stage in names:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):

@@ -27,7 +27,8 @@ def open_judge(jc, rt: Runtime, cache: str | Path | None):
         return LocalJudge(jc.path, template, rt, batch_size=jc.batch_size, cache=cache, cot_samples=jc.cot_samples,
                           cot_temperature=jc.cot_temperature)
     return RemoteJudge(jc.base_url, jc.model, template, api_key_env=jc.api_key_env, cache=cache,
-                       max_concurrency=jc.max_concurrency, timeout_s=jc.timeout_s, max_retries=jc.max_retries)
+                       max_concurrency=jc.max_concurrency, timeout_s=jc.timeout_s, max_retries=jc.max_retries,
+                       cot_samples=jc.cot_samples, cot_temperature=jc.cot_temperature)
 
 
 def judge_template(jc) -> JudgeTemplate:

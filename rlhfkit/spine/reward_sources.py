@@ -107,13 +107,13 @@ def score_template_path(source) -> Path:
     return Path(getattr(source, "template", "") or DEFAULT_SCORE_TEMPLATE)
 
 
-def open_score_judge(source, rt: Runtime, key: str) -> JudgeScorer:
+def open_score_judge(source, rt: Runtime, key: str, batch_size: int = 16) -> JudgeScorer:
     """The scorer of the kind = 'judge' source `source` (reward.sources[i], `key` in messages): a LocalScoreJudge
     on its path, with its template, no cache."""
     if not source.path:
         raise ConfigError(f"{key}.path is empty: kind = 'judge' reads a causal-LM directory (the judge); set its "
                           "path")
-    judge = LocalScoreJudge(source.path, load_score_template(score_template_path(source)), rt)
+    judge = LocalScoreJudge(source.path, load_score_template(score_template_path(source)), rt, batch_size=batch_size)
     return JudgeScorer(judge, getattr(source, "few_shot", True))
 
 
@@ -174,7 +174,7 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
         if s.kind == "gold":
             scorers[name] = GoldScorer(task, rt)
         elif s.kind == "judge":
-            scorers[name] = open_score_judge(s, rt, f"reward.sources[{i}]")
+            scorers[name] = open_score_judge(s, rt, f"reward.sources[{i}]", cfg.judge.batch_size)  # [judge]'s
         elif s.kind == "classifier":
             scorers[name] = ClassLabelScorer(source_model_dir(cfg, s, rm_dir), rt, s.label, s.output)
         else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward
