@@ -45,7 +45,10 @@ def test_sl_cai_fine_tunes_the_policy_on_its_own_revisions(chat_policy, tmp_path
     assert (out / "sl_cai" / "model" / "config.json").is_file()
     assert result["steps"] == 4 * (16 // 8)  # 8 revisions + 8 helpful demonstrations, 4 epochs of 2 steps
     ev = run_stage("eval", load_config(overrides=overrides + ["eval.n_prompts=16", "eval.dist_samples=8"]), out)
-    assert ev["sl_cai"]["kl"] > 0 and (out / "eval" / "report.md").is_file()
+    assert ev["sl_cai"]["kl"] > 0
+    report = (out / "eval" / "report.md").read_text()  # the chains, shown: the first five in full
+    assert "## Critique → revision chains" in report and "8 chains in `sl_cai/chains.jsonl`" in report
+    assert report.count("**Chain ") == 5 and f"critique 1 (`{chains[0].steps[0].principle}`)" in report
 
     # the RL stage of Constitutional AI starts from the SL-CAI policy: sft.epochs = 0 takes policy.path as it is
     rl = tmp_path / "rl"

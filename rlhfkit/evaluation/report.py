@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlhfkit.core.runio import read_metrics
 from rlhfkit.evaluation.evaluate import DENSE_VOCAB_MAX
+from rlhfkit.spine.constitution import read_chains
 
 # The PPO curve plots `objective/kl_k1`, the KL the report explains; a peak above SPIKE_RATIO x where the curve
 # ends (the mean of its last tenth; above SPIKE_MIN_NATS, so noise near zero is not called a spike) gets a
@@ -302,6 +303,27 @@ def samples_table(policies: dict) -> list[str]:
     return lines
 
 
+CHAINS_SHOWN = 5  # SL-CAI chains quoted in full in the report (all of them are in OUT/sl_cai/chains.jsonl)
+
+
+def chains_section(path: Path, shown: int = CHAINS_SHOWN) -> list[str]:
+    """SL-CAI's critique -> revision chains (Bai et al. 2022, Sec. 3.1): the first `shown` in full, one table each
+    (the prompt, the first reply, each round's principle, critique and revision), and where the rest are."""
+    chains = read_chains(path)
+    lines = ["## Critique → revision chains", "",
+             f"{len(chains)} chains in `sl_cai/{path.name}` (the fine-tuning trains on each final revision); the first "
+             f"{min(shown, len(chains))}:", ""]
+    for i, chain in enumerate(chains[:shown], 1):
+        lines += [f"**Chain {i}**", "", "| step | text |", "|---|---|",
+                  "| prompt | " + "<br>".join(_cell(line) for line in prompt_lines(chain.prompt)) + " |",
+                  f"| response | {_cell(chain.response)} |"]
+        for k, step in enumerate(chain.steps, 1):
+            lines += [f"| critique {k} (`{step.principle}`) | {_cell(step.critique)} |",
+                      f"| revision {k} | {_cell(step.revision)} |"]
+        lines.append("")
+    return lines
+
+
 def higher_is_better(name: str, directions: dict[str, bool] | None = None) -> bool:
     """Whether a gold metric is better higher: `directions` (name -> higher is better) when it names it, else
     False for the LOWER_IS_BETTER names, else True. A `gold/` prefix (the training curves) is ignored."""
@@ -509,8 +531,10 @@ def _method_line(method: str, config: dict) -> str:
     return f"{method.upper()}" + (f", {knobs}" if knobs else "")
 
 
-def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_path: Path) -> Path:
-    """Plots + report.md in OUT/eval for a run of `method` (an rlhfkit.algorithms.Method); returns the path."""
+def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_path: Path,
+                 chains_path: Path | None = None) -> Path:
+    """Plots + report.md in OUT/eval for a run of `method` (an rlhfkit.algorithms.Method); returns the path.
+    chains_path: SL-CAI's critique -> revision chains (shown when the file is there)."""
     eval_dir = out / "eval"
     metrics = read_metrics(metrics_path)
     if metrics and method.name == "ppo":  # PPO's own panels: proxy vs gold, KL with its spike, beta
@@ -564,6 +588,8 @@ def write_report(out: Path, summary: dict, eval_result: dict, method, metrics_pa
               "## Sample completions", "",
               "The same held-out prompts for every policy, side by side.", "",
               *samples_table(policies), ""]
+    if chains_path is not None and chains_path.is_file():  # SL-CAI's (Constitutional AI): all kept, some shown
+        lines += chains_section(chains_path)
     path = eval_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -426,7 +426,7 @@ def _run(name: str, cfg: Config, out: Path, stage_dir: Path) -> dict:
         write_json(stage_dir / "eval.json", result)
         summary = build_summary(cfg, out, eval_result=result)
         report = write_report(stage_dir.parent, summary, result, METHODS[cfg.method],  # writes stage_dir/report.md
-                              out / cfg.method / "metrics.jsonl")
+                              out / cfg.method / "metrics.jsonl", chains_path=out / cfg.method / "chains.jsonl")
         return {**_eval_figures(result), "report": f"eval/{report.name}", "wall_time_s": time.time() - start}
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
