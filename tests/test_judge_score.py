@@ -227,6 +227,21 @@ def test_one_token_labels_equal_a_manual_full_forward(judge_dirs, template_file,
     assert max(got) - min(got) > 0.2 and judge.stats.calls == 1  # the oracle is not a constant
 
 
+@pytest.mark.parametrize("arch", ["digits", "gpt2"])
+def test_continuations_on_the_kv_cache_equal_full_forwards(judge_dirs, arch):
+    """next_token_logits_then: the logits after each padded sequence + [a], read on the first forward's cache, for
+    several heads (each on its own copy of the cache), equal a full forward of each extended sequence."""
+    judge = LocalScoreJudge(judge_dirs[arch])
+    seqs = [encode_text(judge.tokenizer, f"{p} {r}") for p, r in zip(PROMPTS, REPLIES)]
+    assert len({len(x) for x in seqs}) > 2  # left padding in play
+    heads = [_token(judge.tokenizer, "1"), _token(judge.tokenizer, "2"), _token(judge.tokenizer, "3")]
+    first, then = judge.next_token_logits_then(seqs, heads)
+    assert torch.allclose(first, judge.next_token_logits(seqs), atol=1e-4)
+    for a in heads:
+        assert torch.allclose(then[a], judge.next_token_logits([x + [a] for x in seqs]), atol=1e-4)
+    assert not torch.allclose(then[heads[0]], then[heads[1]], atol=1e-2)  # each head its own continuation
+
+
 @pytest.mark.parametrize("arch", ["digits", "plain"])
 def test_ten_as_two_tokens_follows_the_chain_rule_and_batching_changes_nothing(judge_dirs, template, arch):
     judge = LocalScoreJudge(judge_dirs[arch], template, batch_size=8)

@@ -43,6 +43,7 @@ Layer: models (imports data, core; within models: forward, load, runtime, sampli
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -62,7 +63,7 @@ from rlhfkit.data.chat import render as render_chat
 from rlhfkit.models.forward import disable_dropout, freeze, position_ids
 from rlhfkit.models.load import check_model_dir, load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime, autocast
-from rlhfkit.models.sampling import SamplingParams, decode_responses, sample
+from rlhfkit.models.sampling import CACHE, SamplingParams, decode_responses, sample
 from rlhfkit.models.scoring import as_text
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "judge_templates"
@@ -532,6 +533,34 @@ class JudgeModel:
         self.stats.calls += 1
         self.stats.tokens += sum(len(s) for s in seqs)
         return logits.float()
+
+    @torch.no_grad()
+    def next_token_logits_then(self, seqs: list[list[int]], heads: Sequence[int]) -> tuple[torch.Tensor, dict]:
+        """((B, V) logits after each sequence, {a: (B, V) logits after each sequence + [a]} for each token a in
+        `heads`): what next_token_logits gives for seqs and for each seqs + [a], but the continuations read the
+        first forward's KV cache (one new position each) instead of recomputing every sequence. A model without
+        logits_to_keep takes the plain forwards."""
+        if not heads or not self.keep_one:
+            return self.next_token_logits(seqs), {a: self.next_token_logits([s + [a] for s in seqs]) for a in heads}
+        longest = max(len(s) for s in seqs) + 1
+        if self.positions is not None and longest > self.positions:
+            self.next_token_logits([s + [heads[0]] for s in seqs])  # raises the error that names the judge
+        ids, mask = pad_left(seqs, pad_id(self.tokenizer))
+        ids, mask = ids.to(self.rt.device), mask.to(self.rt.device)
+        pos = position_ids(mask)
+        n = len(seqs)
+        more = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # the continuation attends to the row and itself
+        with autocast(self.rt.device, self.rt.dtype):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            first, cache, then = out.logits[:, -1].float(), getattr(out, CACHE), {}
+            for i, a in enumerate(heads):  # a forward extends the cache in place: all but the last read a copy
+                past = cache if i == len(heads) - 1 else copy.deepcopy(cache)
+                step = self.model(input_ids=ids.new_full((n, 1), a), attention_mask=more, position_ids=pos[:, -1:] + 1,
+                                  use_cache=True, logits_to_keep=1, **{CACHE: past})
+                then[a] = step.logits[:, -1].float()
+        self.stats.calls += 1 + len(heads)
+        self.stats.tokens += sum(len(s) for s in seqs) + n * len(heads)
+        return first, then
 
 
 class LocalJudge(JudgeModel):

@@ -292,10 +292,10 @@ class LocalScoreJudge(JudgeModel):
         return [rescale(e, self.lo, self.hi) for e in self.expected_scores(prompts, replies, few_shot)]
 
     def _expected(self, contexts: list[str]) -> list[float]:
-        """E[s] after each context: one forward for the first token, one per first token of a two-token label."""
+        """E[s] after each context: one forward for the first token, then one new position per first token of a
+        two-token label (on the first forward's KV cache)."""
         seqs = [encode_text(self.tokenizer, c[: len(c) - self.cut]) for c in contexts]
-        first = self.next_token_logits(seqs)  # (B, V)
-        heads = dict.fromkeys(ids[0] for ids in self.label_ids if len(ids) == 2)
-        second = {a: self.next_token_logits([s + [a] for s in seqs]) for a in heads}  # each (B, V)
+        heads = list(dict.fromkeys(ids[0] for ids in self.label_ids if len(ids) == 2))
+        first, second = self.next_token_logits_then(seqs, heads)  # (B, V), each (B, V): the second token on the cache
         self.stats.judged += len(seqs)
         return expected_score(label_log_probs(first, second, self.label_ids), self.values).tolist()
