@@ -37,6 +37,7 @@ from rlhfkit.models.judge import (  # noqa: E402
     load_template,
     render,
     template_from_dict,
+    without_system,
 )
 from rlhfkit.models.judge_remote import ANSWER_ROOM, RemoteJudge  # noqa: E402
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy  # noqa: E402
@@ -371,6 +372,36 @@ def test_chain_of_thought_reads_the_label_after_the_answer_line():
     assert body["messages"] == judge_messages(TEMPLATE, question(body), "a", "b", few_shot=True, cot=True)
     assert body["messages"][2]["content"] == "it greets\nSo 1"  # the exemplar's rationale, then its answer line
     assert body["messages"][-1]["content"].endswith("Better one?\n\nThink first.")
+
+
+def test_an_endpoint_that_refuses_a_system_role_gets_the_preamble_in_the_first_user_message():
+    """Like a Gemma-style template: a system message is a 400 naming the role; the judge then sends the preamble as
+    the start of the first user message (as LocalJudge renders for such a tokenizer), from then on at once."""
+    bodies = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        bodies.append(body)
+        if body["messages"][0]["role"] == "system":
+            return JSONResponse({"error": {"message": "System role not supported", "type": "invalid_request_error"}},
+                                status_code=400)
+        reply = labels_at(float(question(body)[2:]))
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
+                             "message": {"role": "assistant", "content": reply["text"]}}]}
+
+    with serving(app) as url:
+        judge = RemoteJudge(url, NAME, TEMPLATE, max_concurrency=1, max_retries=0)
+        got = judge.first_probs(ITEMS[:3], few_shot=True)
+    assert [p for p, _ in got] == pytest.approx(P[:3]) and judge.merge_system
+    merged = judge_messages(TEMPLATE, *ITEMS[0], few_shot=True)
+    assert bodies[1]["messages"] == without_system(merged)
+    assert bodies[1]["messages"][0] == {"role": "user", "content": "Pick the better reply.\n\n" + merged[1]["content"]}
+    assert len(bodies) == 4  # one refusal, then each item once
+    with serving(Endpoint(lambda body: None, fail=lambda n: 400).app) as url:  # a 400 about something else stays one
+        with pytest.raises(RlhfkitError, match="refused the request"):
+            RemoteJudge(url, NAME, TEMPLATE, max_retries=0).first_probs(ITEMS[:1])
 
 
 def test_self_consistency_asks_for_n_seeded_choices_and_averages_their_readings(tmp_path):

@@ -301,6 +301,16 @@ def chat_messages(preamble: str, shots: Sequence[tuple[str, str]], question: str
     return turns + [{"role": "user", "content": question}]
 
 
+def without_system(turns: list[dict]) -> list[dict]:
+    """The conversation for a chat template that refuses a system role: the system message's text leads the first
+    user message instead (a conversation without one is returned as it is)."""
+    if not turns or turns[0]["role"] != "system":
+        return turns
+    rest = list(turns[1:])
+    rest[0] = {"role": "user", "content": turns[0]["content"] + "\n\n" + rest[0]["content"]}
+    return rest
+
+
 def render_parts(tokenizer, preamble: str, shots: Sequence[tuple[str, str]], question: str, answer: str) -> str:
     """Any judge's input from its filled-in parts: the preamble, the (question, answer) exemplars, the question,
     and the text the answer starts with (render's layout, with or without a chat template)."""
@@ -315,8 +325,7 @@ def render_parts(tokenizer, preamble: str, shots: Sequence[tuple[str, str]], que
     except DataError:
         if not preamble:
             raise
-        turns = turns[1:]  # the template refuses a system role: the preamble leads the first user message
-        turns[0] = {"role": "user", "content": preamble + "\n\n" + turns[0]["content"]}
+        turns = without_system(turns)  # the template refuses a system role: the preamble leads the first user turn
         text = render_chat(tokenizer, turns, add_generation_prompt=True)
     return text + answer
 

@@ -39,8 +39,9 @@ Deviations from LocalJudge (and from Lee et al. 2023, who read the logits themse
    (LocalJudge reads one token id; judge.py deviation 3).
 4. A chat template has no place for an answer prefix: a template with a non-empty `answer_prefix` is refused
    (LocalJudge appends it after the opened assistant turn).
-5. The preamble is always a system message: LocalJudge moves it into the first user message when the tokenizer's
-   template refuses a system role, but an endpoint's template is not visible here (such an endpoint answers 400).
+5. The preamble is sent as a system message; an endpoint whose chat template refuses a system role answers 400 with
+   a message about it, and from then on the preamble leads the first user message (as LocalJudge does when the
+   tokenizer's template refuses one; `merge_system`). The cache key stays the conversation as built.
 6. The rationale's tokens are read where they were generated (LocalJudge re-tokenises the rationale as text).
 
 Layer: models (imports core; within models: judge). `openai` is imported when a RemoteJudge is made.
@@ -68,6 +69,7 @@ from rlhfkit.models.judge import (
     judgement_key,
     load_template,
     same_answer_format,
+    without_system,
 )
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # a server here needs no real key (rlhfkit serve, vLLM by default)
@@ -128,6 +130,7 @@ class RemoteJudge:
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
         self.top_logprobs, self.cot_max_tokens = top_logprobs, cot_max_tokens
         self.cot_samples, self.cot_temperature = cot_samples, cot_temperature
+        self.merge_system = False  # set once the endpoint has refused a system message (deviation 5)
         self.stats = JudgeStats()
         try:
             import openai
@@ -213,10 +216,20 @@ class RemoteJudge:
         cot_samples choices sampled with `seed` (the input's), their readings averaged."""
         n = self.cot_samples if cot else 1
         sampled = {"n": n, "temperature": self.cot_temperature, "seed": seed % 2**31} if n > 1 else {"temperature": 0}
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=self.cot_max_tokens + ANSWER_ROOM if cot else 1,
+
+        def create(conversation: list[dict]):
+            return self.client.chat.completions.create(
+                model=self.model, messages=conversation, max_tokens=self.cot_max_tokens + ANSWER_ROOM if cot else 1,
                 logprobs=True, top_logprobs=self.top_logprobs, **sampled)
+
+        try:
+            try:
+                response = create(without_system(messages) if self.merge_system else messages)
+            except self._openai.BadRequestError as e:
+                if self.merge_system or messages[0]["role"] != "system" or "system" not in str(e).lower():
+                    raise
+                response = create(without_system(messages))  # deviation 5: the template refuses a system role
+                self.merge_system = True
         except self._openai.OpenAIError as e:
             raise self._failure(e) from None
         if len(response.choices) < n:
