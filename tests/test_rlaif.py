@@ -88,13 +88,17 @@ def test_soft_bradley_terry_loss_is_minimised_where_the_model_agrees_with_the_so
 
 
 def test_soft_labels_and_rationales_round_trip_and_are_omitted_when_absent(tmp_path):
-    soft = Comparison("i1", "p", "a", "b", labeler_ids=["ai-judge"], soft_label=0.8, rationale="a is polite")
+    soft = Comparison("i1", "p", "a", "b", labeler_ids=["ai-judge"], soft_label=0.8, rationale="a is polite",
+                      principle="harm")
     hard = Comparison("i2", "p", "a", "b")
     write_jsonl(tmp_path / "c.jsonl", [soft, hard])
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert rows[0]["soft_label"] == 0.8 and rows[0]["rationale"] == "a is polite"
-    assert "soft_label" not in rows[1] and "rationale" not in rows[1]  # files without them are as before
+    assert rows[0]["soft_label"] == 0.8 and rows[0]["rationale"] == "a is polite" and rows[0]["principle"] == "harm"
+    assert not {"soft_label", "rationale", "principle"} & set(rows[1])  # files without them are as before
     assert read_comparisons(tmp_path / "c.jsonl") == [soft, hard]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[1], "principle": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'principle'"):
+        read_comparisons(tmp_path / "bad.jsonl")
 
 
 @pytest.mark.parametrize("value", [0.3, 1.2, "0.8", True])
