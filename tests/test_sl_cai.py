@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhfkit.algorithms.sl_cai import helpful_demonstrations
 from rlhfkit.core.errors import ConfigError
-from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_policy
 from rlhfkit.pipeline.compare import compare_methods
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.pipeline.stages import pipeline_stages, run_stage
@@ -61,6 +61,25 @@ def test_sl_cai_fine_tunes_the_policy_on_its_own_revisions(chat_policy, tmp_path
     assert all(torch.equal(kept[k], slcai[k]) for k in slcai)
     with pytest.raises(ConfigError, match="sft.epochs"):
         load_config(overrides=["sft.epochs=0"])  # no policy.path: nothing to start from
+
+
+def test_the_rl_stage_starts_from_an_sl_cai_adapter(chat_policy, tmp_path):
+    """SL-CAI with LoRA saves an adapter (OUT/sl_cai/model); policy.path may name it with sft.epochs = 0: the
+    preflight reads its base's positions, and the SFT stage is the adapter merged into its base."""
+    overrides = ["method='sl_cai'", f"policy.path='{chat_policy}'", "sft.n_demos=64", "sft.epochs=1", "sft.batch_size=16",
+                 "sl_cai.n_prompts=4", "sl_cai.n_helpful=4", "sl_cai.max_new_tokens=4", "sl_cai.few_shot=false",
+                 "sl_cai.epochs=1", "sl_cai.batch_size=8", "lora.r=4", "device='cpu'", "threads=1"]
+    out = tmp_path / "out"
+    run_stage("sft", load_config(overrides=overrides), out)
+    run_stage("sl_cai", load_config(overrides=overrides), out)
+    adapter = out / "sl_cai" / "model"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file()
+    start = load_config(overrides=[f"policy.path='{adapter}'", "sft.epochs=0", "sft.n_demos=64", "device='cpu'",
+                                   "threads=1"])
+    assert run_stage("sft", start, tmp_path / "rl")["steps"] == 0
+    merged = load_policy(adapter, torch.device("cpu")).state_dict()
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "rl" / "sft" / "model").state_dict()
+    assert all(torch.allclose(kept[k], merged[k]) for k in merged)
 
 
 def test_a_policy_without_a_chat_template_is_refused_before_anything_runs(tmp_path):

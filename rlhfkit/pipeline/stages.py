@@ -50,6 +50,7 @@ from rlhfkit.feedback.ai import run_ai_feedback
 from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
+from rlhfkit.models.lora import adapter_base, is_adapter_dir
 from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
 from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.models.scoring import is_decoder_model
@@ -306,7 +307,10 @@ def check_context_length(cfg: Config, names: list[str]) -> None:
     checked by Config.validate: policy.n_ctx.)"""
     from transformers import AutoConfig
 
-    limit = getattr(AutoConfig.from_pretrained(cfg.policy.path), "max_position_embeddings", None)
+    path = Path(cfg.policy.path)
+    if is_adapter_dir(path) and not (path / "config.json").is_file():  # a LoRA adapter: its base's positions
+        path = adapter_base(path)
+    limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
     if limit is None:
         return
     tokenizer = load_tokenizer(cfg.policy.path, "policy.path")
