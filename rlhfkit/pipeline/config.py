@@ -130,14 +130,14 @@ class FeedbackConfig:
 
 
 # The kinds of reward source (rlhfkit/spine/reward_sources.py; docs/methods/reward.md, "Reward sources").
-REWARD_SOURCE_KINDS = ("reward_model", "sequence_classifier", "classifier", "gold", "judge")
+REWARD_SOURCE_KINDS = ("reward_model", "sequence_classifier", "classifier", "gold", "judge", "python")
 
 
 @dataclass
 class RewardSourceConfig:
     """[[reward.sources]] One reward source; the online methods and the evaluation score with their combination (reward.combine)."""
 
-    kind: str = F("reward_model", "'reward_model' (a reward model rlhfkit trained: a decoder's scalar head at the last token, an encoder's own forward), 'sequence_classifier' (any one-label sequence classifier with its own tokenizer, e.g. a BERT/MiniLM reward model: its own forward on the pair encoding), 'classifier' (the logit or probability of one class, `label`, of any classifier), 'gold' (the task's gold scorer) or 'judge' (direct RLAIF: a causal LM's expected 1-10 score of the reply under a score template, rescaled to [-1, 1]; docs/rlaif.md).")
+    kind: str = F("reward_model", "'reward_model' (a reward model rlhfkit trained: a decoder's scalar head at the last token, an encoder's own forward), 'sequence_classifier' (any one-label sequence classifier with its own tokenizer, e.g. a BERT/MiniLM reward model: its own forward on the pair encoding), 'classifier' (the logit or probability of one class, `label`, of any classifier), 'gold' (the task's gold scorer), 'judge' (direct RLAIF: a causal LM's expected 1-10 score of the reply under a score template, rescaled to [-1, 1]; docs/rlaif.md) or 'python' (a function of yours, `function`: a rule or a verifier; docs/methods/reward.md).")
     name: str = F("", "Name in the logs (objective/scores/<name>) and in reward.safety_source / helpfulness_source; empty = the criterion, else the kind.")
     path: str = F("", "Model directory. kind = 'reward_model' with path empty: this run's reward model (OUT/reward/model; OUT/reward/<criterion>/model with reward.criterion = '*'). Unused for 'gold'.")
     criterion: str = F("", "The criterion the source judges; with path empty, picks this run's reward model of that criterion.")
@@ -146,6 +146,7 @@ class RewardSourceConfig:
     output: str = F("logit", "kind = 'classifier': 'logit' (the class's logit) or 'prob' (softmax over the classes; sigmoid for a single-logit classifier).")
     template: str = F("", "kind = 'judge': the score template (TOML); empty = rlhfkit's score.toml (rlhfkit/models/judge_templates/).")
     few_shot: bool = F(True, "kind = 'judge': show the template's exemplars before each reply.")
+    function: str = F("", "kind = 'python': 'package.module:function' or 'path/to/file.py:function', called as f(prompts=[...], completions=[...]) -> one finite number per completion (TRL's reward_funcs).")
 
 
 # The [reward] fields that say how rewards are scored during RL, not how the reward model is trained: the
@@ -362,7 +363,12 @@ class _Rules:
             need(bool(CRITERION_NAME.fullmatch(name)), f"{key}.name", f"{name!r} cannot name a metric "
                  "(objective/scores/<name>); use up to 32 lowercase letters, digits, '-' or '_', starting with a letter")
             need(names.count(name) == 1, f"{key}.name", f"two sources are named {name!r}; give each a distinct name")
-            need(bool(s.path) or s.kind in ("reward_model", "gold", "classifier"), f"{key}.path",
+            need(s.kind != "python" or bool(s.function), f"{key}.function", "kind = 'python' calls a function: "
+                 "give 'module:function' or 'path/to/file.py:function'")
+            need(s.kind == "python" or not s.function, f"{key}.function", "only kind = 'python' calls a function")
+            need(s.kind != "python" or not s.path, f"{key}.path", "kind = 'python' reads no model directory; name "
+                 "the function in function")
+            need(bool(s.path) or s.kind in ("reward_model", "gold", "classifier", "python"), f"{key}.path",
                  f"kind = {s.kind!r} reads a model directory: set its path" + (
                      " (the judge's causal-LM directory)" if s.kind == "judge" else ""))
             need(s.kind == "judge" or (not s.template and s.few_shot), f"{key}.template",

@@ -57,6 +57,7 @@ from rlhfkit.models.scoring import is_decoder_model
 from rlhfkit.pipeline.config import REWARD_SCORING_FIELDS, Config, JudgeConfig, RewardConfig, load_config
 from rlhfkit.spine.constitution import DEFAULT_CONSTITUTION, load_constitution
 from rlhfkit.spine.judging import judge_cache_path, open_judge, preflight_judge
+from rlhfkit.spine.reward_functions import function_hash
 from rlhfkit.spine.reward_sources import preflight_sources
 from rlhfkit.tasks import get_task, task_for
 from rlhfkit.tasks.base import REWARD_EOS
@@ -154,6 +155,9 @@ def stage_inputs(name: str, cfg: Config) -> dict:
         inputs.update(stage_inputs(upstream, cfg))
     if _scores(name, cfg):  # it is the input of the stages that score with it
         inputs["reward"] = full["reward"]
+        for i, s in enumerate(cfg.reward.sources):  # a reward function's code: an edit makes them stale
+            if s.kind == "python":
+                inputs[f"reward_function_sha256/{i}"] = function_hash(s.function, f"reward.sources[{i}]")
     return inputs
 
 

@@ -16,9 +16,10 @@
 
 Kinds: 'reward_model' (a reward model rlhfkit trained; read as it was trained, rlhfkit.models.scoring), 'sequence_classifier'
 (any one-label classifier with its own tokenizer, read by its own forward: a BERT/MiniLM reward model),
-'classifier' (one class's logit or probability), 'gold' (the task's gold scorer) and 'judge' (direct RLAIF, Lee et
+'classifier' (one class's logit or probability), 'gold' (the task's gold scorer), 'judge' (direct RLAIF, Lee et
 al. 2023, Sec. 2.3: a causal LM's expected 1-10 score of each reply under a score template, rescaled to [-1, 1];
-rlhfkit.models.judge_score; no cache, as an online run scores new text at every step). The scores combine by
+rlhfkit.models.judge_score; no cache, as an online run scores new text at every step) and 'python' (a function of
+yours: rlhfkit.spine.reward_functions). The scores combine by
 `reward.combine`: 'sum' (weighted) or 'llama2' (Touvron et al. 2023, Sec. 3.2.2: on probabilities, the safety
 probability where it is below a threshold, else the helpfulness probability; then its logit). No sources = the run's
 reward model alone, as before.
@@ -49,6 +50,7 @@ from rlhfkit.models.judge_score import DEFAULT_SCORE_TEMPLATE, LocalScoreJudge, 
 from rlhfkit.models.load import check_model_dir, load_tokenizer
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.models.scoring import ClassLabelScorer, RewardModelScorer, class_index, is_decoder_model
+from rlhfkit.spine.reward_functions import PythonScorer, load_function
 
 if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
     from rlhfkit.pipeline.config import Config
@@ -175,6 +177,9 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
             scorers[name] = GoldScorer(task, rt)
         elif s.kind == "judge":
             scorers[name] = open_score_judge(s, rt, f"reward.sources[{i}]", cfg.judge.batch_size)  # [judge]'s
+        elif s.kind == "python":
+            key = f"reward.sources[{i}]"
+            scorers[name] = PythonScorer(load_function(s.function, key), s.function, key, rt.device)
         elif s.kind == "classifier":
             scorers[name] = ClassLabelScorer(source_model_dir(cfg, s, rm_dir), rt, s.label, s.output)
         else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward
@@ -215,6 +220,9 @@ def preflight_sources(cfg: Config) -> None:
     r = cfg.reward
     for i, (name, s) in enumerate(zip(r.source_names(), r.sources)):
         role = f"reward.sources[{i}] ({name})"
+        if s.kind == "python":  # importable, and a callable: a typo fails before SFT
+            load_function(s.function, f"reward.sources[{i}]")
+            continue
         template = load_score_template(score_template_path(s)) if s.kind == "judge" else None
         if not s.path:
             if template is not None:
