@@ -11,7 +11,8 @@ SFT policy as it is (sft.epochs = 0).
   sl  SL-CAI: the policy's critique -> revision chains under rlhfkit's harmlessness constitution, LoRA fine-tuning on
       the revisions plus helpful courtesy demonstrations; the held-out toxic rate of SFT and SL-CAI, and chains quoted.
   rl  RL-CAI: from the SL-CAI policy, pairs of its replies labelled by SmolLM2 as the judge under drawn principles
-      (zero-shot, position swap), a reward model on them, RLOO against it; the toxic rate SFT -> SL-CAI -> RL-CAI.
+      (chain of thought, few-shot, position swap, clamped to 40-60% as the paper; --no-judge-cot: zero-shot), a
+      reward model on them, RLOO against it; the toxic rate SFT -> SL-CAI -> RL-CAI.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main() -> int:
     parser.add_argument("--phases", nargs="+", default=["sl", "rl"])
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--rl-steps", type=int, default=10)
+    parser.add_argument("--judge-cot", action=argparse.BooleanOptionalAction, default=True,
+                        help="RL-CAI's labels with chain of thought, few-shot and the paper's 40-60%% clamp (else "
+                             "zero-shot, swap only)")
+    parser.add_argument("--rl-out", default="rl", help="the RL phase's directory under --out")
     args = parser.parse_args()
     model, out = Path(args.model).resolve(), Path(args.out).resolve()
     ensure_model(model)
@@ -88,10 +93,12 @@ def main() -> int:
         for c in chains[:3]:
             print(json.dumps(c, indent=1)[:1500])
     if "rl" in args.phases:
-        rl = out / "rl"
+        rl = out / args.rl_out
+        judge = (["judge.cot=true", "judge.few_shot=true", "judge.clamp=0.1"] if args.judge_cot
+                 else ["judge.few_shot=false"])
         extra = [f"policy.path='{out / 'sl' / 'sl_cai' / 'model'}'", "method='rloo'", "feedback.labeler='ai'",
-                 f"judge.path='{model}'", "judge.constitution='rlhfkit/spine/constitutions/harmless.toml'",
-                 "judge.few_shot=false", "feedback.n_prompts=100", "feedback.k=2", "feedback.criteria=['overall']",
+                 f"judge.path='{model}'", "judge.constitution='rlhfkit/spine/constitutions/harmless.toml'", *judge,
+                 "feedback.n_prompts=100", "feedback.k=2", "feedback.criteria=['overall']",
                  "reward.criterion=''", "reward.sources=[]", f"rloo.total_steps={args.rl_steps}"]
         seconds = rlhfkit("run", "--out", str(rl), *sets(base + extra))
         summary = json.loads((rl / "summary.json").read_text())
@@ -103,7 +110,7 @@ def main() -> int:
                   f"helpful {e['helpful_rate']:.3f}, KL {e['kl']:.2f}")
         fb = summary["feedback"]
         print(f"judge: alignment with gold {fb['judge_alignment_with_gold']}, position bias {fb['judge_position_bias']}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / f"results-{'-'.join(args.phases)}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhfkit.algorithms.sl_cai import helpful_demonstrations
+from rlhfkit.algorithms.sl_cai import copied_example_share, helpful_demonstrations
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_policy
 from rlhfkit.pipeline.compare import compare_methods
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.pipeline.stages import pipeline_stages, run_stage
-from rlhfkit.spine.constitution import load_constitution, read_chains
+from rlhfkit.spine.constitution import Chain, Step, load_constitution, read_chains
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,14 @@ def test_the_rl_stage_starts_from_an_sl_cai_adapter(chat_policy, tmp_path):
     merged = load_policy(adapter, torch.device("cpu")).state_dict()
     kept = AutoModelForCausalLM.from_pretrained(tmp_path / "rl" / "sft" / "model").state_dict()
     assert all(torch.allclose(kept[k], merged[k]) for k in merged)
+
+
+def test_copied_example_share_counts_revisions_that_are_an_examples_word_for_word():
+    constitution = load_constitution()
+    copied = constitution.examples[0].revision
+    chains = [Chain("p", "r", (Step("harm", "c", rev),)) for rev in
+              [copied, "  " + copied.replace(" ", "\n ") + " ", copied[:-1], "my own revision"]]
+    assert copied_example_share(chains, constitution) == pytest.approx(2 / 4)  # whitespace aside; a cut one is not
 
 
 def test_a_policy_without_a_chat_template_is_refused_before_anything_runs(tmp_path):

@@ -82,6 +82,14 @@ def helpful_demonstrations(task, n: int, rng: random.Random, gold: bool) -> list
     return pool[:n]
 
 
+def copied_example_share(chains, constitution) -> float:
+    """The share of chains whose final revision is one of the constitution's example revisions, word for word
+    (whitespace aside): a policy too small to revise its own reply copies the few-shot turns instead (measured with
+    SmolLM2-135M-Instruct: docs/cai.md)."""
+    examples = {" ".join(e.revision.split()) for e in constitution.examples}
+    return sum(" ".join(str(c.revision).split()) in examples for c in chains) / max(len(chains), 1)
+
+
 def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     """The pipeline's entry point (rlhfkit/algorithms/__init__.py): chains and fine-tuning from OUT's SFT policy."""
     start, sc = time.time(), cfg.sl_cai
@@ -122,6 +130,8 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
         "n_chains": len(chains),
         "n_helpful": len(helpful),
         "revised_share": sum(c.revision != c.response for c in chains) / max(len(chains), 1),
+        # a small model may copy a few-shot example's revision word for word instead of revising its own reply
+        "copied_example_share": copied_example_share(chains, constitution) if sc.few_shot else 0.0,
         "revision_nll_before": before,
         "revision_nll_after": after,
         "response_words": sum(len(str(c.response).split()) for c in chains) / max(len(chains), 1),
