@@ -404,6 +404,35 @@ def test_an_endpoint_that_refuses_a_system_role_gets_the_preamble_in_the_first_u
             RemoteJudge(url, NAME, TEMPLATE, max_retries=0).first_probs(ITEMS[:1])
 
 
+def test_an_endpoint_that_asks_for_max_completion_tokens_gets_it():
+    """OpenAI's newer models refuse max_tokens with a 400 that names max_completion_tokens: the judge switches the
+    parameter once (the same budget) and keeps it; the system message refusal is handled beside it."""
+    bodies = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        bodies.append(body)
+        if "max_tokens" in body:
+            return JSONResponse({"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                           "model. Use 'max_completion_tokens' instead.",
+                                           "type": "invalid_request_error"}}, status_code=400)
+        if body["messages"][0]["role"] == "system":
+            return JSONResponse({"error": {"message": "System role not supported"}}, status_code=400)
+        reply = labels_at(float(question(body)[2:]))
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
+                             "message": {"role": "assistant", "content": reply["text"]}}]}
+
+    with serving(app) as url:
+        judge = RemoteJudge(url, NAME, TEMPLATE, max_concurrency=1, max_retries=0)
+        got = judge.first_probs(ITEMS[:2])
+    assert [p for p, _ in got] == pytest.approx(P[:2])
+    assert judge.budget_param == "max_completion_tokens" and judge.merge_system
+    assert bodies[2]["max_completion_tokens"] == 1 and "max_tokens" not in bodies[2]
+    assert len(bodies) == 4  # two refusals, then each item once
+
+
 def test_self_consistency_asks_for_n_seeded_choices_and_averages_their_readings(tmp_path):
     """cot_samples = 3: one request per input for three choices at cot_temperature with a seed from the cache key;
     P is the mean of the choices' readings (one read from the text), the rationales kept in order."""

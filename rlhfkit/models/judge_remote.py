@@ -41,7 +41,8 @@ Deviations from LocalJudge (and from Lee et al. 2023, who read the logits themse
    (LocalJudge appends it after the opened assistant turn).
 5. The preamble is sent as a system message; an endpoint whose chat template refuses a system role answers 400 with
    a message about it, and from then on the preamble leads the first user message (as LocalJudge does when the
-   tokenizer's template refuses one; `merge_system`). The cache key stays the conversation as built.
+   tokenizer's template refuses one; `merge_system`). The cache key stays the conversation as built. Likewise a 400
+   that asks for `max_completion_tokens` (OpenAI's newer models refuse `max_tokens`) switches the length parameter.
 6. The rationale's tokens are read where they were generated (LocalJudge re-tokenises the rationale as text).
 
 Layer: models (imports core; within models: judge). `openai` is imported when a RemoteJudge is made.
@@ -131,6 +132,7 @@ class RemoteJudge:
         self.top_logprobs, self.cot_max_tokens = top_logprobs, cot_max_tokens
         self.cot_samples, self.cot_temperature = cot_samples, cot_temperature
         self.merge_system = False  # set once the endpoint has refused a system message (deviation 5)
+        self.budget_param = "max_tokens"  # "max_completion_tokens" once the endpoint has asked for it
         self.stats = JudgeStats()
         try:
             import openai
@@ -217,19 +219,27 @@ class RemoteJudge:
         n = self.cot_samples if cot else 1
         sampled = {"n": n, "temperature": self.cot_temperature, "seed": seed % 2**31} if n > 1 else {"temperature": 0}
 
-        def create(conversation: list[dict]):
+        budget = self.cot_max_tokens + ANSWER_ROOM if cot else 1
+
+        def create():
+            conversation = without_system(messages) if self.merge_system else messages
             return self.client.chat.completions.create(
-                model=self.model, messages=conversation, max_tokens=self.cot_max_tokens + ANSWER_ROOM if cot else 1,
-                logprobs=True, top_logprobs=self.top_logprobs, **sampled)
+                model=self.model, messages=conversation, logprobs=True, top_logprobs=self.top_logprobs,
+                **{self.budget_param: budget}, **sampled)
 
         try:
-            try:
-                response = create(without_system(messages) if self.merge_system else messages)
-            except self._openai.BadRequestError as e:
-                if self.merge_system or messages[0]["role"] != "system" or "system" not in str(e).lower():
-                    raise
-                response = create(without_system(messages))  # deviation 5: the template refuses a system role
-                self.merge_system = True
+            for _ in range(3):  # at most two adaptations to what the endpoint refuses, each once per judge
+                try:
+                    response = create()
+                    break
+                except self._openai.BadRequestError as e:
+                    said = str(e).lower()
+                    if not self.merge_system and messages[0]["role"] == "system" and "system" in said:
+                        self.merge_system = True  # deviation 5: its chat template refuses a system role
+                    elif self.budget_param == "max_tokens" and "max_completion_tokens" in said:
+                        self.budget_param = "max_completion_tokens"  # OpenAI's newer models refuse max_tokens
+                    else:
+                        raise
         except self._openai.OpenAIError as e:
             raise self._failure(e) from None
         if len(response.choices) < n:
