@@ -450,6 +450,9 @@ def test_mixed_comparisons_train_the_same_reward_model_and_are_measured_apart(ju
     mix.write_text(mix.read_text().replace("helpful", "helpful2"))
     assert stage_inputs("reward", cfg) != before
     assert stage_inputs("feedback", cfg) == stage_inputs("feedback", load_config(overrides=MICRO))
+    dpo = load_config(overrides=MICRO + ["compare.methods=['ppo', 'dpo']"])  # DPO learns from the comparisons
+    mixed_dpo = load_config(overrides=MICRO + ["compare.methods=['ppo', 'dpo']", f"reward.mix_data='{mix}'"])
+    assert stage_inputs("dpo", mixed_dpo) == stage_inputs("dpo", dpo)
 
 
 def test_a_bad_mixed_file_fails_before_anything_runs_naming_file_and_line(judge_setup, tmp_path):
@@ -468,6 +471,9 @@ def test_a_bad_mixed_file_fails_before_anything_runs_naming_file_and_line(judge_
     (["reward.mix_data='/m.jsonl'", "reward.loss='plackett_luce'"], "reward.mix_data"),
     (["reward.mix_data='/m.jsonl'", "reward.criterion='*'"], "reward.mix_data"),
     (["reward.mix_criterion='helpful'"], "reward.mix_criterion"),
+    (["reward.mix_data='/m.jsonl'", "method='dpo'"], "no reward model is trained"),
+    (["reward.mix_data='/m.jsonl'", "ppo.value_init='policy'", "reward.sources=[{kind='gold'}]"],
+     "no reward model is trained"),
 ])
 def test_impossible_mix_settings_name_the_field(overrides, key):
     with pytest.raises(ConfigError, match=key):

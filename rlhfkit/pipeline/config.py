@@ -320,6 +320,10 @@ class _Rules:
         need(0.0 < r.heldout_fraction < 1.0, "reward.heldout_fraction", "must be in (0, 1)")
         need(r.loss in ("bradley_terry", "plackett_luce"), "reward.loss", "choose 'bradley_terry' or 'plackett_luce'")
         if r.mix_data:  # one reward model on two files' comparisons
+            need("reward" in METHODS[self.method].needs and r.uses_run_model(), "reward.mix_data",
+                 f"joins the comparisons of the reward model this run trains, and with {ref('method')} "
+                 f"{'and these reward.sources ' if r.sources else ''}no reward model is trained (DPO learns from "
+                 "the comparisons directly): drop reward.mix_data, or merge the two files into reward.data")
             need(r.loss == "bradley_terry", "reward.mix_data",
                  "mixes comparisons into a bradley_terry reward model; set reward.loss = 'bradley_terry' or drop it")
             need(r.criterion != "*", "reward.mix_data",

@@ -147,6 +147,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
     if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
         # how rewards are scored during RL (reward.sources, reward.combine, ...) is not a reward model's input
         inputs["reward"] = {**full["reward"], **_SCORING_DEFAULTS}
+        if name != "reward":  # reward.mix_data joins the reward model's comparisons only, not DPO's
+            inputs["reward"].update(mix_data="", mix_criterion="")
         if cfg.reward.data and Path(cfg.reward.data).is_file():
             inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
         if name == "reward" and cfg.reward.mix_data and Path(cfg.reward.mix_data).is_file():
