@@ -67,6 +67,8 @@ def main() -> int:
                         help="RL-CAI's labels with chain of thought, few-shot and the paper's 40-60%% clamp (else "
                              "zero-shot, swap only)")
     parser.add_argument("--rl-out", default="rl", help="the RL phase's directory under --out")
+    parser.add_argument("--sl-few-shot", action=argparse.BooleanOptionalAction, default=True,
+                        help="show the constitution's examples before each critique and revision")
     args = parser.parse_args()
     model, out = Path(args.model).resolve(), Path(args.out).resolve()
     ensure_model(model)
@@ -81,7 +83,7 @@ def main() -> int:
         sl = out / "sl"
         extra = [f"policy.path='{model}'", "method='sl_cai'", f"sl_cai.n_prompts={args.n_prompts}",
                  f"sl_cai.n_helpful={args.n_prompts}", "sl_cai.max_new_tokens=48", "sl_cai.epochs=2",
-                 "sl_cai.batch_size=8"]
+                 "sl_cai.batch_size=8", f"sl_cai.few_shot={str(args.sl_few_shot).lower()}"]
         seconds = rlhfkit("run", "--out", str(sl), *sets(base + extra))
         summary = json.loads((sl / "summary.json").read_text())
         chains = [json.loads(line) for line in (sl / "sl_cai" / "chains.jsonl").read_text().splitlines()]

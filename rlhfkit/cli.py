@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", metavar="METHOD", choices=list(REGISTRY),
                          help=f"methods to compare (default: compare.methods, else all: {', '.join(REGISTRY)})")
     compare.add_argument("--update", action="store_true", help="redo the stages whose config changed")
+    judge = sub.add_parser(
+        "judge", help="how well the AI judge of [judge] agrees with your labels (AI-labeler alignment)",
+        description="Ask the AI judge of [judge] about every comparison of a labelled preference file (any format "
+                    "rlhfkit reads) and report the share where it prefers the labelled reply (Lee et al.'s "
+                    "AI-labeler alignment), per criterion, with its position bias and cost; writes "
+                    "OUT/judge_agreement/agreement.json and judged.jsonl.")
+    _add_config_args(judge, out_required=True)
+    judge.add_argument("--labels", required=True, metavar="FILE", help="the preference file people labelled")
+    judge.add_argument("--limit", type=int, default=0, metavar="N", help="judge the first N comparisons (0 = all)")
     merge = sub.add_parser("merge", help="merge a LoRA adapter directory into its base: a plain model directory",
                            description="Write the LoRA adapter in ADAPTER_DIR (e.g. OUT/ppo/model of a run with "
                                        "lora.r > 0) merged into its base model as a plain model directory OUT_DIR.")
@@ -215,6 +224,14 @@ def _dispatch(args) -> int:
         out = Path(args.out or f"runs/{cfg.task}")
         result = run_compare(cfg, out, update=args.update)
         print(f"\nreport: {out / result['report']}")
+        return 0
+    if args.command == "judge":
+        result = pipeline.judge_labels(cfg, args.labels, Path(args.out), args.limit)
+        by = ", ".join(f"{c} {a:.3f}" for c, a in result["judge_alignment_by_criterion"].items())
+        print(f"judge agreement with {args.labels}: {result['judge_alignment_with_labels']:.3f} over "
+              f"{result['n_comparisons']} comparisons ({by}); position bias {result['judge_position_bias']:.3f}; "
+              f"{result['judge_inputs']} judge inputs, {result['judge_cached']} cached\n"
+              f"written: {Path(args.out) / 'judge_agreement'}")
         return 0
     _say_model_defaults(cfg, origins, {args.command})
     result = pipeline.run_stage(args.command, cfg, Path(args.out), fresh=args.fresh)

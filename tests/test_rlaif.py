@@ -478,3 +478,60 @@ def test_a_bad_mixed_file_fails_before_anything_runs_naming_file_and_line(judge_
 def test_impossible_mix_settings_name_the_field(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides=MICRO + overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# `rlhfkit judge --labels FILE`: the judge against labels people gave
+
+
+def test_judge_agreement_with_labels_is_the_judges_own_verdicts_and_flips_with_the_labels(judge_setup, tmp_path):
+    """Oracle: alignment recomputed from the judge called directly on the labelled pairs; the same file with every
+    label reversed gives exactly 1 - alignment (ties count half both ways); per criterion; a rerun is cached."""
+    from rlhfkit.pipeline.stages import judge_labels
+
+    judge, template, sft_out = judge_setup
+    out = tmp_path / "out"
+    shutil.copytree(sft_out, out)
+    run_stage("feedback", load_config(overrides=MICRO), out)
+    labelled = read_comparisons(out / "feedback" / "comparisons.jsonl")[:40]
+    labelled = [dataclasses.replace(c, criterion="helpful" if n % 4 == 0 else c.criterion)
+                for n, c in enumerate(labelled)]
+    people, flipped = tmp_path / "people.jsonl", tmp_path / "flipped.jsonl"
+    write_jsonl(people, labelled)
+    write_jsonl(flipped, [dataclasses.replace(c, chosen=c.rejected, rejected=c.chosen) for c in labelled])
+    cfg = load_config(overrides=MICRO + [f"judge.path='{judge}'", f"judge.template='{template}'"])
+    result = judge_labels(cfg, people, tmp_path / "j")
+    direct = LocalJudge(judge, load_template(template)).judge([c.prompt for c in labelled],
+                                                              [c.chosen for c in labelled],
+                                                              [c.rejected for c in labelled])
+    assert result["judge_alignment_with_labels"] == pytest.approx(alignment(direct, [True] * 40))
+    assert 0.0 < result["judge_alignment_with_labels"] < 1.0 and result["n_comparisons"] == 40
+    helpful = [v for v, c in zip(direct, labelled) if c.criterion == "helpful"]
+    assert result["judge_alignment_by_criterion"]["helpful"] == pytest.approx(alignment(helpful, [True] * 10))
+    judged = read_comparisons(tmp_path / "j" / "judge_agreement" / "judged.jsonl")
+    assert [c.soft_label for c in judged] == pytest.approx([max(v.p, 1 - v.p) for v in direct], abs=1e-5)
+    reverse = judge_labels(cfg, flipped, tmp_path / "j")  # the same pairs, the other order: all from the cache
+    assert reverse["judge_alignment_with_labels"] == pytest.approx(1 - result["judge_alignment_with_labels"])
+    assert reverse["judge_calls"] == 0 and reverse["judge_cached"] == 80
+    assert json.loads((tmp_path / "j" / "judge_agreement" / "agreement.json").read_text())["labels"] == str(flipped)
+
+
+def test_judge_agreement_refuses_bad_input_before_judging_and_leaves_nothing_half_written(judge_setup, tmp_path):
+    from rlhfkit.cli import main
+    from rlhfkit.pipeline.stages import judge_labels
+
+    judge, template, _ = judge_setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n{\n")
+    cfg = load_config(overrides=MICRO + [f"judge.path='{judge}'", f"judge.template='{template}'"])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        judge_labels(cfg, bad, tmp_path / "j")
+    with pytest.raises(ConfigError, match="set judge.path"):
+        judge_labels(load_config(overrides=MICRO), bad, tmp_path / "j")
+    assert not (tmp_path / "j" / "judge_agreement").exists()
+    good = tmp_path / "good.jsonl"
+    good.write_text(bad.read_text().splitlines()[0] + "\n")
+    args = ["judge", "--labels", str(good), "--out", str(tmp_path / "cli"), "--set", "device='cpu'",
+            "--set", f"judge.path='{judge}'", "--set", f"judge.template='{template}'"]
+    assert main(args) == 0 and (tmp_path / "cli" / "judge_agreement" / "agreement.json").is_file()
+    assert main(["judge", "--labels", str(bad), "--out", str(tmp_path / "cli2"), "--set", f"judge.path='{judge}'"]) == 2

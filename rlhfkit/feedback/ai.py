@@ -121,6 +121,73 @@ def clamped(j: Judgement, clamp: float) -> Judgement:
     return dataclasses.replace(j, p=min(max(j.p, 0.5 - clamp), 0.5 + clamp))
 
 
+def judge_in_chunks(judge, jc, items: list[tuple], questions: list, desc: str) -> list[Judgement]:
+    """A Judgement per (prompt, a, b) of `items`, P(a better) (both orders with jc.swap; clamped by jc.clamp), each
+    asked under its template of `questions` (None = the judge's own), in chunks of CHUNK pairs with a progress bar;
+    the judge's cache keeps every finished batch."""
+    judgements: list[Judgement | None] = [None] * len(items)
+    bar = progress(len(items), desc, unit="pair")
+    for s in range(0, len(items), CHUNK):
+        for tpl, ks in _by_template(questions, range(s, min(s + CHUNK, len(items)))):
+            chunk = [items[k] for k in ks]
+            out = judge_pairs(judge, [p for p, _, _ in chunk], [a for _, a, _ in chunk], [b for _, _, b in chunk],
+                              swap=jc.swap, few_shot=jc.few_shot, cot=jc.cot, template=tpl)
+            for k, jg in zip(ks, out):
+                judgements[k] = clamped(jg, jc.clamp)
+        bar.update(min(CHUNK, len(items) - s))
+    bar.close()
+    return judgements
+
+
+def judge_behaviour(judge, judgements: list[Judgement], swap: bool) -> dict:
+    """How the judge behaved: position bias, the same-position rate (with swap), and its cost."""
+    stats = judge.stats
+    return {
+        "judge_position_bias": position_bias(judgements) if judgements else None,
+        "judge_same_position_rate": same_position_rate(judgements) if judgements and swap else None,
+        "judge_calls": stats.calls,
+        "judge_inputs": stats.judged,
+        "judge_cached": stats.cached,
+        "judge_tokens": stats.tokens,
+        "judge_bounded": stats.bounded,
+        "judge_from_text": stats.from_text,
+    }
+
+
+def judge_agreement(cfg: Config, comparisons: list[Comparison], out_dir: Path, rt: Runtime, cache_path: Path,
+                    source: str) -> dict:
+    """AI-labeler alignment with labels people gave (Lee et al. 2023, Sec. 3.1): the judge of cfg.judge asked about
+    each comparison of `source` (chosen and rejected as a and b; both orders with judge.swap; a principle drawn
+    per pair with judge.constitution), and the share of them where it prefers the labelled `chosen` (a tie counts
+    half), overall and per criterion; position bias and cost as the feedback stage reports them. Writes
+    out_dir/judged.jsonl (the judge's own comparisons of the same pairs, soft labels and rationales: usable as AI
+    labels) and out_dir/agreement.json."""
+    start = time.time()
+    jc = cfg.judge
+    judge = open_judge(jc, rt, cache_path)
+    drawn = drawn_principles(judge.template, jc.constitution, len(comparisons), cfg.seed)
+    judgements = judge_in_chunks(judge, jc, [(c.prompt, c.chosen, c.rejected) for c in comparisons],
+                                 [t for _, t in drawn], "judge agreement")
+    judged = [soft_comparison(c.item_id, c.prompt, c.chosen, c.rejected, jg, c.criterion, principle)
+              for c, jg, (principle, _) in zip(comparisons, judgements, drawn)]
+    by_criterion: dict[str, list[Judgement]] = {}
+    for c, jg in zip(comparisons, judgements):
+        by_criterion.setdefault(c.criterion, []).append(jg)
+    result = {
+        "labels": source,
+        "judge": jc.path or f"{jc.base_url} ({jc.model})",
+        "n_comparisons": len(comparisons),
+        "judge_alignment_with_labels": alignment(judgements, [True] * len(judgements)),
+        "judge_alignment_by_criterion": {c: alignment(js, [True] * len(js)) for c, js in by_criterion.items()},
+        **judge_behaviour(judge, judgements, jc.swap),
+        "mean_soft_label": sum(c.soft_label for c in judged) / len(judged),
+        "wall_time_s": time.time() - start,
+    }
+    write_jsonl(out_dir / "judged.jsonl", judged)
+    write_json(out_dir / "agreement.json", result)
+    return result
+
+
 def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime, cache_path: Path) -> dict:
     """Label the items with the judge of cfg.judge (its cache at `cache_path`); write comparisons.jsonl,
     rankings.jsonl and stats.json to out_dir. With task = 'none' there is no gold scorer: no alignment figure."""
@@ -137,19 +204,8 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
     judge = open_judge(jc, rt, cache_path)
     pairs = [(n, i, j) for n, comps in enumerate(completions) for i, j in item_pairs(comps)]
     drawn = drawn_principles(judge.template, jc.constitution, len(pairs), cfg.seed)
-    questions = [t for _, t in drawn]
-    judgements: list[Judgement | None] = [None] * len(pairs)
-    bar = progress(len(pairs), "feedback: AI judge", unit="pair")
-    for s in range(0, len(pairs), CHUNK):
-        for tpl, ks in _by_template(questions, range(s, min(s + CHUNK, len(pairs)))):
-            chunk = [pairs[k] for k in ks]
-            out = judge_pairs(judge, [prompts[n] for n, _, _ in chunk], [completions[n][i] for n, i, _ in chunk],
-                              [completions[n][j] for n, _, j in chunk], swap=jc.swap, few_shot=jc.few_shot,
-                              cot=jc.cot, template=tpl)
-            for k, jg in zip(ks, out):
-                judgements[k] = clamped(jg, jc.clamp)
-        bar.update(min(CHUNK, len(pairs) - s))
-    bar.close()
+    judgements = judge_in_chunks(judge, jc, [(prompts[n], completions[n][i], completions[n][j]) for n, i, j in pairs],
+                                 [t for _, t in drawn], "feedback: AI judge")
 
     # 3. Comparisons with soft labels, and the judge's ranking of each item.
     comparisons, rankings, wins = [], [], [{} for _ in prompts]
@@ -168,7 +224,6 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
     gold = [(task.criterion_score(prompts[n], completions[n][i], criterion),
              task.criterion_score(prompts[n], completions[n][j], criterion)) for n, i, j in pairs] if has_gold else []
     told_apart = [k for k, (a, b) in enumerate(gold) if a != b]
-    stats = judge.stats
     result = {
         "labeler": "ai",
         "judge": jc.path or f"{jc.base_url} ({jc.model})",
@@ -179,15 +234,8 @@ def run_ai_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime
         "judge_alignment_with_gold": (alignment([judgements[k] for k in told_apart],
                                                 [gold[k][0] > gold[k][1] for k in told_apart]) if told_apart else None),
         "n_gold_pairs": len(told_apart),
-        "judge_position_bias": position_bias(judgements) if judgements else None,
-        "judge_same_position_rate": same_position_rate(judgements) if judgements and jc.swap else None,
+        **judge_behaviour(judge, judgements, jc.swap),
         "mean_soft_label": sum(c.soft_label for c in comparisons) / max(len(comparisons), 1),
-        "judge_calls": stats.calls,
-        "judge_inputs": stats.judged,
-        "judge_cached": stats.cached,
-        "judge_tokens": stats.tokens,
-        "judge_bounded": stats.bounded,
-        "judge_from_text": stats.from_text,
         "wall_time_s": time.time() - start,
     }
     write_json(out_dir / "stats.json", result)

@@ -37,16 +37,16 @@ from rlhfkit.algorithms.classifier import base_model_dir, train_toxicity_classif
 from rlhfkit.algorithms.reward import train_reward_model
 from rlhfkit.algorithms.sft import train_sft
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
-from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.core.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
 from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.chat import has_chat_template
 from rlhfkit.data.contract import read_comparisons
 from rlhfkit.data.labelled import TOXICITY_LABELS, read_labelled_texts
-from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
+from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files, read_preferences
 from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
 from rlhfkit.evaluation.report import write_report
-from rlhfkit.feedback.ai import run_ai_feedback
+from rlhfkit.feedback.ai import judge_agreement, run_ai_feedback
 from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
@@ -553,6 +553,33 @@ def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False) -
     preflight(cfg, out, [name])
     with locked(out):
         return _stage(name, cfg, out, fresh=fresh, skip_hint="pass --fresh to redo it")
+
+
+def judge_labels(cfg: Config, labels: str | Path, out: str | Path, limit: int = 0) -> dict:
+    """`rlhfkit judge --labels FILE`: how well the judge of [judge] agrees with labels people gave (AI-labeler
+    alignment, Lee et al. 2023) on the comparisons of FILE (any preference format rlhfkit reads; the first `limit`,
+    0 = all), before spending on AI labels. Writes OUT/judge_agreement/ (agreement.json, judged.jsonl) whole or not
+    at all; the judgements are cached in judge.cache (default OUT/judge_cache.sqlite), so a rerun is free."""
+    if not cfg.judge.configured():
+        raise ConfigError("rlhfkit judge asks the AI judge: set judge.path to a local causal-LM directory (or "
+                          "judge.base_url and judge.model)")
+    if limit < 0:
+        raise ConfigError(f"--limit {limit}: give the number of comparisons to judge (0 = all)")
+    preflight_judge(cfg.judge)
+    comparisons = read_preferences(labels, "pairs", "judge")
+    comparisons = comparisons[:limit] if limit else comparisons
+    if not comparisons:
+        raise DataError(f"{labels}: no comparisons to judge")
+    out = Path(out)
+    partial, final = out / ".partial" / "judge_agreement", out / "judge_agreement"
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out), cpu_watch(cfg, "judge", lambda msg: _log(f"note: {msg}")):
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        result = judge_agreement(cfg, comparisons, partial, runtime(cfg), judge_cache_path(cfg.judge, out), str(labels))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)  # complete or absent: never a half-written agreement
+    return result
 
 
 def _eval_figures(eval_result: dict) -> dict:
