@@ -87,3 +87,27 @@ def test_method_meets_target(method_summary, method, target):
 
 def test_dpo_needs_no_reward_model(method_summary):
     assert "reward" not in method_summary("dpo")["eval"]["dpo"]
+
+
+@pytest.fixture(scope="module")
+def rule_grpo(default_out):
+    """GRPO from the default run's SFT model with a Python function as the only reward (examples/digits_reward.py:
+    a binary rule check): no feedback, no reward model."""
+    out = default_out.parent / "grpo-rule"
+    shutil.copytree(default_out / "sft", out / "sft")
+    source = f'reward.sources=[{{kind="python", function="{ROOT / "examples" / "digits_reward.py"}:rule_reward"}}]'
+    return run_pipeline(load_config(overrides=BASE + ["method='grpo'", source]), out)
+
+
+@pytest.mark.parametrize("target", [t[0] for t in acceptance.method_targets("grpo")])
+def test_grpo_on_a_python_rule_meets_the_grpo_targets(rule_grpo, target):
+    """benchmarks/python_reward.py measured the margins (docs/methods/reward.md)."""
+    value, margin = next((v, m) for name, v, m in
+                         acceptance.check_targets(rule_grpo, None, acceptance.method_targets("grpo")) if name == target)
+    assert margin >= 0, f"{target} = {value:.4f} misses its bound by {-margin:.4f}"
+
+
+def test_grpo_on_a_python_rule_trains_no_reward_model(rule_grpo, default_out):
+    assert "feedback" not in rule_grpo and "reward" not in rule_grpo
+    assert rule_grpo["sft"] == json.loads((default_out / "summary.json").read_text())["sft"]
+    assert rule_grpo["eval"]["grpo"]["reward"] > rule_grpo["eval"]["sft"]["reward"] + 0.5  # the rule's share rose
