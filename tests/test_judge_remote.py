@@ -374,6 +374,14 @@ def test_chain_of_thought_reads_the_label_after_the_answer_line():
     assert body["messages"][-1]["content"].endswith("Better one?\n\nThink first.")
 
 
+def by_prompt_completion(body: dict) -> dict:
+    """A whole chat completion answering by_prompt (for the endpoints written out in a test)."""
+    reply = by_prompt(body)
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
+                         "message": {"role": "assistant", "content": reply["text"]}}]}
+
+
 def test_an_endpoint_that_refuses_a_system_role_gets_the_preamble_in_the_first_user_message():
     """Like a Gemma-style template: a system message is a 400 naming the role; the judge then sends the preamble as
     the start of the first user message (as LocalJudge renders for such a tokenizer), from then on at once."""
@@ -386,10 +394,7 @@ def test_an_endpoint_that_refuses_a_system_role_gets_the_preamble_in_the_first_u
         if body["messages"][0]["role"] == "system":
             return JSONResponse({"error": {"message": "System role not supported", "type": "invalid_request_error"}},
                                 status_code=400)
-        reply = labels_at(float(question(body)[2:]))
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
-                             "message": {"role": "assistant", "content": reply["text"]}}]}
+        return by_prompt_completion(body)
 
     with serving(app) as url:
         judge = RemoteJudge(url, NAME, TEMPLATE, max_concurrency=1, max_retries=0)
@@ -419,10 +424,7 @@ def test_an_endpoint_that_asks_for_max_completion_tokens_gets_it():
                                            "type": "invalid_request_error"}}, status_code=400)
         if body["messages"][0]["role"] == "system":
             return JSONResponse({"error": {"message": "System role not supported"}}, status_code=400)
-        reply = labels_at(float(question(body)[2:]))
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": reply["steps"]},
-                             "message": {"role": "assistant", "content": reply["text"]}}]}
+        return by_prompt_completion(body)
 
     with serving(app) as url:
         judge = RemoteJudge(url, NAME, TEMPLATE, max_concurrency=1, max_retries=0)
