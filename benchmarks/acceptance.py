@@ -71,6 +71,10 @@ METHOD_TARGETS: dict[str, list] = {
     # grpo (K = 16, beta 0.2, lr 2.5e-4, 200 steps), same runs: first 0.948-0.966, later 0.994-0.996,
     # KL 1.28-1.71, share at position 1 0.56-0.76 (GRPO spends more KL after position 1; docs/methods/grpo.md).
     "grpo": method_targets("grpo"),
+    # simpo (beta 2.0, gamma 1.0) and orpo (lambda = orpo.beta 0.1), no reference model, the task's defaults;
+    # measured 2026-12-06, seeds 0-2 at 1 and 2 threads: docs/methods/simpo.md and docs/methods/orpo.md.
+    "simpo": method_targets("simpo"),
+    "orpo": method_targets("orpo"),
     # best-of-8 (no training): the preferred first digit rises above the SFT rate, the rule holds.
     "best_of_n": [
         ("best_of_n preferred_first_rate - sft", lambda d, f: d["eval"]["best_of_n"]["preferred_first_rate"]
@@ -81,6 +85,22 @@ METHOD_TARGETS: dict[str, list] = {
     # 1 and 2 threads: see docs/methods/rejection_sampling.md and docs/methods/rest.md ("Defaults on digits").
     "rejection_sampling": method_targets("rejection_sampling"),
     "rest": method_targets("rest"),
+    # kto on thumbs (METHOD_SETS: the feedback stage redone with feedback.kind = 'thumbs'; digits' kto.beta = 0.5),
+    # measured 2026-12-06, seeds 0-2 at 1 thread and seeds 0-1 at 2 threads: first 0.998-1.000, later 0.995-0.997,
+    # KL 1.22-1.28, share at position 1 0.96-0.97 (docs/methods/kto.md, "Acceptance on digits").
+    "kto": method_targets("kto"),
+    # online DPO (digits' online_dpo.beta = 1.5, 6 iterations of 256 prompts x 4 samples, best vs worst by the reward
+    # model, reference = the SFT policy), measured 2026-12-06, seeds 0-2 at 1 and 2 threads: first
+    # 0.944-0.969, later 0.993-0.995, KL 1.24-1.65, share at position 1 0.63-0.82, stage 17-18 s at 1 thread.
+    "online_dpo": method_targets("online_dpo"),
+}
+
+
+# The --set a method's acceptance runs add to the default run's (the stages they change are redone): KTO learns from
+# thumbs, which the default run's feedback stage does not give, so it is redone with thumbs on the same items (the
+# same budget: k judgements per labeler and item).
+METHOD_SETS: dict[str, list[str]] = {
+    "kto": ["feedback.kind='thumbs'"],
 }
 
 
@@ -168,8 +188,13 @@ def measure_methods(args, out: Path) -> int:
                     base.parent.mkdir(parents=True, exist_ok=True)
                     rlhfkit("run", "--out", str(base), "--set", f"seed={seed}", "--set", f"threads={threads}")
                 shutil.rmtree(run, ignore_errors=True)
-                shutil.copytree(base, run, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock"))
-                sets = [a for o in [f"seed={seed}", f"threads={threads}", f"method='{method}'", *args.overrides]
+                # not config.toml: `rlhfkit run --out` would read it, and it froze every method's section as it was
+                # when the base was made (a default changed since would be silently ignored); the stages' own
+                # INPUTS.json still say whether SFT, feedback and reward model are up to date
+                shutil.copytree(base, run, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock",
+                                                                         "config.toml"))
+                sets = [a for o in [f"seed={seed}", f"threads={threads}", f"method='{method}'",
+                                    *METHOD_SETS.get(method, []), *args.overrides]
                         for a in ("--set", o)]
                 wall = rlhfkit("run", "--out", str(run), "--update", *sets)
                 summary = read_json(run / "summary.json")

@@ -9,6 +9,7 @@ on a 2-core CPU. RLHFKIT_TEST_THREADS picks the thread count (default 1, the con
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -62,7 +63,8 @@ def method_summary(default_out):
         if name not in _method_summaries:
             out = default_out.parent / name
             shutil.copytree(default_out, out, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock"))
-            summary = run_pipeline(load_config(overrides=BASE + [f"method={name!r}"]), out, update=True)
+            sets = [f"method={name!r}", *acceptance.METHOD_SETS.get(name, [])]  # kto: the feedback stage redone with thumbs
+            summary = run_pipeline(load_config(overrides=BASE + sets), out, update=True)
             assert summary["sft"] == default["sft"], "the method must start from the default run's SFT model"
             _method_summaries[name] = summary
         return _method_summaries[name]
@@ -87,6 +89,26 @@ def test_method_meets_target(method_summary, method, target):
 
 def test_dpo_needs_no_reward_model(method_summary):
     assert "reward" not in method_summary("dpo")["eval"]["dpo"]
+
+
+def test_kto_learns_from_thumbs_at_the_rankings_budget(method_summary, default_out):
+    """KTO's acceptance run redid the feedback stage as thumbs (METHOD_SETS): the same labelling budget as the
+    default run's rankings, and no reward model."""
+    summary = method_summary("kto")
+    rankings = json.loads((default_out / "summary.json").read_text())["feedback"]
+    assert summary["feedback"]["kind"] == "thumbs" and summary["feedback"]["judgements"] == rankings["judgements"]
+    assert "reward" not in summary["eval"]["kto"] and summary["kto"]["initial_loss"] == 0.5
+
+
+def test_online_dpo_labels_pairs_every_iteration(method_summary):
+    """Online DPO from the default run's SFT and reward models: every iteration found a pair for nearly every
+    prompt (the reward model rarely ties), the first step started at policy = reference (ln 2), and the KL to the
+    SFT policy grew with the iterations (docs/methods/online_dpo.md)."""
+    stage = method_summary("online_dpo")["online_dpo"]
+    assert len(stage["pairs"]) == stage["iterations"] and min(stage["kept"]) > 0.9
+    assert stage["initial_loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert stage["kl"][0] == pytest.approx(0.0, abs=1e-5) and stage["kl"][-1] > stage["kl"][0]
+    assert all(c > r for c, r in zip(stage["chosen_scores"], stage["rejected_scores"]))
 
 
 @pytest.fixture(scope="module")

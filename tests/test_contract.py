@@ -12,6 +12,7 @@ from rlhfkit.data.contract import (
     STRENGTH_MARGINS,
     Comparison,
     RankingRecord,
+    Thumb,
     pair_margin,
     ranking_from_scores,
     ranking_to_pairs,
@@ -140,7 +141,8 @@ def test_missing_file_and_empty_file(tmp_path):
 def test_docs_describe_every_field():
     """docs/data.md documents exactly the fields the records have."""
     text = DOCS.read_text()
-    for cls, heading in ((Comparison, "## Comparison record"), (RankingRecord, "## Ranking record")):
+    for cls, heading in ((Comparison, "## Comparison record"), (RankingRecord, "## Ranking record"),
+                         (Thumb, "## Thumb record")):
         section = text.split(heading, 1)[1].split("\n## ", 1)[0]
         documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
         assert documented == {f.name for f in fields(cls)}, cls.__name__

@@ -16,6 +16,8 @@ import torch
 from rlhfkit.ops import losses
 from rlhfkit.ops.losses import (
     DPO_LOSSES,
+    KTO_LOSSES,
+    REFERENCE_FREE_LOSSES,
     RANKING_LOSSES,
     bradley_terry_loss,
     dpo_conservative_loss,
@@ -23,9 +25,13 @@ from rlhfkit.ops.losses import (
     dpo_ipo_loss,
     dpo_plackett_luce_loss,
     dpo_sigmoid_loss,
+    kto_loss,
+    kto_reference_point,
     plackett_luce_loss,
     ranked_pairs_bradley_terry_loss,
     ranks_from_tie_groups,
+    orpo_loss,
+    simpo_loss,
 )
 
 DPO_STAT_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -363,6 +369,57 @@ def test_dpo_plackett_luce_gradient_raises_better_ranked():
     assert grad[1] < grad[0] < grad[2] and grad[1] < 0 < grad[2] and grad[3] == 0
 
 
+# ---------------------------------------------------------------- reference-free: SimPO, ORPO
+
+def test_simpo_value():
+    # mean log-probs: chosen -6/3 = -2 and -2/2 = -1, rejected -4/1 = -4 and -1.5/3 = -0.5; beta 0.5, gamma 0.25:
+    # z1 = 0.5 * (-2 - -4) - 0.25 = 0.75, z2 = 0.5 * (-1 - -0.5) - 0.25 = -0.5
+    loss, stats = simpo_loss(_t(-6.0, -2.0), _t(-4.0, -1.5), _t(3, 2), _t(1, 3), beta=0.5, gamma=0.25)
+    expected = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(0.5)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.5 * (-2 + -1) / 2)
+    assert stats["rewards/rejected"].item() == pytest.approx(0.5 * (-4 + -0.5) / 2)
+    assert stats["rewards/accuracies"].item() == 0.5  # rewards -1 > -2 right, -0.5 < -0.25 wrong
+    assert stats["logps/chosen"].item() == pytest.approx(-4.0)  # summed log-probs, as every method logs them
+    # length normalisation is not optional: the same summed log-probs at other lengths give another loss
+    assert simpo_loss(_t(-6.0), _t(-4.0), _t(1), _t(1), 0.5, 0.25)[0].item() != pytest.approx(
+        simpo_loss(_t(-6.0), _t(-4.0), _t(3), _t(1), 0.5, 0.25)[0].item())
+    # gamma = 0 and equal lengths of 1: DPO's sigmoid loss with a zero reference
+    pc, pr = _t(-1.0, -3.0, -0.5), _t(-2.0, -1.0, -0.7)
+    ones = torch.ones(3, dtype=torch.float64)
+    assert simpo_loss(pc, pr, ones, ones, 0.4)[0].item() == pytest.approx(
+        dpo_sigmoid_loss(pc, pr, 0 * pc, 0 * pr, 0.4)[0].item(), rel=1e-12)
+
+
+def test_orpo_value():
+    # mean log-probs m_c = -2/2 = -1, m_r = -6/3 = -2; log odds(m) = m - log(1 - e^m)
+    loss, stats = orpo_loss(_t(-2.0), _t(-6.0), _t(2), _t(3), beta=0.25)
+    log_odds = lambda m: m - math.log(1 - math.exp(m))  # noqa: E731
+    ratio = log_odds(-1.0) - log_odds(-2.0)
+    odds_term = -math.log(1 / (1 + math.exp(-ratio)))
+    assert stats["log_odds_ratio"].item() == pytest.approx(ratio, rel=1e-12)
+    assert stats["loss/nll"].item() == pytest.approx(1.0)  # the chosen reply's NLL per token
+    assert stats["loss/odds_ratio"].item() == pytest.approx(odds_term, rel=1e-12)
+    assert loss.item() == pytest.approx(1.0 + 0.25 * odds_term, rel=1e-12)
+    # log(1 - e^m) stays finite and accurate near m = 0 (a near-certain reply) and far below
+    tiny = orpo_loss(_t(-1e-9), _t(-80.0), _t(1), _t(1), beta=1.0)[1]["log_odds_ratio"].item()
+    assert tiny == pytest.approx((-1e-9 - math.log(1e-9)) - (-80.0), rel=1e-6)
+    with pytest.raises(ValueError, match="ORPO has no target margin"):
+        orpo_loss(_t(-2.0), _t(-6.0), _t(2), _t(3), beta=0.25, gamma=0.5)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_FREE_LOSSES))
+def test_reference_free_gradients_raise_chosen_lower_rejected(name):
+    pc, pr = _t(-3.0, -5.0).requires_grad_(), _t(-4.0, -2.0).requires_grad_()
+    lengths = _t(2, 4)
+    REFERENCE_FREE_LOSSES[name](pc, pr, lengths, lengths, 0.5)[0].backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    # the gradient of a sequence's summed log-prob is divided by its length (the normalisation's chain rule)
+    pc2, pr2 = _t(-3.0, -5.0).requires_grad_(), _t(-4.0, -2.0).requires_grad_()
+    REFERENCE_FREE_LOSSES[name](pc2 * 2, pr2 * 2, lengths * 2, lengths * 2, 0.5)[0].backward()
+    assert torch.allclose(pc2.grad, pc.grad) and torch.allclose(pr2.grad, pr.grad)
+
+
 # ---------------------------------------------------------------- meta-test: every table entry has a value test
 
 VALUE_TESTS = {
@@ -378,6 +435,10 @@ VALUE_TESTS = {
     },
     "LISTWISE_DPO_LOSSES": {
         "plackett_luce": test_dpo_plackett_luce_value,
+    },
+    "REFERENCE_FREE_LOSSES": {
+        "simpo": test_simpo_value,
+        "orpo": test_orpo_value,
     },
 }
 
@@ -476,3 +537,188 @@ def test_dpo_conservative_matches_trl(eps):
         trl_losses.append(trl_loss.item())
     loss, _ = dpo_conservative_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], 0.2, eps)
     assert loss.item() == pytest.approx(sum(trl_losses) / B, rel=1e-5)
+
+
+# ---------------------------------------------------------------- KTO: thumbs up/down (KTO_LOSSES)
+
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _kto_inputs():
+    """Three thumbs (up, down, up) with log-ratios r = 1, -0.5, 0 and two mismatched pairs whose log-ratios are
+    0.5 and 0.1 (z0 = 0.3)."""
+    return (_t(-1.0, -3.0, -2.0), _t(-2.0, -2.5, -2.0), torch.tensor([True, False, True]), _t(-1.0, -2.0),
+            _t(-1.5, -2.1))
+
+
+def test_kto_value():
+    policy, ref, labels, kl_policy, kl_ref = _kto_inputs()
+    loss, stats = kto_loss(policy, ref, labels, kl_policy, kl_ref, beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    z0 = 0.3
+    by_hand = ((1 - _sig(0.5 * (1 - z0))) + 2 * (1 - _sig(0.5 * (z0 - -0.5))) + (1 - _sig(0.5 * (0 - z0)))) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-12)
+    assert stats["kto/kl"].item() == pytest.approx(z0, rel=1e-12)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.5 * (1 + 0) / 2)
+    assert stats["rewards/rejected"].item() == pytest.approx(0.5 * -0.5)
+    assert stats["rewards/margins"].item() == pytest.approx(0.25 + 0.25)
+    assert stats["logps/chosen"].item() == pytest.approx(-1.5) and stats["logps/rejected"].item() == pytest.approx(-3.0)
+
+
+def test_kto_at_the_reference_is_half_the_weights():
+    logps = _t(-3.0, -1.0, -7.0, -2.0)
+    labels = torch.tensor([True, False, False, True])
+    loss, stats = kto_loss(logps, logps, labels, logps, logps, beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
+    assert loss.item() == pytest.approx((0.5 + 0.75 + 0.75 + 0.5) / 4)
+    assert stats["kto/kl"].item() == 0 and stats["rewards/chosen"].item() == 0
+
+
+def test_kto_gradients_raise_desirable_and_lower_undesirable():
+    """The sign of each term: descending the loss raises an up-thumbed completion's log-prob and lowers a
+    down-thumbed one's (a flipped undesirable term would raise it)."""
+    policy, ref, labels, kl_policy, kl_ref = _kto_inputs()
+    policy = policy.clone().requires_grad_()
+    kto_loss(policy, ref, labels, kl_policy, kl_ref, beta=0.5)[0].backward()
+    assert (policy.grad[labels] < 0).all() and (policy.grad[~labels] > 0).all()
+
+
+def test_kto_weights_are_not_swapped():
+    """lambda_D weighs only the thumbs up, lambda_U only the thumbs down."""
+    policy, ref, labels, kl_policy, kl_ref = _kto_inputs()
+    up = labels.clone().fill_(True)
+    down = ~up
+    for lab, expect_factor in ((up, 3.0), (down, 5.0)):
+        base, _ = kto_loss(policy, ref, lab, kl_policy, kl_ref, beta=0.5)
+        weighted, _ = kto_loss(policy, ref, lab, kl_policy, kl_ref, beta=0.5, desirable_weight=3.0, undesirable_weight=5.0)
+        assert weighted.item() == pytest.approx(expect_factor * base.item(), rel=1e-12)
+
+
+def test_kto_reference_point_is_detached():
+    """No gradient flows through z0 (the paper, Sec. 4.1): the mismatched pairs' log-probs get none."""
+    policy, ref, labels, kl_policy, kl_ref = _kto_inputs()
+    kl_policy = kl_policy.clone().requires_grad_()
+    loss, _ = kto_loss(policy.clone().requires_grad_(), ref, labels, kl_policy, kl_ref, beta=0.5)
+    loss.backward()
+    assert kl_policy.grad is None or (kl_policy.grad == 0).all()
+    assert not kto_reference_point(kl_policy, kl_ref).requires_grad
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    """A negative KL estimate counts as 0: the loss equals the loss with z0 = 0."""
+    policy, ref, labels, _, _ = _kto_inputs()
+    negative = kto_loss(policy, ref, labels, _t(-3.0, -4.0), _t(-2.0, -2.0), beta=0.5)
+    zero = kto_loss(policy, ref, labels, _t(-2.0), _t(-2.0), beta=0.5)
+    assert negative[1]["kto/kl"].item() == 0.0
+    assert negative[0].item() == pytest.approx(zero[0].item(), rel=1e-12)
+    assert kto_reference_point(_t(-1.0, -1.0), _t(-1.5, -0.7)).item() == pytest.approx(0.1)  # the mean, not the sum
+
+
+def test_kto_batch_of_one_kind_omits_the_other_stats():
+    policy, ref, _, kl_policy, kl_ref = _kto_inputs()
+    _, stats = kto_loss(policy, ref, torch.tensor([True, True, True]), kl_policy, kl_ref, beta=0.5)
+    assert "rewards/rejected" not in stats and "rewards/margins" not in stats and "rewards/chosen" in stats
+
+
+VALUE_TESTS["KTO_LOSSES"] = {"kto": test_kto_value}
+
+
+def _trl_kto_compute_loss(beta, desirable_weight, undesirable_weight, batch, model):
+    """TRL's own KTOTrainer._compute_loss (trl/trainer/kto_trainer.py, 1.12.0, loss_type "kto") on a minimal
+    object, reference log-probs passed as precomputed (precompute_ref_log_probs), one process."""
+    pytest.importorskip("trl", reason="TRL is the reference: pip install -e '.[dev]'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.trainer.kto_trainer import KTOTrainer
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, calculate_KL=True,
+        precompute_ref_logps=True, use_liger_kernel=False, loss_type="kto", beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, args=None)
+    trainer._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(trainer, m, b)
+    loss = KTOTrainer._compute_loss(trainer, model, batch, False)
+    return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kto_matches_trl(seed):
+    """Random token rows through a "model" whose logits are a fixed function of each token; the KL rows are each
+    prompt with the previous row's completion (TRL's pairing); TRL's loss and metrics against ours."""
+    from rlhfkit.ops.logprobs import gather_logprobs
+
+    B, T, V = 7, 9, 11
+    g = torch.Generator().manual_seed(seed)
+    table = 2 * torch.randn(V, V, generator=g)
+    model = lambda input_ids, **kwargs: SimpleNamespace(logits=table[input_ids])  # noqa: E731  (B, T, V)
+    positions = torch.arange(T)
+
+    def rows():
+        ids = torch.randint(0, V, (B, T), generator=g)
+        lengths = torch.randint(1, T - 2, (B,), generator=g)
+        mask = ((positions >= 2) & (positions < 2 + lengths[:, None])).long()  # two prompt tokens, then the completion
+        return ids, mask
+
+    ids, mask = rows()
+    kl_ids, kl_mask = rows()
+    labels = torch.tensor([True, False, True, True, False, False, True])
+
+    def logps(i, m):
+        return (gather_logprobs(table[i][:, :-1], i[:, 1:]) * m[:, 1:]).sum(1)  # (B,)
+
+    ref, ref_kl = logps(ids, mask) + 2 * torch.randn(B, generator=g), logps(kl_ids, kl_mask) - 0.5 + torch.randn(B, generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask, "label": labels,
+             "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_ids), "KL_completion_mask": kl_mask,
+             "ref_logps": ref, "ref_KL_logps": ref_kl}
+    trl_loss, trl_metrics = _trl_kto_compute_loss(0.3, 1.0, 1.33, batch, model)
+    loss, stats = kto_loss(logps(ids, mask), ref, labels, logps(kl_ids, kl_mask), ref_kl, 0.3, 1.0, 1.33)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert stats["kto/kl"].item() == pytest.approx(trl_metrics["kl"], rel=1e-5, abs=1e-7)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert stats[key].item() == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def _trl_experimental(module: str, name: str):
+    pytest.importorskip("trl", reason="TRL is the reference: pip install -e '.[dev]'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import importlib
+
+        return getattr(importlib.import_module(f"trl.experimental.{module}"), name)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_simpo_matches_trl_cpo(seed):
+    """TRL 1.12's CPOTrainer.cpo_loss with loss_type = "simpo" (trl/experimental/cpo), on the per-token mean
+    log-probs it computes (average_log_prob = True): the same per-pair losses and implicit rewards."""
+    CPOTrainer = _trl_experimental("cpo.cpo_trainer", "CPOTrainer")
+    _, _, _, logps, _, lengths = _dpo_batch(seed)
+    B, beta, gamma = len(logps) // 2, 2.0, 1.2
+    trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=gamma, beta=beta, label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device=torch.device("cpu")))
+    means = logps / lengths
+    trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(trainer, means[:B], means[B:])
+    loss, stats = simpo_loss(logps[:B], logps[B:], lengths[:B], lengths[B:], beta, gamma)
+    assert loss.item() == pytest.approx(trl_losses.mean().item(), rel=1e-5)
+    assert stats["rewards/chosen"].item() == pytest.approx(trl_chosen.mean().item(), rel=1e-5)
+    assert stats["rewards/rejected"].item() == pytest.approx(trl_rejected.mean().item(), rel=1e-5)
+    assert 0 < stats["rewards/accuracies"].item() < 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_orpo_odds_ratio_matches_trl(seed):
+    """TRL 1.12's ORPOTrainer.odds_ratio_loss (trl/experimental/orpo) on the per-token mean log-probs: its losses
+    are beta * log sigma(log odds ratio), which its trainer subtracts from the NLL; its NLL covers the prompt too
+    (a deviation, orpo.py), so the NLL is checked by hand (test_orpo_value)."""
+    ORPOTrainer = _trl_experimental("orpo.orpo_trainer", "ORPOTrainer")
+    _, _, _, logps, _, lengths = _dpo_batch(seed)
+    B, beta = len(logps) // 2, 0.2
+    trainer = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    means = logps / lengths
+    trl_losses, trl_chosen, _, trl_ratio, trl_log_odds = ORPOTrainer.odds_ratio_loss(trainer, means[:B], means[B:])
+    loss, stats = orpo_loss(logps[:B], logps[B:], lengths[:B], lengths[B:], beta)
+    assert beta * stats["loss/odds_ratio"].item() == pytest.approx(-trl_losses.mean().item(), rel=1e-5)
+    assert stats["log_odds_ratio"].item() == pytest.approx(trl_log_odds.item(), rel=1e-5)
+    assert stats["rewards/chosen"].item() == pytest.approx(trl_chosen.mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(-means[:B].mean().item() - trl_losses.mean().item(), rel=1e-5)

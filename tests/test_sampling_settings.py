@@ -269,8 +269,8 @@ def test_pretrained_learning_rates_and_generation_config(model_dir):
     assert (s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.stop) == (20, 0.9, 0.0, 1.1, [])
     assert cfg.ppo.temperature == cfg.feedback.temperature == 1.0  # the file's 0.6 is not taken (README says why)
     assert model_default_lines(origins, cfg) == [
-        f"sft.lr = 2e-05, reward.lr = 1e-05, ppo.lr = 3e-06, dpo.lr = 1e-06, rloo.lr = 1e-06, grpo.lr = 1e-06, "
-        f"rejection_sampling.lr = 2e-05, rest.lr = 2e-05, sl_cai.lr = 2e-05 ({MODEL_LR_SOURCE})",
+        f"sft.lr = 2e-05, reward.lr = 1e-05, ppo.lr = 3e-06, dpo.lr = 1e-06, kto.lr = 1e-06, rloo.lr = 1e-06, grpo.lr = 1e-06, simpo.lr = 1e-06, orpo.lr = 1e-06, "
+        f"rejection_sampling.lr = 2e-05, rest.lr = 2e-05, online_dpo.lr = 5e-07, sl_cai.lr = 2e-05 ({MODEL_LR_SOURCE})",
         f"sampling.top_k = 20, sampling.top_p = 0.9, sampling.repetition_penalty = 1.1 "
         f"({model_dir / 'generation_config.json'})"]
     assert model_default_lines(origins, cfg, {"dpo"}) == [f"dpo.lr = 1e-06 ({MODEL_LR_SOURCE})"]

@@ -9,6 +9,10 @@ whose chosen-vs-rejected accuracy is measured on held-out items. Chosen and reje
 (stacked on the batch axis). Variants (cDPO, IPO, hinge) are entries of DPO_LOSSES (rlhfkit/ops/losses.py);
 docs/methods/dpo.md has the equations.
 
+Without a reference (SimPO and ORPO, REFERENCE_FREE_LOSSES; the methods `simpo` and `orpo`, whose files hold their
+config and call train_dpo with their section): the same data, batches, optimiser and evaluation, no reference in
+memory and no cache; the losses normalise each sequence log-prob by its completion length.
+
 Over K-way rankings (`dpo.loss = "plackett_luce"`, LISTWISE_DPO_LOSSES; Rafailov et al. App. A.3): the data are
 the rankings (rankings.jsonl), batched by item as the Plackett-Luce reward model's (rlhfkit/data/ranked.py): an
 item's K completions in ONE forward, each labeler's ranking one Plackett-Luce term over their implicit rewards.
@@ -52,7 +56,7 @@ from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.optim import make_optimizer, optimizer_step
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime
-from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES, _dpo_stats
+from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES, REFERENCE_FREE_LOSSES, _dpo_stats
 
 CACHE_FILE = "ref_logprobs.safetensors"
 CACHE_FORMAT = b"rlhfkit dpo reference log-probs v2\n"  # bump when what the cache holds changes (v2: per row)
@@ -102,9 +106,10 @@ METHOD = Method("dpo", DPOConfig, ("sft", "feedback"),
                  ("sequence log-probs: healthy runs do not lower both", ("logps/chosen", "logps/rejected"))))
 
 
-def dpo_criterion(cfg) -> str:
-    """The criterion of the comparisons DPO learns from: dpo.criterion, else reward.criterion."""
-    return cfg.dpo.criterion or cfg.reward.criterion
+def dpo_criterion(cfg, dc=None) -> str:
+    """The criterion of the comparisons DPO (or `dc`, SimPO's or ORPO's section) learns from: its criterion, else
+    reward.criterion."""
+    return (dc or cfg.dpo).criterion or cfg.reward.criterion
 
 
 def encode_dpo_pairs(tokenizer, comparisons: list[Comparison]):
@@ -136,6 +141,20 @@ def dpo_batch_loss(policy, data, idx: torch.Tensor, ref_chosen, ref_rejected, dc
     reference's (b,) log-probs of the same comparisons, through DPO_LOSSES[dc.loss]."""
     chosen, rejected = pair_logps(policy, data, idx, rt)
     return DPO_LOSSES[dc.loss](chosen, rejected, ref_chosen, ref_rejected, dc.beta, dc.label_smoothing)
+
+
+def completion_lengths(data, idx: torch.Tensor):
+    """(chosen (b,), rejected (b,)) completion lengths in tokens (EOS included) of comparisons `idx`."""
+    lengths = data[2][pair_rows(data, idx)].sum(-1)  # (2b,)
+    return lengths[: len(idx)], lengths[len(idx) :]
+
+
+def reference_free_batch_loss(policy, data, idx: torch.Tensor, dc, rt: Runtime):
+    """One batch's loss and stats without a reference: the policy's log-probs of chosen and rejected (one forward)
+    and their completion lengths, through REFERENCE_FREE_LOSSES[dc.loss] (gamma: SimPO's target margin)."""
+    chosen, rejected = pair_logps(policy, data, idx, rt)
+    return REFERENCE_FREE_LOSSES[dc.loss](chosen, rejected, *completion_lengths(data, idx), dc.beta,
+                                          getattr(dc, "gamma", 0.0))
 
 
 def listwise_batch_loss(policy, data: RankedData, items: torch.Tensor, reference: Reference, split: str,
@@ -201,16 +220,23 @@ def save_cache(path: Path, table: dict, key: str) -> None:
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, data, reference: Reference, split: str, dc: DPOConfig, rt: Runtime, batch_size: int = 256) -> dict:
-    """Means over every comparison of `data`: the loss, the DPO stats and the reference's log-probs."""
+def evaluate_dpo(policy, data, reference: Reference | None, split: str, dc, rt: Runtime, batch_size: int = 256) -> dict:
+    """Means over every comparison of `data`: the loss, the DPO stats and the reference's log-probs (none without a
+    reference: SimPO, ORPO)."""
     policy.eval()
     n = len(data[0]) // 2
     sums: dict[str, float] = defaultdict(float)
-    for s in tracked(range(0, n, batch_size), f"dpo: evaluating ({split})"):
+    stage = dc.loss if reference is None else "dpo"  # simpo and orpo: their losses' names
+    for s in tracked(range(0, n, batch_size), f"{stage}: evaluating ({split})"):
         idx = torch.arange(s, min(s + batch_size, n), device=rt.device)
-        ref_chosen, ref_rejected = ref_pair_logps(reference, split, data, idx, rt)
-        loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, dc, rt)
-        means = {"loss/dpo": loss, **stats, "ref_logps/chosen": ref_chosen.mean(), "ref_logps/rejected": ref_rejected.mean()}
+        if reference is None:  # SimPO, ORPO
+            loss, stats = reference_free_batch_loss(policy, data, idx, dc, rt)
+            means = {"loss/dpo": loss, **stats}
+        else:
+            ref_chosen, ref_rejected = ref_pair_logps(reference, split, data, idx, rt)
+            loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, dc, rt)
+            means = {"loss/dpo": loss, **stats, "ref_logps/chosen": ref_chosen.mean(),
+                     "ref_logps/rejected": ref_rejected.mean()}
         for name, value in means.items():
             sums[name] += value.item() * len(idx)
     return {name: total / n for name, total in sums.items()}
@@ -238,14 +264,16 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
 
 
 def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, rt: Runtime, *,
-              ref_cache: Path | None = None, rankings_path: Path | None = None) -> dict:
+              ref_cache: Path | None = None, rankings_path: Path | None = None, section: str = "dpo") -> dict:
     """Train the SFT policy in `sft_dir` with DPO on the comparisons (a listwise dpo.loss: on the rankings, the
     comparisons, when given, measuring it); save it in out_dir/model. `ref_cache`: where the cached reference
     log-probs live (default out_dir/ref_logprobs.safetensors); a file there made from the same reference, data
-    and precision is reused instead of recomputed."""
+    and precision is reused instead of recomputed. `section`: the config section trained by, [dpo] or a
+    reference-free method's ([simpo], [orpo]: no reference at all)."""
     start = time.time()
-    dc = cfg.dpo
+    dc = getattr(cfg, section)
     listwise = dc.loss in LISTWISE_DPO_LOSSES
+    reference_free = dc.loss in REFERENCE_FREE_LOSSES
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -255,8 +283,8 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     #    completions as rows, and the held-out comparisons as pairs of those rows.
     tokenizer = load_tokenizer(sft_dir, "SFT policy")
     if listwise:
-        train_split, test_split = load_rankings(rankings_path, comparisons_path, dpo_criterion(cfg),
-                                                dc.heldout_fraction, cfg.seed, tokenizer, stage="dpo")
+        train_split, test_split = load_rankings(rankings_path, comparisons_path, dpo_criterion(cfg, dc),
+                                                dc.heldout_fraction, cfg.seed, tokenizer, stage=section)
         train, test = train_split.comparisons, test_split.comparisons
         ranked = {"train": encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]),
                   "heldout": encode_ranked_items(tokenizer, test_split.items)}
@@ -265,8 +293,8 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         seqs = {split: d.seqs for split, d in data.items()}
         heldout_pairs = data["heldout"].comparison_rows(test)
     else:
-        train, test = load_comparisons(comparisons_path, dpo_criterion(cfg), dc.heldout_fraction, cfg.seed,
-                                       tokenizer, stage="dpo")
+        train, test = load_comparisons(comparisons_path, dpo_criterion(cfg, dc), dc.heldout_fraction, cfg.seed,
+                                       tokenizer, stage=section)
         encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
         data = seqs = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
 
@@ -275,12 +303,15 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     #    With dpo.reference = "online", the reference comes with it (rlhfkit.models.reference: a frozen copy, or the
     #    LoRA policy with its adapter disabled); "cached" computes its table from the untrained policy (step 3).
     policy, online_reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed,
-                                                    frozen_copy=dc.reference == "online")
+                                                    frozen_copy=not reference_free and dc.reference == "online")
     disable_dropout(policy)
 
-    # 3. Reference: log-probs computed once before training and cached, or a frozen copy run every step.
+    # 3. Reference: log-probs computed once before training and cached, or a frozen copy run every step; none for
+    #    SimPO and ORPO.
     cache_status, cache_forwards, cache_sequences = "none", 0, 0
-    if dc.reference == "cached":
+    if reference_free:
+        reference = None
+    elif dc.reference == "cached":
         path = Path(ref_cache) if ref_cache is not None else out_dir / CACHE_FILE
         key = cache_key(sft_dir, encoded, rt)
         table = load_cache(path, key, rt.device)
@@ -300,6 +331,8 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     # 4. Train: shuffled comparisons, chosen + rejected in one forward, the loss from DPO_LOSSES; or shuffled
     #    items, their K completions in one forward, every ranking of them a term of LISTWISE_DPO_LOSSES.
     def batch_loss(idx: torch.Tensor):
+        if reference_free:
+            return reference_free_batch_loss(policy, data["train"], idx, dc, rt)
         if listwise:
             return listwise_batch_loss(policy, data["train"], idx, reference, "train", dc, rt)
         ref_chosen, ref_rejected = ref_pair_logps(reference, "train", data["train"], idx, rt)  # (b,) each
@@ -312,11 +345,12 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     optimizer, scheduler = make_optimizer(policy.parameters(), dc.lr, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(out_dir / "metrics.jsonl")
-    bar = progress(total_steps, "dpo")
+    bar = progress(total_steps, section)
+    ref_counts = reference if reference is not None else Reference(table={})  # forwards, sequences: none without one
     step, forwards_per_epoch, initial_loss, trained_sequences = 0, [], None, 0
     for _ in range(dc.epochs):
         policy.train()
-        forwards_before = reference.forwards
+        forwards_before = ref_counts.forwards
         order = torch.randperm(n, generator=generator).to(rt.device)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
@@ -331,7 +365,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
                          "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['rewards/accuracies'].item():.2f}", refresh=False)
-        forwards_per_epoch.append(reference.forwards - forwards_before)
+        forwards_per_epoch.append(ref_counts.forwards - forwards_before)
     bar.close()
     log.close()
 
@@ -351,21 +385,21 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         "heldout_reward_margin": heldout["rewards/margins"],
         "heldout_logps_chosen": heldout["logps/chosen"],
         "heldout_logps_rejected": heldout["logps/rejected"],
-        "heldout_ref_logps_chosen": heldout["ref_logps/chosen"],  # the SFT policy's: where training started
-        "heldout_ref_logps_rejected": heldout["ref_logps/rejected"],
+        "heldout_ref_logps_chosen": heldout.get("ref_logps/chosen"),  # the SFT policy's: where training started
+        "heldout_ref_logps_rejected": heldout.get("ref_logps/rejected"),  # (None without a reference)
         "n_train": len(train),  # comparisons (listwise: those of the training items, which it does not train on)
         "n_heldout": len(test),
         **({"n_train_items": n, "n_train_rankings": int((data["train"].ranks >= 0).any(-1).sum()),
             "n_heldout_rankings": int((data["heldout"].ranks >= 0).any(-1).sum())} if listwise else {}),
         "steps": total_steps,
-        "reference": dc.reference,
+        "reference": "none" if reference_free else dc.reference,
         "reference_cache": cache_status,  # "computed", "loaded" (from an earlier run) or "none" (online)
         "reference_cache_forwards": cache_forwards,
         "reference_cache_sequences": cache_sequences,  # one pass over every split's sequences when computed
         "reference_forwards_per_epoch": forwards_per_epoch,
-        "reference_forwards": cache_forwards + reference.forwards,
+        "reference_forwards": cache_forwards + ref_counts.forwards,
         # sequences through a model (chosen and rejected count one each): the compute the comparison reports
-        "passes": {"sampled": 0, "forward": cache_sequences + reference.sequences + len(seqs["heldout"][0]),
+        "passes": {"sampled": 0, "forward": cache_sequences + ref_counts.sequences + len(seqs["heldout"][0]),
                    "backward": int(trained_sequences)},
         "wall_time_s": time.time() - start,
     }

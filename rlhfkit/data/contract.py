@@ -89,6 +89,19 @@ class RankingRecord:
 
 
 @dataclass(frozen=True)
+class Thumb:
+    """One binary judgement of one completion: thumbs up (`label` True, desirable) or down (KTO's unpaired
+    feedback, Ethayarajh et al. 2024; TRL's "unpaired preference" records: prompt, completion, label)."""
+
+    item_id: str
+    prompt: Text
+    completion: Text
+    label: bool  # True = thumbs up (desirable), False = thumbs down (undesirable)
+    labeler_id: str = ""  # who gave it; "" = unknown (imported data)
+    criterion: str = "overall"
+
+
+@dataclass(frozen=True)
 class Demonstration:
     """One SFT example: the loss goes on `completion` only; in a conversation, on its assistant messages."""
 
@@ -330,6 +343,29 @@ def parse_ranking(obj: dict, where: str, item_id_required: bool = True) -> Ranki
         criterion=_require(obj, "criterion", str, where, optional=True) or "overall",
         strengths=strengths,
     )
+
+
+def parse_thumb(obj: dict, where: str) -> Thumb:
+    """A thumbs record; `label` must be a JSON boolean (true = up), not a string or a number, so that "false" or
+    0.3 is never read as a thumbs up."""
+    if "label" in obj and not isinstance(obj["label"], bool):
+        raise DataError(f"{where}: field 'label' must be a JSON boolean, true (thumbs up) or false (thumbs down); "
+                        f"got {type(obj['label']).__name__} {obj['label']!r}")
+    label = _require(obj, "label", bool, where)  # absent: "missing field 'label'"
+    prompt = parse_text(_require(obj, "prompt", (str, list), where), "prompt", where)
+    prompt, (completion,) = align_replies(
+        prompt, [parse_text(_require(obj, "completion", (str, list), where), "completion", where)], ["completion"], where)
+    labeler_id = _require(obj, "labeler_id", (str, int), where, optional=True)
+    return Thumb(item_id=_item_id(obj, prompt, where), prompt=prompt, completion=completion, label=label,
+                 labeler_id="" if labeler_id is None else str(labeler_id),
+                 criterion=_require(obj, "criterion", str, where, optional=True) or "overall")
+
+
+def read_thumbs(path: str | Path) -> list[Thumb]:
+    records = [parse_thumb(obj, where) for where, obj in iter_jsonl(path)]
+    if not records:
+        raise DataError(f"{path}: contains no thumbs records")
+    return records
 
 
 def parse_demonstration(obj: dict, where: str) -> Demonstration:

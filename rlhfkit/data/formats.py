@@ -14,6 +14,8 @@ docs/data.md (a text demonstration written as `messages` becomes a user and an a
     rankings       rankings  {item_id, prompt, completions, labeler_id, ranking, criterion?, strengths?}  (the contract)
     rated          rankings  {prompt, completions, ratings}: UltraFeedback-style; equal ratings tie
     ultrafeedback  rankings  {instruction, completions: [{response, overall_score}, ...]}: openbmb/UltraFeedback
+    thumbs         thumbs    {item_id, prompt, completion, label, labeler_id?, criterion?}  (the contract)
+    trl-unpaired   thumbs    {prompt, completion, label}: TRL "unpaired preference" (text or conversational)
     sft            sft       {prompt, completion}: demonstrations, text or conversational (TRL "prompt-completion")
     messages       sft       {messages}: whole conversations, the loss on the assistant turns
     prompts        prompts   {prompt}: text or a conversation
@@ -38,6 +40,7 @@ from rlhfkit.data.contract import (
     PromptRecord,
     RankingRecord,
     Text,
+    Thumb,
     _require,
     as_conversation,
     parse_comparison,
@@ -45,6 +48,7 @@ from rlhfkit.data.contract import (
     parse_prompt,
     parse_ranking,
     parse_text,
+    parse_thumb,
     prompt_item_id,
     ranking_from_scores,
 )
@@ -58,7 +62,7 @@ RATED_LABELER = "ratings"  # labeler_id of rankings read from ratings (no person
 @dataclass(frozen=True)
 class Format:
     name: str
-    kind: str  # "pairs", "rankings", "sft" or "prompts": the records it holds
+    kind: str  # "pairs", "rankings", "thumbs", "sft" or "prompts": the records it holds
     title: str  # for messages: "TRL preference pairs"
     fields: str  # what a row looks like: "{prompt, chosen, rejected}"
     parse: Callable[[dict, str], list]  # row, location -> records
@@ -320,6 +324,10 @@ def _emit_ultrafeedback(r: RankingRecord) -> dict:
             "completions": [{"response": c, "overall_score": s} for c, s in zip(r.completions, _rank_ratings(r))]}
 
 
+def _emit_unpaired(t: Thumb) -> dict:
+    return {"prompt": t.prompt, "completion": t.completion, "label": t.label, **_extras(t, "")}
+
+
 def _emit_sft(d: Demonstration) -> dict:
     return {"prompt": d.prompt, "completion": d.completion, **_extras(d)}
 
@@ -365,14 +373,19 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # Not detected from the fields (they are the same records): named with --from / fmt=.
     Format("ultrafeedback-fine", "rankings", "openbmb/UltraFeedback ranked by the mean of its 4 ratings",
            "{instruction, completions: [{response, annotations}]}", _parse_ultrafeedback_fine, _emit_ultrafeedback),
+    Format("thumbs", "thumbs", "rlhfkit thumbs", "{item_id, prompt, completion, label, labeler_id?, criterion?}",
+           lambda row, where: [parse_thumb(row, where)], asdict),
+    Format("trl-unpaired", "thumbs", "TRL unpaired preference (thumbs up/down; standard or conversational)",
+           "{prompt, completion, label}", lambda row, where: [parse_thumb(row, where)], _emit_unpaired),
     Format("sft", "sft", "SFT demonstrations (prompt-completion)", "{prompt, completion}",
            lambda row, where: [parse_demonstration(row, where)], _emit_sft),
     Format("messages", "sft", "SFT conversations", "{messages: [{role, content}, ...]}", _parse_messages, _emit_messages),
     Format("prompts", "prompts", "prompts", "{prompt}", lambda row, where: [parse_prompt(row, where)], _emit_prompt),
     Format("txt", "prompts", "text prompts", "one prompt a line", _parse_txt, _emit_txt),
 )}
-KINDS = {"pairs": "preference pairs", "rankings": "rankings", "sft": "SFT demonstrations", "prompts": "prompts"}
-CONTRACT_FORMAT = {"pairs": "comparisons", "rankings": "rankings", "sft": "sft", "prompts": "prompts"}
+KINDS = {"pairs": "preference pairs", "rankings": "rankings", "thumbs": "thumbs (binary feedback)",
+         "sft": "SFT demonstrations", "prompts": "prompts"}
+CONTRACT_FORMAT = {"pairs": "comparisons", "rankings": "rankings", "thumbs": "thumbs", "sft": "sft", "prompts": "prompts"}
 
 
 def format_table() -> str:
@@ -393,6 +406,8 @@ def detect_format(row: dict, where: str) -> str:
                 return name
     if "messages" in keys:
         return "messages"
+    if "label" in keys and ("completion" in keys or "prompt" in keys):  # a thumb (it names a missing completion)
+        return "thumbs" if "item_id" in keys else "trl-unpaired"
     if "prompt" in keys:
         return "sft" if "completion" in keys else "prompts"
     raise DataError(f"{where}: cannot tell the format from the fields {sorted(keys)}; the formats are:\n"

@@ -6,6 +6,7 @@ DatasetDict directory):
 
     load_pairs(path)          -> list[Comparison]     preference pairs; a rankings file gives its pairs
     load_rankings(path)       -> list[RankingRecord]  rankings (contract, rated, UltraFeedback)
+    load_thumb_records(path)  -> list[Thumb]          thumbs up/down (contract, TRL unpaired); pairs give theirs
     load_demonstrations(path) -> list[Demonstration]  SFT data (prompt/completion or whole conversations)
     load_prompts(path)        -> list[PromptRecord]   a prompt file, or the prompts of any other file
     save_records(path, records, fmt=None)             any records, in the container the path's suffix names
@@ -32,12 +33,13 @@ from rlhfkit.data.contract import (
     Demonstration,
     PromptRecord,
     RankingRecord,
+    Thumb,
     check_same_item,
     pair_margin,
 )
 from rlhfkit.data.formats import CONTRACT_FORMAT, FORMATS, KINDS, detect_format, format_table, messages_prompt
 
-KIND_OF = {Comparison: "pairs", RankingRecord: "rankings", Demonstration: "sft", PromptRecord: "prompts"}
+KIND_OF = {Comparison: "pairs", RankingRecord: "rankings", Thumb: "thumbs", Demonstration: "sft", PromptRecord: "prompts"}
 
 
 @dataclass
@@ -126,6 +128,10 @@ def load_rankings(path: str | Path, fmt: str | None = None, split: str | None = 
     return _as_kind(read_data(path, fmt, split), "rankings")
 
 
+def load_thumb_records(path: str | Path, fmt: str | None = None, split: str | None = None) -> list[Thumb]:
+    return _as_kind(read_data(path, fmt, split), "thumbs")
+
+
 def load_demonstrations(path: str | Path, fmt: str | None = None, split: str | None = None) -> list[Demonstration]:
     return _as_kind(read_data(path, fmt, split), "sft")
 
@@ -151,12 +157,15 @@ def format_origin(data: DataFile) -> str:
 
 
 def convert_records(records: list, have: str, want: str) -> list:
-    """Records of kind `have` as kind `want`: rankings -> pairs (rankings_to_comparisons), anything ->
-    prompts (distinct, in order); other conversions are refused (a pair is not a demonstration)."""
+    """Records of kind `have` as kind `want`: rankings -> pairs (rankings_to_comparisons), pairs (or rankings)
+    -> thumbs (comparisons_to_thumbs), anything -> prompts (distinct, in order); other conversions are refused
+    (a pair is not a demonstration, thumbs are not pairs)."""
     if have == want:
         return records
     if have == "rankings" and want == "pairs":
         return rankings_to_comparisons(records)
+    if have in ("pairs", "rankings") and want == "thumbs":
+        return comparisons_to_thumbs(convert_records(records, have, "pairs"))
     if want == "prompts":
         seen, prompts = set(), []
         for r in records:
@@ -166,6 +175,17 @@ def convert_records(records: list, have: str, want: str) -> list:
                 prompts.append(PromptRecord(r.item_id, r.prompt))
         return prompts
     raise DataError(f"holds {KINDS[have]}, not {KINDS[want]}")
+
+
+def comparisons_to_thumbs(records: list[Comparison]) -> list[Thumb]:
+    """Each comparison as two thumbs, chosen up and rejected down (TRL's `unpair_preference_dataset`): KTO on
+    paired data. The labeler is the comparison's first supporter, when it names one."""
+    out = []
+    for c in records:
+        labeler = c.labeler_ids[0] if c.labeler_ids else ""
+        out += [Thumb(c.item_id, c.prompt, c.chosen, True, labeler, c.criterion),
+                Thumb(c.item_id, c.prompt, c.rejected, False, labeler, c.criterion)]
+    return out
 
 
 def rankings_to_comparisons(records: list[RankingRecord]) -> list[Comparison]:

@@ -1,4 +1,4 @@
-"""Preference data as a stage reads it (the reward model, DPO): the run's comparisons or rankings, or reward.data in
+"""Preference data as a stage reads it (the reward model, DPO, KTO): the run's comparisons, rankings or thumbs, or a file in
 any format rlhfkit reads, one criterion, text the stage's tokenizer can represent, split by item into training
 and held-out parts (rlhfkit.data.splits). The pipeline calls these before anything runs, so bad data fails
 before SFT, not after it. Errors name the file, line and field.
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from rlhfkit.core.errors import DataError
 from rlhfkit.data.batching import check_representable
-from rlhfkit.data.contract import Comparison
+from rlhfkit.data.contract import Comparison, Thumb
 from rlhfkit.data.load import convert_records, format_origin, rankings_to_comparisons, read_data
 from rlhfkit.data.ranked import RankedItem, group_rankings
 from rlhfkit.data.splits import is_heldout, split_by_item
@@ -114,3 +114,38 @@ def load_rankings(path: str | Path, comparisons_path: str | Path | None, criteri
                         f"{heldout_fraction:.0%} of them with comparisons; label more items or change "
                         f"{stage}.heldout_fraction")
     return train, test
+
+
+def load_thumbs(path: str | Path, criterion: str, heldout_fraction: float, seed: int, tokenizer,
+                stage: str = "kto") -> tuple[list[Thumb], list[Thumb]]:
+    """(train, held-out) thumbs a stage learns from (KTO), split by item as load_comparisons splits (same seed and
+    fraction: the same held-out items). Any file rlhfkit reads as thumbs: the contract's thumbs, TRL's unpaired
+    preference format, or preference pairs (each pair: chosen up, rejected down). One criterion (`criterion`, or
+    the file's only one), text the tokenizer can represent, and both kinds of thumb: KTO learns from the contrast
+    of desirable and undesirable completions, so a file of only thumbs up (or only down) is refused. Errors name
+    file, line and field; the pipeline calls this before anything runs."""
+    data = read_data(path)
+    try:
+        records = convert_records(data.records, data.kind, "thumbs")
+    except DataError as e:
+        raise DataError(f"{path}: {e} ({format_origin(data)}); {stage} learns from thumbs up/down: give a file of "
+                        "{prompt, completion, label} records (docs/data.md, 'Thumb record')") from None
+    thumbs, _ = select_criterion(records, criterion, path, noun="thumbs")
+    _both_labels(thumbs, path, "the file", stage)
+    texts = [(f"item {t.item_id!r} field {field!r}", getattr(t, field)) for t in thumbs for field in ("prompt", "completion")]
+    check_representable(tokenizer, texts, str(path), f"{stage} policy")
+    train, test = split_by_item(thumbs, heldout_fraction, seed)
+    if not train or not test:
+        raise DataError(f"{path}: {len(thumbs)} thumbs are too few to hold out {heldout_fraction:.0%} of items; "
+                        f"label more items or change {stage}.heldout_fraction")
+    _both_labels(train, path, f"the training items ({stage}.heldout_fraction held out)", stage)
+    return train, test
+
+
+def _both_labels(thumbs: list[Thumb], path, where: str, stage: str) -> None:
+    ups = sum(t.label for t in thumbs)
+    if ups == 0 or ups == len(thumbs):
+        kind = "up (label true)" if ups else "down (label false)"
+        raise DataError(f"{path}: all {len(thumbs)} thumbs of {where} are {kind}; {stage} (KTO) learns from the "
+                        "contrast of desirable and undesirable completions and cannot learn from one kind: add "
+                        f"thumbs {'down' if ups else 'up'}")

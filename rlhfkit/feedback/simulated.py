@@ -10,6 +10,11 @@ scores (`strength_label`); a comparison's margin is then the mean over its suppo
 between the two completions (contract.pair_margin, the labeling app's rule) under `feedback.strength_margins`.
 The strengths are read off the perceived scores, drawing no random number: the rankings are the same with
 or without them.
+
+With `feedback.kind = "thumbs"`, each labeler instead gives each completion a thumb up or down (KTO's binary
+feedback): up when its perceived gold score (misjudged by one point with probability `error_rate`, as above) is
+at least `feedback.thumb_threshold`. The budget is the same: a ranking of K completions is K judgements, and a
+labeler gives K thumbs per item.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rlhfkit.data.contract import (
     Comparison,
     Ranking,
     RankingRecord,
+    Thumb,
     pair_margin,
     ranking_from_scores,
     ranking_to_pairs,
@@ -64,6 +70,13 @@ def simulated_ranking(gold: list[float], error_rate: float, rng: random.Random,
         return ranking, None
     level = [perceived[group[0]] for group in ranking]  # (groups,) best first
     return ranking, [strength_label(a - b) for a, b in zip(level, level[1:])]
+
+
+def simulated_thumb(gold: float, error_rate: float, threshold: float, rng: random.Random) -> bool:
+    """One labeler's thumb on one completion: up when the gold score, misjudged by +-1 with probability error_rate
+    (simulated_ranking's noise), is at least `threshold`."""
+    perceived = gold + (rng.choice((-1.0, 1.0)) if rng.random() < error_rate else 0.0)
+    return perceived >= threshold
 
 
 def consensus_comparisons(item_id, prompt, completions, rankings, labeler_ids, rule: str,
@@ -109,6 +122,8 @@ def sample_items(cfg: Config, task, sft_dir: Path, rt: Runtime) -> tuple[list, l
 
 
 def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    if cfg.feedback.kind == "thumbs":
+        return run_simulated_thumbs(cfg, task, sft_dir, out_dir, rt)
     start = time.time()
     fb = cfg.feedback
 
@@ -157,6 +172,51 @@ def run_simulated_feedback(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: 
         "labeler_krippendorff_alpha": alpha_for_rankings(dict(enumerate(per_item)), metric="ordinal"),
         "labeler_agreement_with_gold": sum(with_gold) / len(with_gold),
         "comparison_accuracy_vs_gold": gold_agree / max(gold_total, 1),
+        "judgements": len(rankings) * fb.k,  # the labelling budget: completions judged (a K-way ranking costs K)
+        "wall_time_s": time.time() - start,
+    }
+    write_json(out_dir / "stats.json", result)
+    return result
+
+
+def run_simulated_thumbs(cfg: Config, task, sft_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    """feedback.kind = 'thumbs': the same items as rankings would get (sample_items), each completion given a
+    thumb by each labeler (simulated_thumb); writes thumbs.jsonl (the data contract) and stats.json."""
+    start = time.time()
+    fb = cfg.feedback
+
+    # 1. Prompts and K completions each from the SFT policy (the same items as for rankings at this seed).
+    prompts, completions, rng = sample_items(cfg, task, sft_dir, rt)
+
+    # 2. Each labeler gives each completion a thumb, per criterion.
+    labeler_ids = [f"sim-{n}" for n in range(fb.labelers_per_item)]
+    thumbs: list[Thumb] = []
+    agree, correct, total, completions_judged = 0, 0, 0, 0
+    for i, (prompt, comps) in enumerate(zip(prompts, completions)):
+        item_id = f"{task.name}-{i:06d}"
+        for criterion in fb.criteria:
+            for c in comps:
+                gold = task.criterion_score(prompt, c, criterion)
+                labels = [simulated_thumb(gold, fb.error_rate, fb.thumb_threshold, rng) for _ in labeler_ids]
+                thumbs += [Thumb(item_id, prompt, c, up, lid, criterion) for lid, up in zip(labeler_ids, labels)]
+                truth = gold >= fb.thumb_threshold
+                correct += sum(up == truth for up in labels)
+                total += len(labels)
+                agree += len(set(labels)) == 1
+                completions_judged += 1
+
+    # 3. Write the data contract file and the labels' quality.
+    write_jsonl(out_dir / "thumbs.jsonl", thumbs)
+    result = {
+        "kind": "thumbs",
+        "n_items": len(prompts),
+        "k": fb.k,
+        "labelers_per_item": fb.labelers_per_item,
+        "n_thumbs": len(thumbs),
+        "judgements": len(thumbs),  # the labelling budget: one completion judged per thumb
+        "thumbs_up_share": sum(t.label for t in thumbs) / len(thumbs),
+        "thumb_accuracy_vs_gold": correct / total,
+        "labeler_unanimity": agree / completions_judged,  # share of completions all labelers thumbed alike
         "wall_time_s": time.time() - start,
     }
     write_json(out_dir / "stats.json", result)

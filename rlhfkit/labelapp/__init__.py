@@ -1,4 +1,5 @@
-"""The feedback web app: people rank completions in a browser; the export is the trainers' data contract.
+"""The feedback web app: people rank completions (or give each a thumb up or down) in a browser; the
+export is the trainers' data contract.
 
 Nothing here is imported by the core: `rlhfkit label ...` and the pipeline's human-feedback hook import
 it on demand, and it needs the `app` extra (fastapi, uvicorn, jinja2, python-multipart, markdown-it-py).
@@ -11,7 +12,7 @@ Modules, one concern each:
     project     creating a project (imported completions or sampled from a policy), adding people
     assignment  handing out items (overlap, leases, per-labeler shuffle), skips and submissions
     stats       progress, agreement (pairwise, Kendall tau, Krippendorff alpha), per-labeler figures, Elo
-    export      comparisons.jsonl + rankings.jsonl (rlhfkit.data.contract) and a summary
+    export      comparisons.jsonl + rankings.jsonl, or thumbs.jsonl (rlhfkit.data.contract), and a summary
     app         the FastAPI application factory: settings, error handlers, security headers
     guard       allowed host names and request-body limits, checked before any route reads a byte
     deps        per-request plumbing: DB connection, signed-in user, roles, CSRF, cookies, sign-in throttle

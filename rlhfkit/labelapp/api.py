@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from rlhfkit.labelapp import assignment, project, stats
 from rlhfkit.labelapp.assignment import AppError
@@ -50,10 +50,18 @@ class Flag(BaseModel):
     reason: Literal["unsafe", "nonsense", "other"]
 
 
+class ThumbIn(BaseModel):
+    position: StrictInt = Field(description="display position of the reply")
+    label: StrictBool = Field(description="true = thumb up (desirable), false = thumb down")
+
+
 class SubmissionIn(BaseModel):
     client_id: str = Field(description="new random id per submission (e.g. a UUID); a retry reuses it", max_length=64)
     assignment_id: StrictInt = Field(ge=1, le=MAX_ID)
-    rankings: dict[str, list[list[StrictInt]]] = Field(description="per criterion: tie groups of display positions, best first")
+    rankings: dict[str, list[list[StrictInt]]] | None = Field(
+        default=None, description="ranking projects: per criterion, tie groups of display positions, best first")
+    thumbs: dict[str, list[ThumbIn]] | None = Field(
+        default=None, description="thumbs projects: per criterion, one thumb for every reply")
     strengths: dict[str, list[str]] | None = Field(
         default=None, description="per criterion: strength between adjacent ranks, when the project asks for it")
     flags: list[Flag] | None = None
@@ -85,6 +93,7 @@ class AssignmentOut(BaseModel):
 
 class NextOut(BaseModel):
     assignment: AssignmentOut | None = Field(description="null when nothing is left for you")
+    mode: Literal["ranking", "thumbs"] = Field(description="what to submit: 'rankings' or 'thumbs'")
     criteria: list[str]
     ask_strength: bool
     strengths: list[str]
@@ -112,7 +121,7 @@ def next_for(conn, user: User) -> NextOut:
     settings = require_settings(conn)
     aid = assignment.next_assignment(conn, user.id, settings)
     view = assignment.assignment_view(conn, aid, user.id) if aid is not None else None
-    return NextOut(assignment=view, criteria=settings.criteria, ask_strength=settings.ask_strength,
+    return NextOut(assignment=view, mode=settings.mode, criteria=settings.criteria, ask_strength=settings.ask_strength,
                    strengths=project.strength_names(),
                    progress=assignment.labeler_progress(conn, user.id, settings.overlap))
 
@@ -161,7 +170,8 @@ def api_skip(assignment_id: AssignmentId, conn: Conn, user: ApiUserCsrf) -> dict
 
 @router.post("/submissions", status_code=201, responses={200: {"model": SubmissionOut}})
 def api_submit(body: SubmissionIn, conn: Conn, user: ApiUserCsrf) -> JSONResponse:
-    """Store a ranking. 201: stored now; 200: this client_id was stored before (a retry)."""
+    """Store a ranking, or the thumbs of a thumbs project. 201: stored now; 200: this client_id was stored
+    before (a retry)."""
     settings = require_settings(conn)
     status, sid = assignment.submit(conn, user.id, settings, body.model_dump(exclude_none=True))
     return JSONResponse({"status": status, "submission_id": sid}, status_code=201 if status == "stored" else 200)

@@ -12,6 +12,8 @@ Rules (tested in tests/labelapp/test_assignment.py):
   ones are opened: the pipeline waits for complete items.
 - Each labeler sees the completions in their own shuffled order, recorded in the assignment; the client
   only ever sends display positions, and the server maps them back to original completion indices.
+- In a thumbs project (settings.mode) a submission gives every reply exactly one thumb, up or down, per
+  criterion, instead of a ranking; everything else (leases, ids, flags, comment) is the same.
 - A submission carries a client-generated id; a retry with the same id (same labeler, same assignment) is
   answered "duplicate" and not stored again; the same id for another assignment is a 409 conflict. A
   submission is committed (fsync'd) before the answer leaves the server.
@@ -190,16 +192,25 @@ def _store(conn: sqlite3.Connection, user_id: int, settings: ProjectSettings, pa
     if _lease_lost(conn, row, settings, now):
         return "lease lost", None
     order = json.loads(row["display_order"])
-    rankings, strengths = _parse_rankings(payload, settings, order)
+    thumbs = None
+    if settings.mode == "thumbs":
+        if payload.get("rankings") is not None:
+            raise AppError(422, "rankings: this project collects thumbs, not rankings; send 'thumbs' instead")
+        rankings, strengths, thumbs = {}, {}, _parse_thumbs(payload, settings, order)
+    else:
+        if payload.get("thumbs") is not None:
+            raise AppError(422, "thumbs: this project collects rankings, not thumbs; send 'rankings' instead")
+        rankings, strengths = _parse_rankings(payload, settings, order)
     flags = _parse_flags(payload.get("flags"), order)
     comment = payload.get("comment") or ""
     if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
         raise AppError(422, f"comment: must be text of at most {MAX_COMMENT} characters")
     cur = conn.execute(
         "INSERT INTO submissions (client_id, assignment_id, user_id, item_id, rankings, strengths, flags, comment,"
-        " seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " seconds, created_at, thumbs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (client_id, row["id"], user_id, row["item_id"], json.dumps(rankings),
-         json.dumps(strengths) if strengths else None, json.dumps(flags), comment, now - row["created_at"], now),
+         json.dumps(strengths) if strengths else None, json.dumps(flags), comment, now - row["created_at"], now,
+         None if thumbs is None else json.dumps(thumbs)),
     )
     conn.execute("UPDATE assignments SET status = 'submitted' WHERE id = ?", (row["id"],))
     return "stored", cur.lastrowid
@@ -234,6 +245,48 @@ def _parse_rankings(payload: dict, settings: ProjectSettings, order: list[int]) 
                 )
             strengths[criterion] = s
     return rankings, strengths
+
+
+def _parse_thumbs(payload: dict, settings: ProjectSettings, order: list[int]) -> dict[str, list[bool]]:
+    """{criterion: [{position, label}, ...]} in display positions -> {criterion: [label per ORIGINAL index]}
+    (True = up). Every reply needs exactly one thumb per criterion: a position that is not a reply of the
+    item, a label that is not a JSON boolean, a reply left out or given both thumbs are refused (422); the
+    same thumb sent twice is kept once."""
+    given = payload.get("thumbs")
+    k = len(order)
+    if not isinstance(given, dict):
+        raise AppError(422, f"thumbs: send an object with, per criterion {settings.criteria}, a list of "
+                            f"{{position, label}}: one thumb for each reply (positions 0..{k - 1}, label true = up, "
+                            "false = down)")
+    missing = [c for c in settings.criteria if c not in given]
+    extra = [c for c in given if c not in settings.criteria]
+    if missing or extra:
+        raise AppError(422, f"thumbs: expected criteria {settings.criteria}; missing {missing}, unknown {extra}")
+    out = {}
+    for criterion in settings.criteria:
+        marks = given[criterion]
+        if not isinstance(marks, list) or len(marks) > 2 * k:
+            raise AppError(422, f"thumbs.{criterion}: send a list of {{position, label}}, one per reply ({k})")
+        labels: dict[int, bool] = {}
+        for mark in marks:
+            pos = mark.get("position") if isinstance(mark, dict) else None
+            label = mark.get("label") if isinstance(mark, dict) else None
+            if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < k:
+                raise AppError(422, f"thumbs.{criterion}: position {json.dumps(pos)[:40]} is not a reply of this item; "
+                                    f"its replies are at positions 0..{k - 1}")
+            if not isinstance(label, bool):  # "false" or 0 must never count as a thumb either way
+                raise AppError(422, f"thumbs.{criterion}: the label of position {pos} must be true (thumb up) or "
+                                    f"false (thumb down), got {json.dumps(label)[:40]}")
+            if labels.setdefault(pos, label) != label:
+                raise AppError(422, f"thumbs.{criterion}: position {pos} has both a thumb up and a thumb down; "
+                                    "send one thumb per reply")
+        unlabeled = [pos for pos in range(k) if pos not in labels]
+        if unlabeled:
+            raise AppError(422, f"thumbs.{criterion}: no thumb for position(s) {unlabeled}; give every reply a "
+                                "thumb up or down")
+        # display position -> original completion index: the export speaks original indices only.
+        out[criterion] = [labels[order.index(i)] for i in range(k)]
+    return out
 
 
 def _parse_flags(flags, order: list[int]) -> list[dict]:

@@ -1,6 +1,6 @@
 """`rlhfkit label ...`: the labeling app's command line (the main CLI forwards here).
 
-    rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [options]
+    rlhfkit label create PROJECT_DIR (--completions F | --policy DIR --prompts F) [--mode ranking|thumbs] [options]
                          [--temperature 1.0] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--stop S]
     rlhfkit label serve PROJECT_DIR [--host 127.0.0.1] [--port 8000] [--base-url URL] [--allowed-host NAME]
                         [--cookie-secure] [--max-body-kb 1024] [--max-upload-mb 64] [--forwarded-allow-ips ADDRS]
@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completions", type=Path, help='JSONL of {"prompt", "completions"[, "model_ids"][, "item_id"]}')
     p.add_argument("--policy", type=Path, help="policy directory to sample K completions per prompt from")
     p.add_argument("--prompts", type=Path, help="prompts file (one per line, or JSONL with 'prompt'); with --policy")
-    p.add_argument("--k", type=int, default=4, help="completions per prompt when sampling (2-9)")
+    p.add_argument("--mode", choices=("ranking", "thumbs"), default="ranking",
+                   help="what labelers give: a ranking of the replies, or a thumb up/down on each (for KTO)")
+    p.add_argument("--k", type=int, default=4,
+                   help="completions per prompt when sampling (2-9; 1-9 with --mode thumbs)")
     p.add_argument("--overlap", type=int, default=1, help="labelers per item")
     p.add_argument("--criteria", default="overall", help="comma-separated, e.g. helpfulness,harmlessness")
     p.add_argument("--strength", action="store_true", help="ask how much better each rank is (margins)")
@@ -157,10 +160,10 @@ def cmd_create(args) -> int:
     settings = project.ProjectSettings(
         name=args.name or args.project_dir.resolve().name, criteria=[c.strip() for c in args.criteria.split(",") if c.strip()],
         k=args.k, overlap=args.overlap, ask_strength=args.strength, guidelines=guidelines,
-        lease_seconds=max(1, round(args.lease_minutes * 60)),
+        lease_seconds=max(1, round(args.lease_minutes * 60)), mode=args.mode,
     ).validate()
     if args.completions is not None:
-        items, source = project.load_completions(args.completions), str(args.completions)
+        items, source = project.load_completions(args.completions, args.mode), str(args.completions)
     else:
         items = project.sample_items(args.policy, project.load_prompts(args.prompts), args.k, seed=args.seed,
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -263,8 +266,12 @@ def cmd_export(args) -> int:
     _require_project(args.project_dir)
     summary = export_project(args.project_dir, args.out, min_agreement=args.min_agreement,
                              complete_only=args.complete_only)
-    print(f"wrote {summary['comparisons']} comparisons and {summary['rankings']} rankings from "
-          f"{summary['items_exported']} items to {args.out}")
+    if summary.get("mode") == "thumbs":
+        print(f"wrote {summary['thumbs']} thumbs ({summary['thumbs_up']} up) from {summary['items_exported']} items "
+              f"to {args.out}")
+    else:
+        print(f"wrote {summary['comparisons']} comparisons and {summary['rankings']} rankings from "
+              f"{summary['items_exported']} items to {args.out}")
     if summary["items_dropped_low_agreement"]:
         print(f"left out {len(summary['items_dropped_low_agreement'])} item(s) below agreement {args.min_agreement}")
     return 0
@@ -280,15 +287,20 @@ def cmd_status(args) -> int:
             raise ConfigError(f"{args.project_dir}: the project has not been created yet")
         figures = stats.project_stats(conn, settings)
     print(f"{settings.name}: {figures['items_complete']}/{figures['items']} items complete "
-          f"(overlap {settings.overlap}), {figures['submissions']} rankings, {figures['skips']} skips")
+          f"(overlap {settings.overlap}), {figures['submissions']} "
+          f"{'items judged with thumbs' if settings.mode == 'thumbs' else 'rankings'}, {figures['skips']} skips")
     for c, fig in figures["criteria"].items():
-        print(f"  {c}: " + ", ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in fig.items()))
+        print(f"  {c}: " + ", ".join(f"{k}={'-' if v is None else f'{v:.3f}' if isinstance(v, float) else v}"
+                                     for k, v in fig.items()))
     for p in figures["labelers"]:
         agree = p["agreement_with_consensus"]
+        up = "" if p["up_rate"] is None else f"  share up {p['up_rate']:.2f}"
         print(f"  {p['role']:7s} {p['name']:20s} done {p['submitted']:4d}  skipped {p['skipped']:3d}  "
-              f"agreement {'-' if agree is None else f'{agree:.2f}'}")
+              f"agreement {'-' if agree is None else f'{agree:.2f}'}{up}")
     if figures["elo"]:
         print(json.dumps(figures["elo"], indent=1))
+    if figures.get("up_rate_by_model"):
+        print(json.dumps(figures["up_rate_by_model"], indent=1))
     return 0
 
 

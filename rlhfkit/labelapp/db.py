@@ -53,8 +53,35 @@ def init_db(path: str | Path) -> None:
     conn = connect(path)
     try:
         conn.executescript(schema)
+        migrate(conn)
     finally:
         conn.close()
+
+
+# Columns added after the first release: (table, column, definition). schema.sql's CREATE TABLE IF NOT EXISTS
+# leaves the tables of an existing database as they were, so each column missing there is added here, with a
+# default that means what the database meant before (a project without `mode` ranks).
+ADDED_COLUMNS = (
+    ("project", "mode", "TEXT NOT NULL DEFAULT 'ranking'"),
+    ("submissions", "thumbs", "TEXT"),
+)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an earlier version up to schema.sql (idempotent; a no-op when up to date).
+    Run by init_db and by `opened`, so `serve`, `export`, `status` and the pipeline's hook all see the new
+    columns in an old project directory."""
+    def lacks(table: str, column: str) -> bool:  # a table not there yet gets the column from schema.sql
+        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}  # r[1]: the name
+        return bool(columns) and column not in columns
+
+    missing = [added for added in ADDED_COLUMNS if lacks(added[0], added[1])]
+    if not missing:
+        return
+    with transaction(conn):
+        for table, column, definition in missing:
+            if lacks(table, column):  # re-checked under the write lock: another process may have added it
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 @contextmanager
@@ -80,6 +107,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def opened(project_dir: str | Path) -> Iterator[sqlite3.Connection]:
     conn = connect(db_path(project_dir))
     try:
+        migrate(conn)
         yield conn
     finally:
         conn.close()

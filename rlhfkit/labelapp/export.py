@@ -7,6 +7,10 @@ Written to OUT:
     elo.json            Elo ladder per criterion when completions come from several models
     export.json         counts, agreement figures and settings; written last, so its presence marks a
                         complete export
+A thumbs project (settings.mode = "thumbs") writes instead:
+    thumbs.jsonl        Thumb records: one per labeler, completion and criterion (prompt, completion, label
+                        true = up), the unpaired records KTO trains on (contract.read_thumbs reads them)
+    export.json         as above
 
 Rules (documented in docs/labeling.md):
 - Comparisons come from pairwise majority over the item's labelers (agreement.majority_pairs): i beats j
@@ -22,6 +26,9 @@ Rules (documented in docs/labeling.md):
 - OUT must be new, empty, or hold a previous export (whose files are replaced); anything else there is
   refused rather than mixed with the export.
 - A pair whose two completions are the same text yields no comparison (the contract forbids it).
+- Thumbs: every thumb is exported as given (no consensus: KTO weighs each record); min_agreement and
+  complete_only leave out items as for rankings, agreement being the share of labeler pairs that gave a
+  reply the same thumb (stats.thumbs_agreement).
 """
 
 from __future__ import annotations
@@ -34,13 +41,13 @@ from pathlib import Path
 
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.data.consensus import borda_consensus, majority_pairs
-from rlhfkit.data.contract import Comparison, RankingRecord, pair_margin, write_jsonl
+from rlhfkit.data.contract import Comparison, RankingRecord, Thumb, pair_margin, write_jsonl
 from rlhfkit.feedback.agreement import pairwise_agreement
 from rlhfkit.labelapp import db
 from rlhfkit.labelapp.project import get_settings
-from rlhfkit.labelapp.stats import by_item, load_labels, project_stats
+from rlhfkit.labelapp.stats import by_item, load_labels, project_stats, thumbs_agreement
 
-EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "export.json")
+EXPORT_FILES = ("comparisons.jsonl", "rankings.jsonl", "consensus.jsonl", "elo.json", "thumbs.jsonl", "export.json")
 
 
 def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreement: float | None = None,
@@ -66,6 +73,8 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
         counts[lab["item_id"]] = counts.get(lab["item_id"], 0) + 1
         key_of[lab["item_id"]] = lab["item_key"]
     wanted = {item for item, n in counts.items() if not complete_only or n >= settings.overlap}
+    if settings.mode == "thumbs":
+        return export_thumbs(out_dir, settings, labels, stats, wanted, key_of, min_agreement)
     # 1. items left out whole: their labelers' mean pairwise agreement is below the threshold on any criterion
     dropped = set()
     for criterion in settings.criteria if min_agreement is not None else ():
@@ -112,6 +121,42 @@ def export_project(project_dir: str | Path, out_dir: str | Path, *, min_agreemen
         "items_exported": len({r.item_id for r in consensus}),
         "items_dropped_low_agreement": sorted(key_of[i] for i in dropped),
         "pairs_skipped_identical_text": identical_pairs,
+        "min_agreement": min_agreement,
+        "stats": {k: v for k, v in stats.items() if k not in ("flags",)},
+    }
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def export_thumbs(out_dir: Path, settings, labels: list[dict], stats: dict, wanted: set[int], key_of: dict[int, str],
+                  min_agreement: float | None) -> dict:
+    """A thumbs project's export: thumbs.jsonl (contract.Thumb, one record per labeler, completion and
+    criterion, items and completions in their original order) and export.json."""
+    # 1. items left out whole: the share of agreeing labeler pairs is below the threshold on any criterion
+    dropped = set()
+    for criterion in settings.criteria if min_agreement is not None else ():
+        for item, labs in by_item(labels, criterion, "thumbs").items():
+            agreement = thumbs_agreement([[lab["thumbs"][criterion] for lab in labs]])
+            if item in wanted and agreement is not None and agreement < min_agreement:
+                dropped.add(item)
+    # 2. every thumb of the items kept
+    thumbs = [Thumb(item_id=lab["item_key"], prompt=lab["prompt"], completion=text, label=label,
+                    labeler_id=lab["labeler"], criterion=criterion)
+              for criterion in settings.criteria
+              for item, labs in sorted(by_item(labels, criterion, "thumbs").items()) if item in wanted - dropped
+              for lab in labs
+              for text, label in zip(lab["completions"], lab["thumbs"][criterion], strict=True)]
+
+    (out_dir / "export.json").unlink(missing_ok=True)  # a half-rewritten export must not look complete
+    write_jsonl(out_dir / "thumbs.jsonl", thumbs)
+    summary = {
+        "project": settings.name,
+        "mode": settings.mode,
+        "created_at": time.time(),
+        "thumbs": len(thumbs),
+        "thumbs_up": sum(t.label for t in thumbs),
+        "items_exported": len({t.item_id for t in thumbs}),
+        "items_dropped_low_agreement": sorted(key_of[i] for i in dropped),
         "min_agreement": min_agreement,
         "stats": {k: v for k, v in stats.items() if k not in ("flags",)},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.labelapp import db, project, stats
 from rlhfkit.labelapp.cli import DEFAULT_HOST, DEFAULT_PORT, lead_invitation_if_needed
 from rlhfkit.labelapp.export import export_project
@@ -40,6 +41,10 @@ def human_feedback(project_dir: Path, *, policy_dir: Path, prompts: list[str], k
     with db.opened(project_dir) as conn:
         settings = project.get_settings(conn)
         done = stats.items_complete(conn, settings.overlap)
+    if settings.mode != "ranking":  # the stage's next step trains a reward model on comparisons
+        raise ConfigError(f"{project_dir}: a {settings.mode} project gives no comparisons; the human feedback stage "
+                          "needs a ranking project (export a thumbs project with `rlhfkit label export` and train "
+                          "KTO on it with kto.data)")
     if done < items_required:
         print(f"human feedback: {done}/{items_required} items fully labeled in {project_dir}; "
               f"labelers keep going at `rlhfkit label serve {project_dir}`, then rerun.")

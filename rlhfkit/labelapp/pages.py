@@ -4,6 +4,7 @@ Rendered by Jinja2 with autoescaping: prompts, completions, comments and names a
 markup. Every form posts a CSRF token (deps.check_form_csrf / deps.check_anon_csrf).
 """
 
+import functools
 import secrets
 import shutil
 import time
@@ -15,8 +16,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.core.errors import DataError, RlhfkitError
-from rlhfkit.labelapp import db, project, security, stats
-from rlhfkit.labelapp.api import next_for
+from rlhfkit.labelapp import assignment, db, project, security, stats
+from rlhfkit.labelapp.api import MAX_ID, next_for, require_settings
 from rlhfkit.labelapp.assignment import AppError
 from rlhfkit.labelapp.deps import (
     Conn,
@@ -145,9 +146,68 @@ def label(request: Request, conn: Conn, user: PageUser):
         return page(request, "guidelines.html", user=user, settings=None)
     nxt = next_for(conn, user)
     if nxt.assignment is None:
-        return page(request, "done.html", user=user, progress=nxt.progress)
+        return page(request, "done.html", user=user, progress=nxt.progress, settings=settings)
+    if settings.mode == "thumbs":
+        # A plain form (works without JavaScript): the client id is made here, once per page, so a form
+        # posted twice (a reload after a lost answer) is stored once.
+        return page(request, "thumbs.html", user=user, settings=settings, a=nxt.assignment, letters="ABCDEFGHI",
+                    progress=nxt.progress, client_id=secrets.token_urlsafe(18))
     return page(request, "label.html", user=user, settings=settings, a=nxt.assignment, letters="ABCDEFGHI",
                 progress=nxt.progress, strengths=nxt.strengths)
+
+
+async def form_fields(request: Request) -> list[tuple[str, str]]:
+    """Every text field of a posted form, in order, repeats included (a file where text belongs is left out,
+    so it reads as missing)."""
+    return [(k, v) for k, v in (await request.form()).multi_items() if isinstance(v, str)]
+
+
+THUMB_VALUES = {"up": True, "down": False}
+
+
+@router.post("/label/thumbs")
+def label_thumbs(conn: Conn, user: PageUser, form: Annotated[list, Depends(form_fields)]):
+    """The thumbs page's form: `thumb.CRITERION.POSITION` = up | down for every reply, with the assignment,
+    the page's client id, and optional `flag.POSITION` and `comment`. Stored as POST /api/submissions stores
+    it (same checks, same idempotence); then the next item."""
+    fields: dict[str, str] = {}
+    for key, value in form:
+        fields.setdefault(key, value)
+    check_form_csrf(user, fields.get("csrf_token"))
+    settings = require_settings(conn)
+    if settings.mode != "thumbs":
+        raise AppError(409, "This project collects rankings, not thumbs: reload the labeling page.")
+    aid = fields.get("assignment_id", "")
+    if not (aid.isascii() and aid.isdigit() and 1 <= int(aid) <= MAX_ID):
+        raise AppError(422, "The form has no valid assignment: reload the labeling page.")
+    thumbs: dict[str, list[dict]] = {}
+    flags = []
+    for key, value in form:  # repeats included: two different thumbs for one reply are refused, not merged
+        kind, _, rest = key.partition(".")
+        if kind == "thumb":
+            criterion, _, position = rest.rpartition(".")
+            if not (position.isascii() and position.isdigit()) or value not in THUMB_VALUES:
+                raise AppError(422, f"{clip(key, 60)}: choose thumb up or thumb down for each reply")
+            thumbs.setdefault(criterion, []).append({"position": int(position), "label": THUMB_VALUES[value]})
+        elif kind == "flag" and value:
+            if not (rest.isascii() and rest.isdigit()):
+                raise AppError(422, f"{clip(key, 60)}: not a reply of this item")
+            flags.append({"position": int(rest), "reason": value})
+    if not thumbs:
+        raise AppError(422, "Give every reply a thumb up or down, then submit.")
+    assignment.submit(conn, user.id, settings, {
+        "client_id": fields.get("client_id"), "assignment_id": int(aid), "thumbs": thumbs, "flags": flags,
+        "comment": fields.get("comment", "")})
+    return RedirectResponse("/label", status_code=303)
+
+
+@router.post("/label/skip")
+def label_skip(conn: Conn, user: PageUser, assignment_id: Annotated[int, Form(ge=1, le=MAX_ID)],
+               csrf_token: Annotated[str, Form()] = ""):
+    """Skip from a form (the thumbs page without JavaScript); as POST /api/assignments/ID/skip."""
+    check_form_csrf(user, csrf_token)
+    assignment.skip(conn, user.id, require_settings(conn), assignment_id)
+    return RedirectResponse("/label", status_code=303)
 
 
 # -- the lead -------------------------------------------------------------------------------------------
@@ -176,6 +236,7 @@ async def lead_create(request: Request, user: PageLead, csrf_token: Annotated[st
                       name: Annotated[str, Form()] = "labeling", criteria: Annotated[str, Form()] = "overall",
                       k: Annotated[int, Form()] = 4, overlap: Annotated[int, Form()] = 1,
                       ask_strength: Annotated[str, Form()] = "", guidelines: Annotated[str, Form()] = "",
+                      mode: Annotated[str, Form()] = "ranking",
                       policy_dir: Annotated[str, Form()] = "",
                       completions: Annotated[UploadFile | None, File()] = None,
                       prompts: Annotated[UploadFile | None, File()] = None):
@@ -185,7 +246,7 @@ async def lead_create(request: Request, user: PageLead, csrf_token: Annotated[st
         raise AppError(409, "This directory already holds a labeling project; nothing was changed.")
     settings = project.ProjectSettings(
         name=name.strip() or "labeling", criteria=[c.strip() for c in criteria.split(",") if c.strip()],
-        k=k, overlap=overlap, ask_strength=bool(ask_strength), guidelines=guidelines).validate()
+        k=k, overlap=overlap, ask_strength=bool(ask_strength), guidelines=guidelines, mode=mode).validate()
     # Uploads are kept (the project records where its items came from), but only once the project is
     # created: until then they are temporary files, so a refused create leaves an earlier upload alone.
     uploads = project_dir / "uploads"
@@ -204,7 +265,8 @@ async def lead_create(request: Request, user: PageLead, csrf_token: Annotated[st
         suffix = ".jsonl" if prompts is not None and (prompts.filename or "").endswith(".jsonl") else ".txt"
         prompts_path = await save(prompts, "prompts" + suffix)
         if completions_path is not None:
-            items = await run_in_threadpool(load_upload, project.load_completions, completions_path, "completions.jsonl")
+            loader = functools.partial(project.load_completions, mode=settings.mode)
+            items = await run_in_threadpool(load_upload, loader, completions_path, "completions.jsonl")
             source = "uploaded completions"
         elif policy_dir.strip() and prompts_path is not None:
             prompt_list = await run_in_threadpool(load_upload, project.load_prompts, prompts_path, "prompts" + suffix)
@@ -292,4 +354,6 @@ def lead_download(request: Request, filename: str, user: PageLead):
     latest = latest_export(request.app.state.config.project_dir)
     if latest is None:
         raise AppError(404, "nothing exported yet: press Export first")
+    if not (latest / filename).is_file():  # a thumbs export has no comparisons, a ranking export no thumbs
+        raise AppError(404, f"the latest export has no {filename}")
     return FileResponse(latest / filename, filename=filename)

@@ -23,6 +23,9 @@ from rlhfkit.labelapp.security import MIN_PASSWORD, SCRYPT_N, hash_password, new
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 CRITERION_RE = CRITERION_NAME  # one rule for the app and `feedback.criteria`, so the config fails early
 MAX_K = 9  # more completions than this do not fit a ranking screen
+# What labelers give: a ranking of the K replies (-> comparisons, reward model, DPO) or a thumb up or down on
+# each reply (-> the unpaired records KTO trains on, rlhfkit.data.contract.Thumb).
+MODES = ("ranking", "thumbs")
 INVITE_SECONDS = 7 * 24 * 3600
 MAX_LEASE_SECONDS = 7 * 24 * 3600  # a lease longer than a week would hold an item for good
 # What transformers' from_pretrained loads a PyTorch causal LM from: a directory without any of these has
@@ -41,8 +44,15 @@ class ProjectSettings:
     ask_strength: bool = False  # Llama-2-style strength between adjacent ranks -> comparison margins
     guidelines: str = ""  # Markdown
     lease_seconds: int = 1800  # an assignment not answered in this time is handed to someone else
+    mode: str = "ranking"  # MODES: rank the replies, or thumbs up / down on each one (for KTO)
 
     def validate(self) -> ProjectSettings:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: {self.mode!r} is not one of {list(MODES)}; 'thumbs' asks for a thumb up or "
+                              "down on each reply (KTO's data), 'ranking' for a ranking of the replies")
+        if self.mode == "thumbs" and self.ask_strength:
+            raise ConfigError("strength: asking how much better each rank is needs rankings; leave out --strength "
+                              "with --mode thumbs")
         if not self.criteria:
             raise ConfigError("criteria: give at least one criterion, e.g. --criteria helpfulness,harmlessness")
         for c in self.criteria:
@@ -50,14 +60,20 @@ class ProjectSettings:
                 raise ConfigError(f"criteria: {c!r} is not a valid name; use lowercase letters, digits, '-' or '_'")
         if len(set(self.criteria)) != len(self.criteria):
             raise ConfigError(f"criteria: {self.criteria} lists a criterion twice")
-        if not 2 <= self.k <= MAX_K:
-            raise ConfigError(f"k: {self.k} completions per prompt; choose between 2 and {MAX_K}")
+        if not min_completions(self.mode) <= self.k <= MAX_K:
+            raise ConfigError(f"k: {self.k} completions per prompt; choose between {min_completions(self.mode)} "
+                              f"and {MAX_K}")
         if not 1 <= self.overlap <= 20:
             raise ConfigError(f"overlap: {self.overlap} labelers per item; choose between 1 and 20")
         lease = self.lease_seconds
         if not (isinstance(lease, int) and not isinstance(lease, bool) and 1 <= lease <= MAX_LEASE_SECONDS):
             raise ConfigError(f"lease: {self.lease_seconds!r} seconds; choose between 1 second and 7 days")
         return self
+
+
+def min_completions(mode: str) -> int:
+    """Fewest completions an item may have: a ranking needs two, a thumb judges one reply on its own."""
+    return 1 if mode == "thumbs" else 2
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -96,25 +112,26 @@ def load_prompts(path: str | Path) -> list[str]:
     return [r.prompt for r in records]
 
 
-def load_completions(path: str | Path) -> list[dict]:
-    """Items from a JSONL file of {"prompt", "completions"[, "model_ids"][, "item_id"]} objects."""
+def load_completions(path: str | Path, mode: str = "ranking") -> list[dict]:
+    """Items from a JSONL file of {"prompt", "completions"[, "model_ids"][, "item_id"]} objects (in thumbs
+    mode an item may have a single completion)."""
     read_text(path, "completions file")  # a non-UTF-8 line is named here, not a UnicodeDecodeError mid-read
     items = []
     for where, obj in iter_jsonl(path):
-        items.append(_check_item(obj, where))
+        items.append(_check_item(obj, where, min_completions(mode)))
     if not items:
         raise DataError(f"{path}: contains no items")
     return items
 
 
-def _check_item(obj: dict, where: str) -> dict:
+def _check_item(obj: dict, where: str, fewest: int = 2) -> dict:
     prompt, completions = obj.get("prompt"), obj.get("completions")
     if not isinstance(prompt, str):
         raise DataError(f"{where}: field 'prompt' must be a string")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise DataError(f"{where}: field 'completions' must be a list of strings")
-    if not 2 <= len(completions) <= MAX_K:
-        raise DataError(f"{where}: {len(completions)} completions; an item needs between 2 and {MAX_K}")
+    if not fewest <= len(completions) <= MAX_K:
+        raise DataError(f"{where}: {len(completions)} completions; an item needs between {fewest} and {MAX_K}")
     model_ids = obj.get("model_ids")
     if model_ids is not None and (
         not isinstance(model_ids, list) or len(model_ids) != len(completions) or not all(isinstance(m, str) for m in model_ids)
@@ -163,9 +180,9 @@ def create_project(project_dir: str | Path, settings: ProjectSettings, items: li
             raise ConfigError(f"{project_dir}: already holds a labeling project; choose another directory")
         conn.execute(
             "INSERT INTO project (id, name, criteria, k, overlap, ask_strength, guidelines, lease_seconds, source,"
-            " created_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, mode) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (settings.name, json.dumps(settings.criteria), settings.k, settings.overlap, int(settings.ask_strength),
-             settings.guidelines, settings.lease_seconds, source, time.time()),
+             settings.guidelines, settings.lease_seconds, source, time.time(), settings.mode),
         )
         seen = set()
         for n, item in enumerate(items):
@@ -195,6 +212,7 @@ def get_settings(conn: sqlite3.Connection) -> ProjectSettings | None:
     return ProjectSettings(
         name=row["name"], criteria=json.loads(row["criteria"]), k=row["k"], overlap=row["overlap"],
         ask_strength=bool(row["ask_strength"]), guidelines=row["guidelines"], lease_seconds=row["lease_seconds"],
+        mode=row["mode"],
     )
 
 

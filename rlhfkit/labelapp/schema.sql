@@ -1,5 +1,6 @@
 -- The labeling project's database: one SQLite file per project directory (labels.sqlite3).
 -- Times are Unix seconds (REAL). JSON columns hold small lists written by the app itself.
+-- Columns added later are also in db.ADDED_COLUMNS, which adds them to a database made before them.
 
 CREATE TABLE IF NOT EXISTS project (
     id INTEGER PRIMARY KEY CHECK (id = 1),      -- exactly one project per directory
@@ -11,7 +12,9 @@ CREATE TABLE IF NOT EXISTS project (
     guidelines TEXT NOT NULL DEFAULT '',        -- Markdown, shown before starting and on every item
     lease_seconds INTEGER NOT NULL DEFAULT 1800,-- an unanswered assignment returns to the pool after this
     source TEXT NOT NULL DEFAULT '',            -- where the completions came from (policy dir or file)
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    mode TEXT NOT NULL DEFAULT 'ranking'        -- 'ranking' (rank the K replies) or 'thumbs' (up/down per reply)
+        CHECK (mode IN ('ranking', 'thumbs'))
 );
 
 CREATE TABLE IF NOT EXISTS users (
@@ -58,12 +61,13 @@ CREATE TABLE IF NOT EXISTS submissions (
     assignment_id INTEGER NOT NULL UNIQUE REFERENCES assignments(id),
     user_id INTEGER NOT NULL REFERENCES users(id),
     item_id INTEGER NOT NULL REFERENCES items(id),
-    rankings TEXT NOT NULL,                     -- JSON {criterion: tie groups of ORIGINAL indices, best first}
+    rankings TEXT NOT NULL,                     -- JSON {criterion: tie groups of ORIGINAL indices, best first}; {} in thumbs mode
     strengths TEXT,                             -- JSON {criterion: [strength between rank g and g+1, ...]}
     flags TEXT NOT NULL DEFAULT '[]',           -- JSON [{"completion": original index, "reason": ...}]
     comment TEXT NOT NULL DEFAULT '',
     seconds REAL,                               -- time from assignment to submission
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    thumbs TEXT                                 -- thumbs mode: JSON {criterion: [true = up, per ORIGINAL index]}; else NULL
 );
 CREATE INDEX IF NOT EXISTS submissions_by_item ON submissions(item_id);
 

@@ -2,16 +2,30 @@
 and reward-model scores, and the switches RL needs (dropout off, frozen). The math on their outputs (log-softmax
 gathers, KL, losses) is rlhfkit/ops/, pure tensor functions.
 
+Log-probs of the training passes (sequence_logprobs for DPO and its relatives, response_logprobs and forward_response
+for PPO, RLOO, GRPO and the reference) take the chunked path where the model allows: the transformer body once, then
+the head only at the positions that predict a scored token, LOGPROB_CHUNK positions at a time
+(rlhfkit.ops.logprobs.chunked_head_logprobs), instead of (B, T, V) logits at every position and their fp32 copy.
+Same values (on CPU to the last bit), same gradients up to the order of a float sum (docs/methods/dpo.md, "Memory");
+a model whose logits are not a plain linear head keeps the full-logits path (plain_head).
+
 Layer: models (imports ops, core).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
-from rlhfkit.ops.logprobs import gather_logprobs
+from rlhfkit.ops.logprobs import chunked_head_logprobs, gather_logprobs
+
+# Positions per chunk of the chunked log-prob path: its (chunk, V) logits are 100 MB in fp32 at SmolLM2's
+# V = 49,152, a few of them alive in the backward. 0 = the full-logits path everywhere (the path before chunking).
+LOGPROB_CHUNK = 512
 
 
 def _is_dropout_name(name: str) -> bool:
@@ -93,6 +107,75 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The chunked log-prob path: hidden states once, the head over chunks of the scored positions only
+
+# transformers causal LMs whose forward is exactly `logits = lm_head(body(...).last_hidden_state)`: nothing between
+# the final hidden states and the logits (read in transformers' modeling_*.py). Others, e.g. Gemma 2's
+# final_logit_softcapping, Cohere's logit_scale or Granite's logits_scaling, keep the full-logits path.
+PLAIN_HEAD_MODELS = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                               "Qwen3ForCausalLM", "SmolLM3ForCausalLM"})
+# Config fields that would put a transform on the logits; any of them set sends a model to the full path even when
+# its class is listed above (a belt to the braces: a listed class ignores them today).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+
+
+def plain_head(model):
+    """(body, head, context) when `model`'s logits are exactly head(body(...).last_hidden_state) with head a plain
+    torch.nn.Linear, so log-probs can be computed from the hidden states one chunk at a time; None otherwise (the
+    caller takes the full-logits path). `model` is a transformers causal LM, a peft LoRA model around one, or the
+    adapter-disabled reference of a LoRA run; `context` is the context manager to run the body in (the adapter
+    switched off for the reference). Detected from the classes, never guessed: anything unknown returns None."""
+    context = contextlib.nullcontext
+    if isinstance(model, AdapterDisabled):
+        context = model.peft_model.disable_adapter
+        model = model.peft_model
+    if hasattr(model, "get_base_model"):  # a peft model: LoRA only (prompt learning prepends virtual tokens;
+        config = model.active_peft_config  # aLoRA changes the forward with hooks)
+        if config.peft_type != "LORA" or config.is_prompt_learning \
+                or getattr(config, "alora_invocation_tokens", None) is not None:
+            return None
+        model = model.get_base_model()  # the transformers model, its linear layers replaced by LoRA layers
+    cls = type(model)
+    if cls.__name__ not in PLAIN_HEAD_MODELS or not cls.__module__.startswith("transformers.models."):
+        return None
+    if any(getattr(model.config, name, None) is not None for name in LOGIT_TRANSFORMS):
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # LoRA on lm_head, or modules_to_save: not the plain weight
+        return None
+    return model.base_model, head, context
+
+
+def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature: float = 1.0,
+                          chunk: int | None = None) -> torch.Tensor:
+    """(B, T - 1) log softmax(logits / temperature)[token t + 1] at position t where scored[:, t + 1] = 1, else 0.
+
+    The chunked path: one pass of the transformer body to the final hidden states (B, T, H), kept only at the
+    positions that predict a scored token (N of them: no prompt or padding position), then the head's log-probs
+    over chunks of `chunk` positions (LOGPROB_CHUNK by default). The model must pass plain_head; call it under
+    the run's autocast, as the model itself would be."""
+    body, head, context = plain_head(model)
+    chunk = LOGPROB_CHUNK if chunk is None else chunk
+    with context():
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False).last_hidden_state  # (B, T, H)
+    keep = scored[:, 1:].bool()  # (B, T - 1): position t predicts token t + 1
+    logprobs = chunked_head_logprobs(hidden[:, :-1][keep], head.weight, head.bias, input_ids[:, 1:][keep],
+                                     temperature, chunk)  # (N,), fp32
+    return torch.zeros(keep.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(keep, logprobs)
+
+
+def use_chunked(model, chunk: int | None) -> bool:
+    """Whether the log-probs take the chunked path: a chunk size > 0 (LOGPROB_CHUNK by default) and a model whose
+    logits are a plain linear head (plain_head)."""
+    return (LOGPROB_CHUNK if chunk is None else chunk) > 0 and plain_head(model) is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs of responses and of sequences
+
+
 def response_logits(model, queries, query_mask, responses, response_mask, temperature: float = 1.0) -> torch.Tensor:
     """(B, Tr, V) logits that predicted each response token (one forward over query + response).
 
@@ -105,40 +188,64 @@ def response_logits(model, queries, query_mask, responses, response_mask, temper
     return logits / temperature
 
 
-def response_logprobs(model, queries, query_mask, responses, response_mask, temperature: float = 1.0) -> torch.Tensor:
-    """(B, Tr) log pi(response_t | query, response_<t); zero where response_mask = 0."""
+def response_logprobs(model, queries, query_mask, responses, response_mask, temperature: float = 1.0,
+                      chunk: int | None = None) -> torch.Tensor:
+    """(B, Tr) log pi(response_t | query, response_<t); zero where response_mask = 0. Chunked where the model
+    allows (chunk: positions per chunk, LOGPROB_CHUNK by default; 0 = the full-logits path)."""
+    if use_chunked(model, chunk):
+        return _chunked_response_logprobs(model, queries, query_mask, responses, response_mask, temperature, chunk)
     logits = response_logits(model, queries, query_mask, responses, response_mask, temperature)
     return gather_logprobs(logits, responses) * response_mask
 
 
-def sequence_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+def _chunked_response_logprobs(model, queries, query_mask, responses, response_mask, temperature, chunk):
+    input_ids = torch.cat([queries, responses], dim=1)  # (B, Tq + Tr)
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)  # the response tokens
+    Tq = queries.shape[1]
+    return scored_token_logprobs(model, input_ids, mask, scored, temperature, chunk)[:, Tq - 1 :]  # (B, Tr)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int | None = None) -> torch.Tensor:
     """(B,) sum over completion tokens of log pi(token | prefix): the sequence log-prob DPO compares.
 
     For the right-padded prompt + completion + EOS layout of `batching.encode_pairs` (completion_mask = 1 on
     completion tokens, EOS included). One forward; position t predicts token t + 1, so token t's log-prob
     sits at position t - 1 and the masks shift by one. Token 0 has no prefix to be predicted from: a
-    completion must not start there (a prompt of at least one token, e.g. BOS).
+    completion must not start there (a prompt of at least one token, e.g. BOS). Chunked where the model allows
+    (chunk: positions per chunk, LOGPROB_CHUNK by default; 0 = the full-logits path).
     """
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask marks token 0, which no prefix predicts; give each completion a prompt "
                          "of at least one token (e.g. the tokenizer's BOS)")
+    if use_chunked(model, chunk):
+        return scored_token_logprobs(model, input_ids, attention_mask, completion_mask, 1.0, chunk).sum(dim=-1)  # (B,)
     logits = causal_logits(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, V): position t predicts t + 1
     logprobs = gather_logprobs(logits, input_ids[:, 1:])  # (B, T-1), fp32
     return (logprobs * completion_mask[:, 1:]).sum(dim=-1)  # (B,)
 
 
 def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt: Runtime,
-                     with_entropy: bool = False):
+                     with_entropy: bool = False, chunk: int | None = None):
     """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
     model) and, when asked, the policy's entropy (B, Tr); only the rollout pass needs that, so training
-    passes skip the extra (B, Tr, V) softmax."""
+    passes skip the extra (B, Tr, V) softmax and take the chunked path where the model allows (chunk: positions
+    per chunk, LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs where response_mask = 0 are not
+    meaningful (the chunked path gives 0 there, the full path the padding token's): callers mask them."""
+    chunked = not with_entropy and use_chunked(policy, chunk)
     with autocast(rt.device, rt.dtype):
-        logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
+        if chunked:
+            logprobs = _chunked_response_logprobs(policy, queries, query_mask, responses, response_mask, temperature,
+                                                  chunk)  # (B, Tr), fp32
+        else:
+            logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
         values = None
         if value_model is not None:
             ids = torch.cat([queries, responses], dim=1)
             mask = torch.cat([query_mask, response_mask], dim=1)
             values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
+    if chunked:
+        return logprobs, values, None
     logprobs = gather_logprobs(logits, responses)
     entropy = None
     if with_entropy:

@@ -10,6 +10,11 @@ entry has no value test or a different signature):
                           beta, label_smoothing=0.0) -> (loss, stats); inputs (B,) sequence log-probs
     LISTWISE_DPO_LOSSES  (policy_logps, ref_logps, ranks, beta) -> (loss, stats); inputs (N, K)
     RANKING_LOSSES       (scores, ranks) -> (loss, stats); reward-model scores (N, K)
+    KTO_LOSSES           (policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps, beta,
+                          desirable_weight=1.0, undesirable_weight=1.0) -> (loss, stats); inputs (B,), labels
+                          (B,) bool (True = thumbs up); the KL terms (M,) of mismatched pairs (section at the end)
+    REFERENCE_FREE_LOSSES (policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
+                          gamma=0.0) -> (loss, stats); inputs (B,): summed log-probs and completion lengths
 
 Sequence log-probs are summed over completion tokens (prompt and padding excluded), as in the DPO paper and
 TRL's DPOTrainer. DPO stats are batch means named as TRL's DPOTrainer logs them: `rewards/chosen`,
@@ -171,8 +176,13 @@ def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Ten
 def _dpo_stats(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """Batch means of the implicit rewards r = beta * (logps - ref_logps) (Rafailov et al. 2023, Sec. 4) and
     of the raw policy log-probs (TRL's DPOTrainer metric names)."""
-    chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
-    rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return _pair_stats(beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps),
+                       policy_chosen_logps, policy_rejected_logps)
+
+
+def _pair_stats(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """The DPO family's metrics from (B,) implicit rewards of chosen and rejected and the policy's log-probs."""
+    chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
     return {
         "rewards/chosen": chosen.mean(),
         "rewards/rejected": rejected.mean(),
@@ -244,6 +254,68 @@ DPO_LOSSES = {
     "conservative": dpo_conservative_loss,
     "ipo": dpo_ipo_loss,
     "hinge": dpo_hinge_loss,
+}
+
+
+# ---------------------------------------------------------------- reference-free: the policy's own log-probs
+
+def _length_normalised(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) mean log-prob per completion token: summed log-probs / completion length (EOS counted)."""
+    return logps / lengths.to(logps.dtype).clamp(min=1)
+
+
+def _reference_free_stats(policy_chosen_logps, policy_rejected_logps, chosen_mean, rejected_mean, beta):
+    """_dpo_stats' names for a loss without a reference: the implicit reward is beta * the mean log-prob per token
+    (SimPO's r(x, y), Meng et al. 2024, eq. 4; TRL's CPO/ORPO trainers log the same); logps/* stay the summed
+    log-probs, as every other method logs them."""
+    return _pair_stats(beta * chosen_mean, beta * rejected_mean, policy_chosen_logps, policy_rejected_logps)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta: float,
+               gamma: float = 0.0):
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6):
+        L = -log sigma( beta/|y_c| log pi(y_c|x) - beta/|y_r| log pi(y_r|x) - gamma ),
+    the length-normalised log-prob as the implicit reward (no reference model) and a target margin gamma >= 0.
+    Inputs (B,): summed completion log-probs and completion lengths in tokens. TRL's CPOTrainer with
+    loss_type = "simpo" computes the same (its simpo_gamma is gamma)."""
+    chosen = _length_normalised(policy_chosen_logps, chosen_lengths)  # (B,)
+    rejected = _length_normalised(policy_rejected_logps, rejected_lengths)
+    loss = -F.logsigmoid(beta * (chosen - rejected) - gamma).mean()
+    return loss, _reference_free_stats(policy_chosen_logps, policy_rejected_logps, chosen, rejected, beta)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate at both ends (Maechler 2012, "Accurately computing log(1 - exp(-|a|))":
+    log(-expm1(x)) near 0, log1p(-exp(x)) below -ln 2)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta: float,
+              gamma: float = 0.0):
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eqs. 2-7),
+    beta = the paper's lambda (TRL's ORPOConfig.beta):
+        L = L_SFT + beta * L_OR,   L_SFT = -1/|y_c| log pi(y_c|x)  (the chosen reply's NLL per token),
+        L_OR = -log sigma( log odds(y_c) - log odds(y_r) ),   odds(y) = P(y|x) / (1 - P(y|x)),
+        P(y|x) = exp(1/|y| log pi(y|x))   (the per-token geometric mean, eq. 4), each term a batch mean.
+    log odds = m - log(1 - e^m) for the mean log-prob m < 0. Inputs as simpo_loss; gamma is not a parameter of
+    ORPO (must be 0). Stats: _reference_free_stats, and loss/nll, loss/odds_ratio (L_OR before beta) and
+    log_odds_ratio (the batch mean of log odds(y_c) - log odds(y_r))."""
+    if gamma != 0.0:
+        raise ValueError(f"gamma={gamma}: ORPO has no target margin (that is SimPO's); set it to 0")
+    chosen = _length_normalised(policy_chosen_logps, chosen_lengths)  # (B,) mean log-probs, < 0
+    rejected = _length_normalised(policy_rejected_logps, rejected_lengths)
+    log_odds = (chosen - _log1mexp(chosen)) - (rejected - _log1mexp(rejected))  # (B,)
+    nll = -chosen.mean()
+    odds_ratio = -F.logsigmoid(log_odds).mean()
+    stats = _reference_free_stats(policy_chosen_logps, policy_rejected_logps, chosen, rejected, beta)
+    stats.update({"loss/nll": nll.detach(), "loss/odds_ratio": odds_ratio.detach(),
+                  "log_odds_ratio": log_odds.detach().mean()})
+    return nll + beta * odds_ratio, stats
+
+
+REFERENCE_FREE_LOSSES = {
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
 
 
@@ -351,3 +423,46 @@ def dpo_plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, 
 
 
 LISTWISE_DPO_LOSSES = {"plackett_luce": dpo_plackett_luce_loss}
+
+
+# ---------------------------------------------------------------- KTO: unpaired binary feedback (thumbs up/down)
+
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 8 and Sec. 4.1): an estimate of KL(pi || pi_ref) from
+    the batch, mean over mismatched pairs (x_i, y_j), j != i, of log pi(y_j|x_i) - log pi_ref(y_j|x_i); clamped at 0
+    (a KL is not negative; the one-sample estimate can be) and detached: the paper does not back-propagate through
+    z0 ("for the sake of stability"). Inputs (M,) sequence log-probs; returns a scalar."""
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8):
+        r = log pi(y|x) / pi_ref(y|x),   z0 = kto_reference_point(...)
+        v = lambda_D * sigma(beta * (r - z0))   if y is desirable (thumbs up)
+            lambda_U * sigma(beta * (z0 - r))   if y is undesirable (thumbs down)
+        L = mean over the batch of (lambda_y - v),  i.e. lambda_y * (1 - sigma(+-beta * (r - z0)))
+    (TRL's KTOTrainer, loss_type = "kto", computes the same). At policy = reference (r = 0, z0 = 0) every term is
+    lambda_y / 2. policy_logps, ref_logps (B,) summed over completion tokens; labels (B,) bool; policy_kl_logps,
+    ref_kl_logps (M,) of the mismatched pairs. Stats (detached): `rewards/chosen` and `rewards/rejected`, the mean
+    implicit reward beta * r of the desirable and the undesirable completions (each present only when the batch
+    has one; TRL's names), `rewards/margins` (their difference, when both), `logps/chosen`, `logps/rejected`
+    likewise, and `kto/kl`, z0 (TRL logs it as `kl`)."""
+    labels = labels.to(torch.bool)
+    z0 = kto_reference_point(policy_kl_logps, ref_kl_logps)
+    logratios = policy_logps - ref_logps  # (B,)
+    sign = torch.where(labels, 1.0, -1.0).to(logratios.dtype)  # up: sigma(beta (r - z0)); down: sigma(beta (z0 - r))
+    weights = torch.where(labels, desirable_weight, undesirable_weight).to(logratios.dtype)  # (B,)
+    losses = weights * (1.0 - torch.sigmoid(beta * sign * (logratios - z0)))  # (B,)
+    rewards = beta * logratios.detach()
+    stats = {"kto/kl": z0}
+    for name, group in (("chosen", labels), ("rejected", ~labels)):
+        if group.any():
+            stats[f"rewards/{name}"] = rewards[group].mean()
+            stats[f"logps/{name}"] = policy_logps.detach()[group].mean()
+    if "rewards/chosen" in stats and "rewards/rejected" in stats:
+        stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
+    return losses.mean(), stats
+
+
+KTO_LOSSES = {"kto": kto_loss}

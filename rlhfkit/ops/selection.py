@@ -56,3 +56,21 @@ def rest_keep(scores: torch.Tensor, ended: torch.Tensor, threshold: float) -> to
     """(B,) bool: ReST's filter F(x, y; tau) = 1[R(x, y) >= tau] over the whole Grow set (not per prompt),
     for ended rows only."""
     return ended & (scores >= threshold)
+
+
+def best_worst_pairs(scores: torch.Tensor, ended: torch.Tensor, group: torch.Tensor,
+                     min_gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online DPO's preference pairs from K scored samples per prompt (Dong et al. 2024, "RLHF workflow": the best
+    and the worst of several samples by the reward model): for each group, its best ended row (chosen) and its
+    worst ended row (rejected), each tie going to the first such row (best_in_group). A group gives a pair only when
+    best - worst > min_gap (min_gap >= 0): a tie, or a group with fewer than two ended rows, gives none.
+    Returns (P,) chosen rows and (P,) rejected rows, in the order of the groups."""
+    n_groups = int(group.max()) + 1 if len(scores) else 0
+    best, worst = best_in_group(scores, ended, group), best_in_group(-scores, ended, group)  # (B,) one row a group
+    rows = torch.arange(len(scores), device=scores.device)
+    chosen = torch.full((n_groups,), -1, device=scores.device).scatter(0, group[best], rows[best])  # (G,) -1: none
+    rejected = torch.full((n_groups,), -1, device=scores.device).scatter(0, group[worst], rows[worst])
+    has = chosen >= 0  # every group with an ended row has both
+    gap = torch.where(has, scores[chosen.clamp(min=0)] - scores[rejected.clamp(min=0)], -math.inf)  # (G,)
+    usable = has & (gap > min_gap)
+    return chosen[usable], rejected[usable]

@@ -127,6 +127,8 @@ class FeedbackConfig:
     project_dir: str = F("", "labeler = 'human': labeling project directory; empty = OUT/labeling.")
     strengths: bool = F(False, "Simulated labelers also state how much better each tie group is than the next (Llama 2's strength labels, from the perceived gold gap), so comparisons carry margins (reward.use_margin). Off by default: the default run's targets were measured without margins.")
     strength_margins: list[float] = F(list(STRENGTH_MARGINS.values()), "Margin of each strength label, in the order significantly, better, slightly, negligibly better (default: Llama 2's small-margin table); docs/methods/reward.md.")
+    kind: str = F("rankings", "'rankings' (each labeler ranks an item's K completions: rankings.jsonl and comparisons.jsonl) or 'thumbs' (each labeler gives each completion a thumb up or down: thumbs.jsonl, which KTO learns from; simulated labelers only). Either way a labeler judges K completions per item, so the same n_prompts, k and labelers_per_item are the same labelling budget.")
+    thumb_threshold: float = F(1.5, "kind = 'thumbs': a simulated labeler gives a thumb up when its perceived gold score (misjudged by one point with probability error_rate, as for rankings) is at least this. Digits' gold score is 2 for the preferred first digit and the rule kept, 1 for the rule kept alone.")
 
 
 # The kinds of reward source (rlhfkit/spine/reward_sources.py; docs/methods/reward.md, "Reward sources").
@@ -300,6 +302,15 @@ class _Rules:
         self._validate_judge(checks, task)
         need(fb.consensus in ("majority", "borda"), "feedback.consensus", "choose 'majority' or 'borda'")
         need(0.0 <= fb.error_rate <= 1.0, "feedback.error_rate", "must be a probability in [0, 1]")
+        need(fb.kind in ("rankings", "thumbs"), "feedback.kind", "choose 'rankings' or 'thumbs'")
+        if fb.kind == "thumbs":
+            need(fb.labeler == "simulated", "feedback.kind", f"thumbs come from simulated labelers (for now), and "
+                 f"{ref('feedback.labeler')}; set feedback.labeler = 'simulated' or feedback.kind = 'rankings'")
+            needs = METHODS[self.method].needs if self.method in METHODS else ()
+            need(bool(r.data) or not ("feedback" in needs or ("reward" in needs and r.uses_run_model())),
+                 "feedback.kind", f"'thumbs' gives no comparisons, and {ref('method')} learns from comparisons "
+                 "(or a reward model trained on them); set feedback.kind = 'rankings', reward.data = FILE, or "
+                 "method = 'kto' (which learns from thumbs)")
         need(len(fb.strength_margins) == len(STRENGTH_MARGINS) and all(m >= 0 for m in fb.strength_margins)
              and fb.strength_margins == sorted(fb.strength_margins, reverse=True), "feedback.strength_margins",
              f"give {len(STRENGTH_MARGINS)} margins >= 0, one per strength ({', '.join(STRENGTH_MARGINS)}), "
@@ -463,7 +474,7 @@ def _fields() -> list:
 
     return [
         ("task", str, F("digits", "Built-in task; it supplies prompts, demonstrations, gold labels and default settings ([data] files replace its prompts and demonstrations). 'none': your files alone.")),
-        ("method", str, F("ppo", "Policy optimisation (README, 'Methods'): 'ppo', 'rloo' or 'grpo' (online RL against the reward model), 'dpo' (directly on the comparisons), 'best_of_n' (no training), 'rejection_sampling' or 'rest' (fine-tuning on the reward model's picks), 'sl_cai' (Constitutional AI's supervised stage: fine-tuning on the policy's own revisions under a constitution); stages a method does not need are skipped (no reward model for DPO).")),
+        ("method", str, F("ppo", "Policy optimisation (README, 'Methods'): 'ppo', 'rloo' or 'grpo' (online RL against the reward model), 'dpo' (directly on the comparisons), 'kto' (on thumbs up/down: feedback.kind = 'thumbs' or kto.data), 'simpo' or 'orpo' (on the comparisons, without a reference model), 'best_of_n' (no training), 'rejection_sampling' or 'rest' (fine-tuning on the reward model's picks), 'online_dpo' (DPO on pairs sampled from the policy and labelled by the reward model, iteration by iteration), 'sl_cai' (Constitutional AI's supervised stage: fine-tuning on the policy's own revisions under a constitution); stages a method does not need are skipped (no reward model for DPO).")),
         ("seed", int, F(0, "Seed for every random choice: same seed and config give the same result on CPU.")),
         ("device", str, F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")),
         ("precision", str, F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")),

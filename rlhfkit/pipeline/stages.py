@@ -43,7 +43,7 @@ from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.chat import has_chat_template
 from rlhfkit.data.contract import read_comparisons
 from rlhfkit.data.labelled import TOXICITY_LABELS, read_labelled_texts
-from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files, read_preferences
+from rlhfkit.data.preferences import load_comparisons, load_rankings, load_thumbs, preference_files, read_preferences
 from rlhfkit.evaluation.evaluate import evaluate_run, policy_of
 from rlhfkit.evaluation.report import write_report
 from rlhfkit.feedback.ai import judge_agreement, run_ai_feedback
@@ -98,12 +98,19 @@ def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
         return (("sft",) if cfg.reward.init == "sft" else ()) + comparisons
     if name in METHODS:
         needs = METHODS[name].needs
-        return ("sft",) + (comparisons if "feedback" in needs else ()) + (reward if "reward" in needs else ())
+        thumbs = ("feedback",) if "thumbs" in needs and not _thumbs_data(name, cfg) else ()  # NAME.data replaces it
+        return ("sft",) + (comparisons if "feedback" in needs else ()) + thumbs + (reward if "reward" in needs else ())
     if name == "eval":  # the reward model scores the policies when the method made one
         scored = reward if "reward" in METHODS[cfg.method].needs else ()
         toxicity = ("toxicity",) if cfg.toxicity.enabled and "toxicity" not in scored else ()
         return ("sft", cfg.method) + scored + toxicity
     raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def _thumbs_data(name: str, cfg: Config) -> str:
+    """The thumbs file a method that reads thumbs ("thumbs" in its needs: KTO) names in its section's `data`;
+    empty = the feedback stage's."""
+    return getattr(getattr(cfg, name), "data", "")
 
 
 def _sha256(path: str) -> str | None:
@@ -143,6 +150,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
         inputs["sampling"] = full["sampling"]
     if _judges(name, cfg):  # the AI judge's labels (or verdicts) are its output's; its cache and speed settings not
         inputs["judge"] = {**full["judge"], **_JUDGE_RUNTIME_DEFAULTS}
+    if name in METHODS and "thumbs" in METHODS[name].needs and _thumbs_data(name, cfg):  # an edited file: stale
+        inputs[f"{name}_data_sha256"] = _sha256(_thumbs_data(name, cfg))
     reads_comparisons = name == "reward" or (name in METHODS and "feedback" in METHODS[name].needs)
     if reads_comparisons:  # reward.data and reward.criterion pick the comparisons (for DPO too)
         # how rewards are scored during RL (reward.sources, reward.combine, ...) is not a reward model's input
@@ -287,6 +296,11 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     if "reward" in names and cfg.reward.mix_data:  # the comparisons mixed into the reward model's
         load_comparisons(cfg.reward.mix_data, cfg.reward.mix_criterion, cfg.reward.heldout_fraction, cfg.seed,
                          _reward_tokenizer(cfg, out), stage="reward")
+    for stage in names:  # the thumbs file of a method that reads thumbs (kto.data)
+        if stage in METHODS and "thumbs" in METHODS[stage].needs and _thumbs_data(stage, cfg):
+            section = getattr(cfg, stage)
+            load_thumbs(_thumbs_data(stage, cfg), section.criterion, section.heldout_fraction, cfg.seed,
+                        _policy_tokenizer(cfg, out), stage=stage)
     if cfg.reward.data:  # the comparisons (rankings) of every stage in `names` that reads them (reward model, DPO)
         for stage in names:
             if stage == "reward" or (stage in METHODS and "feedback" in METHODS[stage].needs):

@@ -1,7 +1,9 @@
 """The spine of the self-training methods, which alternate sampling from the policy and fine-tuning it on the
 samples the reward model rates best: rejection sampling (rlhfkit/algorithms/rejection_sampling.py) and ReST
-(rlhfkit/algorithms/rest.py). What differs between them (which samples are kept, how many fine-tuning steps a
-round makes) is in their own files and rlhfkit/ops/selection.py; what they share is here:
+(rlhfkit/algorithms/rest.py); online DPO (rlhfkit/algorithms/online_dpo.py) shares the rounds too, with DPO on
+the best-vs-worst pairs as its improve step (it gets the reference, RoundContext.reference). What differs between
+them (which samples are kept, how many fine-tuning steps a round makes) is in their own files and
+rlhfkit/ops/selection.py; what they share is here:
 
 - `run_rounds`: the round loop itself. Setup (tokenizer; the policy and reference from the one factory,
   rlhfkit.models.reference, so `lora.r` trains adapters here as everywhere; the reward), then per round:
@@ -141,6 +143,7 @@ class RoundContext:
     log: MetricsLog  # the round's fine-tuning metrics, STAGE/<prefix>-n/metrics.jsonl
     policy: object  # trained in place
     tokenizer: object
+    reference: object = None  # pi_ref, the SFT policy (rlhfkit.models.reference.Reference): online DPO's reference
 
 
 @dataclass
@@ -151,6 +154,7 @@ class RoundResult:
     steps: int  # optimiser steps
     backward: int  # sequences backpropagated
     postfix: dict  # shown on the progress bar
+    forward: int = 0  # sequences forwarded without grad beyond the Grow step's (online DPO: the reference's pass)
 
 
 def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime, *, name: str, prefix: str,
@@ -188,7 +192,7 @@ def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
 
         # 2-3. The method's own: which samples to keep, and fine-tuning the policy on them.
         round_log = MetricsLog(rdir / "metrics.jsonl")
-        result = improve(RoundContext(n, rdir, g, seed, round_log, policy, tokenizer))
+        result = improve(RoundContext(n, rdir, g, seed, round_log, policy, tokenizer, reference))
         round_log.close()
 
         # 4. Save the round's model, log it, mark it complete (last: a round without the marker is redone).
@@ -196,7 +200,8 @@ def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
         tokenizer.save_pretrained(rdir / "model")
         for record in result.records:
             log.log(record)
-        passes = {"sampled": len(g.texts), "forward": 3 * len(g.texts), "backward": result.backward}
+        passes = {"sampled": len(g.texts), "forward": 3 * len(g.texts) + result.forward,
+                  "backward": result.backward}
         previous.append({"records": result.records, "passes": passes, "steps": result.steps,
                          "wall_time_s": time.time() - start_time})
         mark_complete(rdir, previous[-1])

@@ -35,9 +35,10 @@ def make_items(n: int, k: int = 3, models: bool = True) -> list[dict]:
 
 def make_project(path: Path, *, n_items: int = 6, k: int = 3, overlap: int = 2, criteria=("overall",),
                  ask_strength: bool = False, people=("alice", "bob", "carol"), lease_seconds: int = 1800,
-                 guidelines: str = "# Rank well\nPrefer **polite** replies. <b>raw</b>") -> Path:
+                 guidelines: str = "# Rank well\nPrefer **polite** replies. <b>raw</b>", mode: str = "ranking") -> Path:
     settings = project.ProjectSettings(name="test", criteria=list(criteria), k=k, overlap=overlap,
-                                       ask_strength=ask_strength, guidelines=guidelines, lease_seconds=lease_seconds)
+                                       ask_strength=ask_strength, guidelines=guidelines, lease_seconds=lease_seconds,
+                                       mode=mode)
     project.create_project(path, settings, make_items(n_items, k))
     with db.opened(path) as conn, db.transaction(conn):
         project.add_person(conn, "lead", "lead")

@@ -27,6 +27,8 @@ class Labeler:
     errors: list[str] = field(default_factory=list)
     retries_sent: int = 0
     resent_already_stored: int = 0  # re-sends after a crash answered "duplicate": committed, answer lost
+    mode: str = "ranking"  # "thumbs": a random thumb per reply instead of a ranking
+    sent: dict[str, dict] = field(default_factory=dict)  # client id -> the body acknowledged (what must be stored)
 
 
 def run_labeler(lab: Labeler, url: str, stop: threading.Event, ack_counter: list[int], lock: threading.Lock,
@@ -47,9 +49,13 @@ def run_labeler(lab: Labeler, url: str, stop: threading.Event, ack_counter: list
                         lab.errors.append("no item left")
                         return
                     k = len(a["completions"])
-                    order = rng.sample(range(k), k)
-                    lab.pending = {"client_id": str(uuid.uuid4()), "assignment_id": a["assignment_id"],
-                                   "rankings": {"overall": [[i] for i in order]}}
+                    lab.pending = {"client_id": str(uuid.uuid4()), "assignment_id": a["assignment_id"]}
+                    if lab.mode == "thumbs":
+                        lab.pending["thumbs"] = {"overall": [{"position": i, "label": rng.random() < 0.5}
+                                                             for i in range(k)]}
+                    else:
+                        order = rng.sample(range(k), k)
+                        lab.pending["rankings"] = {"overall": [[i] for i in order]}
                 t0 = time.perf_counter()
                 r = http.post("/api/submissions", json=lab.pending, headers=headers)
                 elapsed = time.perf_counter() - t0
@@ -66,6 +72,7 @@ def run_labeler(lab: Labeler, url: str, stop: threading.Event, ack_counter: list
                         lab.errors.append(f"retry not idempotent: {again.status_code} {again.text[:200]}")
                 lab.latencies.append(elapsed)
                 lab.acked.append(lab.pending["client_id"])
+                lab.sent[lab.pending["client_id"]] = lab.pending
                 lab.pending = None
                 with lock:
                     ack_counter[0] += 1

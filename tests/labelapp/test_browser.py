@@ -282,3 +282,66 @@ def test_a_page_on_another_port_cannot_sign_the_browser_in(playwright, tmp_path)
         browser.close()
         attacker.shutdown()
         server.stop()
+
+
+def test_thumbs_by_keyboard_and_without_javascript(playwright, tmp_path):
+    """A thumbs project: one item judged by keyboard only (U / D / + / -, [ ] between criteria, Ctrl+Enter),
+    then in a browser with JavaScript off one skipped and one judged by clicking (the page is a plain form)."""
+    from .conftest import PASSWORD, make_project
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    pdir = make_project(tmp_path / "p", n_items=3, overlap=1, criteria=("helpfulness", "harmlessness"),
+                        people=("alice",), mode="thumbs")
+    server = Server(pdir).start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+
+    def sign_in(context):
+        page = context.new_page()
+        page.goto(f"{server.url}/login")
+        page.fill("input[name=name]", "alice")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.click("#start")
+        return page
+
+    try:
+        page = sign_in(browser.new_context(viewport={"width": 1280, "height": 900}))
+        first = page.inner_text("#prompt-text")
+        page.locator("body").focus()
+        page.keyboard.press("ArrowDown")  # selects the first reply
+        for key in ("u", "d", "+"):  # each thumb moves on to the next reply
+            page.keyboard.press(key)
+        assert "3 replies still need a thumb" in page.inner_text("#status")  # harmlessness not given yet
+        page.keyboard.press("Control+Enter")  # refused by the form: every thumb is required
+        assert page.inner_text("#prompt-text") == first
+        page.keyboard.press("]")
+        page.locator("#replies li").nth(0).focus()
+        for key in ("-", "D", "U"):
+            page.keyboard.press(key)
+        assert "Every reply has its thumb" in page.inner_text("#status")
+        page.screenshot(path=str(ARTIFACTS / "thumbs-page.png"), full_page=True)
+        page.keyboard.press("Control+Enter")
+        page.locator("#prompt-text", has_text="prompt number 1").wait_for()
+
+        plain = sign_in(browser.new_context(java_script_enabled=False))
+        assert "prompt number 1" in plain.inner_text("#prompt-text")  # the open item, resumed
+        plain.click("#skip")  # no thumb given: skipping needs none
+        assert "prompt number 2" in plain.inner_text("#prompt-text")
+        for c, labels in (("helpfulness", ("down", "down", "up")), ("harmlessness", ("up", "up", "up"))):
+            for pos, value in enumerate(labels):
+                plain.click(f'label[for="t-{c}-{pos}-{value}"]')
+        plain.click("#submit")
+        plain.locator("text=All done").wait_for()
+    finally:
+        browser.close()
+        server.stop()
+    with db.opened(pdir) as conn:
+        rows = conn.execute("SELECT s.thumbs, a.display_order FROM submissions s"
+                            " JOIN assignments a ON a.id = s.assignment_id ORDER BY s.id").fetchall()
+        statuses = [r[0] for r in conn.execute("SELECT status FROM assignments ORDER BY id")]
+    assert statuses == ["submitted", "skipped", "submitted"]
+    given = [{"helpfulness": [True, False, True], "harmlessness": [False, False, True]},
+             {"helpfulness": [False, False, True], "harmlessness": [True, True, True]}]  # by display position
+    for row, labels in zip(rows, given, strict=True):
+        shown = json.loads(row["display_order"])
+        assert json.loads(row["thumbs"]) == {c: [ls[shown.index(i)] for i in range(3)] for c, ls in labels.items()}

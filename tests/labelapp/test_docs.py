@@ -33,7 +33,7 @@ def test_every_api_route_is_documented(app):
 
 def test_every_setting_is_documented():
     names = {"criteria": "--criteria", "k": "--k", "overlap": "--overlap", "ask_strength": "--strength",
-             "guidelines": "--guidelines", "name": "--name", "lease_seconds": "--lease-minutes"}
+             "guidelines": "--guidelines", "name": "--name", "lease_seconds": "--lease-minutes", "mode": "--mode"}
     for f in dataclasses.fields(ProjectSettings):
         assert f.name in names, f"ProjectSettings.{f.name}: add it to this test and to docs/labeling.md"
         assert names[f.name] in DOC
