@@ -84,6 +84,15 @@ def test_wiring_feedback_or_kto_data(tmp_path):
     before = stage_inputs("kto", cfg)["kto_data_sha256"]
     write_jsonl(path, [Thumb(f"i{i}", "1 2 3 4 =", "6 7 8 9", i % 2 == 0) for i in range(40)])
     assert stage_inputs("kto", cfg)["kto_data_sha256"] != before  # an edited file makes KTO stale
+    # preference data of your own (reward.data) is what KTO reads when kto.data is empty, as DPO does: no simulated
+    # feedback stage runs behind your back
+    cfg = load_config(overrides=["method='kto'", f"reward.data='{path}'"])
+    assert stage_needs("kto", cfg) == ("sft",) and "feedback" not in pipeline_stages(cfg)
+    assert thumbs_file(cfg, tmp_path) == path and stage_inputs("kto", cfg)["kto_data_sha256"]
+    other = tmp_path / "mine.jsonl"
+    other.write_bytes(path.read_bytes())
+    assert thumbs_file(load_config(overrides=["method='kto'", f"reward.data='{path}'", f"kto.data='{other}'"]),
+                       tmp_path) == other  # kto.data first
 
 
 def test_preflight_refuses_one_kind_of_thumb_before_anything_runs(tmp_path):

@@ -11,8 +11,8 @@ prompt paired with another thumb's completion, and is detached. The loss is `kto
 KTO_LOSSES); docs/methods/kto.md has the equation, the defaults on digits and the measured numbers.
 
 Data: thumbs (docs/data.md, "Thumb record"): kto.data (thumbs, TRL's unpaired format, or preference pairs, each a
-thumb up and a thumb down), else the feedback stage's thumbs.jsonl (feedback.kind = "thumbs"), else its
-comparisons.jsonl unpaired the same way. Split by item as DPO's comparisons.
+thumb up and a thumb down), else reward.data (read the same way), else the feedback stage's thumbs.jsonl
+(feedback.kind = "thumbs"), else its comparisons.jsonl unpaired the same way. Split by item as DPO's comparisons.
 
 Deviations from Ethayarajh et al. (2024):
 - The mismatched pairs are drawn once, before training (each thumb's prompt with the completion of the thumb
@@ -55,7 +55,7 @@ from rlhfkit.ops.losses import KTO_LOSSES
 class KTOConfig:
     """[kto] KTO on thumbs up/down (binary feedback), from the SFT policy (rlhfkit/algorithms/kto.py)."""
 
-    data: str = F("", "Thumbs to learn from, in any format rlhfkit reads as thumbs (its thumbs, TRL's unpaired {prompt, completion, label}, or preference pairs: chosen up, rejected down; docs/data.md); empty = the feedback stage's thumbs (feedback.kind = 'thumbs'), else its comparisons unpaired.")
+    data: str = F("", "Thumbs to learn from, in any format rlhfkit reads as thumbs (its thumbs, TRL's unpaired {prompt, completion, label}, or preference pairs: chosen up, rejected down; docs/data.md); empty = reward.data (read the same way), else the feedback stage's thumbs (feedback.kind = 'thumbs'), else its comparisons unpaired.")
     loss: str = F("kto", "The entry of KTO_LOSSES (rlhfkit/ops/losses.py): 'kto' (Ethayarajh et al. 2024, eq. 8).")
     beta: float = F(0.1, "beta: scale of the implicit reward beta * log(pi / pi_ref) inside the sigmoid (the paper's default 0.1); smaller lets the policy move further from the reference.")
     desirable_weight: float = F(1.0, "lambda_D, the weight of a thumb up's loss. The paper advises lambda_D * n_up / (lambda_U * n_down) in [1, 4/3].")
@@ -94,10 +94,10 @@ METHOD = Method("kto", KTOConfig, ("sft", "thumbs"),
 
 
 def thumbs_file(cfg, out: Path) -> Path:
-    """The thumbs KTO reads: kto.data, else the feedback stage's thumbs (feedback.kind = 'thumbs'), else its
-    comparisons (each a thumb up and a thumb down)."""
-    if cfg.kto.data:
-        return Path(cfg.kto.data)
+    """The thumbs KTO reads: kto.data, else reward.data (the preference data DPO would read, each pair a thumb up
+    and a thumb down), else the feedback stage's thumbs (feedback.kind = 'thumbs'), else its comparisons."""
+    if cfg.kto.data or cfg.reward.data:
+        return Path(cfg.kto.data or cfg.reward.data)
     return out / "feedback" / ("thumbs.jsonl" if cfg.feedback.kind == "thumbs" else "comparisons.jsonl")
 
 
@@ -242,6 +242,6 @@ def train_kto(cfg, thumbs_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime,
 
 
 def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
-    """The pipeline's entry point: KTO from OUT's SFT policy on kto.data or the feedback stage's thumbs."""
+    """The pipeline's entry point: KTO from OUT's SFT policy on kto.data, reward.data or the feedback stage's thumbs."""
     return train_kto(cfg, thumbs_file(cfg, out), out / "sft" / "model", stage_dir, rt,
                      ref_cache=out / ".cache" / "kto_ref_logprobs.safetensors")

@@ -108,9 +108,10 @@ def stage_needs(name: str, cfg: Config) -> tuple[str, ...]:
 
 
 def _thumbs_data(name: str, cfg: Config) -> str:
-    """The thumbs file a method that reads thumbs ("thumbs" in its needs: KTO) names in its section's `data`;
-    empty = the feedback stage's."""
-    return getattr(getattr(cfg, name), "data", "")
+    """The file a method that reads thumbs ("thumbs" in its needs: KTO) learns from: its section's `data`, else
+    reward.data (preference data of your own, its pairs read as thumbs, as DPO reads it); empty = the feedback
+    stage's."""
+    return getattr(getattr(cfg, name), "data", "") or cfg.reward.data
 
 
 def _sha256(path: str) -> str | None:
