@@ -404,6 +404,10 @@ def test_orpo_value():
     # log(1 - e^m) stays finite and accurate near m = 0 (a near-certain reply) and far below
     tiny = orpo_loss(_t(-1e-9), _t(-80.0), _t(1), _t(1), beta=1.0)[1]["log_odds_ratio"].item()
     assert tiny == pytest.approx((-1e-9 - math.log(1e-9)) - (-80.0), rel=1e-6)
+    # in float32 too, where 1 - exp(-1e-6) cancels to 0 or worse unless log(-expm1(m)) is used near 0
+    f32 = lambda *xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    near = orpo_loss(f32(-1e-6), f32(-3.0), f32(1), f32(1), beta=1.0)[1]["log_odds_ratio"].item()
+    assert near == pytest.approx((-1e-6 - math.log(1e-6)) - (-3.0 - math.log(1 - math.exp(-3.0))), rel=1e-4)
     with pytest.raises(ValueError, match="ORPO has no target margin"):
         orpo_loss(_t(-2.0), _t(-6.0), _t(2), _t(3), beta=0.25, gamma=0.5)
 
