@@ -45,18 +45,21 @@ from pathlib import Path
 import torch
 
 from rlhfkit.algorithms import Method
+from rlhfkit.core import dist
 from rlhfkit.core.config import F
-from rlhfkit.core.runio import MetricsLog, progress, tracked
+from rlhfkit.core.runio import tracked
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, preference_files
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
 from rlhfkit.models.forward import disable_dropout, row_logprobs
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import DPO_LOSSES, LISTWISE_DPO_LOSSES, REFERENCE_FREE_LOSSES, _dpo_stats
+from rlhfkit.spine.epochs import Epochs, LoopOptions
 
 CACHE_FILE = "ref_logprobs.safetensors"
 CACHE_FORMAT = b"rlhfkit dpo reference log-probs v2\n"  # bump when what the cache holds changes (v2: per row)
@@ -210,7 +213,11 @@ def load_cache(path: Path, key: str, device: torch.device) -> dict | None:
 
 
 def save_cache(path: Path, table: dict, key: str) -> None:
+    """Write the reference log-probs (by the main process only: every rank computed the same table)."""
     from safetensors.torch import save_file
+
+    if not dist.is_main_process():
+        return
 
     tensors = {f"{split}/logps": t.detach().cpu().contiguous() for split, t in table.items()}  # (M,) per split
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,42 +347,42 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
 
     n = len(data["train"].rows) if listwise else len(train)
     batch_size = data["train"].items_per_batch(dc.batch_size) if listwise else dc.batch_size  # ~batch_size rankings
-    steps_per_epoch = max(n // batch_size, 1)
-    total_steps = steps_per_epoch * dc.epochs
+    total_steps = Epochs.count(n, batch_size, dc.epochs)
     optimizer, scheduler = make_optimizer(policy.parameters(), dc.lr, total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    bar = progress(total_steps, section)
+    engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         max_grad_norm=dc.max_grad_norm, checkpointing=rt.checkpointing)
+    engine.check_batch(min(batch_size, n), f"{section}.batch_size")
+    # a listwise loss is a mean over rankings: a micro-batch of items weighs by its rankings
+    units = (lambda items: (data["train"].ranks[items] >= 0).any(-1).sum()) if listwise else None  # noqa: E731
+
+    def evaluate() -> dict:
+        if listwise:
+            return evaluate_listwise(policy, data["heldout"], heldout_pairs, reference, "heldout", dc, rt)
+        return evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt)
+
+    loop = Epochs(engine, n=n, batch_size=batch_size, epochs=dc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
+                  device=rt.device, desc=section, log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
+                  checkpoint=out_dir, evaluate=evaluate, eval_loss="loss/dpo")
     ref_counts = reference if reference is not None else Reference(table={})  # forwards, sequences: none without one
-    step, forwards_per_epoch, initial_loss, trained_sequences = 0, [], None, 0
-    for _ in range(dc.epochs):
-        policy.train()
-        forwards_before = ref_counts.forwards
-        order = torch.randperm(n, generator=generator).to(rt.device)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            loss, stats = batch_loss(idx)
-            trained_sequences += (data["train"].rows[idx] >= 0).sum() if listwise else 2 * len(idx)  # no device sync
-            if step == 0:  # policy = reference: ln 2 for 'sigmoid', mean log(# orders) for 'plackett_luce' (anything
-                initial_loss = loss.item()  # else: dropout or a stale reference)
-            optimizer_step(loss, policy.parameters(), optimizer, scheduler, dc.max_grad_norm)
-            step += 1
-            if step % 10 == 0 or step == total_steps:
-                log.log({"step": step, "loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()},
-                         "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['rewards/accuracies'].item():.2f}", refresh=False)
-        forwards_per_epoch.append(ref_counts.forwards - forwards_before)
-    bar.close()
-    log.close()
+    counts = loop.totals  # kept in the checkpoint: a resumed run reports the whole run's figures
+    policy.train()
+    for idx in loop:
+        out = engine.step(idx, batch_loss, units)
+        # policy = reference at the first step: ln 2 for 'sigmoid', mean log(# orders) for 'plackett_luce' (anything
+        # else: dropout or a stale reference)
+        counts.setdefault("initial_loss", float(out["loss"]))
+        counts["sequences"] = counts.get("sequences", 0) + (
+            (data["train"].rows[idx] >= 0).sum() if listwise else 2 * len(idx))  # no device sync
+        loop.done(out, {"loss/dpo": out["loss"], **{k: v for k, v in out.items() if k != "loss"}})
+        if loop.step % loop.steps_per_epoch == 0:
+            epochs = counts.setdefault("forwards_per_epoch", [])
+            epochs.append(ref_counts.forwards - sum(epochs))
+    fit = loop.finish()
+    initial_loss, trained_sequences, forwards_per_epoch = counts["initial_loss"], counts["sequences"], counts.get("forwards_per_epoch", [])
 
     # 5. Held-out implicit-reward accuracy and loss; save with save_pretrained.
-    if listwise:
-        heldout = evaluate_listwise(policy, data["heldout"], heldout_pairs, reference, "heldout", dc, rt)
-    else:
-        heldout = evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt)
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    heldout = evaluate()
+    save_pretrained(policy, tokenizer, out_dir / "model")
     return {
         "criterion": train[0].criterion,
         "loss": dc.loss,
@@ -391,7 +398,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         "n_heldout": len(test),
         **({"n_train_items": n, "n_train_rankings": int((data["train"].ranks >= 0).any(-1).sum()),
             "n_heldout_rankings": int((data["heldout"].ranks >= 0).any(-1).sum())} if listwise else {}),
-        "steps": total_steps,
+        "steps": fit["steps"],
         "reference": "none" if reference_free else dc.reference,
         "reference_cache": cache_status,  # "computed", "loaded" (from an earlier run) or "none" (online)
         "reference_cache_forwards": cache_forwards,

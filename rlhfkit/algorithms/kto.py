@@ -39,16 +39,18 @@ import torch
 from rlhfkit.algorithms import Method
 from rlhfkit.algorithms.dpo import cache_key, load_cache, pair_batches, pair_rows, save_cache
 from rlhfkit.core.config import F
-from rlhfkit.core.runio import MetricsLog, progress, tracked
+from rlhfkit.core.runio import tracked
 from rlhfkit.data.batching import encode_pairs
 from rlhfkit.data.contract import Thumb
 from rlhfkit.data.preferences import load_thumbs
 from rlhfkit.models.forward import disable_dropout, row_logprobs
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import KTO_LOSSES
+from rlhfkit.spine.epochs import Epochs, LoopOptions
 
 
 @dataclass
@@ -184,36 +186,42 @@ def train_kto(cfg, thumbs_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime,
 
     # 4. Train: shuffled thumbs, each batch's thumbs and their pairs in one forward, z0 over the batch's pairs.
     n = len(train)
-    steps_per_epoch = max(n // kc.batch_size, 1)
-    total_steps = steps_per_epoch * kc.epochs
+    total_steps = Epochs.count(n, kc.batch_size, kc.epochs)
     optimizer, scheduler = make_optimizer(policy.parameters(), kc.lr, total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    bar = progress(total_steps, "kto")
-    step, initial_loss = 0, None
-    for _ in range(kc.epochs):
-        policy.train()
-        order = torch.randperm(n, generator=generator).to(rt.device)
-        for b in range(steps_per_epoch):
-            idx = order[b * kc.batch_size : (b + 1) * kc.batch_size]
-            ref_logps = reference.rows("train", seqs["train"], pair_rows(seqs["train"], idx), rt)  # (2b,)
-            loss, stats = kto_batch_loss(policy, seqs["train"], labels["train"], idx, ref_logps, kc, rt)
-            if step == 0:  # policy = reference: the mean of lambda_y / 2 (anything else: dropout or a stale cache)
-                initial_loss = loss.item()
-            optimizer_step(loss, policy.parameters(), optimizer, scheduler, kc.max_grad_norm)
-            step += 1
-            if step % 10 == 0 or step == total_steps:
-                log.log({"step": step, "loss/kto": loss.item(), **{k: v.item() for k, v in stats.items()},
-                         "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", z0=f"{stats['kto/kl'].item():.2f}", refresh=False)
-    bar.close()
-    log.close()
+    engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         max_grad_norm=kc.max_grad_norm, checkpointing=rt.checkpointing)
+    engine.check_batch(min(kc.batch_size, n), "kto.batch_size")
+    batch_pairs = None  # with micro-batches or processes: the whole batch's pairs' log-probs, for z0
+
+    def batch_loss(rows: torch.Tensor):
+        ref_logps = reference.rows("train", seqs["train"], pair_rows(seqs["train"], rows), rt)  # (2r,)
+        if batch_pairs is None:
+            return kto_batch_loss(policy, seqs["train"], labels["train"], rows, ref_logps, kc, rt)
+        r = len(rows)
+        return KTO_LOSSES[kc.loss](row_logprobs(policy, seqs["train"], rows, rt), ref_logps[:r], labels["train"][rows],
+                                   *batch_pairs, kc.beta, kc.desirable_weight, kc.undesirable_weight)
+
+    loop = Epochs(engine, n=n, batch_size=kc.batch_size, epochs=kc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
+                  device=rt.device, desc="kto", log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
+                  checkpoint=out_dir, eval_loss="loss/kto",
+                  evaluate=lambda: evaluate_kto(policy, seqs["heldout"], labels["heldout"], reference, "heldout", kc, rt))
+    policy.train()
+    for idx in loop:
+        if engine.split:  # z0 is detached: the whole batch's estimate, computed once, gives one process's gradient
+            with torch.no_grad():
+                pairs = idx + n  # rows of the mismatched pairs (encode_thumbs)
+                batch_pairs = (row_logprobs(policy, seqs["train"], pairs, rt),
+                               reference.rows("train", seqs["train"], pairs, rt))
+        out = engine.step(idx, batch_loss)
+        # policy = reference at the first step: the mean of lambda_y / 2 (anything else: dropout or a stale cache)
+        loop.totals.setdefault("initial_loss", float(out["loss"]))
+        loop.done(out, {"loss/kto": out["loss"], **{k: v for k, v in out.items() if k != "loss"}})
+    fit = loop.finish()
+    initial_loss, total_steps = loop.totals["initial_loss"], fit["steps"]
 
     # 5. Held-out loss and implicit rewards; save with save_pretrained.
     heldout = evaluate_kto(policy, seqs["heldout"], labels["heldout"], reference, "heldout", kc, rt)
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    save_pretrained(policy, tokenizer, out_dir / "model")
     n_up = int(labels["train"].sum())
     return {
         "criterion": train[0].criterion,

@@ -33,16 +33,18 @@ import torch
 
 from rlhfkit.core.config import CRITERION_NAME
 from rlhfkit.core.errors import ConfigError, DataError
-from rlhfkit.core.runio import MetricsLog, progress, tracked
+from rlhfkit.core.runio import tracked
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, read_preferences
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.load import load_scalar_model, load_tokenizer
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.scoring import encode_for_scoring, is_decoder_model, sequence_rewards
 from rlhfkit.ops.losses import RANKING_LOSSES, bradley_terry_loss
+from rlhfkit.spine.epochs import Epochs, LoopOptions
 
 GoldScore = Callable[[object, object, str], float]  # (prompt, completion, criterion) -> the task's gold score
 
@@ -166,27 +168,22 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 
     n = len(ranked.rows) if listwise else len(train)  # items or comparisons
     batch_size = ranked.items_per_batch(rc.batch_size) if listwise else rc.batch_size  # ~batch_size rankings
-    steps_per_epoch = max(n // batch_size, 1)
-    total_steps = steps_per_epoch * rc.epochs
-    optimizer, scheduler = make_optimizer(model.parameters(), rc.lr, total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    bar = progress(total_steps, "reward model")
-    step = 0
-    for _ in range(rc.epochs):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(rt.device)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            loss, stats = batch_loss(idx)
-            optimizer_step(loss, model.parameters(), optimizer, scheduler)
-            step += 1
-            if step % 10 == 0 or step == total_steps:
-                log.log({"step": step, "loss/reward": loss.item(), "reward/accuracy": stats["accuracy"].item()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['accuracy'].item():.2f}", refresh=False)
-    bar.close()
-    log.close()
+    optimizer, scheduler = make_optimizer(model.parameters(), rc.lr, Epochs.count(n, batch_size, rc.epochs))
+    engine = make_engine({"reward": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         checkpointing=rt.checkpointing)
+    engine.check_batch(min(batch_size, n), "reward.batch_size")
+    # a listwise loss is a mean over rankings: a micro-batch of items weighs by its rankings
+    units = (lambda items: (ranked.ranks[items] >= 0).any(-1).sum()) if listwise else None  # noqa: E731
+    loop = Epochs(engine, n=n, batch_size=batch_size, epochs=rc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
+                  device=rt.device, desc="reward model", log=out_dir / "metrics.jsonl",
+                  options=LoopOptions.of(cfg.train), checkpoint=out_dir, eval_loss="loss/reward",
+                  evaluate=lambda: {f"{k}/reward" if k == "loss" else f"reward/{k}": v
+                                    for k, v in evaluate_pairs(model, test_data, rt, desc="reward model: evaluating").items()})
+    model.train()
+    for idx in loop:
+        out = engine.step(idx, batch_loss, units)
+        loop.done(out, {"loss/reward": out["loss"], "reward/accuracy": out["accuracy"]})
+    total_steps = loop.finish()["steps"]
 
     # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
     heldout = evaluate_pairs(model, test_data, rt, desc="reward model: held-out accuracy")
@@ -203,8 +200,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     gold_figures = {"heldout_gold_accuracy": accuracy_on(gold_test, "reward model: held-out gold accuracy"),
                     "n_heldout_gold": len(gold_test)} if gold_test else {}
     train_eval = evaluate_pairs(model, train_data, rt, desc="reward model: training accuracy")
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    save_pretrained(model, tokenizer, out_dir / "model")
     listwise_figures = ({"n_train_items": len(ranked.rows), "n_train_rankings": int((ranked.ranks >= 0).any(-1).sum())}
                         if listwise else {})
     return {

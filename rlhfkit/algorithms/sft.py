@@ -18,9 +18,11 @@ import torch
 from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.core.runio import MetricsLog
 from rlhfkit.data.batching import check_representable, encode_pairs
+from rlhfkit.models.engine import save_pretrained
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_policy, load_tokenizer
 from rlhfkit.models.lora import wrap_lora
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine.epochs import LoopOptions
 from rlhfkit.spine.finetune import evaluate_nll, fit_completions
 
 if TYPE_CHECKING:  # the assembled config, a layer above (rlhfkit/pipeline/config.py): type hints only
@@ -56,22 +58,23 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
     if len(demos) < sc.batch_size:  # Config.validate refuses this too; a stage that trains nothing must never look done
         raise RlhfkitError(f"sft.batch_size = {sc.batch_size} > the {len(demos)} demonstrations (sft.n_demos = "
                            f"{sc.n_demos}): no SFT step would run")
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    fit = fit_completions(model, train, epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr,
-                          weight_decay=sc.weight_decay, generator=torch.Generator().manual_seed(cfg.seed), rt=rt,
-                          log=log, desc="sft") if sc.epochs else {"steps": 0}  # 0: policy.path as it is
-    log.close()
+    if sc.epochs:
+        fit = fit_completions(model, train, epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr,
+                              weight_decay=sc.weight_decay, generator=torch.Generator().manual_seed(cfg.seed), rt=rt,
+                              log=out_dir / "metrics.jsonl", desc="sft", options=LoopOptions.of(cfg.train),
+                              checkpoint=out_dir, heldout=test)
+    else:  # 0: policy.path as it is
+        MetricsLog(out_dir / "metrics.jsonl").close()
+        fit = {"steps": 0}
 
     # 4. Evaluate on held-out demonstrations and save with save_pretrained. With LoRA the adapter is kept in
     #    adapter/ and merged into model/: the SFT policy is every later stage's start and reference.
     heldout_loss = evaluate_nll(model, test, 256, rt)
     floor = task.sft_loss_floor()
     if cfg.lora.sft:
-        model.save_pretrained(out_dir / "adapter")
-        tokenizer.save_pretrained(out_dir / "adapter")
+        save_pretrained(model, tokenizer, out_dir / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    save_pretrained(model, tokenizer, out_dir / "model")
     return {
         "heldout_loss": heldout_loss,
         "loss_floor": floor if floor is not None else math.nan,

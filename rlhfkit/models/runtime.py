@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit.core import dist
 from rlhfkit.core.errors import ConfigError
 
 
@@ -59,6 +60,8 @@ class Runtime:
 
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = fp32
+    accumulation: int = 1  # micro-batches per optimiser step (train.gradient_accumulation_steps)
+    checkpointing: bool = False  # gradient checkpointing (train.gradient_checkpointing)
 
 
 def runtime(cfg) -> Runtime:
@@ -67,7 +70,12 @@ def runtime(cfg) -> Runtime:
     threads give different last bits, which a long run amplifies into different models."""
     torch.set_num_threads(torch_threads(cfg))
     device = resolve_device(cfg.device)
-    return Runtime(device, resolve_precision(cfg.precision, device))
+    if device.type == "cuda" and device.index is None and dist.is_distributed():
+        device = torch.device("cuda", dist.local_rank())  # one GPU a process under `accelerate launch`
+    train = getattr(cfg, "train", None)
+    return Runtime(device, resolve_precision(cfg.precision, device),
+                   train.gradient_accumulation_steps if train is not None else 1,
+                   train.gradient_checkpointing if train is not None else False)
 
 
 def torch_threads(cfg) -> int:

@@ -97,6 +97,26 @@ class SamplingConfig:
     stop: list[str] = F([], "Stop strings: a response ends at the first of them in its decoded text; the text stops before it, the tokens that completed it stay in the response (as EOS does). The online methods' log-probs and KL are the model's at the stage's temperature without top_k/top_p/min_p/repetition_penalty (as TRL's).")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+@dataclass
+class TrainConfig:
+    """[train] How the trainers make their steps: micro-batches, memory, checkpoints, held-out evaluation, trackers.
+
+    Read by SFT (and rejection sampling and ReST, which fine-tune with its loop), the reward model, DPO and its
+    relatives and KTO (rlhfkit/spine/epochs.py, rlhfkit/models/engine.py; README, "Scaling out"), in one process
+    or under `accelerate launch`. gradient_accumulation_steps and gradient_checkpointing change what a step computes
+    only by float rounding, so like `threads` they are not inputs of a stage; the held-out evaluation's early stop is."""
+
+    gradient_accumulation_steps: int = F(1, "Micro-batches per optimiser step and process: a batch that does not fit in memory is split, each part's loss weighted by its share of the batch (rows, or tokens for token-mean losses), so 8 x 1 gives the update of 1 x 8. Batch sizes stay global: under `accelerate launch --num_processes N` each process takes 1/N of every batch.")
+    gradient_checkpointing: bool = F(False, "Recompute activations in the backward instead of keeping them (transformers' gradient checkpointing): less memory for about a third more time.")
+    checkpoint_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): save a resumable checkpoint every N optimiser steps in the stage directory, so a killed run goes on from it (mid-epoch, exactly on CPU); 0 = none. PPO, RLOO and GRPO have their own checkpoint_every.")
+    eval_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): evaluate on the held-out split every N optimiser steps, logged with the final evaluation's metric names (eval/...); 0 = only at the end.")
+    early_stopping_patience: int = F(0, "With eval_every: stop when the held-out loss has not improved for this many evaluations in a row, and keep the best model; 0 = never stop early.")
+    tracking: list[str] = F([], "Experiment trackers besides OUT/STAGE/metrics.jsonl (which stays the record): any of 'tensorboard' (event files in OUT/STAGE/tensorboard), 'wandb' (offline unless WANDB_MODE says otherwise), 'trackio'; each needs its package (pip install 'rlhfkit[tracking]').")
+
+
 @dataclass
 class SFTConfig:
     """[sft] Supervised fine-tuning on demonstrations; loss on completion tokens only."""
@@ -286,6 +306,14 @@ class _Rules:
                  "task = 'none' has no gold scorer for simulated labelers: set feedback.labeler = 'human' (the "
                  "labeling app) or 'ai' (the AI judge of [judge]), or give a preference file in reward.data")
         need(0.0 < self.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")
+        t = self.train
+        checks.at_least_one("train.gradient_accumulation_steps")
+        for key in ("checkpoint_every", "eval_every", "early_stopping_patience"):
+            need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")
+        need(t.early_stopping_patience == 0 or t.eval_every > 0, "train.early_stopping_patience",
+             "stops on the held-out evaluations of train.eval_every, which is 0; set train.eval_every too")
+        for name in t.tracking:
+            need(name in TRACKERS, "train.tracking", f"{name!r} is not a tracker; choose from {', '.join(map(repr, TRACKERS))}")
         need(self.data.max_new_tokens >= 0, "data.max_new_tokens", "must be >= 0 (0 = the task's)")
         need(self.data.max_prompt_length >= 0, "data.max_prompt_length", "must be >= 0 (0 = no cut)")
         need(self.data.truncation_side in ("left", "right"), "data.truncation_side", "choose 'left' or 'right'")
@@ -479,6 +507,7 @@ def _fields() -> list:
         ("device", str, F("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")),
         ("precision", str, F("auto", "'auto' (bf16 autocast where supported, else fp32), 'fp32' or 'bf16'.")),
         ("threads", int, F(1, "CPU threads for torch. Results depend on it (same seed + config + threads + machine kind = same numbers); 1 also degrades gracefully beside other jobs. 0 = torch's default (one per core).")),
+        section("train", TrainConfig),
         section("data", DataConfig), section("policy", ModelConfig), section("lora", LoRAConfig),
         section("sampling", SamplingConfig), section("sft", SFTConfig), section("feedback", FeedbackConfig),
         section("reward", RewardConfig),

@@ -36,6 +36,7 @@ from rlhfkit.algorithms import METHODS
 from rlhfkit.algorithms.classifier import base_model_dir, train_toxicity_classifier
 from rlhfkit.algorithms.reward import train_reward_model
 from rlhfkit.algorithms.sft import train_sft
+from rlhfkit.core import dist
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
 from rlhfkit.core.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
@@ -49,6 +50,7 @@ from rlhfkit.evaluation.report import write_report
 from rlhfkit.feedback.ai import judge_agreement, run_ai_feedback
 from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
+from rlhfkit.models.engine import barrier, join_processes
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
 from rlhfkit.models.lora import adapter_base, is_adapter_dir
 from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
@@ -75,7 +77,8 @@ class WaitingForLabels(RlhfkitError):
 
 
 def _log(msg: str) -> None:
-    print(f"[rlhfkit] {msg}", flush=True)
+    if dist.is_main_process():  # under `accelerate launch`, once
+        print(f"[rlhfkit] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +130,11 @@ def _upstream(name: str, cfg: Config) -> set[str]:
     return out
 
 
+# The stages trained by the epochs loop (rlhfkit/spine/epochs.py): [train]'s checkpoints, held-out evaluation and early
+# stopping apply to them.
+EPOCH_TRAINERS = frozenset({"sft", "reward", "dpo", "simpo", "orpo", "kto"})
+
+
 def stage_inputs(name: str, cfg: Config) -> dict:
     """The config a stage's outputs depend on: its own section, those of every stage upstream, and the
     content hash of a data file it reads (so an edited reward.data file makes the reward model stale)."""
@@ -163,6 +171,8 @@ def stage_inputs(name: str, cfg: Config) -> dict:
             inputs["reward_data_sha256"] = hashlib.sha256(Path(cfg.reward.data).read_bytes()).hexdigest()
         if name == "reward" and cfg.reward.mix_data and Path(cfg.reward.mix_data).is_file():
             inputs["reward_mix_data_sha256"] = hashlib.sha256(Path(cfg.reward.mix_data).read_bytes()).hexdigest()
+    if name in EPOCH_TRAINERS and cfg.train.early_stopping_patience > 0:  # where it stops and which weights it keeps
+        inputs["train"] = {k: full["train"][k] for k in ("eval_every", "early_stopping_patience")}
     for upstream in stage_needs(name, cfg):
         inputs.update(stage_inputs(upstream, cfg))
     if _scores(name, cfg):  # it is the input of the stages that score with it
@@ -384,6 +394,9 @@ def locked(out: Path):
     (the lock dies with its process, so a killed run never leaves OUT locked)."""
     import fcntl
 
+    if not dist.is_main_process():  # the other processes of one `accelerate launch` run: the main one holds it
+        yield
+        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a+") as f:
         try:
@@ -481,12 +494,12 @@ def _human_feedback(cfg: Config, task, sft_model: Path, out: Path, stage_dir: Pa
     return {"n_items": fb.n_prompts, "n_comparisons": len(read_comparisons(stage_dir / "comparisons.jsonl")), "labeler": "human"}
 
 
-def _partial_dir(out: Path, name: str, inputs: dict, *, fresh: bool, continue_ppo: bool) -> Path:
-    """OUT/.partial/name, ready to run in: an interrupted run of a resumable method (Method.resumable) with the
-    same inputs is kept (it resumes from its checkpoint), a finished PPO run being continued is copied in;
-    anything else starts empty."""
+def _partial_dir(out: Path, name: str, inputs: dict, *, fresh: bool, continue_ppo: bool, resumable: bool) -> Path:
+    """OUT/.partial/name, ready to run in: an interrupted run of a resumable stage (Method.resumable, or one of
+    EPOCH_TRAINERS with train.checkpoint_every) with the same inputs is kept (it resumes from its checkpoint), a
+    finished PPO run being continued is copied in; anything else starts empty."""
     partial = out / ".partial" / name
-    if name in METHODS and METHODS[name].resumable and not fresh:
+    if resumable and not fresh:
         legacy = out / name  # layout before .partial: an unfinished PPO run in place
         if not partial.exists() and legacy.is_dir() and not is_complete(legacy) and (legacy / "checkpoint").is_dir():
             partial.parent.mkdir(parents=True, exist_ok=True)
@@ -533,7 +546,14 @@ def _install(out: Path, name: str, partial: Path, cfg: Config) -> None:
 
 
 def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) -> dict:
-    """One stage, with OUT locked and the preflight done: skip it when up to date, else run it."""
+    """One stage, with OUT locked and the preflight done: skip it when up to date, else run it.
+
+    Under `accelerate launch` every process comes here: they decide alike from the same files (a barrier first,
+    so none reads what another is writing), the main process prepares and installs the stage directory, and a stage
+    trained by the epochs loop (EPOCH_TRAINERS) runs on every process; any other stage (sampling, feedback, the
+    evaluation, the online methods) runs on the main process while the others wait."""
+    barrier()
+    main = dist.is_main_process()
     inputs = stage_inputs(name, cfg)
     changes = stage_changes(out, name, cfg)
     if changes == [] and not fresh:
@@ -546,16 +566,25 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
     if changes:
         _log(f"{name}: config changed ({'; '.join(changes)}); "
              + ("continuing PPO" if continue_ppo else f"redoing {name}"))
-    partial = _partial_dir(out, name, inputs, fresh=fresh, continue_ppo=continue_ppo)
-    _log(f"{name}: running -> {out / name} (in {partial} until complete)")
+    resumable = (name in METHODS and METHODS[name].resumable) or (name in EPOCH_TRAINERS and cfg.train.checkpoint_every > 0)
+    partial = out / ".partial" / name
+    if main:
+        partial = _partial_dir(out, name, inputs, fresh=fresh, continue_ppo=continue_ppo, resumable=resumable)
+        _log(f"{name}: running -> {out / name} (in {partial} until complete)")
+    barrier()
 
-    with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
-        result = _run(name, cfg, out, partial)
-    mark_complete(partial, result)
-    _install(out, name, partial, cfg)
-    (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")  # now describes every output
-    write_json(out / "summary.json", build_summary(cfg, out))
-    return result
+    result = None
+    if main or name in EPOCH_TRAINERS:
+        with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
+            result = _run(name, cfg, out, partial)
+    barrier()
+    if main:
+        mark_complete(partial, result)
+        _install(out, name, partial, cfg)
+        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")  # now describes every output
+        write_json(out / "summary.json", build_summary(cfg, out))
+    barrier()
+    return result if main else stage_result(out / name)
 
 
 def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False) -> dict:
@@ -566,6 +595,7 @@ def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False) -
         raise RlhfkitError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     out = Path(out)
     preflight(cfg, out, [name])
+    join_processes(cfg.device)
     with locked(out):
         return _stage(name, cfg, out, fresh=fresh, skip_hint="pass --fresh to redo it")
 
@@ -636,6 +666,7 @@ def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
             f"{', '.join(stale)} and the stages after (PPO continues when only ppo.total_steps grew), "
             f"or use a new --out")
     preflight(cfg, out, names)
+    join_processes(cfg.device)
     start = time.time()
     with locked(out):
         for name in names:

@@ -7,14 +7,18 @@ Layer: spine (imports models, data, ops, core).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from rlhfkit.core.runio import MetricsLog, progress
+from rlhfkit.core.runio import MetricsLog
+from rlhfkit.models.engine import make_engine
 from rlhfkit.models.forward import causal_logits
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.losses import sft_loss
+from rlhfkit.spine.epochs import Epochs, LoopOptions
 
 
 def completion_nll(model, ids, mask, comp_mask, rt: Runtime) -> torch.Tensor:
@@ -39,36 +43,39 @@ def evaluate_nll(model, data, batch_size: int, rt: Runtime) -> float:
 
 
 def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt: Runtime, generator: torch.Generator,
-                    log: MetricsLog | None = None, weight_decay: float = 0.0, desc: str = "sft",
-                    log_every: int = 10, step_offset: int = 0) -> dict:
+                    log: MetricsLog | Path | None = None, weight_decay: float = 0.0, desc: str = "sft",
+                    log_every: int = 10, step_offset: int = 0, options: LoopOptions | None = None,
+                    checkpoint: Path | None = None, heldout=None) -> dict:
     """Fine-tune `model` on prompt/completion pairs, loss on completion tokens only: the SFT loop, shared by
     SFT and by the methods that fine-tune on their own selected samples (rejection sampling, ReST).
 
     `data` is encode_pairs' (ids, mask, completion_mask) on the run's device. Each epoch visits the pairs in a
     random order drawn from `generator` and makes len // batch_size steps (the last partial batch is dropped;
     one full-data step when fewer pairs than batch_size); a fresh AdamW decays linearly to 10% of `lr`.
+    A step's loss is the mean over the batch's completion tokens, also when it is cut into micro-batches or
+    shared by processes (each part weighted by its tokens: rlhfkit/models/engine.py).
     Logs step (+ `step_offset`, for several fits into one log), loss/sft and lr every `log_every` steps and at
-    the last. Returns the number of steps and the mean loss over them."""
+    the last; `options` (train.*): checkpoints in `checkpoint`, evaluations on `heldout` (same layout as data).
+    Returns the number of steps and the mean loss over them (Epochs.finish)."""
     n = len(data[0])
-    steps_per_epoch = max(n // batch_size, 1)
-    total_steps = steps_per_epoch * epochs
-    optimizer, scheduler = make_optimizer(model.parameters(), lr, total_steps, weight_decay)
-    bar = progress(total_steps, desc)
-    step, running, total = 0, None, 0.0
+    batches = Epochs.count(n, batch_size, epochs)
+    optimizer, scheduler = make_optimizer(model.parameters(), lr, batches, weight_decay)
+    engine = make_engine({"policy": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         checkpointing=rt.checkpointing)
+    engine.check_batch(min(batch_size, n), "the SFT batch size")
+    ids, mask, comp = data
+
+    def batch_loss(rows: torch.Tensor):
+        return completion_nll(model, ids[rows], mask[rows], comp[rows], rt), {}
+
+    def evaluate() -> dict:
+        return {"loss/sft": evaluate_nll(model, heldout, 256, rt)}
+
+    loop = Epochs(engine, n=n, batch_size=batch_size, epochs=epochs, generator=generator, device=rt.device,
+                  desc=desc, log=log, log_every=log_every, step_offset=step_offset, options=options,
+                  checkpoint=checkpoint, evaluate=evaluate if heldout is not None else None, eval_loss="loss/sft")
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(rt.device)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            loss = completion_nll(model, data[0][idx], data[1][idx], data[2][idx], rt)
-            optimizer_step(loss, model.parameters(), optimizer, scheduler)
-            step += 1
-            value = loss.item()
-            total += value
-            running = value if running is None else 0.98 * running + 0.02 * value
-            if log is not None and (step % log_every == 0 or step == total_steps):
-                log.log({"step": step_offset + step, "loss/sft": value, "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-    bar.close()
-    return {"steps": total_steps, "loss": total / total_steps}
+    for idx in loop:
+        out = engine.step(idx, batch_loss, units=lambda rows: comp[rows, 1:].sum())  # token-mean: tokens weigh
+        loop.done(out, {"loss/sft": out["loss"]})
+    return loop.finish()

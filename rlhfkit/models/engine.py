@@ -1,0 +1,226 @@
+"""One optimiser step over a global batch, in one process or as one rank of several: gradient accumulation and
+data parallelism on torch.distributed through `accelerate` (DDP; FSDP and DeepSpeed by accelerate's config).
+
+Every trainer makes its steps through Engine.step(idx, loss_fn): `idx` is the step's global batch (the same on
+every rank: each draws it from the same seeded generator), `loss_fn(rows)` the method's loss on some of its rows,
+a mean over them. The engine
+
+    1. takes this rank's contiguous share of idx (1/N of it under `accelerate launch --num_processes N`),
+    2. splits it into `accumulation` micro-batches (train.gradient_accumulation_steps),
+    3. runs each micro-batch's loss and backward, weighted by the micro-batch's share of the GLOBAL batch
+       (rows, or the loss's own units such as completion tokens for token-mean losses) times N, because DDP
+       averages gradients over the N ranks; the all-reduce happens on the last micro-batch only (no_sync before),
+    4. clips the global gradient norm and steps the optimiser (and the schedule),
+
+so that 1 x 8, 8 x 1 and 2 processes x 4 make the same update up to float rounding (tests/test_engine.py). The
+weights are the point: accelerate's own `accumulate()` divides every micro-batch by their count, which weights a
+token-mean loss wrongly when micro-batches hold different numbers of tokens (the gradient-accumulation bug
+transformers fixed in v4.46, "Fixing Gradient Accumulation", Hugging Face blog, Oct 2024).
+
+The loss runs INSIDE the prepared (DDP-wrapped) module's forward: _Compute's forward is a closure call, so DDP's
+hooks see every forward a trainer makes, whatever it reads of the models (the chunked log-prob path calls the
+transformer body and the head separately). In one process accelerate is not involved at all: with one micro-batch a step is the same
+float operations as a plain `loss.backward()` (no weight is applied), so single-process results do not change.
+
+Layer: models (imports core only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+import torch
+
+from rlhfkit.core import dist
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.models.runtime import resolve_device
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]  # rows -> (mean loss over them, stats: 0-d tensors)
+
+_ACCELERATOR = None
+
+
+def accelerator(device: torch.device):
+    """The process's accelerate.Accelerator (one per process: accelerate keeps its state process-wide). Under
+    `accelerate launch` it joins the process group (gloo on CPU, NCCL on CUDA); in a plain process it is one rank."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # The main process may work alone for long (the evaluation, simulated feedback) while the others wait at a
+        # barrier: the default 30-minute collective timeout would kill a healthy run.
+        _ACCELERATOR = Accelerator(cpu=device.type == "cpu",
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    return _ACCELERATOR
+
+
+class _Compute(torch.nn.Module):
+    """The trained models as one module whose forward runs a closure: what accelerate prepares (wraps in DDP), so
+    that every loss a trainer computes with those models passes through the wrapper's forward."""
+
+    def __init__(self, models: dict):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+@dataclass
+class Engine:
+    """The optimiser steps of one trainer (see the module docstring). Build it with `make_engine`."""
+
+    models: dict  # the trained models by name (unwrapped: generation and save_pretrained use these)
+    params: list
+    optimizer: object
+    scheduler: object | None
+    max_grad_norm: float
+    accumulation: int
+    world: int
+    rank: int
+    _accelerator: object = field(repr=False, default=None)  # None in one process
+    _wrapped: object = field(repr=False, default=None)  # the prepared _Compute when world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def split(self) -> bool:
+        """Whether a step's batch is cut (micro-batches or processes): a loss with a batch-wide statistic (KTO's
+        z0) must then compute it over the whole batch itself."""
+        return self.world * self.accumulation > 1
+
+    def check_batch(self, batch_size: int, key: str) -> None:
+        """Refuse a batch that cannot give every rank's every micro-batch at least one row."""
+        parts = self.world * self.accumulation
+        if batch_size < parts:
+            raise ConfigError(
+                f"{key} = {batch_size} is smaller than {self.world} process{'es' if self.world > 1 else ''} x "
+                f"train.gradient_accumulation_steps = {self.accumulation}: some micro-batch would be empty; raise "
+                f"{key} or lower train.gradient_accumulation_steps (or the processes)")
+
+    def forward(self, fn: LossFn, rows: torch.Tensor):
+        """fn(rows), through the DDP wrapper when there is one."""
+        return fn(rows) if self._wrapped is None else self._wrapped(fn, rows)
+
+    def step(self, idx: torch.Tensor, loss_fn: LossFn, units: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             *, step_scheduler: bool = True) -> dict[str, torch.Tensor]:
+        """One optimiser step on the global batch `idx` (1-D rows). `units(rows)`: what loss_fn's mean is over for
+        those rows (e.g. completion tokens), default the rows themselves. Returns "loss" and each of loss_fn's
+        stats averaged over the global batch with the same weights as the gradient (0-d tensors, no device sync)."""
+        parts = idx.tensor_split(self.world)[self.rank].tensor_split(self.accumulation)
+        total = units(idx) if units is not None else len(idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        seen: list[set] = []
+        for i, rows in enumerate(parts):
+            share = (units(rows) if units is not None else len(rows)) / total  # exactly 1 for one part of one rank
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or self._wrapped is None else self._accelerator.no_sync(self._wrapped)
+            with sync:
+                loss, stats = self.forward(loss_fn, rows)
+                self._backward(loss * (share * self.world) if self.split else loss)
+            seen.append({"loss", *stats})
+            for name, value in {"loss": loss, **stats}.items():
+                value = value.detach().float() * share if self.split else value.detach()
+                sums[name] = sums[name] + value if name in sums else value
+        if self.max_grad_norm > 0:
+            if self._accelerator is None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            else:  # the global norm of the all-reduced (FSDP: sharded) gradients
+                self._accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        if step_scheduler and self.scheduler is not None:
+            self.scheduler.step()
+        if not self.split:
+            return sums
+        # a stat some part lacks (KTO's rewards/chosen of a part without a thumb up) has no batch mean: dropped
+        keep = set.intersection(*seen)
+        if self.world > 1:
+            everyone: list = [None] * self.world
+            torch.distributed.all_gather_object(everyone, sorted(keep))
+            keep = set.intersection(*map(set, everyone))
+        return self.reduce_sum({k: v for k, v in sums.items() if k in keep}) if self.world > 1 else \
+            {k: v for k, v in sums.items() if k in keep}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._accelerator is None:
+            loss.backward()
+        else:
+            self._accelerator.backward(loss)
+
+    def reduce_sum(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each value summed over the ranks (one all-reduce for all of them)."""
+        names = list(values)
+        stacked = torch.stack([values[n].float().reshape(()) for n in names])
+        torch.distributed.all_reduce(stacked)
+        return dict(zip(names, stacked.unbind()))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The ranks' tensors concatenated on dim 0 in rank order (every rank gets the whole); itself in one process.
+        Ranks may hold different lengths (padded to the longest for the all-gather, then cut)."""
+        if self.world == 1:
+            return tensor
+        acc = self._accelerator
+        sizes = acc.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()  # (world,)
+        parts = acc.gather(acc.pad_across_processes(tensor, dim=0)).split(max(sizes))
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        barrier()
+
+
+def make_engine(models: dict, optimizer, scheduler, device: torch.device, *, accumulation: int = 1,
+                max_grad_norm: float = 1.0, checkpointing: bool = False) -> Engine:
+    """An Engine over the trained `models` (name -> module, every parameter that requires grad trained by
+    `optimizer`). Under several processes the models are prepared by accelerate (DDP: rank 0's weights broadcast
+    to all, gradients all-reduced) together with the optimiser; alone, nothing is wrapped and accelerate is not
+    imported. checkpointing: transformers' gradient checkpointing on every model that has it."""
+    if checkpointing:
+        for model in models.values():
+            enable_checkpointing(model)
+    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    world, rank = dist.world_size(), dist.rank()
+    acc = wrapped = None
+    if world > 1:
+        acc = accelerator(device)
+        wrapped, optimizer = acc.prepare(_Compute(models), optimizer)
+    return Engine(models, params, optimizer, scheduler, max_grad_norm, accumulation, world, rank, acc, wrapped)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward (transformers' gradient checkpointing,
+    non-reentrant: works with frozen inputs and LoRA). A model without it (a custom head) is left as it is."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformer
+    if getattr(base, "supports_gradient_checkpointing", False):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def join_processes(device_name: str) -> None:
+    """Under `accelerate launch` / torchrun: join the process group now (before any stage), so that barriers hold
+    from the start. Nothing in one process."""
+    if dist.is_distributed():
+        device = resolve_device(device_name)
+        accelerator(torch.device("cuda", dist.local_rank()) if device.type == "cuda" and device.index is None else device)
+
+
+def barrier() -> None:
+    """Wait for every process (nothing in one process)."""
+    if dist.is_distributed():
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("several processes but no process group: call join_processes first")
+        torch.distributed.barrier()
+
+
+def save_pretrained(model, tokenizer, path) -> None:
+    """model.save_pretrained and tokenizer.save_pretrained into `path` by the main process only (every rank holds
+    the same weights), the others waiting until it is written."""
+    if dist.is_main_process():
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    barrier()

@@ -1,0 +1,267 @@
+"""Gradient accumulation and data parallelism (rlhfkit/models/engine.py) and the offline trainers' loop
+(rlhfkit/spine/epochs.py): 1 x 8 = 8 x 1 = 2 processes x 4, exact resume mid-epoch, early stopping, checkpointing.
+
+The invariance tests come first and use a fixed batch with uneven token counts: accelerate's own accumulate()
+(each micro-batch's mean divided by the number of micro-batches) fails them, which is the bug they guard against."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.core.runio import read_metrics
+from rlhfkit.data.batching import encode_pairs
+from rlhfkit.models.engine import make_engine
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine.epochs import Epochs, LoopOptions
+from rlhfkit.spine.finetune import fit_completions
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def token_problem(seed=0):
+    """A linear 'model' scoring tokens, rows with 1 to 8 real tokens: a token-mean loss weighs rows unevenly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 8, 3, generator=g)  # (B, T, D)
+    y = torch.randn(8, 8, generator=g)
+    lengths = torch.tensor([1, 8, 2, 7, 3, 3, 5, 1])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).float()  # (B, T)
+    return x, y, mask
+
+
+def accumulated_step(accumulation, *, units_weighted=True, clip=1.0):
+    x, y, mask = token_problem()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # not Adam: its first step is blind to the gradient scale
+    engine = make_engine({"m": model}, opt, None, CPU, accumulation=accumulation, max_grad_norm=clip)
+
+    def loss_fn(rows):
+        err = (model(x[rows]).squeeze(-1) - y[rows]) ** 2  # (b, T)
+        loss = (err * mask[rows]).sum() / mask[rows].sum()  # mean over the rows' tokens
+        return loss, {"tokens": mask[rows].sum()}
+
+    out = engine.step(torch.arange(8), loss_fn, units=(lambda rows: mask[rows].sum()) if units_weighted else None)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), out
+
+
+@pytest.mark.parametrize("accumulation", [2, 3, 8])
+def test_accumulation_equals_one_batch(accumulation):
+    """8 x 1 (and uneven splits) makes the update of 1 x 8, loss and stats included, with clipping active."""
+    one, out1 = accumulated_step(1)
+    many, out = accumulated_step(accumulation)
+    torch.testing.assert_close(many, one, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out1["loss"], rtol=0, atol=1e-6)
+
+
+def test_accumulation_needs_token_weights():
+    """Weighting micro-batches by rows instead of tokens (accelerate's accumulate(): each by 1/N) is wrong for a
+    token-mean loss: the test above would catch it, so this checks that the problem really tells them apart."""
+    one, _ = accumulated_step(1, clip=0)
+    rows_weighted, _ = accumulated_step(8, units_weighted=False, clip=0)
+    assert (rows_weighted - one).abs().max() > 1e-3
+
+
+def test_single_part_is_a_plain_backward():
+    """One process, one micro-batch: the very float operations of loss.backward() + clip + step (bit-equal)."""
+    ours, _ = accumulated_step(1)
+    x, y, mask = token_problem()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # not Adam: its first step is blind to the gradient scale
+    loss = (((model(x).squeeze(-1) - y) ** 2) * mask).sum() / mask.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    opt.step()
+    assert torch.equal(ours, torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+
+def test_batch_smaller_than_parts_is_refused():
+    engine = make_engine({"m": torch.nn.Linear(2, 1)}, torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
+                         None, CPU, accumulation=4)
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps"):
+        engine.check_batch(3, "sft.batch_size")
+
+
+# ---------------------------------------------------------------- SFT's loop on a tiny transformer
+
+@pytest.fixture(scope="module")
+def sft_data(digits, tokenizer):
+    import random
+
+    demos, heldout = digits.sft_split(64, random.Random(0))
+    enc = lambda pairs: [t for t in encode_pairs(tokenizer, [p for p, _ in pairs], [c for _, c in pairs])]  # noqa: E731
+    return enc(demos), enc(heldout[:16])
+
+
+def fit(tokenizer, data, *, accumulation=1, epochs=2, batch_size=8, **kw):
+    torch.manual_seed(0)
+    model = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 64), tokenizer, seed=0)
+    rt = Runtime(CPU, None, accumulation=accumulation)
+    result = fit_completions(model, data, epochs=epochs, batch_size=batch_size, lr=3e-3, rt=rt,
+                             generator=torch.Generator().manual_seed(0), **kw)
+    return model, result
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_sft_1x8_equals_8x1(tokenizer, sft_data):
+    """The SFT loop's 16 steps at batch 8: one micro-batch vs eight (token-weighted) agree to float rounding."""
+    a, ra = fit(tokenizer, sft_data[0])
+    b, rb = fit(tokenizer, sft_data[0], accumulation=8)
+    assert ra["steps"] == rb["steps"] == 16
+    diff = (flat(a) - flat(b)).abs().max().item()
+    assert diff < 1e-4, diff
+    assert abs(ra["loss"] - rb["loss"]) < 1e-5
+
+
+class Stop(Exception):
+    pass
+
+
+class KillAt:
+    """A callback that 'kills' the run right after step k (before its own checkpoint would be written)."""
+
+    def __init__(self, k):
+        self.k, self.steps, self.saves = k, [], []
+
+    def on_step(self, step, metrics):
+        self.steps.append(step)
+        if step == self.k:
+            raise Stop
+
+    def on_save(self, step, path):
+        self.saves.append(step)
+
+
+def test_sft_resumes_mid_epoch_exactly(tmp_path, tokenizer, sft_data):
+    """Killed at step 11 of 16 (checkpoints every 3 steps: the last at 9, mid-epoch 2), the run goes on from step 9
+    and ends bit-identical to an uninterrupted one, its metrics log too (no step twice)."""
+    opts = lambda cbs=(): LoopOptions(checkpoint_every=3, callbacks=list(cbs))  # noqa: E731
+    whole, r_whole = fit(tokenizer, sft_data[0], log=tmp_path / "whole.jsonl", log_every=1, options=opts(),
+                         checkpoint=tmp_path / "whole")
+    kill = KillAt(11)
+    with pytest.raises(Stop):
+        fit(tokenizer, sft_data[0], log=tmp_path / "run.jsonl", log_every=1, options=opts([kill]),
+            checkpoint=tmp_path / "run")
+    assert kill.saves == [3, 6, 9] and (tmp_path / "run" / "checkpoint.pt").is_file()
+    again = KillAt(-1)
+    resumed, r_resumed = fit(tokenizer, sft_data[0], log=tmp_path / "run.jsonl", log_every=1,
+                             options=opts([again]), checkpoint=tmp_path / "run")
+    assert again.steps == list(range(10, 17))  # went on after step 9
+    assert torch.equal(flat(resumed), flat(whole))
+    assert r_resumed["loss"] == r_whole["loss"]
+    assert read_metrics(tmp_path / "run.jsonl") == read_metrics(tmp_path / "whole.jsonl")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # finished: no stale checkpoint left behind
+
+
+def test_periodic_eval_logged_under_eval_names(tmp_path, tokenizer, sft_data):
+    train, heldout = sft_data
+    _, result = fit(tokenizer, train, log=tmp_path / "m.jsonl", options=LoopOptions(eval_every=4), heldout=heldout)
+    evals = [r for r in read_metrics(tmp_path / "m.jsonl") if "eval/loss/sft" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]  # not at the last step: the trainer's own evaluation is final
+    assert evals[-1]["eval/loss/sft"] < evals[0]["eval/loss/sft"]  # it learns the held-out demonstrations too
+    assert result["best_eval_loss"] == min(r["eval/loss/sft"] for r in evals)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    """Scripted held-out losses 3, 2, 2.5, 2.6: with patience 2 training stops after the fourth evaluation and the
+    weights of the second (step 2) are put back."""
+    model = torch.nn.Linear(2, 1)
+    engine = make_engine({"m": model}, torch.optim.SGD(model.parameters(), lr=0.5), None, CPU)
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    weights = {}
+    loop = Epochs(engine, n=8, batch_size=1, epochs=1, generator=torch.Generator().manual_seed(0), device=CPU,
+                  desc="t", options=LoopOptions(eval_every=1, early_stopping_patience=2),
+                  evaluate=lambda: {"loss": next(scripted)}, eval_loss="loss")
+    x = torch.randn(8, 2)
+    for idx in loop:
+        out = engine.step(idx, lambda rows: (model(x[rows]).pow(2).mean(), {}))
+        weights[loop.step + 1] = flat(model).clone()
+        loop.done(out, {"loss": out["loss"]})
+    result = loop.finish()
+    assert result["stopped_early"] and result["steps"] == 4 and result["best_step"] == 2
+    assert torch.equal(flat(model), weights[2])
+
+
+# ---------------------------------------------------------------- several processes (gloo on CPU)
+
+TINY = ["sft.n_demos=512", "sft.epochs=1", "sft.batch_size=16", "feedback.n_prompts=96", "reward.epochs=1",
+        "reward.batch_size=16", "dpo.epochs=1", "dpo.batch_size=16", "device='cpu'", "threads=1"]
+
+
+def rlhfkit(args, *, processes=1, env=None):
+    """`rlhfkit ARGS` in a fresh process, or under `accelerate launch` with N processes (gloo on CPU)."""
+    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                 "29517", "-m", "rlhfkit"] if processes > 1 else [sys.executable, "-m", "rlhfkit"])
+    sets = [a for s in TINY for a in ("--set", s)]
+    run = subprocess.run(launcher + args + sets, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def tiny_start(out):
+    """The weights SFT started from (the tiny policy TINY's config builds)."""
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.pipeline.config import load_config
+
+    cfg = load_config(overrides=TINY)
+    p = cfg.policy
+    model = build_tiny_policy(TinyModelSpec(p.arch, p.n_layer, p.n_embd, p.n_head, p.n_ctx),
+                              load_tokenizer(out / "sft" / "model", "sft"), cfg.seed)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def relative_gap(a, b, start):
+    """||a - b|| / ||a - start|| over the weights `start` has too: how far apart the two runs ended, as a share of
+    how far training moved. (A max elementwise difference says little under Adam: a weight whose gradient is ~0
+    moves by +-lr on the sign of float noise.)"""
+    norm = lambda ts: torch.sqrt(sum((t.double() ** 2).sum() for t in ts)).item()  # noqa: E731
+    shared = [k for k in a if k in start and start[k].shape == a[k].shape]
+    return norm(a[k] - b[k] for k in a) / norm(a[k] - start[k] for k in shared)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """SFT, the reward model and DPO under 2 processes (each half of every batch, gradients all-reduced) end where
+    one process ends at the same global batch, to float rounding; the 2-process run writes each output once."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for stage in ("sft", "feedback", "reward", "dpo"):
+        rlhfkit([stage, "--out", str(one)])
+    rlhfkit(["sft", "--out", str(two)], processes=2)
+    start = tiny_start(one)
+    gaps = {"sft": relative_gap(weights(two / "sft" / "model"), weights(one / "sft" / "model"), start)}
+    shutil.rmtree(two)  # the reward model and DPO from the same SFT policy and comparisons as the 1-process run
+    two.mkdir()
+    for stage in ("sft", "feedback", "config.toml"):
+        (shutil.copytree if (one / stage).is_dir() else shutil.copyfile)(one / stage, two / stage)
+    for stage in ("reward", "dpo"):
+        run = rlhfkit([stage, "--out", str(two)], processes=2)
+        assert run.stdout.count(f"{stage}: running") == 1  # the main process logs, once
+        gaps[stage] = relative_gap(weights(two / stage / "model"), weights(one / stage / "model"),
+                                   weights(one / "sft" / "model"))
+        lines = [r["step"] for r in read_metrics(two / stage / "metrics.jsonl")]
+        assert lines == [r["step"] for r in read_metrics(one / stage / "metrics.jsonl")]  # once each, not twice
+        a, b = (json.loads((d / stage / "COMPLETE.json").read_text()) for d in (one, two))
+        assert abs(a["heldout_accuracy"] - b["heldout_accuracy"]) <= 1 / a["n_heldout"] + 1e-9, (a, b)
+        assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3, (a, b)
+    print("relative gap 2 processes vs 1:", gaps)
+    assert max(gaps.values()) < 1e-2, gaps
