@@ -4,11 +4,13 @@
 The invariance tests come first and use a fixed batch with uneven token counts: accelerate's own accumulate()
 (each micro-batch's mean divided by the number of micro-batches) fails them, which is the bug they guard against."""
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import read_metrics
 from rlhfkit.data.batching import encode_pairs
-from rlhfkit.models.engine import make_engine
+from rlhfkit.models.engine import is_checkpointing, make_engine
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.spine.epochs import Epochs, LoopOptions
@@ -125,6 +127,18 @@ def test_sft_1x8_equals_8x1(tokenizer, sft_data):
     assert abs(ra["loss"] - rb["loss"]) < 1e-5
 
 
+def test_gradient_checkpointing_same_update(tokenizer, sft_data):
+    """train.gradient_checkpointing recomputes activations in the backward: the same training to float rounding."""
+    torch.manual_seed(0)
+    plain, _ = fit(tokenizer, sft_data[0], epochs=1)
+    model = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 64), tokenizer, seed=0)
+    torch.manual_seed(0)
+    fit_completions(model, sft_data[0], epochs=1, batch_size=8, lr=3e-3, rt=Runtime(CPU, None, checkpointing=True),
+                    generator=torch.Generator().manual_seed(0))
+    assert is_checkpointing(model)
+    assert (flat(model) - flat(plain)).abs().max().item() < 1e-5
+
+
 class Stop(Exception):
     pass
 
@@ -200,13 +214,17 @@ TINY = ["sft.n_demos=512", "sft.epochs=1", "sft.batch_size=16", "feedback.n_prom
         "reward.batch_size=16", "dpo.epochs=1", "dpo.batch_size=16", "device='cpu'", "threads=1"]
 
 
+def launcher(processes):
+    return ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
+             "--main_process_port", "29517", "-m", "rlhfkit"] if processes > 1 else [sys.executable, "-m", "rlhfkit"])
+
+
 def rlhfkit(args, *, processes=1, env=None):
-    """`rlhfkit ARGS` in a fresh process, or under `accelerate launch` with N processes (gloo on CPU)."""
-    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                 "29517", "-m", "rlhfkit"] if processes > 1 else [sys.executable, "-m", "rlhfkit"])
+    """`rlhfkit ARGS` in a fresh process, or under `accelerate launch` with the shipped DDP config and N processes
+    (gloo on CPU)."""
     sets = [a for s in TINY for a in ("--set", s)]
-    run = subprocess.run(launcher + args + sets, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(launcher(processes) + args + sets, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -246,9 +264,34 @@ def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for stage in ("sft", "feedback", "reward", "dpo"):
         rlhfkit([stage, "--out", str(one)])
-    rlhfkit(["sft", "--out", str(two)], processes=2)
+    rlhfkit(["sft", "--out", str(two), "--set", "train.checkpoint_every=4"], processes=2)
     start = tiny_start(one)
     gaps = {"sft": relative_gap(weights(two / "sft" / "model"), weights(one / "sft" / "model"), start)}
+
+    # SIGKILL the 2-process SFT once its first checkpoint is written; the same command then resumes it, and it
+    # ends bit-identical to the uninterrupted 2-process run
+    killed = tmp_path / "killed"
+    args = ["sft", "--out", str(killed), "--set", "train.checkpoint_every=4"] + [a for s in TINY for a in ("--set", s)]
+    proc = subprocess.Popen(launcher(2) + args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = killed / ".partial" / "sft" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    import psutil  # accelerate's own dependency
+
+    launched = psutil.Process(proc.pid)  # torchrun starts each worker in a session of its own: kill them by ancestry
+    family = [launched, *launched.children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()  # SIGKILL
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+    assert checkpoint.exists() and not (killed / "sft").exists(), "the run ended before it could be killed"
+    run = rlhfkit(["sft", "--out", str(killed), "--set", "train.checkpoint_every=4"], processes=2)
+    assert "resuming the interrupted run" in run.stdout
+    resumed, whole = weights(killed / "sft" / "model"), weights(two / "sft" / "model")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     shutil.rmtree(two)  # the reward model and DPO from the same SFT policy and comparisons as the 1-process run
     two.mkdir()
     for stage in ("sft", "feedback", "config.toml"):
@@ -264,4 +307,30 @@ def test_two_processes_equal_one(tmp_path):
         assert abs(a["heldout_accuracy"] - b["heldout_accuracy"]) <= 1 / a["n_heldout"] + 1e-9, (a, b)
         assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3, (a, b)
     print("relative gap 2 processes vs 1:", gaps)
+    assert max(gaps.values()) < 1e-2, gaps
+
+
+@pytest.mark.slow
+def test_reward_dpo_kto_accumulation_equals_one_batch(tmp_path):
+    """In one process, the reward model, DPO and KTO at batch 16 as 1 x 16 and as 4 micro-batches x 4 end at the
+    same weights to float rounding (KTO's z0 taken over the whole batch, not each micro-batch)."""
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_stage
+
+    base = tmp_path / "one"
+    cfg1 = load_config(overrides=TINY + ["kto.epochs=1", "kto.batch_size=16"])
+    for stage in ("sft", "feedback"):
+        run_stage(stage, cfg1, base)
+    acc = tmp_path / "acc"
+    acc.mkdir()
+    for stage in ("sft", "feedback"):
+        shutil.copytree(base / stage, acc / stage)
+    cfg4 = load_config(overrides=TINY + ["kto.epochs=1", "kto.batch_size=16", "train.gradient_accumulation_steps=4"])
+    gaps = {}
+    for stage in ("reward", "dpo", "kto"):
+        a, b = run_stage(stage, cfg1, base), run_stage(stage, cfg4, acc)
+        gaps[stage] = relative_gap(weights(acc / stage / "model"), weights(base / stage / "model"),
+                                   weights(base / "sft" / "model"))
+        assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3, (stage, a, b)
+    print("relative gap 4 micro-batches vs 1:", gaps)
     assert max(gaps.values()) < 1e-2, gaps

@@ -17,8 +17,12 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from rlhfkit.core.dist import is_main_process
+from rlhfkit.core.tracking import Trackers, check_trackers, tracking_default
 
 MARKER = "COMPLETE.json"
 # rlhfkit's own records, read back and compared: a stage's inputs (the config it was made with, rlhfkit/pipeline/
@@ -77,10 +81,23 @@ def stage_result(stage_dir: str | Path) -> dict:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics, one object per step, flushed per line so a crash loses at most one."""
+    """Append-only JSONL metrics, one object per step, flushed per line so a crash loses at most one; each line's
+    numbers then go to the experiment trackers (rlhfkit/core/tracking.py), which open at the first line.
 
-    def __init__(self, path: str | Path, resume_after_step: int | None = None):
+    tracking: tracker names ("tensorboard", "wandb", "trackio"); None = the process's choice (configure_tracking,
+    which the pipeline sets from train.tracking). Only the main process of a multi-process run writes: on any
+    other, the log is a no-op that leaves the file alone."""
+
+    def __init__(self, path: str | Path, resume_after_step: int | None = None, *,
+                 tracking: Iterable[str] | None = None):
         self.path = Path(path)
+        self._f = None
+        if not is_main_process():
+            return
+        names, config = tracking_default()
+        if tracking is not None:
+            names = tuple(tracking)
+            check_trackers(names)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after_step is not None and self.path.exists():
             # Drop lines written after the checkpoint we resume from, so no step is logged twice.
@@ -89,13 +106,23 @@ class MetricsLog:
         elif resume_after_step is None:
             self.path.write_text("")
         self._f = self.path.open("a", encoding="utf-8")
+        # TensorBoard forgets the same steps in its earlier event files (all of them on a fresh start).
+        purge_step = 0 if resume_after_step is None else resume_after_step + 1
+        self._trackers = Trackers(names, self.path.parent, config, purge_step)
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}) + "\n")
+        if self._f is None:
+            return
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        self._f.write(json.dumps(record) + "\n")  # first: the record
         self._f.flush()
+        self._trackers.log(record)
 
     def close(self) -> None:
+        if self._f is None:
+            return
         self._f.close()
+        self._trackers.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

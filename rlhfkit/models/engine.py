@@ -197,8 +197,17 @@ def enable_checkpointing(model) -> None:
     """Recompute each transformer block's activations in the backward (transformers' gradient checkpointing,
     non-reentrant: works with frozen inputs and LoRA). A model without it (a custom head) is left as it is."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformer
-    if getattr(base, "supports_gradient_checkpointing", False):
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model) -> bool:
+    """Whether enable_checkpointing took on `model`: some module of it recomputes its activations."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def join_processes(device_name: str) -> None:

@@ -40,6 +40,7 @@ from rlhfkit.core import dist
 from rlhfkit.core.config import Source, apply_dict, config_to_dict, config_to_toml
 from rlhfkit.core.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.core.runio import finite_or_none, is_complete, mark_complete, read_json, stage_result, write_json
+from rlhfkit.core.tracking import check_trackers, configure_tracking
 from rlhfkit.data.batching import encode_example, encode_prompts
 from rlhfkit.data.chat import has_chat_template
 from rlhfkit.data.contract import read_comparisons
@@ -274,6 +275,7 @@ def preflight(cfg: Config, out: Path, names: list[str]) -> None:
     model directories and their tokenizers, data files (readable, one criterion, text the tokenizer can
     represent). Raises RlhfkitError; writes nothing."""
     resolve_precision(cfg.precision, resolve_device(cfg.device))
+    check_trackers(cfg.train.tracking)  # a tracker's package missing: said now, not after an hour of SFT
     if cfg.data.sft or cfg.data.prompts:  # read (and check) the files now: errors name the file and line
         check_data_paths(cfg.data)
         task = task_for(cfg)
@@ -596,6 +598,7 @@ def run_stage(name: str, cfg: Config, out: str | Path, *, fresh: bool = False) -
     out = Path(out)
     preflight(cfg, out, [name])
     join_processes(cfg.device)
+    configure_tracking(cfg.train.tracking, config=config_to_dict(cfg))  # every stage's MetricsLog fans out to them
     with locked(out):
         return _stage(name, cfg, out, fresh=fresh, skip_hint="pass --fresh to redo it")
 
@@ -667,6 +670,7 @@ def run_pipeline(cfg: Config, out: str | Path, *, update: bool = False) -> dict:
             f"or use a new --out")
     preflight(cfg, out, names)
     join_processes(cfg.device)
+    configure_tracking(cfg.train.tracking, config=config_to_dict(cfg))  # every stage's MetricsLog fans out to them
     start = time.time()
     with locked(out):
         for name in names:
