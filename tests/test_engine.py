@@ -334,3 +334,31 @@ def test_reward_dpo_kto_accumulation_equals_one_batch(tmp_path):
         assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3, (stage, a, b)
     print("relative gap 4 micro-batches vs 1:", gaps)
     assert max(gaps.values()) < 1e-2, gaps
+
+
+@pytest.mark.slow
+def test_online_methods_accumulation_equals_one_batch(tmp_path):
+    """PPO (token-weighted micro-batches), RLOO and GRPO (row-weighted): 2 iterations with minibatches as one
+    micro-batch and as 4 end at the same policy to float rounding (the samples of iteration 2 are the same ones)."""
+    from rlhfkit.pipeline.config import load_config
+    from rlhfkit.pipeline.stages import run_stage
+
+    online = ["ppo.total_steps=2", "ppo.rollout_batch_size=16", "ppo.minibatch_size=16", "ppo.ppo_epochs=2",
+              "rloo.total_steps=2", "rloo.prompts_per_step=4", "rloo.k=4", "rloo.minibatch_size=16",
+              "grpo.total_steps=2", "grpo.prompts_per_step=4", "grpo.k=4", "grpo.minibatch_size=16"]
+    base, acc = tmp_path / "one", tmp_path / "acc"
+    cfg1 = load_config(overrides=TINY + online)
+    cfg4 = load_config(overrides=TINY + online + ["train.gradient_accumulation_steps=4"])
+    for stage in ("sft", "feedback", "reward"):
+        run_stage(stage, cfg1, base)
+    acc.mkdir()
+    for stage in ("sft", "feedback", "reward"):
+        shutil.copytree(base / stage, acc / stage)
+    gaps = {}
+    for method in ("ppo", "rloo", "grpo"):
+        a, b = run_stage(method, cfg1, base), run_stage(method, cfg4, acc)
+        gaps[method] = relative_gap(weights(acc / method / "model"), weights(base / method / "model"),
+                                    weights(base / "sft" / "model"))
+        assert a["final_scores"] == pytest.approx(b["final_scores"], abs=1e-4), (method, a, b)
+    print("relative gap 4 micro-batches vs 1:", gaps)
+    assert max(gaps.values()) < 1e-2, gaps

@@ -32,7 +32,8 @@ from rlhfkit.core.runio import MetricsLog, progress, tracked
 from rlhfkit.data.labelled import TOXICITY_LABELS as LABELS
 from rlhfkit.data.labelled import read_labelled_texts, split_texts
 from rlhfkit.models.load import load_scalar_model, load_tokenizer
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.engine import make_engine
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.scoring import TEXT_INPUT_KEY, encode_texts
 
@@ -130,19 +131,25 @@ def train_toxicity_classifier(cfg: Config, task, out_dir: Path, rt: Runtime) -> 
     steps_per_epoch = -(-len(train) // tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     optimizer, scheduler = make_optimizer(model.parameters(), tc.lr, total_steps)
+    engine = make_engine({"classifier": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         checkpointing=rt.checkpointing, alone=True)
+
+    def texts_loss(rows: torch.Tensor):
+        loss, right = batch_loss(model, *encode_batch(tokenizer, [train[i] for i in rows.tolist()], rt.device), rt)
+        return loss, {"accuracy": right.float().mean()}
+
     generator = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(out_dir / "metrics.jsonl")
     bar = progress(total_steps, "toxicity classifier")
     step = 0
     for _ in range(tc.epochs):
         model.train()
-        order = torch.randperm(len(train), generator=generator).tolist()
+        order = torch.randperm(len(train), generator=generator)
         for b in range(steps_per_epoch):
-            batch = [train[i] for i in order[b * tc.batch_size : (b + 1) * tc.batch_size]]
-            loss, right = batch_loss(model, *encode_batch(tokenizer, batch, rt.device), rt)
-            optimizer_step(loss, model.parameters(), optimizer, scheduler)
+            out = engine.step(order[b * tc.batch_size : (b + 1) * tc.batch_size], texts_loss)
+            loss = out["loss"]
             step += 1
-            accuracy = right.float().mean().item()
+            accuracy = out["accuracy"].item()
             if step % 10 == 0 or step == total_steps:
                 log.log({"step": step, "loss/toxicity": loss.item(), "toxicity/accuracy": accuracy,
                          "lr": scheduler.get_last_lr()[0]})

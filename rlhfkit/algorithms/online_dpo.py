@@ -52,7 +52,8 @@ from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.core.runio import progress
 from rlhfkit.data.contract import Comparison, prompt_item_id, write_jsonl
 from rlhfkit.models.forward import disable_dropout
-from rlhfkit.models.optim import make_optimizer, optimizer_step
+from rlhfkit.models.engine import make_engine
+from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.ops.losses import DPO_LOSSES
@@ -152,6 +153,14 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         steps_per_epoch = max(n_pairs // oc.batch_size, 1)
         total = oc.epochs * steps_per_epoch
         optimizer, scheduler = make_optimizer(policy.parameters(), oc.lr, total)
+        engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                             max_grad_norm=oc.max_grad_norm, checkpointing=rt.checkpointing, alone=True)
+        engine.check_batch(min(oc.batch_size, n_pairs), "online_dpo.batch_size")
+
+        def batch_loss(rows: torch.Tensor):
+            ref_chosen, ref_rejected = ref_pair_logps(reference, "train", data, rows, rt)  # (r,) each
+            return dpo_batch_loss(policy, data, rows, ref_chosen, ref_rejected, oc, rt)
+
         order_gen = torch.Generator().manual_seed(ctx.seed("order"))
         sums: dict[str, float] = defaultdict(float)  # each DPO figure's mean over the iteration's steps
         initial_loss = float("nan")
@@ -161,12 +170,10 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         for _ in range(oc.epochs):
             order = torch.randperm(n_pairs, generator=order_gen).to(rt.device)
             for b in range(steps_per_epoch):
-                idx = order[b * oc.batch_size : (b + 1) * oc.batch_size]
-                ref_chosen, ref_rejected = ref_pair_logps(reference, "train", data, idx, rt)  # (b,) each
-                loss, stats = dpo_batch_loss(policy, data, idx, ref_chosen, ref_rejected, oc, rt)
+                out = engine.step(order[b * oc.batch_size : (b + 1) * oc.batch_size], batch_loss)
+                loss, stats = out.pop("loss"), out
                 if step == 0:  # before any update: ln 2 for 'sigmoid' when pi_ref is the policy as it is now
                     initial_loss = loss.item()
-                optimizer_step(loss, policy.parameters(), optimizer, scheduler, oc.max_grad_norm)
                 step += 1
                 line = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}}
                 ctx.log.log({"step": step, **line, "lr": scheduler.get_last_lr()[0]})

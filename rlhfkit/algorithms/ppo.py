@@ -210,7 +210,8 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
             return pg_loss + pc.vf_coef * vf_loss, {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}
 
         policy.train()
-        stats = loop.minibatch_epochs(pc.rollout_batch_size, pc.ppo_epochs, pc.minibatch_size, loss, pc.max_grad_norm)
+        stats = loop.minibatch_epochs(pc.rollout_batch_size, pc.ppo_epochs, pc.minibatch_size, loss, pc.max_grad_norm,
+                                      units=lambda idx: mask[idx].sum())  # both losses are means over tokens
         loop.advance()
 
         # 7. Log, update the KL coefficient, checkpoint, stop at the threshold.

@@ -114,6 +114,8 @@ class Engine:
         those rows (e.g. completion tokens), default the rows themselves. Returns "loss" and each of loss_fn's
         stats averaged over the global batch with the same weights as the gradient (0-d tensors, no device sync)."""
         parts = idx.tensor_split(self.world)[self.rank].tensor_split(self.accumulation)
+        if self.world == 1:  # a last batch smaller than the micro-batches (the classifier keeps it): no empty part
+            parts = [rows for rows in parts if len(rows)]
         total = units(idx) if units is not None else len(idx)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -176,16 +178,17 @@ class Engine:
 
 
 def make_engine(models: dict, optimizer, scheduler, device: torch.device, *, accumulation: int = 1,
-                max_grad_norm: float = 1.0, checkpointing: bool = False) -> Engine:
+                max_grad_norm: float = 1.0, checkpointing: bool = False, alone: bool = False) -> Engine:
     """An Engine over the trained `models` (name -> module, every parameter that requires grad trained by
     `optimizer`). Under several processes the models are prepared by accelerate (DDP: rank 0's weights broadcast
     to all, gradients all-reduced) together with the optimiser; alone, nothing is wrapped and accelerate is not
-    imported. checkpointing: transformers' gradient checkpointing on every model that has it."""
+    imported. checkpointing: transformers' gradient checkpointing on every model that has it. alone: this process
+    trains by itself even under `accelerate launch` (a stage the others do not run)."""
     if checkpointing:
         for model in models.values():
             enable_checkpointing(model)
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-    world, rank = dist.world_size(), dist.rank()
+    world, rank = (1, 0) if alone else (dist.world_size(), dist.rank())
     acc = wrapped = None
     if world > 1:
         acc = accelerator(device)

@@ -1,5 +1,5 @@
-"""Pieces every trainer shares (not loops): optimiser + schedule, one optimiser step, RNG state, and the
-checkpoints of the online loops (written whole, then swapped in).
+"""Pieces every trainer shares (not loops): optimiser + schedule, RNG state, and the
+checkpoints of the online loops (written whole, then swapped in). The optimiser step itself: engine.py.
 
 Layer: models (imports core only).
 """
@@ -22,17 +22,6 @@ def make_optimizer(params, lr: float, total_steps: int, weight_decay: float = 0.
         opt, lambda step: 1.0 - (1.0 - final_fraction) * min(step, total_steps) / max(total_steps, 1)
     )
     return opt, sched
-
-
-def optimizer_step(loss, params, optimizer, scheduler=None, max_grad_norm: float = 1.0) -> None:
-    """Backward, clip the gradient norm (0 = no clip), step the optimiser and, if given, the schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

@@ -30,12 +30,12 @@ from typing import Callable
 import torch
 
 from rlhfkit.core.runio import MetricsLog, progress, read_metrics
+from rlhfkit.models.engine import Engine, make_engine
 from rlhfkit.models.forward import disable_dropout
 from rlhfkit.models.optim import (
     loop_generators,
     loop_state,
     make_optimizer,
-    optimizer_step,
     restore_loop_state,
     save_checkpoint,
 )
@@ -71,6 +71,7 @@ class OnlineRun:
     start_time: float  # moved back by the time spent before a resume, so wall_time_s is the whole run
     log: MetricsLog
     bar: object = field(repr=False)
+    engine: Engine = field(repr=False, default=None)  # the optimiser steps (micro-batches): rlhfkit/models/engine.py
 
     @property
     def ckpt_dir(self) -> Path:
@@ -87,17 +88,22 @@ class OnlineRun:
                                 sampling=SamplingParams.of(self.cfg.sampling))
 
     def minibatch_epochs(self, batch: int, epochs: int, minibatch_size: int,
-                         loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]], max_grad_norm: float) -> dict:
+                         loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]], max_grad_norm: float,
+                         units: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """`epochs` passes over a batch of `batch` rollouts in shuffled minibatches: loss_fn(idx) -> (loss, stats)
-        for the rows idx, one optimiser step each. Returns each stat's mean over the steps."""
+        for the rows idx, one optimiser step each (in train.gradient_accumulation_steps micro-batches, each weighted
+        by its `units(rows)`, default rows: PPO's token-mean losses pass the response tokens). Returns each stat's
+        mean over the steps."""
+        self.engine.max_grad_norm = max_grad_norm
+        self.engine.check_batch(minibatch_size, f"{self.name}'s minibatch size")
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(epochs):
             order = torch.randperm(batch, generator=self.order_gen).to(self.rt.device)
             for start in range(0, batch, minibatch_size):
-                loss, loss_stats = loss_fn(order[start : start + minibatch_size])
-                optimizer_step(loss, self.params, self.optimizer, max_grad_norm=max_grad_norm)
-                for key, v in loss_stats.items():
-                    stats.setdefault(key, []).append(v.detach())  # no .item() here: no device sync per minibatch
+                out = self.engine.step(order[start : start + minibatch_size], loss_fn, units, step_scheduler=False)
+                for key, v in out.items():
+                    if key != "loss":  # the method's stats name its loss terms itself
+                        stats.setdefault(key, []).append(v)  # no .item() here: no device sync per minibatch
         return {key: torch.stack(v).mean().item() for key, v in stats.items()}
 
     def advance(self) -> None:
@@ -163,9 +169,12 @@ def start_online(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runt
     log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if m.resume else None)
     bar = progress(total_steps, name)
     bar.update(step)
+    # one process (the pipeline runs the online methods on the main process under `accelerate launch`, for now)
+    engine = make_engine(models, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         checkpointing=rt.checkpointing, alone=True)
     return OnlineRun(cfg, task, rt, out_dir, name, total_steps, m.tokenizer, m.policy, m.reference, m.scorer, models,
                      params, optimizer, scheduler, prompt_rng, sample_gen, order_gen, m.resume, state, step,
-                     start_time, log, bar)
+                     start_time, log, bar, engine)
 
 
 def check_group_section(name: str, g, checks) -> None:
