@@ -280,9 +280,11 @@ class EvalConfig:
 class _Rules:
     """Config.validate: the stages' rules and those across sections; each method section checks its own fields."""
 
-    def validate(self, origins: dict[str, Source] | None = None):
+    def validate(self, origins: dict[str, Source] | None = None, stage: str | None = None):
         """Reject impossible values and combinations, saying what to change. `origins` (dotted key -> the
-        Source that set it, as load_config records) lets each message say where a value came from."""
+        Source that set it, as load_config records) lets each message say where a value came from. `stage`: the
+        one trainer a Python call runs (rlhfkit/pipeline/api.py: 'sft', 'reward', 'dpo'), whose files are all it
+        needs; by default the whole pipeline's."""
         task = None if self.task == "none" else get_task(self.task)
         checks = Checks(self, origins)
         need, ref = checks.need, checks.ref
@@ -300,9 +302,11 @@ class _Rules:
              "must be >= 1, or 0 with policy.path (no fine-tuning: that model is the SFT policy) and lora.sft = false")
         if task is None:  # your files alone: no generated data, no tokenizer, no gold scorer
             need(bool(p.path), "policy.path", "task = 'none' needs a local model directory (with its tokenizer)")
-            need(bool(self.data.sft), "data.sft", "task = 'none' needs an SFT demonstrations file (docs/data.md)")
-            need(bool(self.data.prompts), "data.prompts", "task = 'none' needs a prompt file (docs/data.md)")
-            need(fb.labeler != "simulated" or bool(r.data), "feedback.labeler",
+            need(bool(self.data.sft) or stage not in (None, "sft"), "data.sft",
+                 "task = 'none' needs an SFT demonstrations file (docs/data.md)")
+            need(bool(self.data.prompts) or stage is not None, "data.prompts",
+                 "task = 'none' needs a prompt file (docs/data.md)")
+            need(fb.labeler != "simulated" or bool(r.data) or stage == "sft", "feedback.labeler",
                  "task = 'none' has no gold scorer for simulated labelers: set feedback.labeler = 'human' (the "
                  "labeling app) or 'ai' (the AI judge of [judge]), or give a preference file in reward.data")
         need(0.0 < self.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")
@@ -524,13 +528,14 @@ Config.__doc__ = ("A whole pipeline. Top-level fields first, then one section pe
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, validate: bool = True,
-                origins: dict | None = None, **sections) -> Config:
+                origins: dict | None = None, stage: str | None = None, **sections) -> Config:
     """Build a validated Config from an optional TOML file and `section.key=value` overrides.
 
     From Python, sections may also be given as dicts: load_config(ppo={"kl_coef": 0.0}). validate = False skips
     Config.validate (names and types are still checked): `rlhfkit config` prints a template to fill in, e.g. for
     task = 'none' before policy.path is set. `origins`, when given, is filled with the Source of every key a
-    layer set (dotted key -> Source): model_default_lines reads the model's defaults from it.
+    layer set (dotted key -> Source): model_default_lines reads the model's defaults from it. `stage`: validate
+    for that one trainer (Config.validate).
     """
     layers: list[tuple[dict, Source]] = []
     if path is not None:
@@ -568,7 +573,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             apply_dict(cfg, data, source, origins=origins)
     for data, source in layers:
         apply_dict(cfg, data, source, origins=origins)
-    return cfg.validate(origins) if validate else cfg
+    return cfg.validate(origins, stage) if validate else cfg
 
 
 def _last(layers: list[tuple[dict, Source]], section: str, key: str, default):

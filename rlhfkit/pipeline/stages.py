@@ -340,6 +340,8 @@ def check_context_length(cfg: Config, names: list[str]) -> None:
     checked by Config.validate: policy.n_ctx.)"""
     from transformers import AutoConfig
 
+    if not (any(_samples(n) for n in names) or ("sft" in names and cfg.data.sft)):
+        return  # nothing here samples or trains on demonstrations
     path = Path(cfg.policy.path)
     if is_adapter_dir(path) and not (path / "config.json").is_file():  # a LoRA adapter: its base's positions
         path = adapter_base(path)

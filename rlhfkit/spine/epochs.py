@@ -30,6 +30,7 @@ Layer: spine (imports models, core).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,25 @@ class LoopOptions:
     # on_eval(step, metrics), on_save(step, path): called on every process, after the loop's own work
 
     @classmethod
-    def of(cls, train, callbacks=()) -> "LoopOptions":
-        """From a config's [train] section (any object with these fields)."""
-        return cls(train.checkpoint_every, train.eval_every, train.early_stopping_patience, list(callbacks))
+    def of(cls, train, callbacks=None) -> "LoopOptions":
+        """From a config's [train] section (any object with these fields); callbacks default to the process-wide
+        ones the Python API sets for the call it makes (use_callbacks)."""
+        return cls(train.checkpoint_every, train.eval_every, train.early_stopping_patience,
+                   list(_CALLBACKS if callbacks is None else callbacks))
+
+
+_CALLBACKS: list = []
+
+
+@contextlib.contextmanager
+def use_callbacks(callbacks):
+    """Within the block, every trainer's loop calls `callbacks` (rlhfkit.api: a stage run from Python)."""
+    global _CALLBACKS
+    saved, _CALLBACKS = _CALLBACKS, list(callbacks)
+    try:
+        yield
+    finally:
+        _CALLBACKS = saved
 
 
 def _trainable(engine: Engine) -> dict[str, torch.Tensor]:
