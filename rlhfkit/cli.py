@@ -7,10 +7,12 @@ summaries (rlhfkit.algorithms.REGISTRY); the pipeline, and with it torch, is imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from rlhfkit.algorithms import REGISTRY
+from rlhfkit.core import dist
 
 STAGE_HELP = {
     "sft": "supervised fine-tuning on demonstrations (the task's, or data.sft)",
@@ -149,6 +151,8 @@ def _say_model_defaults(cfg, origins: dict, sections: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not dist.is_main_process():  # one of several processes (`accelerate launch`): the main one reports the run
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     if argv and argv[0] == "label":  # the web app has its own parser and dependencies
         from rlhfkit.labelapp.cli import main as label_main
 

@@ -309,6 +309,16 @@ def test_two_processes_equal_one(tmp_path):
     print("relative gap 2 processes vs 1:", gaps)
     assert max(gaps.values()) < 1e-2, gaps
 
+    # PPO under 2 processes: each samples half of every rollout batch from its own stream (so the samples, unlike
+    # the updates, are not one process's), the whitening and the logged figures are the whole batch's
+    ppo = ["--set", "ppo.total_steps=2", "--set", "ppo.rollout_batch_size=16", "--set", "ppo.minibatch_size=8"]
+    run = rlhfkit(["ppo", "--out", str(two)] + ppo, processes=2)
+    assert run.stdout.count("ppo.steps = 2") == 1
+    lines = read_metrics(two / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [1, 2]
+    assert lines[0]["objective/kl"] == 0.0  # the first rollouts: policy = reference in both processes
+    assert (two / "ppo" / "model" / "model.safetensors").is_file()
+
 
 @pytest.mark.slow
 def test_reward_dpo_kto_accumulation_equals_one_batch(tmp_path):
@@ -362,3 +372,23 @@ def test_online_methods_accumulation_equals_one_batch(tmp_path):
         assert a["final_scores"] == pytest.approx(b["final_scores"], abs=1e-4), (method, a, b)
     print("relative gap 4 micro-batches vs 1:", gaps)
     assert max(gaps.values()) < 1e-2, gaps
+
+
+@pytest.mark.slow
+def test_online_pieces_under_two_processes(tmp_path):
+    """A fixed batch split over 2 processes (tests/scripts/dist_oracle.py): PPO's whitening and reward
+    normalisation over the whole batch, and a local-rows engine step with token-weighted micro-batches, equal what
+    one process computes on the whole batch."""
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    try:
+        import dist_oracle
+    finally:
+        sys.path.pop(0)
+    engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, CPU)  # noqa: E731
+    one = dist_oracle.compute(1, 0, engine_of)
+    run = subprocess.run(launcher(2)[:-2] + [str(ROOT / "tests" / "scripts" / "dist_oracle.py"), str(tmp_path / "two.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    for key in ("whitened", "advantages", "scores", "params"):
+        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=0, atol=1e-6, msg=key)

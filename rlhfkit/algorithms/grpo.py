@@ -131,7 +131,7 @@ def train_grpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
             **stats,
             **rollout_metrics(r, task),
         }
-        loop.log_step(record, score=record["objective/scores"], kl=record["objective/kl"])
+        loop.log_step(record)  # under several processes: the means over them, in place
         loop.maybe_checkpoint(gc.checkpoint_every)
 
     # sequences through a model per iteration: sampled once; reward model, policy and reference without

@@ -137,10 +137,12 @@ class PPOTargets:
 
 def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 values: torch.Tensor, mask: torch.Tensor, pc: PPOConfig, kl_coef: float,
-                score_moments: RunningMoments | None = None) -> PPOTargets:
+                score_moments: RunningMoments | None = None, *, total=None, gather=None) -> PPOTargets:
     """The composition of phases 2 (penalty, normalisation), 4 (shaped rewards) and 5 (advantages), as one
     pure function of a rollout batch so a fixed-batch test can check it against a loop reference.
-    `score_moments` (updated in place) is used when pc.reward_norm is on."""
+    `score_moments` (updated in place) is used when pc.reward_norm is on. Under several processes each holds part
+    of the batch: `total` sums a tensor over the parts and `gather` concatenates them (Engine.sum, Engine.gather),
+    so that the normalisation and the whitening are the whole batch's."""
     mask = mask.to(logprobs.dtype)
     logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
 
@@ -148,7 +150,7 @@ def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.T
     penalised = penalise_missing_eos(raw_scores, ended, pc.missing_eos_penalty)
     scores = penalised
     if pc.reward_norm:
-        score_moments.update(scores)
+        score_moments.update(scores if gather is None else gather(scores))
         scores = (scores - score_moments.mean) / score_moments.std
     if pc.reward_clip > 0:
         scores = scores.clamp(-pc.reward_clip, pc.reward_clip)
@@ -160,7 +162,7 @@ def ppo_targets(raw_scores: torch.Tensor, ended: torch.Tensor, logprobs: torch.T
     # 5. Advantages (GAE) and returns; whiten advantages over the batch.
     advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
     if pc.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=total)
     return PPOTargets(penalised, scores, kl, rewards, advantages, returns)
 
 
@@ -199,7 +201,8 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
 
         # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference);
         # the missing-EOS penalty (2b) is applied there too.
-        t = ppo_targets(r.scores, r.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments)
+        t = ppo_targets(r.scores, r.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments,
+                        total=loop.engine.sum if loop.engine.world > 1 else None, gather=loop.engine.gather)
 
         # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
         def loss(idx: torch.Tensor):
@@ -230,8 +233,8 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
             # entropy, EOS, length, and the task's true objective on the same rollouts (proxy vs gold)
             **rollout_metrics(r, task),
         }
-        loop.log_step(record, score=record["objective/scores"], kl=mean_kl)
-        kl_ctl.update(kl_k1, pc.rollout_batch_size)
+        loop.log_step(record)  # under several processes: the means over them, in place
+        kl_ctl.update(record["objective/kl_k1"], pc.rollout_batch_size)
         stopped_by_threshold = record["objective/scores"] >= pc.reward_threshold
         loop.maybe_checkpoint(pc.checkpoint_every, force=stopped_by_threshold, kl_coef=kl_ctl.value,
                              score_moments=vars(score_moments))

@@ -27,6 +27,7 @@ Layer: models (imports core only).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -109,14 +110,19 @@ class Engine:
         return fn(rows) if self._wrapped is None else self._wrapped(fn, rows)
 
     def step(self, idx: torch.Tensor, loss_fn: LossFn, units: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             *, step_scheduler: bool = True) -> dict[str, torch.Tensor]:
+             *, step_scheduler: bool = True, local: bool = False) -> dict[str, torch.Tensor]:
         """One optimiser step on the global batch `idx` (1-D rows). `units(rows)`: what loss_fn's mean is over for
-        those rows (e.g. completion tokens), default the rows themselves. Returns "loss" and each of loss_fn's
-        stats averaged over the global batch with the same weights as the gradient (0-d tensors, no device sync)."""
-        parts = idx.tensor_split(self.world)[self.rank].tensor_split(self.accumulation)
+        those rows (e.g. completion tokens), default the rows themselves. local: `idx` is already this process's
+        share (the online methods: each process holds its own rollouts), the global batch being every process's
+        together. Returns "loss" and each of loss_fn's stats averaged over the global batch with the same weights
+        as the gradient (0-d tensors, no device sync)."""
+        mine = idx if local else idx.tensor_split(self.world)[self.rank]
+        parts = mine.tensor_split(self.accumulation)
         if self.world == 1:  # a last batch smaller than the micro-batches (the classifier keeps it): no empty part
             parts = [rows for rows in parts if len(rows)]
         total = units(idx) if units is not None else len(idx)
+        if local and self.world > 1:  # the global batch's units: every process's share summed
+            total = self.sum(torch.as_tensor(total, dtype=torch.float32, device=idx.device))
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         seen: list[set] = []
@@ -156,10 +162,18 @@ class Engine:
         else:
             self._accelerator.backward(loss)
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the processes (itself in one process)."""
+        if self.world == 1:
+            return value
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value
+
     def reduce_sum(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each value summed over the ranks (one all-reduce for all of them)."""
         names = list(values)
-        stacked = torch.stack([values[n].float().reshape(()) for n in names])
+        stacked = torch.stack([values[n].double().reshape(()) for n in names])  # float64: logged figures keep their digits
         torch.distributed.all_reduce(stacked)
         return dict(zip(names, stacked.unbind()))
 
@@ -174,7 +188,9 @@ class Engine:
         return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
     def barrier(self) -> None:
-        barrier()
+        """Wait for the processes this engine trains with (none when alone)."""
+        if self.world > 1:
+            barrier()
 
 
 def make_engine(models: dict, optimizer, scheduler, device: torch.device, *, accumulation: int = 1,
@@ -218,7 +234,15 @@ def join_processes(device_name: str) -> None:
     from the start. Nothing in one process."""
     if dist.is_distributed():
         device = resolve_device(device_name)
+        if _ACCELERATOR is None:
+            atexit.register(_leave_processes)
         accelerator(torch.device("cuda", dist.local_rank()) if device.type == "cuda" and device.index is None else device)
+
+
+def _leave_processes() -> None:
+    """At exit: leave the process group cleanly (torch warns, and gloo may abort, when a process exits inside it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

@@ -33,10 +33,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back
-    (used for rewards, whose sign matters; lm-human-preferences `whiten(..., shift_mean=False)`)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    (used for rewards, whose sign matters; lm-human-preferences `whiten(..., shift_mean=False)`).
+    total: a function summing a tensor over every part of a batch split across processes (Engine.sum), so that
+    the moments are the whole batch's (masked_var's, Bessel's correction included); None = this batch alone."""
+    if total is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        n = total(m.sum())
+        mean = total((x * m).sum()) / n.clamp(min=1)
+        var = total((((x - mean) ** 2) * m).sum()) / n.clamp(min=1)
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

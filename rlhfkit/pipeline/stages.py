@@ -134,6 +134,9 @@ def _upstream(name: str, cfg: Config) -> set[str]:
 # The stages trained by the epochs loop (rlhfkit/spine/epochs.py): [train]'s checkpoints, held-out evaluation and early
 # stopping apply to them.
 EPOCH_TRAINERS = frozenset({"sft", "reward", "dpo", "simpo", "orpo", "kto"})
+# The stages every process runs under `accelerate launch` (each with its share of every batch); the others run on the
+# main process while the rest wait.
+DISTRIBUTED_STAGES = EPOCH_TRAINERS | {"ppo", "rloo", "grpo"}
 
 
 def stage_inputs(name: str, cfg: Config) -> dict:
@@ -554,8 +557,8 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
 
     Under `accelerate launch` every process comes here: they decide alike from the same files (a barrier first,
     so none reads what another is writing), the main process prepares and installs the stage directory, and a stage
-    trained by the epochs loop (EPOCH_TRAINERS) runs on every process; any other stage (sampling, feedback, the
-    evaluation, the online methods) runs on the main process while the others wait."""
+    in DISTRIBUTED_STAGES runs on every process; any other (the feedback, the evaluation, best-of-N, rejection
+    sampling, ReST, online DPO) runs on the main process while the others wait."""
     barrier()
     main = dist.is_main_process()
     inputs = stage_inputs(name, cfg)
@@ -578,7 +581,7 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
     barrier()
 
     result = None
-    if main or name in EPOCH_TRAINERS:
+    if main or name in DISTRIBUTED_STAGES:
         with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
             result = _run(name, cfg, out, partial)
     barrier()

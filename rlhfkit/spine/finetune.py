@@ -45,7 +45,7 @@ def evaluate_nll(model, data, batch_size: int, rt: Runtime) -> float:
 def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt: Runtime, generator: torch.Generator,
                     log: MetricsLog | Path | None = None, weight_decay: float = 0.0, desc: str = "sft",
                     log_every: int = 10, step_offset: int = 0, options: LoopOptions | None = None,
-                    checkpoint: Path | None = None, heldout=None) -> dict:
+                    checkpoint: Path | None = None, heldout=None, alone: bool = False) -> dict:
     """Fine-tune `model` on prompt/completion pairs, loss on completion tokens only: the SFT loop, shared by
     SFT and by the methods that fine-tune on their own selected samples (rejection sampling, ReST).
 
@@ -56,12 +56,13 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     shared by processes (each part weighted by its tokens: rlhfkit/models/engine.py).
     Logs step (+ `step_offset`, for several fits into one log), loss/sft and lr every `log_every` steps and at
     the last; `options` (train.*): checkpoints in `checkpoint`, evaluations on `heldout` (same layout as data).
+    alone: this process fine-tunes by itself under `accelerate launch` (a stage run on the main process only).
     Returns the number of steps and the mean loss over them (Epochs.finish)."""
     n = len(data[0])
     batches = Epochs.count(n, batch_size, epochs)
     optimizer, scheduler = make_optimizer(model.parameters(), lr, batches, weight_decay)
     engine = make_engine({"policy": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         checkpointing=rt.checkpointing)
+                         checkpointing=rt.checkpointing, alone=alone)
     engine.check_batch(min(batch_size, n), "the SFT batch size")
     ids, mask, comp = data
 

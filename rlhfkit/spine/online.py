@@ -7,7 +7,7 @@ same in all three. An algorithm file keeps its own loop and numbered phases and 
         t = rloo_targets(...)                                                        # the method's own targets
         stats = loop.minibatch_epochs(len(r.texts), rc.epochs, rc.minibatch_size, loss_fn, rc.max_grad_norm)
         loop.advance()
-        loop.log_step({...}, score=..., kl=...)                                      # metrics.jsonl, progress bar
+        loop.log_step({...})                                                          # metrics.jsonl, progress bar
         loop.maybe_checkpoint(rc.checkpoint_every)
     return loop.finish(passes=...)                                                    # the policy, its result
 
@@ -29,8 +29,9 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import MetricsLog, progress, read_metrics
-from rlhfkit.models.engine import Engine, make_engine
+from rlhfkit.models.engine import Engine, make_engine, save_pretrained
 from rlhfkit.models.forward import disable_dropout
 from rlhfkit.models.optim import (
     loop_generators,
@@ -81,7 +82,13 @@ class OnlineRun:
         """Phases 1-3 of every online method: the next n_prompts training prompts, k responses each sampled from
         the policy (with the [sampling] filters and stop strings) and scored, with the policy's and the reference's
         log-probs (and values, with a critic)."""
-        prompts = self.task.prompts(n_prompts, self.prompt_rng)
+        prompts = self.task.prompts(n_prompts, self.prompt_rng)  # the global batch's: the same in every process
+        if self.engine.world > 1:  # this process's contiguous share (each prompt's k samples stay together)
+            if n_prompts % self.engine.world:
+                raise ConfigError(f"{self.name}: {n_prompts} prompts a step do not split evenly over "
+                                  f"{self.engine.world} processes; make the prompts per step a multiple of them")
+            share = n_prompts // self.engine.world
+            prompts = prompts[self.engine.rank * share : (self.engine.rank + 1) * share]
         return collect_rollouts(self.policy, self.reference, self.scorer, self.tokenizer, prompts, k=k,
                                 value_model=value_model, max_new_tokens=self.task.max_new_tokens,
                                 temperature=temperature, generator=self.sample_gen, rt=self.rt,
@@ -96,11 +103,17 @@ class OnlineRun:
         mean over the steps."""
         self.engine.max_grad_norm = max_grad_norm
         self.engine.check_batch(minibatch_size, f"{self.name}'s minibatch size")
+        world = self.engine.world  # each process holds 1/world of the batch and takes 1/world of each minibatch
+        if batch % world or minibatch_size % world:
+            raise ConfigError(f"{self.name}: a batch of {batch} rollouts in minibatches of {minibatch_size} does not "
+                              f"split evenly over {world} processes; make both multiples of {world}")
+        batch, minibatch_size = batch // world, minibatch_size // world
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(epochs):
             order = torch.randperm(batch, generator=self.order_gen).to(self.rt.device)
             for start in range(0, batch, minibatch_size):
-                out = self.engine.step(order[start : start + minibatch_size], loss_fn, units, step_scheduler=False)
+                out = self.engine.step(order[start : start + minibatch_size], loss_fn, units, step_scheduler=False,
+                                       local=True)
                 for key, v in out.items():
                     if key != "loss":  # the method's stats name its loss terms itself
                         stats.setdefault(key, []).append(v)  # no .item() here: no device sync per minibatch
@@ -111,20 +124,34 @@ class OnlineRun:
         self.scheduler.step()
         self.step += 1
 
-    def log_step(self, record: dict, **postfix: float) -> None:
-        """Write the iteration's metrics (one JSONL line) and show `postfix` (e.g. score, kl) on the progress bar."""
+    def log_step(self, record: dict) -> None:
+        """Write the iteration's metrics (one JSONL line) and show the score and KL on the progress bar. Under
+        several processes each holds part of the batch: every figure becomes the mean over the processes (in place,
+        so every process goes on with the same numbers: the KL controller, the reward threshold); a mean over the
+        rollouts is then the whole batch's (the parts are equal), a mean over tokens nearly so."""
+        if self.engine.world > 1:
+            names = [k for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            sums = self.engine.reduce_sum({k: torch.tensor(float(record[k]), device=self.rt.device) for k in names})
+            record.update({k: sums[k].item() / self.engine.world for k in names})
         self.log.log(record)
-        self.bar.update(1)
-        self.bar.set_postfix(**{k: f"{v:.3f}" if k == "kl" else f"{v:.2f}" for k, v in postfix.items()},
-                             refresh=False)
+        if self.engine.is_main:
+            self.bar.update(1)
+            self.bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.3f}",
+                                 refresh=False)
 
     def maybe_checkpoint(self, every: int, force: bool = False, **extra_state) -> None:
         """Save a resumable checkpoint every `every` steps, at the last step, or when forced; `extra_state` holds
         what the method itself must restore (PPO: its KL coefficient and reward moments)."""
         if self.step % every == 0 or self.step == self.total_steps or force:
-            save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, loop_state(
-                self.step, self.optimizer, self.scheduler, self.prompt_rng, self.sample_gen, self.order_gen,
-                time.time() - self.start_time, **extra_state))
+            state = loop_state(self.step, self.optimizer, self.scheduler, self.prompt_rng, self.sample_gen,
+                               self.order_gen, time.time() - self.start_time, **extra_state)
+            if self.engine.world > 1:  # each process samples from its own stream: keep every one
+                states: list = [None] * self.engine.world
+                torch.distributed.all_gather_object(states, state["rng"])
+                state["rng_by_rank"] = states
+            if self.engine.is_main:
+                save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, state)
+            self.engine.barrier()
 
     def last_logged(self) -> dict:
         """The last line of the metrics log (after a resume with nothing left to do, the checkpoint's last step)."""
@@ -133,10 +160,10 @@ class OnlineRun:
     def finish(self, **extra) -> dict:
         """Save the policy in OUT/STAGE/model and return the stage's result: steps, the last logged score and KL,
         whether it resumed, `extra` (e.g. passes) and the whole run's wall time."""
-        self.bar.close()
+        if self.engine.is_main:
+            self.bar.close()
         self.log.close()
-        self.policy.save_pretrained(self.out_dir / "model")
-        self.tokenizer.save_pretrained(self.out_dir / "model")
+        save_pretrained(self.policy, self.tokenizer, self.out_dir / "model")  # by the main process, the others wait
         last = self.last_logged()
         return {"steps": self.step, "final_scores": last["objective/scores"], "final_kl": last["objective/kl_k1"],
                 "resumed": self.resume, **extra, "wall_time_s": time.time() - self.start_time}
@@ -160,18 +187,28 @@ def start_online(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runt
         model.train()
     params = [p for model in models.values() for p in model.parameters()]
     optimizer, scheduler = make_optimizer(params, lr, total_steps, final_fraction=1.0)  # constant learning rate
+    # Several processes (`accelerate launch`): DDP over the trained models; each process samples its share of every
+    # batch's prompts from its own stream (rank 0's is one process's), the statistics of the whole batch gathered.
+    engine = make_engine(models, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
+                         checkpointing=rt.checkpointing)
+    optimizer = engine.optimizer
     prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, name, rt.device)
+    if engine.rank > 0:
+        sample_gen.manual_seed(cfg.seed + 1_000_003 * engine.rank)
     step, state = 0, None
     if m.resume:
         state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+        if "rng_by_rank" in state:
+            if len(state["rng_by_rank"]) != engine.world:
+                raise ConfigError(f"{ckpt_dir} was written by {len(state['rng_by_rank'])} processes; resume it with "
+                                  f"as many (this run has {engine.world}), or start the stage afresh")
+            state["rng"] = state["rng_by_rank"][engine.rank]
         step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
         start_time -= elapsed
     log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if m.resume else None)
-    bar = progress(total_steps, name)
-    bar.update(step)
-    # one process (the pipeline runs the online methods on the main process under `accelerate launch`, for now)
-    engine = make_engine(models, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         checkpointing=rt.checkpointing, alone=True)
+    bar = progress(total_steps, name) if engine.is_main else None
+    if bar is not None:
+        bar.update(step)
     return OnlineRun(cfg, task, rt, out_dir, name, total_steps, m.tokenizer, m.policy, m.reference, m.scorer, models,
                      params, optimizer, scheduler, prompt_rng, sample_gen, order_gen, m.resume, state, step,
                      start_time, log, bar, engine)

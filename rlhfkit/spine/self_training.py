@@ -106,7 +106,8 @@ def fine_tune(policy, tokenizer, prompts: list[str], completions: list[str], *, 
     data = [t.to(rt.device) for t in encode_pairs(tokenizer, prompts, completions)]
     torch.manual_seed(seed)
     fit = fit_completions(policy, data, epochs=epochs, batch_size=batch_size, lr=lr, rt=rt,
-                          generator=torch.Generator().manual_seed(seed), log=log, desc=desc, step_offset=step_offset)
+                          generator=torch.Generator().manual_seed(seed), log=log, desc=desc, step_offset=step_offset,
+                          alone=True)  # these stages run on the main process alone under `accelerate launch`
     return {**fit, "backward": fit["steps"] * min(batch_size, len(prompts))}
 
 
