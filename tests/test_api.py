@@ -88,3 +88,34 @@ def test_bad_input_is_named(tmp_path, tokenizer, demos):
         rlhfkit.sft(tiny(tokenizer), None, demos, out=tmp_path / "c")
     with pytest.raises(ConfigError, match="sft.nope"):
         rlhfkit.sft(tiny(tokenizer), tokenizer, demos, out=tmp_path / "d", sft={"nope": 1})
+
+
+class KillAt:
+    def __init__(self, k):
+        self.k = k
+
+    def on_step(self, step, metrics):
+        if step == self.k:
+            raise KeyboardInterrupt  # what a kill leaves: the checkpoint before it, nothing after
+
+
+@pytest.mark.parametrize("trainer", ["reward_model", "dpo"])
+def test_reward_and_dpo_resume_exactly(tmp_path, tokenizer, preferences, trainer):
+    """Killed mid-epoch after a checkpoint (train.checkpoint_every = 4, killed at step 7), the same call goes on
+    from step 4 and ends with the weights and log of an uninterrupted run, bit for bit."""
+    train = getattr(rlhfkit, trainer)
+    section = {"reward": {"epochs": 1, "batch_size": 16}} if trainer == "reward_model" else {"dpo": {"epochs": 1, "batch_size": 16}}
+    model = tiny(tokenizer)
+    whole = train(model, tokenizer, preferences, out=tmp_path / "whole", train={"checkpoint_every": 4}, **section)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokenizer, preferences, out=tmp_path / "run", train={"checkpoint_every": 4},
+              callbacks=[KillAt(7)], **section)
+    seen = Recorder()
+    resumed = train(model, tokenizer, preferences, out=tmp_path / "run", train={"checkpoint_every": 4},
+                    callbacks=[seen], **section)
+    assert seen.steps[0][0] == 5  # went on after the checkpoint of step 4, not from the start
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    stage = whole.out_dir.name
+    assert (tmp_path / "run" / stage / "metrics.jsonl").read_text() == (tmp_path / "whole" / stage / "metrics.jsonl").read_text()
+    assert whole.result["heldout_loss"] == resumed.result["heldout_loss"]
