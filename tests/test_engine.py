@@ -86,6 +86,27 @@ def test_single_part_is_a_plain_backward():
     assert torch.equal(ours, torch.cat([p.detach().flatten() for p in model.parameters()]))
 
 
+def test_whitening_over_parts_equals_whole_batch():
+    """masked_whiten(total=...) sums its moments over the parts of a batch split across processes: with the parts
+    summed by hand (two halves) it equals the whole batch's whitening, Bessel's correction included."""
+    from rlhfkit.ops.advantages import masked_whiten
+
+    x, _, mask = token_problem()
+    x = x[..., 0]  # (B, T)
+    halves = [slice(0, 4), slice(4, 8)]
+
+    whole = masked_whiten(x, mask)
+    # each process's `total` returns the sums over both halves (what the all-reduce gives), in the order asked:
+    # the count, the sum, the sum of squared deviations from the whole batch's mean
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    parts = []
+    for h in halves:
+        sums = iter([n, (x * mask).sum(), (((x - mean) ** 2) * mask).sum()])
+        parts.append(masked_whiten(x[h], mask[h], total=lambda v, s=sums: next(s)))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-6)
+
+
 def test_batch_smaller_than_parts_is_refused():
     engine = make_engine({"m": torch.nn.Linear(2, 1)}, torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
                          None, CPU, accumulation=4)
@@ -158,21 +179,23 @@ class KillAt:
         self.saves.append(step)
 
 
-def test_sft_resumes_mid_epoch_exactly(tmp_path, tokenizer, sft_data):
-    """Killed at step 11 of 16 (checkpoints every 3 steps: the last at 9, mid-epoch 2), the run goes on from step 9
-    and ends bit-identical to an uninterrupted one, its metrics log too (no step twice)."""
-    opts = lambda cbs=(): LoopOptions(checkpoint_every=3, callbacks=list(cbs))  # noqa: E731
+@pytest.mark.parametrize("every,kill,saves", [(3, 11, [3, 6, 9]), (4, 10, [4, 8])])
+def test_sft_resumes_mid_epoch_exactly(tmp_path, tokenizer, sft_data, every, kill, saves):
+    """Killed at step 11 of 16 (checkpoints every 3 steps: the last at 9, mid-epoch 2), or at step 10 with the last
+    checkpoint at 8 (the end of epoch 1: the next epoch's order is still to draw), the run goes on from that
+    checkpoint and ends bit-identical to an uninterrupted one, its metrics log too (no step twice)."""
+    opts = lambda cbs=(): LoopOptions(checkpoint_every=every, callbacks=list(cbs))  # noqa: E731
     whole, r_whole = fit(tokenizer, sft_data[0], log=tmp_path / "whole.jsonl", log_every=1, options=opts(),
                          checkpoint=tmp_path / "whole")
-    kill = KillAt(11)
+    killer = KillAt(kill)
     with pytest.raises(Stop):
-        fit(tokenizer, sft_data[0], log=tmp_path / "run.jsonl", log_every=1, options=opts([kill]),
+        fit(tokenizer, sft_data[0], log=tmp_path / "run.jsonl", log_every=1, options=opts([killer]),
             checkpoint=tmp_path / "run")
-    assert kill.saves == [3, 6, 9] and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert killer.saves == saves and (tmp_path / "run" / "checkpoint.pt").is_file()
     again = KillAt(-1)
     resumed, r_resumed = fit(tokenizer, sft_data[0], log=tmp_path / "run.jsonl", log_every=1,
                              options=opts([again]), checkpoint=tmp_path / "run")
-    assert again.steps == list(range(10, 17))  # went on after step 9
+    assert again.steps == list(range(saves[-1] + 1, 17))  # went on after the last checkpoint
     assert torch.equal(flat(resumed), flat(whole))
     assert r_resumed["loss"] == r_whole["loss"]
     assert read_metrics(tmp_path / "run.jsonl") == read_metrics(tmp_path / "whole.jsonl")
@@ -384,11 +407,12 @@ def test_online_pieces_under_two_processes(tmp_path):
         import dist_oracle
     finally:
         sys.path.pop(0)
-    engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, CPU)  # noqa: E731
+    engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, CPU,  # noqa: E731
+                                      max_grad_norm=0.0)
     one = dist_oracle.compute(1, 0, engine_of)
     run = subprocess.run(launcher(2)[:-2] + [str(ROOT / "tests" / "scripts" / "dist_oracle.py"), str(tmp_path / "two.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    for key in ("whitened", "advantages", "scores", "params"):
+    for key in ("whitened", "advantages", "scores", "params", "params_global"):
         torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=0, atol=1e-6, msg=key)

@@ -104,12 +104,12 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 class TrainConfig:
     """[train] How the trainers make their steps: micro-batches, memory, checkpoints, held-out evaluation, trackers.
 
-    Read by SFT (and rejection sampling and ReST, which fine-tune with its loop), the reward model, DPO and its
-    relatives and KTO (rlhfkit/spine/epochs.py, rlhfkit/models/engine.py; README, "Scaling out"), in one process
-    or under `accelerate launch`. gradient_accumulation_steps and gradient_checkpointing change what a step computes
-    only by float rounding, so like `threads` they are not inputs of a stage; the held-out evaluation's early stop is."""
+    gradient_accumulation_steps and gradient_checkpointing apply to every trainer (rlhfkit/models/engine.py); the
+    checkpoints, the held-out evaluation and early stopping to SFT, the reward model, DPO and its relatives and KTO
+    (rlhfkit/spine/epochs.py); README, "Scaling out". The first two change what a step computes only by float
+    rounding, so like `threads` they are not inputs of a stage; the held-out evaluation's early stop is."""
 
-    gradient_accumulation_steps: int = F(1, "Micro-batches per optimiser step and process: a batch that does not fit in memory is split, each part's loss weighted by its share of the batch (rows, or tokens for token-mean losses), so 8 x 1 gives the update of 1 x 8. Batch sizes stay global: under `accelerate launch --num_processes N` each process takes 1/N of every batch.")
+    gradient_accumulation_steps: int = F(1, "Micro-batches per optimiser step and process (every trainer; PPO, RLOO and GRPO per minibatch): a batch that does not fit in memory is split, each part's loss weighted by its share of the batch (rows, or tokens for token-mean losses), so 8 x 1 gives the update of 1 x 8. Batch sizes stay global: under `accelerate launch --num_processes N` each process takes 1/N of every batch.")
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward instead of keeping them (transformers' gradient checkpointing): less memory for about a third more time.")
     checkpoint_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): save a resumable checkpoint every N optimiser steps in the stage directory, so a killed run goes on from it (mid-epoch, exactly on CPU); 0 = none. PPO, RLOO and GRPO have their own checkpoint_every.")
     eval_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): evaluate on the held-out split every N optimiser steps, logged with the final evaluation's metric names (eval/...); 0 = only at the end.")

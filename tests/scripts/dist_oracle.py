@@ -4,7 +4,9 @@ test to compare with one process on the whole batch:
 
 - masked_whiten with the moments summed over the processes (PPO's advantage whitening),
 - PPO's reward normalisation (RunningMoments over the gathered scores) inside ppo_targets,
-- Engine.step(local=True): a token-mean loss on each process's rows, 2 micro-batches each, token-weighted.
+- Engine.step: a token-mean loss, 2 micro-batches a process, token-weighted; on each process's own rows
+  (local=True, the online methods) and on the global batch the engine splits (the offline trainers). SGD and no
+  clipping, so that a gradient off by a factor (the N processes DDP averages over) shows.
 """
 
 import json
@@ -52,13 +54,14 @@ def compute(world: int, rank: int, engine_of):
                     values[mine], mask[mine], pc, 0.1, RunningMoments(), total=total, gather=probe.gather)
     return {"whitened": whitened.tolist(), "advantages": probe.gather(t.advantages).tolist(),
             "scores": probe.gather(t.scores).tolist(),
-            "params": step_model(feats, x, mask, engine_of, mine, local=True)}
+            "params": step_model(feats, x, mask, engine_of, mine, local=True),
+            "params_global": step_model(feats, x, mask, engine_of, torch.arange(8), local=False)}
 
 
 def main():
     join_processes("cpu")
     engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None,  # noqa: E731
-                                      torch.device("cpu"), accumulation=2)
+                                      torch.device("cpu"), accumulation=2, max_grad_norm=0.0)
     probe = engine_of(torch.nn.Linear(1, 1))
     result = compute(probe.world, probe.rank, engine_of)
     if probe.is_main:
