@@ -216,3 +216,18 @@ def test_missing_tracker_refused_before_the_run(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train.tracking.*pip install"):
         run_stage("sft", cfg, tmp_path)
     assert not (tmp_path / "sft").exists() and not (tmp_path / ".partial").exists()
+
+
+def test_progress_bars_only_on_the_main_process(monkeypatch, capsys):
+    """Under `accelerate launch` the other processes draw no bars (each would repeat the main one's)."""
+    from rlhfkit.core.runio import progress
+
+    monkeypatch.setenv("RANK", "1")
+    bar = progress(3, "quiet")
+    bar.update(3)
+    bar.close()
+    assert bar.disable and "quiet" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    shown = progress(3, "shown")
+    assert not shown.disable
+    shown.close()

@@ -145,11 +145,12 @@ def tracked(iterable, desc: str, unit: str = "batch", total: int | None = None):
 
 
 def progress(total: int, desc: str, unit: str = "step"):
-    """A tqdm bar with ETA on stderr."""
+    """A tqdm bar with ETA on stderr (the main process's only, under `accelerate launch`)."""
     import sys
 
     from tqdm.auto import tqdm
 
     # In a log file (CI, nohup) redraw rarely instead of flooding it with carriage returns.
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=interval, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=interval, leave=False,
+                disable=not is_main_process())
