@@ -240,8 +240,11 @@ def join_processes(device_name: str) -> None:
 
 
 def _leave_processes() -> None:
-    """At exit: leave the process group cleanly (torch warns, and gloo may abort, when a process exits inside it)."""
+    """At exit: leave the process group cleanly and together (torch warns, and gloo may abort a process whose peer
+    has already gone, when a process exits inside it)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that died already: nothing left to wait for
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
