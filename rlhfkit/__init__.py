@@ -5,12 +5,13 @@ them. The plain-Python entry points are re-exported lazily:
 
     from rlhfkit import load_config, run_pipeline, run_stage
     from rlhfkit import sft, reward_model, dpo      # one trainer on a model and records in memory (api.py)
+    from rlhfkit import grpo, rloo, ppo             # an online method on prompts and a reward (api.py)
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["load_config", "run_pipeline", "run_stage", "sft", "reward_model", "dpo", "Trained", "RlhfkitError",
-           "__version__"]
+__all__ = ["load_config", "run_pipeline", "run_stage", "sft", "reward_model", "dpo", "grpo", "rloo", "ppo", "Trained",
+           "RlhfkitError", "__version__"]
 
 
 def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
@@ -22,7 +23,7 @@ def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
         from rlhfkit.pipeline import stages
 
         return getattr(stages, name)
-    if name in ("sft", "reward_model", "dpo", "Trained"):
+    if name in ("sft", "reward_model", "dpo", "grpo", "rloo", "ppo", "Trained"):
         from rlhfkit.pipeline import api
 
         return getattr(api, name)

@@ -1,7 +1,9 @@
 """The Python surface (rlhfkit/pipeline/api.py): a model and tokenizer in memory, records as a list or a
 datasets.Dataset, config sections as dicts or dataclasses, callbacks, the trained model returned; and the outcome
-of each trainer on data whose preferred behaviour is known."""
+of each trainer on data whose preferred behaviour is known. The online methods (grpo, rloo, ppo) from a tiny random
+policy: a Python reward the policy learns in a few dozen steps, a reward model directory, both summed."""
 
+import json
 import random
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 import rlhfkit
 from rlhfkit.core.errors import ConfigError, DataError
-from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+from rlhfkit.core.runio import read_metrics
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy, load_scalar_model
 from rlhfkit.pipeline.config import SFTConfig
 
 
@@ -32,7 +35,7 @@ def tiny(tokenizer):
 
 class Recorder:
     def __init__(self):
-        self.steps, self.evals = [], []
+        self.steps, self.evals, self.saves = [], [], []
 
     def on_step(self, step, metrics):
         self.steps.append((step, dict(metrics)))
@@ -40,7 +43,8 @@ class Recorder:
     def on_eval(self, step, metrics):
         self.evals.append(step)
 
-
+    def on_save(self, step, path):
+        self.saves.append((step, path))
 
 
 def test_sft_from_objects_and_records(tmp_path, tokenizer, demos):
@@ -119,3 +123,161 @@ def test_reward_and_dpo_resume_exactly(tmp_path, tokenizer, preferences, trainer
     stage = whole.out_dir.name
     assert (tmp_path / "run" / stage / "metrics.jsonl").read_text() == (tmp_path / "whole" / stage / "metrics.jsonl").read_text()
     assert whole.result["heldout_loss"] == resumed.result["heldout_loss"]
+
+
+# ---------------------------------------------------------------- the online methods: grpo, rloo, ppo
+
+def starts_with_7(prompts, completions, **kwargs):
+    """1 for a completion that starts with '7': a random tiny policy's first token is '7' about 1 time in 15, and a
+    few dozen steps make it the most likely (tests/test_rloo_grpo.py::test_toy_reward_rises)."""
+    return [float(c.startswith("7")) for c in completions]
+
+
+LEARN = {"prompts_per_step": 8, "k": 4, "minibatch_size": 16, "epochs": 2, "lr": 0.01, "beta": 0.01}
+FIVE_TOKENS = {"max_new_tokens": 5}  # task = 'none' samples 64 by default; the tiny model has 32 positions
+
+
+@pytest.fixture(scope="module")
+def prompts(digits):
+    return digits.prompts(200, random.Random(0))
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tokenizer):
+    """A reward model directory as rlhfkit saves one: the tiny policy's backbone and a scalar head, the head scaled
+    so that its (random) scores spread over several units and PPO has something to climb."""
+    root = tmp_path_factory.mktemp("rm")
+    tiny(tokenizer).save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    torch.manual_seed(1)
+    rm = load_scalar_model(root / "policy", torch.device("cpu"), "reward model")
+    with torch.no_grad():
+        rm.score.weight.mul_(100.0)
+    rm.save_pretrained(root / "reward" / "model")
+    tokenizer.save_pretrained(root / "reward" / "model")
+    return root / "reward" / "model"
+
+
+def scores(trained, name="objective/scores/starts_with_7"):
+    return [m[name] for m in read_metrics(trained.out_dir / "metrics.jsonl")]
+
+
+def test_grpo_learns_a_python_reward_and_calls_back(tmp_path, tokenizer, prompts):
+    """A function of the caller's (not importable by name) as the only reward: its share rises from ~1/15 to most
+    completions, the returned model puts '7' first, the callbacks see every logged step and every checkpoint, and
+    the prompts were written one {"prompt": ...} record a line."""
+    rec = Recorder()
+    trained = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, reward=starts_with_7, out=tmp_path, callbacks=[rec],
+                           grpo={**LEARN, "total_steps": 25, "checkpoint_every": 10}, data=FIVE_TOKENS)
+    got = scores(trained)
+    assert sum(got[:3]) / 3 < 0.25 and sum(got[-5:]) / 5 > 0.8, got
+    assert trained.result["steps"] == 25 and trained.out_dir == tmp_path / "grpo"
+    assert [s for s, _ in rec.steps] == list(range(1, 26))
+    assert [m for _, m in rec.steps] == read_metrics(trained.out_dir / "metrics.jsonl")  # what was logged
+    assert rec.saves == [(10, trained.out_dir / "checkpoint"), (20, trained.out_dir / "checkpoint"),
+                         (25, trained.out_dir / "checkpoint")]
+    with torch.no_grad():  # the model returned is the trained one: '7' is its likeliest first token
+        ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+        first = trained.model(input_ids=ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode([first]).strip() == "7"
+    lines = (tmp_path / "input" / "prompts.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"prompt": p} for p in prompts]
+
+
+def test_a_function_given_as_module_path_trains_the_same(tmp_path, tokenizer, prompts):
+    """The callable registered for the call and the same function named "module:function" (as a config file would
+    name it) give the same run, bit for bit: the registry changes how the function is found, nothing else. Records
+    with a "prompt" are prompts as plain strings are."""
+    records = [{"prompt": p, "answer": "unused"} for p in prompts]
+    runs = [rlhfkit.rloo(tiny(tokenizer), tokenizer, records if i else prompts, reward=reward, out=tmp_path / str(i),
+                         rloo={**LEARN, "total_steps": 4}, data=FIVE_TOKENS)
+            for i, reward in enumerate([starts_with_7, f"{__name__}:starts_with_7"])]
+    a, b = ((r.out_dir / "metrics.jsonl").read_text() for r in runs)
+    assert a == b and "objective/scores/starts_with_7" in a
+    for x, y in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_ppo_climbs_a_reward_model_directory(tmp_path, tokenizer, prompts, rm_dir):
+    """A reward model directory (the value model starts from it: ppo.value_init = 'reward'), prompts from a file:
+    PPO raises the reward model's score by several units."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    trained = rlhfkit.ppo(tiny(tokenizer), tokenizer, str(path), reward=rm_dir, out=tmp_path / "out", data=FIVE_TOKENS,
+                          ppo={"total_steps": 20, "rollout_batch_size": 32, "minibatch_size": 16, "ppo_epochs": 2,
+                               "lr": 0.01, "kl_coef": 0.01})
+    got = scores(trained, "objective/scores/reward_model")
+    assert sum(got[-5:]) / 5 > sum(got[:3]) / 3 + 3.0, got
+    assert not (tmp_path / "out" / "input" / "prompts.jsonl").exists()  # a file is read where it is
+
+
+def test_a_list_of_rewards_is_their_sum(tmp_path, tokenizer, prompts, rm_dir):
+    """[the Trained rlhfkit.reward_model returns, a function]: two sources of weight 1, each logged; the score is
+    their sum less the missing-EOS penalty (1 per response without EOS) at every step. PPO without a reward model
+    among its rewards starts its value model from the policy."""
+    rm = rlhfkit.Trained(None, None, {}, rm_dir.parent)  # what rlhfkit.reward_model returns: out_dir = OUT/reward
+    trained = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, reward=[rm, starts_with_7], out=tmp_path / "sum",
+                           grpo={**LEARN, "total_steps": 3}, data=FIVE_TOKENS)
+    for m in read_metrics(trained.out_dir / "metrics.jsonl"):
+        summed = m["objective/scores/reward_model"] + m["objective/scores/starts_with_7"] - m["objective/no_eos_rate"]
+        assert m["objective/scores"] == pytest.approx(summed, abs=1e-5)
+    alone = rlhfkit.ppo(tiny(tokenizer), tokenizer, prompts, reward=[starts_with_7, starts_with_7],
+                        out=tmp_path / "ppo", ppo={"total_steps": 1, "rollout_batch_size": 16, "minibatch_size": 16},
+                        data=FIVE_TOKENS)
+    (m,) = read_metrics(alone.out_dir / "metrics.jsonl")  # the same function twice: two sources, distinct names
+    assert m["objective/scores/starts_with_7"] == m["objective/scores/starts_with_7_2"]
+
+
+def test_an_online_call_resumes_exactly(tmp_path, tokenizer, prompts):
+    """Killed by a callback at step 5 (checkpoints every 2 steps), the same call goes on from step 4 to the weights
+    and log of an uninterrupted run."""
+    call = dict(reward=starts_with_7, grpo={**LEARN, "total_steps": 6, "checkpoint_every": 2}, data=FIVE_TOKENS)
+    whole = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, out=tmp_path / "whole", **call)
+    with pytest.raises(KeyboardInterrupt):
+        rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, out=tmp_path / "run", callbacks=[KillAt(5)], **call)
+    seen = Recorder()
+    resumed = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, out=tmp_path / "run", callbacks=[seen], **call)
+    assert [s for s, _ in seen.steps] == [5, 6] and resumed.result["resumed"]
+    assert (resumed.out_dir / "metrics.jsonl").read_text() == (whole.out_dir / "metrics.jsonl").read_text()
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_conversation_prompts_reach_the_reward_as_conversations(tmp_path, chat_tokenizer):
+    """Bare conversations and {"prompt": conversation} records (a chat model's prompts): sampled through the chat
+    template, and the reward function is given each prompt as its list of messages, as TRL gives it."""
+    convs = [[{"role": "user", "content": f"what is {i} plus {i}?"}] for i in range(30)]
+    seen = []
+
+    def longer(prompts, completions, **kwargs):
+        seen.extend(prompts)
+        return [float(len(c)) for c in completions]
+
+    model = build_tiny_policy(TinyModelSpec("llama", 2, 32, 4, 128), chat_tokenizer, seed=0)
+    trained = rlhfkit.grpo(model, chat_tokenizer, convs[:15] + [{"prompt": c} for c in convs[15:]], reward=longer,
+                           out=tmp_path, grpo={"total_steps": 2, "prompts_per_step": 4, "k": 2, "minibatch_size": 8},
+                           data={"max_new_tokens": 8})
+    assert trained.result["steps"] == 2 and len(seen) == 16 and all(p in convs for p in seen)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reward": 42}, r"reward: a int\. Give a reward model directory"),
+    ({"reward": "no/such/dir"}, "reward: a string naming neither a directory nor a function"),
+    ({"reward": []}, "reward: an empty list"),
+    ({"reward": [starts_with_7, None]}, r"reward\[1\]: a NoneType"),
+    ({"reward": "model"}, "save a model object first"),  # a transformers model object: give its directory
+    ({"reward": "sft"}, "the policy rlhfkit.sft returned, not a reward model"),
+    ({"reward": "missing.py:f"}, r"reward.sources\[0\].function = 'missing.py:f': no file"),
+    ({"prompts": []}, "prompts: none given"),
+    ({"prompts": [{"text": "1 2 3 4 ="}]}, r"prompts: record 0 has no 'prompt' \(its fields: 'text'\)"),
+    ({"prompts": ["1 2 3 4 =", 7]}, "prompts: item 1 is a int"),
+    ({"ppo": {"value_init": "reward"}}, "ppo.value_init"),  # asked for, and no reward model to start from
+])
+def test_bad_online_input_is_named(tmp_path, tokenizer, prompts, kwargs, match):
+    kwargs = {"prompts": prompts, "reward": starts_with_7, **kwargs}
+    if kwargs["reward"] == "model":
+        kwargs["reward"] = tiny(tokenizer)
+    elif kwargs["reward"] == "sft":
+        kwargs["reward"] = rlhfkit.Trained(None, None, {}, tmp_path / "sft")
+    with pytest.raises(ConfigError, match=match):
+        rlhfkit.ppo(tiny(tokenizer), tokenizer, kwargs.pop("prompts"), out=tmp_path, data=FIVE_TOKENS, **kwargs)

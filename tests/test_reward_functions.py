@@ -4,7 +4,9 @@ weight, and every way a user's function can go wrong (a typo in the name, an imp
 wrong length, NaN, None) is an error naming the source and the function. The shipped example
 (examples/digits_reward.py) is checked against the task's gold rule; GRPO on it is in tests/test_acceptance.py."""
 
+import hashlib
 import importlib.util
+import inspect
 import math
 import random
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.pipeline.config import load_config
-from rlhfkit.spine.reward_functions import PythonScorer, function_hash, load_function
+from rlhfkit.spine.reward_functions import PythonScorer, function_hash, load_function, use_reward_functions
 from rlhfkit.spine.reward_sources import build_scorer, preflight_sources
 from rlhfkit.tasks import get_task
 
@@ -164,6 +166,55 @@ def test_the_functions_code_is_an_input_of_the_stages_that_score(rules):
     assert stage_inputs("sft", cfg) == before["sft"]
     assert function_hash("sys:exit", "k") == ""  # a built-in module has no source file to hash
     assert len(function_hash("json:dumps", "k")) == 64
+
+
+def shortest(prompts, completions, **kwargs):
+    return [-float(len(c)) for c in completions]
+
+
+def longest(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+class Scaled:
+    def __call__(self, prompts, completions):
+        return [2.0] * len(completions)
+
+
+def test_a_registered_function_is_found_by_name_only_while_registered():
+    """"@name" (rlhfkit.grpo / rloo / ppo with reward=f): the callable itself within the block, nothing outside it."""
+    with use_reward_functions({"@shortest": shortest}):
+        assert load_function("@shortest", "reward.sources[0]") is shortest
+        with use_reward_functions({"@longest": longest}):  # an inner block sees the outer one's too
+            assert load_function("@shortest", "k") is shortest and load_function("@longest", "k") is longest
+        with pytest.raises(ConfigError, match=r"reward.sources\[0\].function = '@longest' names a Python function "
+                                              "registered only while"):
+            load_function("@longest", "reward.sources[0]")
+    with pytest.raises(ConfigError, match="none is registered under that name now"):
+        load_function("@shortest", "k")
+    with pytest.raises(ValueError):
+        with use_reward_functions({"shortest": shortest}):  # not "@" and an identifier
+            pass
+
+
+def test_a_registered_functions_code_is_an_input_of_the_stages_that_score():
+    """A registered function's own source (inspect) is what the stage inputs hash: another function under the same
+    name makes the method and the evaluation stale; a callable object is hashed by its class's source, a builtin by
+    its qualified name; a name registered nowhere hashes to "" (as a file that is not there)."""
+    from rlhfkit.pipeline.stages import stage_inputs
+
+    cfg = load_config(method="grpo", reward={"sources": [{"kind": "python", "function": "@f"}]})
+    inputs = {}
+    for fn in (shortest, longest, Scaled(), len):
+        with use_reward_functions({"@f": fn}):
+            inputs[fn] = (stage_inputs("grpo", cfg), stage_inputs("eval", cfg), stage_inputs("sft", cfg))
+            digest = function_hash("@f", "k")
+        source = inspect.getsource(fn if inspect.isfunction(fn) else type(fn)) if fn is not len else "builtins.len"
+        assert digest == hashlib.sha256(source.encode()).hexdigest()
+    grpo, evaluation, sft = zip(*inputs.values())
+    assert len({str(x) for x in grpo}) == len({str(x) for x in evaluation}) == 4  # each function its own inputs
+    assert len({str(x) for x in sft}) == 1
+    assert function_hash("@f", "k") == ""
 
 
 def test_the_shipped_example_is_the_tasks_rule():

@@ -10,16 +10,42 @@ pipeline's stage, on the same data contract, with the same checks:
     aligned = rlhfkit.dpo(sft.model, sft.tokenizer, preferences, dpo={"beta": 0.1})
     aligned.model, aligned.result["heldout_accuracy"], aligned.out_dir
 
+The online methods (TRL's GRPOTrainer, RLOOTrainer, PPOTrainer) sample from `model` on prompts and learn from a
+reward; `model` as it is is the reference:
+
+    def is_short(prompts, completions, **kwargs):                         # TRL's reward_funcs signature
+        return [float(len(c) < 20) for c in completions]
+
+    tuned = rlhfkit.grpo(sft.model, sft.tokenizer, ["2+2=", ...], reward=is_short, grpo={"total_steps": 50})
+    tuned = rlhfkit.rloo(sft.model, sft.tokenizer, prompts, reward=[rm, is_short])     # summed, weight 1 each
+    tuned = rlhfkit.ppo(sft.model, sft.tokenizer, prompts, reward=rm.out_dir / "model")
+    tuned.model, tuned.result["final_scores"]
+
+`prompts`: strings, records with a "prompt" (text or a conversation: a list of {"role", "content"} messages; other
+fields are not read), bare conversations, a datasets.Dataset of such records, or a file as data.prompts reads it
+(docs/data.md). A share, data.heldout_fraction, is held out by prompt and not trained on (the pipeline's evaluation
+prompts). `reward`: a reward model directory, the Trained that rlhfkit.reward_model returned, a Python callable
+f(prompts=[...], completions=[...]) -> one number per completion, a "module:function" or "path/to/file.py:function"
+string, or a list of these, summed. Each becomes one [[reward.sources]] entry (weight 1, named after the function,
+or reward_model), scored and logged as in a pipeline run (objective/scores/<name>). A callable need not be
+importable: it is registered under "@<its name>" for the call's duration (rlhfkit.spine.reward_functions
+.use_reward_functions), and the config names it so; its source code (inspect) is what the stage's inputs hash.
+PPO's value model starts from the first reward model (ppo.value_init = 'reward'); with none among the rewards,
+from the policy (ppo.value_init = 'policy') unless the ppo section says otherwise.
+
 Config sections are keyword arguments, each a dict or the section's dataclass (`rlhfkit.pipeline.config.SFTConfig(...)`).
 A model of your own brings the defaults policy.path brings (TRL's learning rates for a pretrained model, e.g.
 sft.lr = 2e-5), and a dataclass sets only its fields that differ from the class's defaults, so
-SFTConfig(lr=<its class default>) leaves the model's learning rate in place: give such a value in a dict. Callbacks are objects with any of on_step(step, metrics), on_eval(step,
-metrics), on_save(step, path) (rlhfkit/spine/epochs.py).
+SFTConfig(lr=<its class default>) leaves the model's learning rate in place: give such a value in a dict. Callbacks are
+objects with any of on_step(step, metrics), on_eval(step, metrics), on_save(step, path) (rlhfkit/spine/epochs.py; the
+online methods call on_step after each step with its logged metrics, and on_save with OUT/STAGE/checkpoint, from the
+main process).
 
 What happens underneath, so that nothing differs from a pipeline run: a model in memory is saved (save_pretrained)
 to OUT/input/model, records are written as JSONL to OUT/input/NAME.jsonl (record i is line i + 1 there, which is what
 a data error names), the stage's trainer writes OUT/STAGE (metrics.jsonl, model/), and the trained model is loaded
-back from OUT/STAGE/model. OUT is `out`, or a new temporary directory (kept: it holds the run's record).
+back from OUT/STAGE/model. OUT is `out`, or a new temporary directory (kept: it holds the run's record). The same
+call on the same `out` goes on from the stage's last checkpoint.
 
 Layer: pipeline.
 """
@@ -28,12 +54,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.algorithms.dpo import train_dpo
+from rlhfkit.algorithms.grpo import train_grpo
+from rlhfkit.algorithms.ppo import train_ppo
 from rlhfkit.algorithms.reward import train_reward_model
+from rlhfkit.algorithms.rloo import train_rloo
 from rlhfkit.algorithms.sft import train_sft
 from rlhfkit.core.config import config_to_dict
 from rlhfkit.core.errors import ConfigError
@@ -45,6 +75,7 @@ from rlhfkit.models.runtime import runtime
 from rlhfkit.pipeline.config import load_config
 from rlhfkit.pipeline.stages import preflight
 from rlhfkit.spine.epochs import use_callbacks
+from rlhfkit.spine.reward_functions import REGISTERED, use_reward_functions
 from rlhfkit.tasks import task_for
 
 
@@ -98,6 +129,45 @@ def dpo(model, tokenizer, data, *, out: str | Path | None = None, callbacks=(), 
     return _trained(out / "dpo", result, lambda d, rt: load_policy(d, rt.device, "trained DPO policy"), cfg)
 
 
+def grpo(model, tokenizer, prompts, *, reward, out: str | Path | None = None, callbacks=(), **sections) -> Trained:
+    """GRPO (TRL's GRPOTrainer) of `model` on `prompts` against `reward`: grpo.k completions per prompt, each one's
+    advantage its z-score within its group, the KL to `model` in the loss (rlhfkit/algorithms/grpo.py)."""
+    return _online("grpo", train_grpo, model, tokenizer, prompts, reward, out, callbacks, sections)
+
+
+def rloo(model, tokenizer, prompts, *, reward, out: str | Path | None = None, callbacks=(), **sections) -> Trained:
+    """RLOO (TRL's RLOOTrainer) of `model` on `prompts` against `reward`: rloo.k completions per prompt, each one's
+    baseline the others' mean reward, the KL to `model` in the reward (rlhfkit/algorithms/rloo.py)."""
+    return _online("rloo", train_rloo, model, tokenizer, prompts, reward, out, callbacks, sections)
+
+
+def ppo(model, tokenizer, prompts, *, reward, out: str | Path | None = None, callbacks=(), **sections) -> Trained:
+    """PPO (TRL's PPOTrainer) of `model` on `prompts` against `reward`, with a value model (GAE) started from the
+    first reward model, or from `model` when `reward` holds none (rlhfkit/algorithms/ppo.py)."""
+    return _online("ppo", train_ppo, model, tokenizer, prompts, reward, out, callbacks, sections)
+
+
+def _online(stage: str, train, model, tokenizer, prompts, reward, out, callbacks, sections: dict) -> Trained:
+    """One online method's call: the model, the prompts file, the reward as [[reward.sources]] (callables registered
+    while it runs), the method's own trainer."""
+    sources, functions = _reward_sources(reward)  # a reward that is none of those: said before anything is written
+    out, model_dir = _prepare(model, tokenizer, out)
+    rm_dirs = [Path(s["path"]) for s in sources if s["kind"] == "reward_model"]
+    sections = {**sections, "method": stage}
+    if stage == "ppo" and not rm_dirs:  # no reward model for the value model to start from: the policy, by default
+        given = _section(sections.get("ppo", {}))
+        if isinstance(given, dict):
+            sections["ppo"] = {"value_init": "policy", **given}
+    cfg = _config(stage, sections, policy={"path": model_dir}, data={"prompts": _prompts_file(prompts, out)},
+                  reward={"sources": sources})
+    # Every source names its model by path, so the trainer's rm_dir (in the pipeline OUT/reward/model) is not read.
+    rm_dir = rm_dirs[0] if rm_dirs else out / "input" / "no-reward-model"
+    with use_reward_functions(functions):
+        result = _run(cfg, out, stage, callbacks,
+                      lambda rt: train(cfg, task_for(cfg), Path(model_dir), rm_dir, out / stage, rt))
+    return _trained(out / stage, result, lambda d, rt: load_policy(d, rt.device, f"trained {stage} policy"), cfg)
+
+
 # ----------------------------------------------------------------------------------------------------
 # What every call does around its trainer
 
@@ -118,27 +188,108 @@ def _prepare(model, tokenizer, out) -> tuple[Path, str]:
     return out, str(model_dir)
 
 
-def _data_file(data, out: Path, name: str) -> str:
-    """A file the trainers read: `data` itself when it is a path, else its records written as JSONL."""
+def _data_file(data, out: Path, name: str, arg: str = "data") -> str:
+    """A file the trainers read: `data` itself when it is a path, else its records written as JSONL (`arg`: the
+    argument's name in errors)."""
     if isinstance(data, (str, Path)):
         return str(data)
     records = data.to_list() if hasattr(data, "to_list") else data  # a datasets.Dataset
     if not isinstance(records, (list, tuple)):
-        raise ConfigError(f"data: expected a list of records (dicts), a datasets.Dataset or a file path, got "
+        raise ConfigError(f"{arg}: expected a list of records (dicts), a datasets.Dataset or a file path, got "
                           f"{type(data).__name__}")
     if not records:
-        raise ConfigError("data: no records")
+        raise ConfigError(f"{arg}: no records")
     path = out / "input" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for i, record in enumerate(records):
             if not isinstance(record, dict):
-                raise ConfigError(f"data: record {i} is a {type(record).__name__}, not a dict of fields (docs/data.md)")
+                raise ConfigError(f"{arg}: record {i} is a {type(record).__name__}, not a dict of fields "
+                                  "(docs/data.md)")
             try:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             except TypeError as e:
-                raise ConfigError(f"data: record {i} cannot be written as JSON ({e})") from None
+                raise ConfigError(f"{arg}: record {i} cannot be written as JSON ({e})") from None
     return str(path)
+
+
+def _prompts_file(prompts, out: Path) -> str:
+    """data.prompts: `prompts` itself when it is a path, else one {"prompt": ...} record a line in
+    OUT/input/prompts.jsonl: a string or a bare conversation becomes one; of a record, its "prompt" and "item_id"
+    are kept (the other fields are not read, and could make the reader take the file for another format)."""
+    if isinstance(prompts, (str, Path)):
+        return str(prompts)
+    items = prompts.to_list() if hasattr(prompts, "to_list") else prompts  # a datasets.Dataset
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"prompts: expected a list of strings or {{'prompt': ...}} records, a datasets.Dataset or a "
+                          f"file path, got {type(prompts).__name__}")
+    if not items:
+        raise ConfigError("prompts: none given; give at least a few (a share, data.heldout_fraction, is held out)")
+    records = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, list)):  # a text prompt, or a conversation (a list of messages)
+            records.append({"prompt": item})
+        elif isinstance(item, dict) and "prompt" in item:
+            records.append({k: item[k] for k in ("item_id", "prompt") if k in item})
+        elif isinstance(item, dict):
+            fields = ", ".join(map(repr, item)) or "none"
+            raise ConfigError(f"prompts: record {i} has no 'prompt' (its fields: {fields}); give each record a "
+                              "'prompt', text or a list of {'role', 'content'} messages")
+        else:
+            raise ConfigError(f"prompts: item {i} is a {type(item).__name__}; give text, a conversation (a list of "
+                              "messages) or a {'prompt': ...} record")
+    return _data_file(records, out, "prompts", "prompts")
+
+
+def _reward_sources(reward) -> tuple[list[dict], dict]:
+    """[[reward.sources]] of `reward` (one, or a list summed with weight 1 each), and the callables among them by the
+    name the config calls them ("@name", registered while the call runs)."""
+    items = list(reward) if isinstance(reward, (list, tuple)) else [reward]
+    if not items:
+        raise ConfigError("reward: an empty list; give at least one reward")
+    sources, functions, taken = [], {}, set()
+    for i, item in enumerate(items):
+        arg = "reward" if not isinstance(reward, (list, tuple)) else f"reward[{i}]"
+        if isinstance(item, Trained):
+            if item.out_dir.name != "reward":
+                raise ConfigError(f"{arg}: this Trained is the policy rlhfkit.{item.out_dir.name} returned, not a "
+                                  "reward model; give what rlhfkit.reward_model returned, or its out_dir / 'model'")
+            path = item.out_dir / "model"
+            sources.append({"kind": "reward_model", "path": str(path), "name": _name("reward_model", taken)})
+        elif isinstance(item, Path) or (isinstance(item, str) and Path(item).is_dir()):
+            if not Path(item).is_dir():
+                raise ConfigError(f"{arg} = {str(item)!r}: no such directory; give a reward model directory (e.g. "
+                                  "rlhfkit.reward_model(...).out_dir / 'model')")
+            sources.append({"kind": "reward_model", "path": str(item), "name": _name("reward_model", taken)})
+        elif isinstance(item, str) and re.fullmatch(r".+:[A-Za-z_]\w*", item):  # "module:function", "file.py:function"
+            sources.append({"kind": "python", "function": item, "name": _name(item.rpartition(":")[2], taken)})
+        elif callable(item) and not hasattr(item, "save_pretrained"):
+            name = _name(getattr(item, "__name__", type(item).__name__), taken)
+            functions[REGISTERED + name] = item
+            sources.append({"kind": "python", "function": REGISTERED + name, "name": name})
+        else:
+            what = f"a string naming neither a directory nor a function ({item!r})" if isinstance(item, str) \
+                else f"a {type(item).__name__}"
+            raise ConfigError(f"{arg}: {what}. Give a reward model directory, the Trained rlhfkit.reward_model "
+                              "returned, a function f(prompts=[...], completions=[...]) -> one number per completion, "
+                              "'module:function' / 'path/to/file.py:function', or a list of these" +
+                              ("; save a model object first (save_pretrained, with its tokenizer) and give its "
+                               "directory" if hasattr(item, "save_pretrained") else ""))
+    return sources, functions
+
+
+def _name(base: str, taken: set) -> str:
+    """A reward source's name (the metric objective/scores/<name>, and a callable's registered "@name"): `base` in
+    lowercase letters, digits and '_', from a letter, at most 32 characters, unique among `taken` (which it joins)."""
+    name = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_")
+    if not name[:1].isalpha():
+        name = f"reward_{name}".rstrip("_")
+    name, n = name[:28], 2
+    unique = name
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    taken.add(unique)
+    return unique
 
 
 def _section(value):

@@ -168,7 +168,7 @@ class RewardSourceConfig:
     output: str = F("logit", "kind = 'classifier': 'logit' (the class's logit) or 'prob' (softmax over the classes; sigmoid for a single-logit classifier).")
     template: str = F("", "kind = 'judge': the score template (TOML); empty = rlhfkit's score.toml (rlhfkit/models/judge_templates/).")
     few_shot: bool = F(True, "kind = 'judge': show the template's exemplars before each reply.")
-    function: str = F("", "kind = 'python': 'package.module:function' or 'path/to/file.py:function', called as f(prompts=[...], completions=[...]) -> one finite number per completion (TRL's reward_funcs).")
+    function: str = F("", "kind = 'python': 'package.module:function' or 'path/to/file.py:function', called as f(prompts=[...], completions=[...]) -> one finite number per completion (TRL's reward_funcs); '@name': a function given to rlhfkit.grpo / rloo / ppo in Python, registered while that call runs.")
 
 
 # The [reward] fields that say how rewards are scored during RL, not how the reward model is trained: the
@@ -283,8 +283,8 @@ class _Rules:
     def validate(self, origins: dict[str, Source] | None = None, stage: str | None = None):
         """Reject impossible values and combinations, saying what to change. `origins` (dotted key -> the
         Source that set it, as load_config records) lets each message say where a value came from. `stage`: the
-        one trainer a Python call runs (rlhfkit/pipeline/api.py: 'sft', 'reward', 'dpo'), whose files are all it
-        needs; by default the whole pipeline's."""
+        one trainer a Python call runs (rlhfkit/pipeline/api.py: 'sft', 'reward', 'dpo', 'grpo', 'rloo', 'ppo'), whose
+        files are all it needs; by default the whole pipeline's."""
         task = None if self.task == "none" else get_task(self.task)
         checks = Checks(self, origins)
         need, ref = checks.need, checks.ref
@@ -306,7 +306,8 @@ class _Rules:
                  "task = 'none' needs an SFT demonstrations file (docs/data.md)")
             need(bool(self.data.prompts) or stage is not None, "data.prompts",
                  "task = 'none' needs a prompt file (docs/data.md)")
-            need(fb.labeler != "simulated" or bool(r.data) or stage == "sft", "feedback.labeler",
+            reads_feedback = stage in (None, "reward") or "feedback" in getattr(METHODS.get(stage), "needs", ())
+            need(fb.labeler != "simulated" or bool(r.data) or not reads_feedback, "feedback.labeler",
                  "task = 'none' has no gold scorer for simulated labelers: set feedback.labeler = 'human' (the "
                  "labeling app) or 'ai' (the AI judge of [judge]), or give a preference file in reward.data")
         need(0.0 < self.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")

@@ -60,7 +60,7 @@ class LoopOptions:
         """From a config's [train] section (any object with these fields); callbacks default to the process-wide
         ones the Python API sets for the call it makes (use_callbacks)."""
         return cls(train.checkpoint_every, train.eval_every, train.early_stopping_patience,
-                   list(_CALLBACKS if callbacks is None else callbacks))
+                   current_callbacks() if callbacks is None else list(callbacks))
 
 
 _CALLBACKS: list = []
@@ -68,13 +68,26 @@ _CALLBACKS: list = []
 
 @contextlib.contextmanager
 def use_callbacks(callbacks):
-    """Within the block, every trainer's loop calls `callbacks` (rlhfkit.api: a stage run from Python)."""
+    """Within the block, every trainer's loop calls `callbacks` (rlhfkit.api: a stage run from Python): these
+    epochs, and the online methods' loop (rlhfkit/spine/online.py)."""
     global _CALLBACKS
     saved, _CALLBACKS = _CALLBACKS, list(callbacks)
     try:
         yield
     finally:
         _CALLBACKS = saved
+
+
+def current_callbacks() -> list:
+    """The callbacks use_callbacks set for the call in progress ([] outside one)."""
+    return list(_CALLBACKS)
+
+
+def notify(callbacks, hook: str, *args) -> None:
+    """Call `hook` ('on_step', 'on_eval', 'on_save') of each callback that has it, in order."""
+    for cb in callbacks:
+        if hasattr(cb, hook):
+            getattr(cb, hook)(*args)
 
 
 def _trainable(engine: Engine) -> dict[str, torch.Tensor]:
@@ -145,9 +158,7 @@ class Epochs:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        for cb in self.options.callbacks:
-            if hasattr(cb, "on_step"):
-                cb.on_step(self.step, metrics)
+        notify(self.options.callbacks, "on_step", self.step, metrics)
         if self.options.eval_every > 0 and self.step % self.options.eval_every == 0 and not last:
             self._evaluate()
         if self.checkpoint is not None and self.step % self.options.checkpoint_every == 0 and not last:
@@ -159,9 +170,7 @@ class Epochs:
             model.train()
         if self.log is not None:
             self.log.log({"step": self.step_offset + self.step, **{f"eval/{k}": float(v) for k, v in figures.items()}})
-        for cb in self.options.callbacks:
-            if hasattr(cb, "on_eval"):
-                cb.on_eval(self.step, figures)
+        notify(self.options.callbacks, "on_eval", self.step, figures)
         held_out = float(figures[self.eval_loss])
         if self.best is None or held_out < self.best[0]:
             keep = {k: p.detach().clone() for k, p in _trainable(self.engine).items()} \
@@ -186,9 +195,7 @@ class Epochs:
             torch.save(state, tmp)
             os.replace(tmp, self.checkpoint / CHECKPOINT)
         self.engine.barrier()
-        for cb in self.options.callbacks:
-            if hasattr(cb, "on_save"):
-                cb.on_save(self.step, self.checkpoint / CHECKPOINT)
+        notify(self.options.callbacks, "on_save", self.step, self.checkpoint / CHECKPOINT)
 
     def _restore(self) -> None:
         state = torch.load(self.checkpoint / CHECKPOINT, map_location="cpu", weights_only=False)

@@ -14,7 +14,9 @@ same in all three. An algorithm file keeps its own loop and numbered phases and 
 What lives here, once: loading the policy, reference and scorer (rlhfkit.spine.rollout.load_online_models, with
 any extra trained model the method adds, e.g. PPO's value model), dropout off, one AdamW over every trained
 model at a constant learning rate, the random streams (prompts, sampling, minibatch order), resuming from
-OUT/STAGE/checkpoint exactly where a killed run stopped, the JSONL log and progress bar, checkpoints, and the
+OUT/STAGE/checkpoint exactly where a killed run stopped, the JSONL log and progress bar, checkpoints, the Python
+API's callbacks (on_step(step, metrics) after each logged step, on_save(step, OUT/STAGE/checkpoint) after each
+checkpoint; the process default of rlhfkit.spine.epochs.use_callbacks, called by the main process only), and the
 final save. What a method supplies: its targets (rewards, advantages) and its loss.
 
 Layer: spine (imports models, data, ops, core).
@@ -42,6 +44,7 @@ from rlhfkit.models.optim import (
 )
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.models.sampling import SamplingParams
+from rlhfkit.spine.epochs import current_callbacks, notify
 from rlhfkit.spine.rollout import OnlineModels, Rollouts, collect_rollouts, load_online_models
 
 
@@ -73,6 +76,7 @@ class OnlineRun:
     log: MetricsLog
     bar: object = field(repr=False)
     engine: Engine = field(repr=False, default=None)  # the optimiser steps (micro-batches): rlhfkit/models/engine.py
+    callbacks: list = field(default_factory=list)  # the Python API's (rlhfkit.spine.epochs.use_callbacks)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -138,6 +142,7 @@ class OnlineRun:
             self.bar.update(1)
             self.bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.3f}",
                                  refresh=False)
+            notify(self.callbacks, "on_step", self.step, dict(record))  # a copy: PPO reads record after this
 
     def maybe_checkpoint(self, every: int, force: bool = False, **extra_state) -> None:
         """Save a resumable checkpoint every `every` steps, at the last step, or when forced; `extra_state` holds
@@ -152,6 +157,8 @@ class OnlineRun:
             if self.engine.is_main:
                 save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, state)
             self.engine.barrier()
+            if self.engine.is_main:
+                notify(self.callbacks, "on_save", self.step, self.ckpt_dir)
 
     def last_logged(self) -> dict:
         """The last line of the metrics log (after a resume with nothing left to do, the checkpoint's last step)."""
@@ -211,7 +218,7 @@ def start_online(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runt
         bar.update(step)
     return OnlineRun(cfg, task, rt, out_dir, name, total_steps, m.tokenizer, m.policy, m.reference, m.scorer, models,
                      params, optimizer, scheduler, prompt_rng, sample_gen, order_gen, m.resume, state, step,
-                     start_time, log, bar, engine)
+                     start_time, log, bar, engine, current_callbacks())
 
 
 def check_group_section(name: str, g, checks) -> None:

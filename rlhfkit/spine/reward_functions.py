@@ -15,16 +15,24 @@ binary reward). A function that raises, returns
 another length, or a value that is not a finite number stops the run with an error naming the source, the function
 and the first offending item, never a traceback from deep inside the trainer.
 
+A function held in memory (rlhfkit.grpo(..., reward=my_function), rlhfkit/pipeline/api.py) need not be importable:
+the call registers it under a name for its duration (use_reward_functions) and the config names it as it names any
+other function, `function = "@my_function"`, so the config stays plain data and the scorer is built the same way.
+Outside such a call, "@..." names nothing and loading it is a ConfigError.
+
 Layer: spine (imports core). The function's module is imported when a scorer is built (and once by the preflight, so
-a typo fails before SFT); its source file's hash is an input of the stages that score (rlhfkit/pipeline/stages.py),
-so editing the function makes their outputs stale.
+a typo fails before SFT); its source file's hash (a registered function's own source) is an input of the stages that
+score (rlhfkit/pipeline/stages.py), so editing the function makes their outputs stale.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -35,6 +43,30 @@ import torch
 from rlhfkit.core.errors import ConfigError, RlhfkitError
 
 SHOWN = 80  # characters of a prompt quoted in an error
+REGISTERED = "@"  # a function registered in this process by use_reward_functions: "@name" (no module, no file)
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def is_registered_name(spec: str) -> bool:
+    """Whether `spec` is of the form a registered function is named by: "@" and an identifier."""
+    return spec.startswith(REGISTERED) and spec[len(REGISTERED):].isidentifier()
+
+
+@contextlib.contextmanager
+def use_reward_functions(functions: dict[str, Callable]):
+    """Within the block, `function = "@name"` (a key of `functions`) calls functions["@name"]: the Python API's
+    callables (rlhfkit.grpo / rloo / ppo with reward=f), which need not be importable. Process-local; an inner
+    block sees the outer block's names too."""
+    global _REGISTRY
+    for name, fn in functions.items():
+        if not is_registered_name(name) or not callable(fn):
+            raise ValueError(f"register a callable under '@' and an identifier, not {name!r}: {type(fn).__name__}")
+    saved, _REGISTRY = _REGISTRY, {**_REGISTRY, **functions}
+    try:
+        yield
+    finally:
+        _REGISTRY = saved
 
 
 def split_spec(spec: str, key: str) -> tuple[str, str]:
@@ -52,7 +84,9 @@ def _is_file(where: str) -> bool:
 
 def function_source(spec: str, key: str) -> Path | None:
     """The source file that defines the function's module, found without running it (None: not found, or a module
-    without a file)."""
+    without a file, or a registered "@name")."""
+    if is_registered_name(spec):
+        return None
     where, _ = split_spec(spec, key)
     if _is_file(where):
         return Path(where) if Path(where).is_file() else None
@@ -64,14 +98,34 @@ def function_source(spec: str, key: str) -> Path | None:
 
 
 def function_hash(spec: str, key: str) -> str:
-    """sha256 of the function's source file ("" when there is none to read): what makes a stage stale."""
+    """sha256 of the function's source file ("" when there is none to read): what makes a stage stale. A registered
+    function ("@name"): of its own source code where inspect finds it, else of its qualified name ("" when none is
+    registered under the name now)."""
+    if is_registered_name(spec):
+        fn = _REGISTRY.get(spec)
+        if fn is None:
+            return ""
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        target = fn if inspect.isroutine(fn) or inspect.isclass(fn) else type(fn)  # a callable object: its class
+        try:
+            text = inspect.getsource(target)
+        except (OSError, TypeError):  # typed into a REPL, a builtin: no source to read
+            text = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+        return hashlib.sha256(text.encode()).hexdigest()
     source = function_source(spec, key)
     return hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else ""
 
 
 def load_function(spec: str, key: str) -> Callable:
-    """The callable `spec` names; a ConfigError names `key` and says what is wrong (no such file or module, an
-    import that fails, no such attribute, not callable)."""
+    """The callable `spec` names (a registered one for "@name"); a ConfigError names `key` and says what is wrong
+    (no such file or module, an import that fails, no such attribute, not callable, nothing registered)."""
+    if is_registered_name(spec):
+        if spec not in _REGISTRY:
+            raise ConfigError(f"{key}.function = {spec!r} names a Python function registered only while the call "
+                              "given it runs (rlhfkit.grpo / rloo / ppo, reward=f), and none is registered under that "
+                              "name now; give 'module:function' or 'path/to/file.py:function'")
+        return _REGISTRY[spec]
     where, name = split_spec(spec, key)
     if _is_file(where):
         path = Path(where)
