@@ -358,7 +358,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     def evaluate() -> dict:
         if listwise:
             return evaluate_listwise(policy, data["heldout"], heldout_pairs, reference, "heldout", dc, rt)
-        return evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt)
+        return evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt, dc.batch_size)
 
     loop = Epochs(engine, n=n, batch_size=batch_size, epochs=dc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
                   device=rt.device, desc=section, log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),

@@ -91,8 +91,10 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int = 512,
+def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int,
                    desc: str = "reward model: evaluating") -> dict:
+    """Accuracy and mean loss over `data`, `batch_size` comparisons a forward: the training batch, so that
+    evaluating never needs more memory than a training step (at 512 pairs it tripled the peak; issue 18)."""
     model.eval()
     n = len(data.margins)
     correct, loss_sum = 0.0, 0.0
@@ -177,8 +179,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     loop = Epochs(engine, n=n, batch_size=batch_size, epochs=rc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
                   device=rt.device, desc="reward model", log=out_dir / "metrics.jsonl",
                   options=LoopOptions.of(cfg.train), checkpoint=out_dir, eval_loss="loss/reward",
-                  evaluate=lambda: {f"{k}/reward" if k == "loss" else f"reward/{k}": v
-                                    for k, v in evaluate_pairs(model, test_data, rt, desc="reward model: evaluating").items()})
+                  evaluate=lambda: {f"{k}/reward" if k == "loss" else f"reward/{k}": v for k, v in
+                                    evaluate_pairs(model, test_data, rt, rc.batch_size, "reward model: evaluating").items()})
     model.train()
     for idx in loop:
         out = engine.step(idx, batch_loss, units)
@@ -186,11 +188,11 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     total_steps = loop.finish()["steps"]
 
     # 4. Held-out accuracy on comparisons, whichever the loss; save with save_pretrained.
-    heldout = evaluate_pairs(model, test_data, rt, desc="reward model: held-out accuracy")
+    heldout = evaluate_pairs(model, test_data, rt, rc.batch_size, desc="reward model: held-out accuracy")
 
     def accuracy_on(comparisons: list[Comparison], desc: str) -> float:
         return evaluate_pairs(model, encode_comparisons(tokenizer, comparisons, decoder).to(rt.device), rt,
-                              desc=desc)["accuracy"]
+                              rc.batch_size, desc)["accuracy"]
 
     mix_figures = {"mix_data": rc.mix_data, "n_train_mix": len(mix_train), "n_heldout_mix": len(mix_test),
                    "heldout_accuracy_own": accuracy_on(own_test, "reward model: held-out accuracy (own data)"),
@@ -199,7 +201,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     gold_test = gold_ordered(own_test, gold) if gold is not None else []
     gold_figures = {"heldout_gold_accuracy": accuracy_on(gold_test, "reward model: held-out gold accuracy"),
                     "n_heldout_gold": len(gold_test)} if gold_test else {}
-    train_eval = evaluate_pairs(model, train_data, rt, desc="reward model: training accuracy")
+    train_eval = evaluate_pairs(model, train_data, rt, rc.batch_size, desc="reward model: training accuracy")
     save_pretrained(model, tokenizer, out_dir / "model")
     listwise_figures = ({"n_train_items": len(ranked.rows), "n_train_rankings": int((ranked.ranks >= 0).any(-1).sum())}
                         if listwise else {})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
@@ -208,6 +209,7 @@ def make_engine(models: dict, optimizer, scheduler, device: torch.device, *, acc
     acc = wrapped = None
     if world > 1:
         acc = accelerator(device)
+        acc.free_memory()  # the accelerator would keep every earlier stage's models alive (and the process group)
         wrapped, optimizer = acc.prepare(_Compute(models), optimizer)
     return Engine(models, params, optimizer, scheduler, max_grad_norm, accumulation, world, rank, acc, wrapped)
 
@@ -240,12 +242,17 @@ def join_processes(device_name: str) -> None:
 
 
 def _leave_processes() -> None:
-    """At exit: leave the process group cleanly and together (torch warns, and gloo may abort a process whose peer
-    has already gone, when a process exits inside it)."""
+    """At exit: leave the process group cleanly and together. destroy_process_group alone leaves gloo's threads
+    running while anything (a DDP wrapper, the accelerator's list of prepared models) still holds the group; they
+    then meet the interpreter's teardown, and the process aborts ("terminate called without an active exception",
+    about one exit in twenty on a loaded machine). So drop those references and collect them first."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _ACCELERATOR is not None:
+            _ACCELERATOR.free_memory()  # also runs the garbage collector
         with contextlib.suppress(Exception):  # a peer that died already: nothing left to wait for
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def barrier() -> None:

@@ -16,7 +16,7 @@ any extra trained model the method adds, e.g. PPO's value model), dropout off, o
 model at a constant learning rate, the random streams (prompts, sampling, minibatch order), resuming from
 OUT/STAGE/checkpoint exactly where a killed run stopped, the JSONL log and progress bar, checkpoints, the Python
 API's callbacks (on_step(step, metrics) after each logged step, on_save(step, OUT/STAGE/checkpoint) after each
-checkpoint; the process default of rlhfkit.spine.epochs.use_callbacks, called by the main process only), and the
+checkpoint; the process default of rlhfkit.spine.epochs.use_callbacks, called on every process as Epochs does), and the
 final save. What a method supplies: its targets (rewards, advantages) and its loss.
 
 Layer: spine (imports models, data, ops, core).
@@ -142,7 +142,9 @@ class OnlineRun:
             self.bar.update(1)
             self.bar.set_postfix(score=f"{record['objective/scores']:.2f}", kl=f"{record['objective/kl']:.3f}",
                                  refresh=False)
-            notify(self.callbacks, "on_step", self.step, dict(record))  # a copy: PPO reads record after this
+        # Every process, as the offline trainers' Epochs does (the record is the same on all: averaged above), so
+        # that a callback which stops the run stops all of them.
+        notify(self.callbacks, "on_step", self.step, dict(record))  # a copy: PPO reads record after this
 
     def maybe_checkpoint(self, every: int, force: bool = False, **extra_state) -> None:
         """Save a resumable checkpoint every `every` steps, at the last step, or when forced; `extra_state` holds
@@ -157,8 +159,7 @@ class OnlineRun:
             if self.engine.is_main:
                 save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, state)
             self.engine.barrier()
-            if self.engine.is_main:
-                notify(self.callbacks, "on_save", self.step, self.ckpt_dir)
+            notify(self.callbacks, "on_save", self.step, self.ckpt_dir)
 
     def last_logged(self) -> dict:
         """The last line of the metrics log (after a resume with nothing left to do, the checkpoint's last step)."""
