@@ -9,7 +9,10 @@ Each measurement is one side (rlhfkit or TRL) on one workload in a fresh process
 (a random-init GPT-2 built here from a config and saved with save_pretrained: `--layers`, `--width`, `--vocab`),
 the same tokenizer (word-level, built here with the `tokenizers` library, so that a word is a token and both sides
 see exactly the same lengths), the same records, batch, lengths, steps, learning rate, optimiser (AdamW), precision
-(fp32 on CPU, bf16 on CUDA) and thread count; gradient checkpointing off on both.
+(`--precision`: fp32 by default on CPU, bf16 autocast on CUDA; `--precision bf16` on a CPU with bf16 instructions
+is rlhfkit's `precision = "auto"` there) and thread count; gradient checkpointing off on both; dropout as the model's
+config has it (GPT-2's 0.1), each side doing what it does by default (both switch it off for reward models and
+DPO).
 
 Workloads (docs: README "Benchmarks"):
 - reward:   reward-model training, Bradley-Terry on pairs (rlhfkit.reward_model vs trl.RewardTrainer).
@@ -24,7 +27,7 @@ time; loading, tokenising, caching and the final evaluation are outside it. Peak
 resident memory's high-water mark on CPU (getrusage), torch's peak allocated memory on CUDA. The matmul peak is
 measured in the parent process (a square fp32/bf16 matmul, best of several); a workload's share of it is its FLOPs
 per second (6 x matmul parameters x tokens for a trained forward and backward, 2x for a forward alone, attention
-scores included) over that peak.
+scores included; the LM head at the positions whose log-probs are needed) over that peak.
 
 The last lines, one per workload, are for scripts: `workload=NAME ratio=X.XX peak_mem_ratio=Y.YY` (rlhfkit / TRL:
 a ratio above 1 is rlhfkit faster; a peak_mem_ratio below 1 is rlhfkit leaner).
@@ -116,16 +119,15 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
     import rlhfkit
 
     clock = StepClock()
-    common = {"threads": args.threads, "seed": 0, "device": device.type,
-              "precision": "bf16" if device.type == "cuda" else "fp32"}
+    common = {"threads": args.threads, "seed": 0, "device": device.type, "precision": precision(args, device)}
     if workload == "reward":
         n = args.pairs * args.steps
-        rlhfkit.reward_model(str(model_dir), None, preference_records(n + n // 9 + 1, args), out=out, callbacks=[clock],
+        rlhfkit.reward_model(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
                              reward={"epochs": 1, "batch_size": args.pairs, "lr": 1e-4, "heldout_fraction": 0.1,
                                      "use_margin": False}, **common)
     elif workload == "dpo":
         n = args.pairs * args.steps
-        rlhfkit.dpo(str(model_dir), None, preference_records(n + n // 9 + 1, args), out=out, callbacks=[clock],
+        rlhfkit.dpo(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
                     dpo={"epochs": 1, "batch_size": args.pairs, "lr": 1e-5, "reference": "online"}, **common)
     return clock
 
@@ -144,7 +146,8 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
     n = args.pairs * args.steps
     data = datasets.Dataset.from_list(preference_records(n, args))
     common = dict(output_dir=str(out), per_device_train_batch_size=args.pairs, max_steps=args.steps, logging_steps=10**6,
-                  save_strategy="no", report_to="none", seed=0, gradient_checkpointing=False, bf16=device.type == "cuda",
+                  save_strategy="no", report_to="none", seed=0, gradient_checkpointing=False,
+                  bf16=precision(args, device) == "bf16",
                   use_cpu=device.type == "cpu", dataloader_num_workers=0, disable_tqdm=True)
     if workload == "reward":
         from trl import RewardConfig, RewardTrainer
@@ -174,8 +177,6 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
     rng = random.Random(0)
     prompts = [text(rng, rng.randint(args.prompt_tokens // 2, args.prompt_tokens)) for _ in range(args.prompts)]
     q, qm = (t.to(device) for t in encode_prompts(tok, prompts))
@@ -186,7 +187,7 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
         go = lambda: model.generate(input_ids=q, attention_mask=qm, do_sample=True, max_new_tokens=args.new_tokens,  # noqa: E731
                                     min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id, top_k=0)
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision(args, device) == "bf16"):
         for _ in range(4):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -196,6 +197,10 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     return {"seconds": min(times[1:]), "rows_per_s": args.prompts * args.new_tokens / min(times[1:])}
+
+
+def precision(args, device) -> str:
+    return args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
 
 def worker(args) -> None:
@@ -210,10 +215,11 @@ def worker(args) -> None:
         else:
             run = run_rlhfkit if args.side == "rlhfkit" else run_trl
             clock = run(args.workload, model_dir, Path(out), args, device)
-            if len(clock.times) != args.steps:
-                raise SystemExit(f"{args.side} {args.workload}: {len(clock.times)} optimiser steps, expected "
+            if len(clock.times) < args.steps:
+                raise SystemExit(f"{args.side} {args.workload}: {len(clock.times)} optimiser steps, expected at least "
                                  f"{args.steps} (the records or the batch are off)")
-            timed = clock.times[args.warmup - 1:]
+            # rlhfkit holds out a share of items and may have a step more to take: the first `steps` count
+            timed = clock.times[args.warmup - 1:args.steps]
             seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
             result = {"seconds": seconds, "rows_per_s": args.pairs / seconds}
     result["peak_mem_gib"] = peak_memory_gib(device)
@@ -224,13 +230,13 @@ def worker(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The parent: setup, interleaved fresh processes, the table
 
-def matmul_peak(threads: int, device_name: str) -> float:
-    """FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA), best of 5: what the hardware gives this process."""
+def matmul_peak(threads: int, device_name: str, dtype_name: str) -> float:
+    """FLOP/s of a square matmul in the run's precision, best of 5: what the hardware gives this process."""
     import torch
 
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -250,8 +256,10 @@ def flops_per_row(workload: str, args) -> float:
     T = args.prompt_tokens + args.completion_tokens
     if workload == "reward":  # chosen and rejected, trained: 2 sequences x 3 x forward (no LM head)
         return 2 * T * 3 * matmul_flops_per_token(args, lm_head=False)
-    if workload == "dpo":  # chosen and rejected through the policy (trained) and the reference (forward)
-        return 2 * T * 4 * matmul_flops_per_token(args, lm_head=True)
+    if workload == "dpo":  # chosen and rejected through the policy (trained) and the reference (forward); the LM head
+        # is needed at the completion's positions only (what a side computes beyond that is its own overhead)
+        per_sequence = T * matmul_flops_per_token(args, lm_head=False) + args.completion_tokens * 2 * args.width * args.vocab
+        return 2 * 4 * per_sequence
     # sampling: one new token's forward (the prompt's prefill is amortised over the new tokens)
     return matmul_flops_per_token(args, lm_head=True)
 
@@ -260,7 +268,7 @@ def measure(side: str, workload: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--workload", workload, "--model-dir", str(model_dir)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("threads", "layers", "width", "vocab", "pairs", "steps", "warmup", "prompt_tokens",
-                     "completion_tokens", "prompts", "new_tokens")]
+                     "completion_tokens", "prompts", "new_tokens", "precision") and v is not None]
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -283,6 +291,8 @@ def main():
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3, --quick 1)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--cpu", action="store_true", help="CPU even where CUDA is present")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="both sides (bf16: autocast); default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=16384)
@@ -312,8 +322,9 @@ def main():
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    peak = matmul_peak(args.threads, device)
-    print(f"device {device}, {args.threads} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s; model GPT-2 "
+    args.precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    peak = matmul_peak(args.threads, device, args.precision)
+    print(f"device {device}, {args.threads} threads, {args.precision}; measured matmul peak {peak / 1e9:.1f} GFLOP/s; model GPT-2 "
           f"{args.layers} layers x {args.width}, vocabulary {args.vocab}; {args.prompt_tokens}+{args.completion_tokens}"
           f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)",
           flush=True)

@@ -1,4 +1,5 @@
-"""The run's CPU threads are fixed by the config, and an oversubscribed machine is reported, not hidden."""
+"""The run's CPU threads are fixed by the config, an oversubscribed machine is reported, not hidden, and
+precision = "auto" picks bf16 on a CPU only where it pays (bf16 instructions, a wide model of your own)."""
 
 import pytest
 import torch
@@ -76,3 +77,43 @@ def test_load_is_checked_once_per_process(monkeypatch):
         with training.cpu_watch(cfg, "stage", notes.append):
             pass
     assert notes == ["busy"]
+
+
+def model_dir(tmp_path, name, **config):
+    d = tmp_path / name
+    d.mkdir()
+    if config:
+        (d / "config.json").write_text(__import__("json").dumps(config))
+    return str(d)
+
+
+def test_cpu_flags_with_bf16():
+    assert training.flags_have_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert training.flags_have_bf16("flags : fpu avx512f amx_bf16 amx_tile")
+    assert not training.flags_have_bf16("flags : fpu avx2 avx512f avx512bw avx512_vnni")
+    assert not training.flags_have_bf16("flags : avx512_bf16x")  # a whole flag, not a prefix
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_on_cpu_picks_bf16_where_it_pays(monkeypatch, tmp_path, has_bf16):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    wide = model_dir(tmp_path, "wide", n_embd=training.CPU_BF16_MIN_WIDTH)  # GPT-2's name
+    llama = model_dir(tmp_path, "llama", hidden_size=576)
+    narrow = model_dir(tmp_path, "narrow", n_embd=training.CPU_BF16_MIN_WIDTH - 1)
+    unknown = model_dir(tmp_path, "unknown")  # no config.json
+    expected = torch.bfloat16 if has_bf16 else None
+    assert training.resolve_precision("auto", cpu, wide) is expected
+    assert training.resolve_precision("auto", cpu, llama) is expected
+    for d in (narrow, unknown, None, ""):
+        assert training.resolve_precision("auto", cpu, d) is None, d
+    assert training.resolve_precision("fp32", cpu, wide) is None  # an explicit choice wins
+    assert training.resolve_precision("bf16", cpu, narrow) is torch.bfloat16
+
+    before = torch.get_num_threads()
+    try:
+        rt = training.runtime(load_config(overrides=["device='cpu'", f"policy.path='{wide}'"]))
+        assert rt.dtype is expected
+        assert training.runtime(load_config(overrides=["device='cpu'"])).dtype is None  # the built-in tiny model
+    finally:
+        torch.set_num_threads(before)

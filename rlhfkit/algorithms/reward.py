@@ -37,7 +37,7 @@ from rlhfkit.core.runio import tracked
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, read_preferences
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
-from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.forward import disable_dropout, sequence_scores
 from rlhfkit.models.load import load_scalar_model, load_tokenizer
 from rlhfkit.models.engine import make_engine, save_pretrained
 from rlhfkit.models.optim import make_optimizer
@@ -153,7 +153,10 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
 
     # 2. Model: the initial backbone (the SFT policy by default) with a fresh scalar head.
     torch.manual_seed(cfg.seed)  # the new head's init
-    model = load_scalar_model(init_dir, rt.device, "reward.init")
+    # Dropout off, as TRL's RewardTrainer does by default (RewardConfig.disable_dropout): the loss is a difference
+    # of two forwards' scores, which independent dropout masks only add noise to; on GPT-2 (dropout 0.1) it also
+    # cost ~10% of a step (benchmarks/vs_trl.py). The built-in tiny models have none.
+    model = disable_dropout(load_scalar_model(init_dir, rt.device, "reward.init"))
     train_data = encode_comparisons(tokenizer, train, decoder).to(rt.device)
     test_data = encode_comparisons(tokenizer, test, decoder).to(rt.device)
     if not rc.use_margin:

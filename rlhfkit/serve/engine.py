@@ -94,7 +94,8 @@ class Engine:
         model_dir = Path(model_dir)
         check_model_dir(model_dir, ROLE, causal=True)
         dev = resolve_device(device)
-        dtype = resolve_precision(precision, dev)
+        # 'auto' on a CPU with bf16 instructions: bf16 for a wide model whose config this directory holds
+        dtype = resolve_precision(precision, dev, model_dir if (model_dir / "config.json").is_file() else None)
         # an adapter directory rlhfkit writes holds the tokenizer too; one saved without it uses its base's
         adapter = is_adapter_dir(model_dir) and not (model_dir / "config.json").is_file()
         has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
