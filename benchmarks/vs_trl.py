@@ -18,6 +18,10 @@ Workloads (docs: README "Benchmarks"):
 - reward:   reward-model training, Bradley-Terry on pairs (rlhfkit.reward_model vs trl.RewardTrainer).
 - dpo:      DPO with the reference model run every step (rlhfkit dpo.reference = 'online' vs trl.DPOTrainer's
             default), chosen and rejected of `--pairs` pairs per step.
+- grpo:     GRPO episodes (`--pairs` completions a step: `--pairs` / 4 prompts x 4 samples of `--new-tokens` tokens),
+            a Python reward function (the share of the reply's words that are "w7"), KL coefficient 0.04 (a reference
+            model run every step on both sides), one optimiser step per batch (rlhfkit.grpo vs trl.GRPOTrainer);
+            a step is sampling, scoring, the reference's and the policy's forwards and the update.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
 
@@ -47,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKLOADS = ("reward", "dpo", "sampling")
+WORKLOADS = ("reward", "dpo", "grpo", "sampling")
 WORDS = 1000  # distinct words in the texts (< vocab: the rest of the vocabulary is never seen, as in a real model)
 
 
@@ -73,6 +77,16 @@ def build_model_dir(path: Path, args) -> None:
 
 def text(rng: random.Random, n: int) -> str:
     return " ".join(f"w{rng.randrange(WORDS)}" for _ in range(n))
+
+
+def share_of_w7(prompts=None, completions=None, **kwargs) -> list[float]:
+    """The grpo workload's reward: the share of a reply's words that are "w7" (both sides call this function)."""
+    return [c.split().count("w7") / max(1, len(c.split())) for c in completions]
+
+
+def prompt_texts(n: int, args) -> list[str]:
+    rng = random.Random(1)
+    return [text(rng, args.prompt_tokens) for _ in range(n)]
 
 
 def preference_records(n: int, args) -> list[dict]:
@@ -129,6 +143,12 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
         n = args.pairs * args.steps
         rlhfkit.dpo(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
                     dpo={"epochs": 1, "batch_size": args.pairs, "lr": 1e-5, "reference": "online"}, **common)
+    elif workload == "grpo":
+        rlhfkit.grpo(str(model_dir), None, prompt_texts(args.pairs // 4 * args.steps, args), reward=share_of_w7, out=out,
+                     callbacks=[clock], data={"max_new_tokens": args.new_tokens},
+                     grpo={"total_steps": args.steps, "prompts_per_step": args.pairs // 4, "k": 4,
+                           "minibatch_size": args.pairs, "beta": 0.04, "lr": 1e-6, "checkpoint_every": 10**6},
+                     **common)
     return clock
 
 
@@ -144,7 +164,8 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     n = args.pairs * args.steps
-    data = datasets.Dataset.from_list(preference_records(n, args))
+    data = datasets.Dataset.from_list(preference_records(n, args) if workload != "grpo" else
+                                      [{"prompt": p} for p in prompt_texts(args.pairs // 4 * args.steps, args)])
     common = dict(output_dir=str(out), per_device_train_batch_size=args.pairs, max_steps=args.steps, logging_steps=10**6,
                   save_strategy="no", report_to="none", seed=0, gradient_checkpointing=False,
                   bf16=precision(args, device) == "bf16",
@@ -156,6 +177,13 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
         model.config.pad_token_id = tok.pad_token_id
         trainer = RewardTrainer(model=model, args=RewardConfig(learning_rate=1e-4, **common), train_dataset=data,
                                 processing_class=tok, callbacks=[Stamp()])
+    elif workload == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(learning_rate=1e-6, num_generations=4, max_completion_length=args.new_tokens, beta=0.04,
+                            temperature=1.0, shuffle_dataset=False, **common)
+        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=share_of_w7, args=config, train_dataset=data,
+                              processing_class=tok, callbacks=[Stamp()])
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -221,7 +249,7 @@ def worker(args) -> None:
             # rlhfkit holds out a share of items and may have a step more to take: the first `steps` count
             timed = clock.times[args.warmup - 1:args.steps]
             seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
-            result = {"seconds": seconds, "rows_per_s": args.pairs / seconds}
+            result = {"seconds": seconds, "rows_per_s": args.pairs / seconds}  # pairs, or grpo's episodes
     result["peak_mem_gib"] = peak_memory_gib(device)
     result["device"] = device.type
     print("RESULT " + json.dumps(result), flush=True)
@@ -260,6 +288,12 @@ def flops_per_row(workload: str, args) -> float:
         # is needed at the completion's positions only (what a side computes beyond that is its own overhead)
         per_sequence = T * matmul_flops_per_token(args, lm_head=False) + args.completion_tokens * 2 * args.width * args.vocab
         return 2 * 4 * per_sequence
+    if workload == "grpo":  # an episode: prompt + reply through the policy (sampled: forward; trained: 3x forward)
+        # and the reference (forward); the LM head at the reply's positions
+        per_token = matmul_flops_per_token(args, lm_head=True)
+        T = args.prompt_tokens + args.new_tokens
+        return args.new_tokens * per_token + (3 + 1) * (T * matmul_flops_per_token(args, lm_head=False)
+                                                         + args.new_tokens * 2 * args.width * args.vocab)
     # sampling: one new token's forward (the prompt's prefill is amortised over the new tokens)
     return matmul_flops_per_token(args, lm_head=True)
 
@@ -340,7 +374,7 @@ def main():
                     print(f"  rep {rep + 1} {w:8s} {side:7s} {r['rows_per_s']:9.2f} rows/s  peak {r['peak_mem_gib']:.2f} GiB",
                           flush=True)
 
-    unit = {"reward": "pairs/s", "dpo": "pairs/s", "sampling": "tokens/s"}
+    unit = {"reward": "pairs/s", "dpo": "pairs/s", "grpo": "episodes/s", "sampling": "tokens/s"}
     print(f"\n| workload | rlhfkit | TRL / HF | ratio | % of matmul peak (rlhfkit / TRL) | peak memory GiB (rlhfkit / TRL) |")
     print("|---|---|---|---|---|---|")
     summary = []
