@@ -38,8 +38,8 @@ A model of your own brings the defaults policy.path brings (TRL's learning rates
 sft.lr = 2e-5), and a dataclass sets only its fields that differ from the class's defaults, so
 SFTConfig(lr=<its class default>) leaves the model's learning rate in place: give such a value in a dict. Callbacks are
 objects with any of on_step(step, metrics), on_eval(step, metrics), on_save(step, path) (rlhfkit/spine/epochs.py; the
-online methods call on_step after each step with its logged metrics, and on_save with OUT/STAGE/checkpoint, from the
-main process).
+online methods call on_step after each step with its logged metrics, and on_save with OUT/STAGE/checkpoint; under
+`accelerate launch` every process calls them, with the same metrics, so a callback that stops the run stops all).
 
 What happens underneath, so that nothing differs from a pipeline run: a model in memory is saved (save_pretrained)
 to OUT/input/model, records are written as JSONL to OUT/input/NAME.jsonl (record i is line i + 1 there, which is what
