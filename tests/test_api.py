@@ -83,6 +83,20 @@ def test_reward_model_and_dpo_learn_the_preference(tmp_path, tokenizer, preferen
     assert aligned.result["heldout_accuracy"] > 0.9 and aligned.result["heldout_loss"] < 0.5
 
 
+def test_reward_model_trains_without_dropout(tmp_path, tokenizer, preferences):
+    """As TRL's RewardTrainer (disable_dropout): a model whose config asks for dropout trains exactly as the same
+    model without it, and the saved reward model has none."""
+    runs = []
+    for p in (0.0, 0.5):
+        model = tiny(tokenizer)
+        model.config.attention_dropout = p  # Llama's, applied functionally in the attention while training
+        rm = rlhfkit.reward_model(model, tokenizer, preferences[:160], out=tmp_path / f"p{p}",
+                                  reward={"epochs": 1, "batch_size": 16, "lr": 1e-3})
+        runs.append((rm.out_dir / "metrics.jsonl").read_text())
+        assert rm.model.config.attention_dropout == 0.0
+    assert runs[0] == runs[1]
+
+
 def test_bad_input_is_named(tmp_path, tokenizer, demos):
     with pytest.raises(ConfigError, match="record 1 is a str"):
         rlhfkit.sft(tiny(tokenizer), tokenizer, [demos[0], "oops"], out=tmp_path / "a")

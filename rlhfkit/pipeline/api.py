@@ -193,12 +193,7 @@ def _data_file(data, out: Path, name: str, arg: str = "data") -> str:
     argument's name in errors)."""
     if isinstance(data, (str, Path)):
         return str(data)
-    records = data.to_list() if hasattr(data, "to_list") else data  # a datasets.Dataset
-    if not isinstance(records, (list, tuple)):
-        raise ConfigError(f"{arg}: expected a list of records (dicts), a datasets.Dataset or a file path, got "
-                          f"{type(data).__name__}")
-    if not records:
-        raise ConfigError(f"{arg}: no records")
+    records = _items(data, arg, "a list of records (dicts), a datasets.Dataset or a file path", "no records")
     path = out / "input" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -213,18 +208,25 @@ def _data_file(data, out: Path, name: str, arg: str = "data") -> str:
     return str(path)
 
 
+def _items(data, arg: str, expected: str, empty: str) -> list:
+    """`data` as a list: itself, or a datasets.Dataset's records; a ConfigError naming `arg` for anything else or
+    for none."""
+    items = data.to_list() if hasattr(data, "to_list") else data
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{arg}: expected {expected}, got {type(data).__name__}")
+    if not items:
+        raise ConfigError(f"{arg}: {empty}")
+    return list(items)
+
+
 def _prompts_file(prompts, out: Path) -> str:
     """data.prompts: `prompts` itself when it is a path, else one {"prompt": ...} record a line in
     OUT/input/prompts.jsonl: a string or a bare conversation becomes one; of a record, its "prompt" and "item_id"
     are kept (the other fields are not read, and could make the reader take the file for another format)."""
     if isinstance(prompts, (str, Path)):
         return str(prompts)
-    items = prompts.to_list() if hasattr(prompts, "to_list") else prompts  # a datasets.Dataset
-    if not isinstance(items, (list, tuple)):
-        raise ConfigError(f"prompts: expected a list of strings or {{'prompt': ...}} records, a datasets.Dataset or a "
-                          f"file path, got {type(prompts).__name__}")
-    if not items:
-        raise ConfigError("prompts: none given; give at least a few (a share, data.heldout_fraction, is held out)")
+    items = _items(prompts, "prompts", "a list of strings or {'prompt': ...} records, a datasets.Dataset or a file path",
+                   "none given; give at least a few (a share, data.heldout_fraction, is held out)")
     records = []
     for i, item in enumerate(items):
         if isinstance(item, (str, list)):  # a text prompt, or a conversation (a list of messages)
