@@ -1,12 +1,15 @@
 """Peak memory and time of one DPO training step, full-logits log-probs vs the chunked path (rlhfkit/models/forward.py).
 
     .venv/bin/python benchmarks/logprob_memory.py [--layers 30] [--pairs 8] [--tokens 256] [--reps 3] [--lora]
+        [--checkpointing] [--micro-batches 2] [--precision bf16] [--paths chunked]
 
 One step = the policy's sequence log-probs of chosen and rejected in one forward (2 x pairs rows, right-padded as
 encode_pairs makes them), the DPO loss against fixed reference log-probs, and the backward; no optimiser step. The
 model is a random-init Llama with SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536,
-vocabulary 49,152, tied embeddings), fp32 on CPU (CUDA when present: then bf16 autocast and torch's peak allocated
-memory). Each measurement runs in a fresh process, the two paths interleaved, `reps` times each; printed: medians
+vocabulary 49,152, tied embeddings), fp32 on CPU unless --precision bf16 (bf16 autocast, what precision = "auto"
+picks for this model on a CPU with bf16 instructions; CUDA when present: then bf16 autocast and torch's peak
+allocated memory). --checkpointing turns on the body's gradient checkpointing (train.gradient_checkpointing,
+rlhfkit.models.engine.enable_checkpointing). Each measurement runs in a fresh process, the two paths interleaved, `reps` times each; printed: medians
 and ranges.
 
 Memory on CPU is resident memory (RSS): `peak RSS` is the process's high-water mark (getrusage ru_maxrss: weights,
@@ -51,6 +54,11 @@ def worker(args) -> dict:
         from rlhfkit.models.lora import wrap_lora
 
         model = wrap_lora(model, SimpleNamespace(r=8, alpha=16, dropout=0.0, target_modules=[]), ".", seed=0)
+    if args.checkpointing:
+        from rlhfkit.models.engine import enable_checkpointing, is_checkpointing
+
+        enable_checkpointing(model)
+        assert is_checkpointing(model)
 
     # 2 x pairs rows (chosen, rejected) of up to `tokens` tokens: prompts of 32-128 tokens, rows ragged by up to 64
     g = torch.Generator().manual_seed(1)
@@ -65,16 +73,27 @@ def worker(args) -> dict:
     ids, mask, completion_mask = (t.to(device) for t in (ids, mask, completion_mask))
     ref = -torch.rand(B, generator=g).to(device) * 100 - 800  # fixed reference log-probs
     chunk = 0 if args.path == "full" else None  # None: the default, LOGPROB_CHUNK
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step():
+        """One optimiser step's gradients, in `micro_batches` forward/backward passes over equal shares of the pairs
+        (each pair's chosen and rejected rows together), each loss weighted by its share: the gradient of the mean
+        over all pairs, as train.gradient_accumulation_steps computes it."""
         model.zero_grad(set_to_none=True)
-        with autocast:
-            logps = sequence_logprobs(model, ids, mask, completion_mask, chunk=chunk)  # (2 pairs,)
-        margin = (logps[: args.pairs] - ref[: args.pairs]) - (logps[args.pairs :] - ref[args.pairs :])
-        loss = -F.logsigmoid(0.1 * margin).mean()
-        loss.backward()
-        return loss.item()
+        total = 0.0
+        for pairs in torch.arange(args.pairs).tensor_split(args.micro_batches):
+            rows = torch.cat([pairs, pairs + args.pairs]).to(device)  # chosen rows, then their rejected rows
+            with autocast:
+                logps = sequence_logprobs(model, ids[rows], mask[rows], completion_mask[rows], chunk=chunk)
+            n = len(pairs)
+            margin = (logps[:n] - ref[rows[:n]]) - (logps[n:] - ref[rows[n:]])
+            loss = -F.logsigmoid(0.1 * margin).sum() / args.pairs
+            loss.backward()
+            total += loss.item()
+        return total
 
     before = rss_mib()
     if device.type == "cuda":
@@ -105,34 +124,45 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (r = 8) instead of every weight")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the body")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="split the pairs into this many forward/backward passes (gradient accumulation)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype on CPU")
+    parser.add_argument("--paths", default="full,chunked", help="which log-prob paths to run (comma-separated)")
     parser.add_argument("--path", choices=["full", "chunked"], help=argparse.SUPPRESS)  # set for a worker process
     args = parser.parse_args()
     if args.path is not None:
         print(json.dumps(worker(args)))
         return 0
-    rows: dict[str, list[dict]] = {"full": [], "chunked": []}
+    rows: dict[str, list[dict]] = {p: [] for p in args.paths.split(",")}
     for rep in range(args.reps):
-        for path in ("full", "chunked"):  # interleaved, each a fresh process
+        for path in rows:  # interleaved, each a fresh process
             cmd = [sys.executable, __file__, "--path", path] + [a for a in sys.argv[1:]]
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
             rows[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"rep {rep + 1} {path}: {rows[path][-1]}", file=sys.stderr, flush=True)
     keys = [("peak_rss_mib", "peak RSS (MiB)"), ("step_peak_minus_before_mib", "step peak - before (MiB)"),
             ("step_s", "step time (s)")]
-    if "cuda_peak_alloc_mib" in rows["full"][0]:
+    first = next(iter(rows.values()))[0]
+    if "cuda_peak_alloc_mib" in first:
         keys += [("cuda_peak_alloc_mib", "CUDA peak allocated (MiB)")]
+    both = list(rows) == ["full", "chunked"]
     setting = (f"{'LoRA r=8' if args.lora else 'full fine-tuning'}, {args.layers} layers, {args.pairs} pairs x "
-               f"{args.tokens} tokens, {rows['full'][0]['scored_positions']} scored positions, {args.threads} threads")
-    print(f"| DPO step ({setting}) | full logits | chunked | chunked / full |\n|---|---|---|---|")
+               f"{args.tokens} tokens, {first['scored_positions']} scored positions, {args.precision}"
+               f"{', gradient checkpointing' if args.checkpointing else ''}"
+               f"{f', {args.micro_batches} micro-batches' if args.micro_batches > 1 else ''}, {args.threads} threads")
+    print(f"| DPO step ({setting}) | {' | '.join(rows)} |{' chunked / full |' if both else ''}")
+    print("|---|" + "---|" * (len(rows) + both))
     for key, label in keys:
-        med = {p: statistics.median(r[key] for r in rows[p]) for p in rows}
-        rng = {p: f"{min(r[key] for r in rows[p]):.{1 if key == 'step_s' else 0}f}-"
-                  f"{max(r[key] for r in rows[p]):.{1 if key == 'step_s' else 0}f}" for p in rows}
         fmt = ".2f" if key == "step_s" else ".0f"
-        print(f"| {label}, median (range) | {med['full']:{fmt}} ({rng['full']}) | {med['chunked']:{fmt}} "
-              f"({rng['chunked']}) | {med['chunked'] / med['full']:.2f} |")
-    print(f"losses equal: {[r['loss'] for r in rows['full']] == [r['loss'] for r in rows['chunked']]} "
-          f"({rows['full'][0]['loss']!r} / {rows['chunked'][0]['loss']!r})")
+        med = {p: statistics.median(r[key] for r in rows[p]) for p in rows}
+        cells = [f"{med[p]:{fmt}} ({min(r[key] for r in rows[p]):{fmt}}-{max(r[key] for r in rows[p]):{fmt}})"
+                 for p in rows]
+        ratio = f" {med['chunked'] / med['full']:.2f} |" if both else ""
+        print(f"| {label}, median (range) | {' | '.join(cells)} |{ratio}")
+    if both:
+        print(f"losses equal: {[r['loss'] for r in rows['full']] == [r['loss'] for r in rows['chunked']]} "
+              f"({rows['full'][0]['loss']!r} / {rows['chunked'][0]['loss']!r})")
     return 0
 
 

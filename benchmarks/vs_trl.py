@@ -22,6 +22,8 @@ Workloads (docs: README "Benchmarks"):
             a Python reward function (the share of the reply's words that are "w7"), KL coefficient 0.04 (a reference
             model run every step on both sides), one optimiser step per batch (rlhfkit.grpo vs trl.GRPOTrainer);
             a step is sampling, scoring, the reference's and the policy's forwards and the update.
+- rloo:     RLOO episodes, the same as grpo but RLOO's leave-one-out baseline and the KL (0.04) in the reward
+            (rlhfkit.rloo vs trl.RLOOTrainer); both sides compute the sampling policy's log-probs for that KL.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
 
@@ -51,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKLOADS = ("reward", "dpo", "grpo", "sampling")
+WORKLOADS = ("reward", "dpo", "grpo", "rloo", "sampling")
+ONLINE = ("grpo", "rloo")  # workloads on prompts, episodes a step
 WORDS = 1000  # distinct words in the texts (< vocab: the rest of the vocabulary is never seen, as in a real model)
 
 
@@ -143,12 +146,13 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
         n = args.pairs * args.steps
         rlhfkit.dpo(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
                     dpo={"epochs": 1, "batch_size": args.pairs, "lr": 1e-5, "reference": "online"}, **common)
-    elif workload == "grpo":
-        rlhfkit.grpo(str(model_dir), None, prompt_texts(args.pairs // 4 * args.steps, args), reward=share_of_w7, out=out,
-                     callbacks=[clock], data={"max_new_tokens": args.new_tokens},
-                     grpo={"total_steps": args.steps, "prompts_per_step": args.pairs // 4, "k": 4,
-                           "minibatch_size": args.pairs, "beta": 0.04, "lr": 1e-6, "checkpoint_every": 10**6},
-                     **common)
+    elif workload in ONLINE:
+        method = getattr(rlhfkit, workload)  # rlhfkit.grpo or rlhfkit.rloo
+        method(str(model_dir), None, prompt_texts(args.pairs // 4 * args.steps, args), reward=share_of_w7, out=out,
+               callbacks=[clock], data={"max_new_tokens": args.new_tokens},
+               **{workload: {"total_steps": args.steps, "prompts_per_step": args.pairs // 4, "k": 4, "epochs": 1,
+                             "minibatch_size": args.pairs, "beta": 0.04, "lr": 1e-6, "checkpoint_every": 10**6}},
+               **common)
     return clock
 
 
@@ -164,7 +168,7 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     n = args.pairs * args.steps
-    data = datasets.Dataset.from_list(preference_records(n, args) if workload != "grpo" else
+    data = datasets.Dataset.from_list(preference_records(n, args) if workload not in ONLINE else
                                       [{"prompt": p} for p in prompt_texts(args.pairs // 4 * args.steps, args)])
     common = dict(output_dir=str(out), per_device_train_batch_size=args.pairs, max_steps=args.steps, logging_steps=10**6,
                   save_strategy="no", report_to="none", seed=0, gradient_checkpointing=False,
@@ -183,6 +187,13 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
         config = GRPOConfig(learning_rate=1e-6, num_generations=4, max_completion_length=args.new_tokens, beta=0.04,
                             temperature=1.0, shuffle_dataset=False, **common)
         trainer = GRPOTrainer(model=str(model_dir), reward_funcs=share_of_w7, args=config, train_dataset=data,
+                              processing_class=tok, callbacks=[Stamp()])
+    elif workload == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        config = RLOOConfig(learning_rate=1e-6, num_generations=4, max_completion_length=args.new_tokens, beta=0.04,
+                            temperature=1.0, shuffle_dataset=False, **common)
+        trainer = RLOOTrainer(model=str(model_dir), reward_funcs=share_of_w7, args=config, train_dataset=data,
                               processing_class=tok, callbacks=[Stamp()])
     else:
         from trl import DPOConfig, DPOTrainer
@@ -288,12 +299,14 @@ def flops_per_row(workload: str, args) -> float:
         # is needed at the completion's positions only (what a side computes beyond that is its own overhead)
         per_sequence = T * matmul_flops_per_token(args, lm_head=False) + args.completion_tokens * 2 * args.width * args.vocab
         return 2 * 4 * per_sequence
-    if workload == "grpo":  # an episode: prompt + reply through the policy (sampled: forward; trained: 3x forward)
-        # and the reference (forward); the LM head at the reply's positions
+    if workload in ONLINE:  # an episode: prompt + reply through the policy (sampled: forward; trained: 3x forward)
+        # and the reference (forward); rloo: the sampling policy's forward too (its KL is in the reward); the LM head
+        # at the reply's positions
         per_token = matmul_flops_per_token(args, lm_head=True)
         T = args.prompt_tokens + args.new_tokens
-        return args.new_tokens * per_token + (3 + 1) * (T * matmul_flops_per_token(args, lm_head=False)
-                                                         + args.new_tokens * 2 * args.width * args.vocab)
+        passes = 3 + 1 + (workload == "rloo")
+        return args.new_tokens * per_token + passes * (T * matmul_flops_per_token(args, lm_head=False)
+                                                       + args.new_tokens * 2 * args.width * args.vocab)
     # sampling: one new token's forward (the prompt's prefill is amortised over the new tokens)
     return matmul_flops_per_token(args, lm_head=True)
 
@@ -374,7 +387,7 @@ def main():
                     print(f"  rep {rep + 1} {w:8s} {side:7s} {r['rows_per_s']:9.2f} rows/s  peak {r['peak_mem_gib']:.2f} GiB",
                           flush=True)
 
-    unit = {"reward": "pairs/s", "dpo": "pairs/s", "grpo": "episodes/s", "sampling": "tokens/s"}
+    unit = {"reward": "pairs/s", "dpo": "pairs/s", "grpo": "episodes/s", "rloo": "episodes/s", "sampling": "tokens/s"}
     print(f"\n| workload | rlhfkit | TRL / HF | ratio | % of matmul peak (rlhfkit / TRL) | peak memory GiB (rlhfkit / TRL) |")
     print("|---|---|---|---|---|---|")
     summary = []

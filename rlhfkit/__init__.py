@@ -6,12 +6,14 @@ them. The plain-Python entry points are re-exported lazily:
     from rlhfkit import load_config, run_pipeline, run_stage
     from rlhfkit import sft, reward_model, dpo      # one trainer on a model and records in memory (api.py)
     from rlhfkit import grpo, rloo, ppo             # an online method on prompts and a reward (api.py)
+    from rlhfkit import online_dpo, rejection_sampling, rest, best_of_n   # likewise, by selecting samples
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["load_config", "run_pipeline", "run_stage", "sft", "reward_model", "dpo", "grpo", "rloo", "ppo", "Trained",
-           "RlhfkitError", "__version__"]
+_API = ("sft", "reward_model", "dpo", "grpo", "rloo", "ppo", "online_dpo", "rejection_sampling", "rest", "best_of_n",
+        "Trained")
+__all__ = ["load_config", "run_pipeline", "run_stage", *_API, "RlhfkitError", "__version__"]
 
 
 def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
@@ -23,7 +25,7 @@ def __getattr__(name):  # PEP 562: lazy re-exports keep `import rlhfkit` fast.
         from rlhfkit.pipeline import stages
 
         return getattr(stages, name)
-    if name in ("sft", "reward_model", "dpo", "grpo", "rloo", "ppo", "Trained"):
+    if name in _API:
         from rlhfkit.pipeline import api
 
         return getattr(api, name)

@@ -1,9 +1,12 @@
 """The Python surface (rlhfkit/pipeline/api.py): a model and tokenizer in memory, records as a list or a
 datasets.Dataset, config sections as dicts or dataclasses, callbacks, the trained model returned; and the outcome
 of each trainer on data whose preferred behaviour is known. The online methods (grpo, rloo, ppo) from a tiny random
-policy: a Python reward the policy learns in a few dozen steps, a reward model directory, both summed."""
+policy: a Python reward the policy learns in a few dozen steps, a reward model directory, both summed, a reward dict
+(weights, Llama 2's rule) checked against each source's logged score; the selection methods (best-of-N, rejection
+sampling, online DPO, ReST) scoring above a plain sample."""
 
 import json
+import math
 import random
 
 import pytest
@@ -295,3 +298,130 @@ def test_bad_online_input_is_named(tmp_path, tokenizer, prompts, kwargs, match):
         kwargs["reward"] = rlhfkit.Trained(None, None, {}, tmp_path / "sft")
     with pytest.raises(ConfigError, match=match):
         rlhfkit.ppo(tiny(tokenizer), tokenizer, kwargs.pop("prompts"), out=tmp_path, data=FIVE_TOKENS, **kwargs)
+
+
+# ---------------------------------------------------------------- reward as a dict: weights, llama2
+
+def test_a_reward_dict_weighs_each_source(tmp_path, tokenizer, prompts, rm_dir):
+    """reward={"sources": [...], "weights": [...]}: each source logged as it scored, the reward their weighted sum
+    (less the missing-EOS penalty): a weight of 0 takes a source out whatever it scored, a negative one subtracts it,
+    and a [[reward.sources]] table (a dict) is a source as it is, named by its own name."""
+    table = {"kind": "python", "function": f"{__name__}:starts_with_7", "name": "seven"}
+    trained = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, out=tmp_path, grpo={**LEARN, "total_steps": 3},
+                           data=FIVE_TOKENS, reward={"sources": [rm_dir, starts_with_7, table],
+                                                     "weights": [0.5, 0.0, -1.0]})
+    lines = read_metrics(trained.out_dir / "metrics.jsonl")
+    assert any(m["objective/scores/starts_with_7"] > 0 for m in lines)  # the weight-0 source did score something
+    for m in lines:
+        assert m["objective/scores/seven"] == m["objective/scores/starts_with_7"]
+        weighted = 0.5 * m["objective/scores/reward_model"] - m["objective/scores/seven"] - m["objective/no_eos_rate"]
+        assert m["objective/scores"] == pytest.approx(weighted, abs=1e-5)
+
+
+def safety_logit(prompts, completions, **kwargs):
+    """A safety score (a logit: llama2 reads it through the sigmoid): sure-safe for a completion starting with '7'."""
+    return [5.0 if c.startswith("7") else -5.0 for c in completions]
+
+
+def helpful_logit(prompts, completions, **kwargs):
+    return [3.0] * len(completions)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.995])
+def test_a_reward_dict_combines_by_llama2(tmp_path, tokenizer, prompts, threshold):
+    """combine = 'llama2': a completion whose safety probability (sigmoid(5) = 0.9933 or sigmoid(-5)) is below the
+    threshold gets its safety score, any other its helpfulness score (the logit of the probability: the score
+    itself). With p the share that starts with '7' (from the logged safety mean), the logged reward is
+    3p - 5(1 - p) at threshold 0.5, and the safety score alone at 0.995, above both probabilities."""
+    trained = rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, out=tmp_path, grpo={**LEARN, "total_steps": 2},
+                           data=FIVE_TOKENS, reward={"combine": "llama2", "safety": safety_logit,
+                                                     "helpfulness": helpful_logit, "threshold": threshold})
+    lines = read_metrics(trained.out_dir / "metrics.jsonl")
+    for m in lines:
+        p = (m["objective/scores/safety"] + 5.0) / 10.0  # share of completions starting with '7'
+        combined = 3.0 * p - 5.0 * (1 - p) if threshold == 0.5 else m["objective/scores/safety"]
+        assert m["objective/scores/helpfulness"] == 3.0
+        assert m["objective/scores"] == pytest.approx(combined - m["objective/no_eos_rate"], abs=1e-4)
+    assert any(m["objective/scores/safety"] > -5.0 for m in lines)  # some completion was safe: the rule mattered
+
+
+# ---------------------------------------------------------------- best-of-N, rejection sampling, online DPO, ReST
+
+def test_best_of_n_picks_above_a_plain_sample(tmp_path, tokenizer, prompts, rm_dir):
+    """best-of-N trains nothing: its curve (one line per n = 1, 2, 4, 8) rises from a plain sample's mean reward-model
+    score (n = 1) by more than a unit at n = 8, with the KL bound log n - (n - 1)/n; the model returned is the one
+    given, and OUT/sft (a pipeline's SFT policy, in a pipeline's OUT) is left alone."""
+    model = tiny(tokenizer)
+    picked = rlhfkit.best_of_n(model, tokenizer, prompts, reward=rm_dir, out=tmp_path, data=FIVE_TOKENS,
+                               best_of_n={"n": 8, "n_prompts": 64})
+    lines = read_metrics(picked.out_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2, 4, 8]
+    assert lines[-1]["objective/scores"] > lines[0]["objective/scores"] + 1.0, lines
+    assert [m["objective/kl"] for m in lines] == pytest.approx([math.log(n) - (n - 1) / n for n in (1, 2, 4, 8)])
+    assert picked.result["n"] == 8 and (picked.out_dir / "sampler.json").is_file()
+    assert not (tmp_path / "sft").exists()
+    for a, b in zip(model.state_dict().values(), picked.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+SELECT = {"n_prompts": 64, "k": 8, "lr": 0.01, "epochs": 4, "batch_size": 16}
+
+
+def test_rejection_sampling_fine_tunes_on_the_best(tmp_path, tokenizer, prompts):
+    """Each round keeps each prompt's best completion when it scores at least the threshold (here: starts with '7',
+    so every kept one scores 1, above its round's sampled mean) and fine-tunes on those: three rounds more than double
+    the sampled share of '7' (~1/15 at first)."""
+    tuned = rlhfkit.rejection_sampling(tiny(tokenizer), tokenizer, prompts, reward=starts_with_7, out=tmp_path,
+                                       rejection_sampling={**SELECT, "rounds": 3, "threshold": 0.5},
+                                       data={"max_new_tokens": 16})
+    lines = read_metrics(tuned.out_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert all(m["selection/kept_scores"] == 1.0 > m["objective/scores"] for m in lines)
+    assert lines[-1]["objective/scores"] > 2 * lines[0]["objective/scores"], lines
+    assert tuned.result["rounds"] == 3 and tuned.out_dir == tmp_path / "rejection_sampling"
+
+
+@pytest.mark.parametrize("method, section", [
+    ("online_dpo", {"iterations": 3}),
+    ("rest", {"iterations": 3, "quantiles": [0.9]}),
+])
+def test_online_dpo_and_rest_raise_the_reward(tmp_path, tokenizer, prompts, method, section):
+    """Online DPO (pairs: each prompt's best vs worst by the reward) and ReST (fine-tuning on the samples at or above
+    a quantile of the scores) from Python: the sampled share of '7' rises over the iterations."""
+    tuned = getattr(rlhfkit, method)(tiny(tokenizer), tokenizer, prompts, reward=starts_with_7, out=tmp_path,
+                                     data={"max_new_tokens": 16}, **{method: {**SELECT, **section}})
+    got = [m["objective/scores"] for m in read_metrics(tuned.out_dir / "metrics.jsonl") if "objective/scores" in m]
+    assert len(got) == 3 and got[-1] > got[0] + 0.15, got  # here: 0.07 -> 0.40 for both
+
+
+@pytest.mark.parametrize("reward, match", [
+    ({"sources": [starts_with_7], "weights": [1.0, 2.0]}, r"reward\['weights'\]: 2 weight\(s\) for 1 source\(s\)"),
+    ({"sources": [starts_with_7], "weights": ["1"]}, r"reward\['weights'\] = \['1'\]: a list of finite numbers"),
+    ({"sources": [starts_with_7], "weight": [1.0]}, r"reward\['weight'\]: not a key .*did you mean 'weights'\?"),
+    ({"sources": starts_with_7, "safety_source": "x"}, r"reward\['safety_source'\].*did you mean 'safety'\?"),
+    ({"sources": [starts_with_7], "combine": "max"}, r"reward\['combine'\] = 'max': choose 'sum'"),
+    ({"sources": []}, r"reward\['sources'\]: none given"),
+    ({"sources": [starts_with_7, 3]}, r"reward\['sources'\]\[1\]: a int"),
+    ({"sources": [starts_with_7], "threshold": 0.2}, r"reward\['threshold'\]: read by combine = 'llama2' only"),
+    ({"combine": "llama2", "safety": starts_with_7}, r"needs reward\['helpfulness'\]"),
+    ({"combine": "llama2", "safety": starts_with_7, "helpfulness": [starts_with_7]}, r"reward\['helpfulness'\]: one"),
+    ({"combine": "llama2", "safety": starts_with_7, "helpfulness": safety_logit, "threshold": 1.5},
+     r"reward\['threshold'\] = 1.5: a safety probability in \(0, 1\)"),
+    ({"combine": "llama2", "safety": starts_with_7, "helpfulness": safety_logit, "weights": [1.0]},
+     r"reward\['weights'\]: combine = 'llama2'"),
+    ({"kind": "python", "function": "m:f"}, r"one \[\[reward.sources\]\] table; give it in a list"),
+    ([{"kind": "reward_model"}], r"reward\[0\]: kind = 'reward_model' with no path"),
+    ([{"kind": "python", "function": f"{__name__}:starts_with_7", "nme": "x"}],
+     r"unknown key 'reward.sources\[0\].nme'; did you mean 'reward.sources\[0\].name'\?"),
+])
+def test_bad_reward_dict_is_named(tmp_path, tokenizer, prompts, reward, match):
+    with pytest.raises(ConfigError, match=match):
+        rlhfkit.grpo(tiny(tokenizer), tokenizer, prompts, reward=reward, out=tmp_path, data=FIVE_TOKENS)
+
+
+def test_a_method_that_calls_no_callback_refuses_one(tmp_path, tokenizer, prompts):
+    with pytest.raises(ConfigError, match=r"callbacks: rlhfkit.rejection_sampling calls none .*"
+                                          r"OUT/rejection_sampling/metrics.jsonl"):
+        rlhfkit.rejection_sampling(tiny(tokenizer), tokenizer, prompts, reward=starts_with_7, out=tmp_path,
+                                   callbacks=[Recorder()])
+    assert not (tmp_path / "input").exists()  # said before anything is written

@@ -212,8 +212,8 @@ def test_response_logprobs_chunked_equal_full_values_and_grads(arch, temperature
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_passes_take_the_chunked_path_and_build_no_full_logits(arch, tokenizer, sharp_policy, monkeypatch):
-    """By default (LOGPROB_CHUNK) the training passes go through chunked_head_logprobs and never call the model's
-    head module (the full path's (B, T, V) logits); the rollout pass with entropy keeps the full path; chunk = 0
+    """By default (LOGPROB_CHUNK) the training passes and the rollout pass with entropy go through
+    chunked_head_logprobs and never call the model's head module (the full path's (B, T, V) logits); chunk = 0
     selects the full path."""
     model = sharp_policy(arch)
     calls = {"chunked": 0, "head": 0}
@@ -230,12 +230,56 @@ def test_training_passes_take_the_chunked_path_and_build_no_full_logits(arch, to
     response_logprobs(model, q, qm, r, rm, 0.7)
     forward_response(model, None, q, qm, r, rm, 0.7, CPU)
     assert calls == {"chunked": 3, "head": 0}
-    forward_response(model, None, q, qm, r, rm, 0.7, CPU, with_entropy=True)
+    forward_response(model, None, q, qm, r, rm, 0.7, CPU, with_entropy=True)  # the entropy metric too
+    assert calls == {"chunked": 4, "head": 0}
     sequence_logprobs(model, *pairs_batch(tokenizer), chunk=0)
-    assert calls == {"chunked": 3, "head": 2}
+    assert calls == {"chunked": 4, "head": 1}
     monkeypatch.setattr(fwd, "LOGPROB_CHUNK", 0)  # the module default selects the path too
     response_logprobs(model, q, qm, r, rm, 0.7)
-    assert calls == {"chunked": 3, "head": 3}
+    assert calls == {"chunked": 4, "head": 2}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_entropy_equals_the_full_paths_and_changes_no_gradient(tokenizer, sharp_policy, chunk, monkeypatch):
+    """forward_response(with_entropy=True) on the chunked path: the same log-probs and entropy as the full path
+    (chunk = 0), the same gradients as without entropy (the metric has no grad), and the backward's recompute of
+    each chunk does not compute the entropy again."""
+    import rlhfkit.ops.logprobs as ops_logprobs
+
+    model = sharp_policy("gpt2")
+    params = [p for p in model.parameters() if p.requires_grad]
+    q, qm, r, rm = response_batch(tokenizer)
+    mask = rm.bool()
+    with torch.no_grad():
+        full_lp, _, full_ent = forward_response(model, None, q, qm, r, rm, 0.7, CPU, with_entropy=True, chunk=0)
+    calls = {"n": 0}
+    real = ops_logprobs._entropy
+
+    def counting(logits):
+        calls["n"] += 1
+        return real(logits)
+
+    monkeypatch.setattr(ops_logprobs, "_entropy", counting)
+    holder = {}
+
+    def with_entropy():
+        lp, _, holder["entropy"] = forward_response(model, None, q, qm, r, rm, 0.7, CPU, with_entropy=True,
+                                                    chunk=chunk)
+        return lp * rm
+
+    lp, grads = value_and_grads(params, with_entropy)
+    n_chunks = -(-int(mask.sum()) // chunk)
+    assert calls["n"] == n_chunks  # once per chunk in the forward, never in the backward's recompute
+    _, plain_grads = value_and_grads(params, lambda: forward_response(model, None, q, qm, r, rm, 0.7, CPU,
+                                                                      chunk=chunk)[0] * rm)
+    entropy = holder["entropy"]
+    assert not entropy.requires_grad
+    assert torch.allclose(lp[mask], full_lp[mask], atol=2e-6)
+    assert torch.allclose(entropy[mask], full_ent[mask], atol=1e-5)
+    assert entropy[mask].std() > 0.1  # not near-constant: a position shifted by one would show
+    assert (entropy[~mask] == 0).all()
+    for g, h in zip(grads, plain_grads):
+        assert torch.equal(g, h)
 
 
 # ---------------------------------------------------------------- models whose logits are not a plain linear head

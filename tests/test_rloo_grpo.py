@@ -334,7 +334,33 @@ def test_first_step_ratio_is_one_and_passes_counted(tiny_dirs, method):
     assert m["policy/ratio"] == pytest.approx(1.0, abs=1e-6) and m["policy/clipfrac"] == 0.0
     assert m["policy/approxkl"] == pytest.approx(0.0, abs=1e-7)
     assert m["objective/kl_k1"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
-    assert result["passes"] == {"sampled": 16, "forward": 48, "backward": 16}
+    # GRPO's old log-probs come from its training pass (one update per batch): no policy pass at rollout time
+    assert result["passes"] == {"sampled": 16, "forward": 48 if method == "rloo" else 32, "backward": 16}
+
+
+def test_grpo_old_logprobs_from_the_training_pass_change_nothing_but_rounding(tiny_dirs, monkeypatch):
+    """One update per batch: the old log-probs and the entropy metric taken from the training pass (detached)
+    give the run that a separate rollout pass gives: the same metrics and weights within float rounding, and the
+    same samples (the random streams do not depend on it)."""
+    import rlhfkit.algorithms.grpo as grpo
+    from rlhfkit.models.load import load_policy
+
+    steps = ["grpo.total_steps=3", "grpo.epochs=1", "grpo.minibatch_size=16"]
+    _train(tiny_dirs, "grpo", "grpo_reuse", steps)
+    monkeypatch.setattr(grpo, "REUSE_TRAINING_LOGPROBS", False)
+    result, _ = _train(tiny_dirs, "grpo", "grpo_separate", steps)
+    assert result["passes"]["forward"] == 3 * 3 * 16
+    root = tiny_dirs
+    reuse, separate = (read_metrics(root / n / "metrics.jsonl") for n in ("grpo_reuse", "grpo_separate"))
+    for a, b in zip(reuse, separate, strict=True):
+        assert a["objective/response_length"] == b["objective/response_length"]
+        assert a["objective/scores"] == b["objective/scores"]  # the same samples
+        for key in ("objective/entropy", "objective/kl", "objective/kl_k1", "policy/ratio", "loss/policy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert reuse[-1]["objective/kl_k1"] > 1e-4  # the policy moved: the log-probs compared are not all the reference's
+    a, b = (load_policy(root / n / "model", torch.device("cpu")) for n in ("grpo_reuse", "grpo_separate"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])

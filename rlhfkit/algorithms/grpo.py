@@ -4,7 +4,8 @@ advantage is its score's z-score within the K responses to the same prompt. Each
 
     1. sample K responses for each of prompts_per_step prompts (shared KV-cache sampler; K consecutive rows)
     2. score them with the reward model (text in); subtract the missing-EOS penalty
-    3. logprobs (the old policy) and ref_logprobs (no grad)
+    3. logprobs (the old policy) and ref_logprobs (no grad); with one update per batch (epochs = 1, one
+       minibatch) the old log-probs are the training pass's own, detached, and the rollout skips the policy's pass
     4. group-normalised advantages A_i = (s_i - mean(s)) / (std(s) + eps) over the group, the same for every
        token of response i; no KL in the reward
     5. epochs over minibatches of the clipped per-token loss + beta * k3 KL(pi || pi_ref) per token, averaged
@@ -21,7 +22,10 @@ Deviations from the paper, on purpose:
 - std is the unbiased (n - 1) standard deviation and eps = 1e-4, as TRL (rlhfkit.ops.advantages.grpo_advantages);
   an all-equal group gives advantage exactly 0.
 - The reference stays the SFT policy (the paper's iterative GRPO re-sets it to the policy; not here), and one
-  update pass per batch by default (the paper's mu = 1), so the ratio is 1 at the first minibatch.
+  update pass per batch by default (the paper's mu = 1), so the ratio is 1 at the first minibatch. With one
+  minibatch too, the policy that sampled is the one the update differentiates: its old log-probs are the training
+  pass's, detached (TRL 1.12's GRPOTrainer skips old_per_token_logps the same way), one forward fewer per step. The
+  ratio is then exactly 1 where a separate pass gave 1 within float rounding (~1e-7 in the log-probs).
 - The reward model reads decoded text, a truncated response is scored with an EOS appended and lowered by
   `missing_eos_penalty`, dropout is off, the learning rate is constant: as PPO (rlhfkit/algorithms/ppo.py).
 """
@@ -76,6 +80,11 @@ METHOD = Method("grpo", GRPOConfig, ("sft", "reward"),
                 resumable=True)
 
 
+# Take the old log-probs from the training pass when the policy has not moved since sampling (module docstring);
+# False: always the rollout's own pass (the tests compare the two).
+REUSE_TRAINING_LOGPROBS = True
+
+
 @dataclass
 class GRPOTargets:
     """What phases 2 and 4 make of one batch. Shapes: B = prompts x K responses (K consecutive rows per prompt)."""
@@ -98,20 +107,27 @@ def train_grpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
     # Setup (rlhfkit.spine.online, shared by the online methods): policy (trained), reference (frozen SFT policy),
     # reward (frozen). No value model.
     loop = start_online(cfg, task, sft_dir, rm_dir, out_dir, rt, name="grpo", lr=gc.lr, total_steps=gc.total_steps)
+    # one optimiser step per batch: the old log-probs come from the training pass (module docstring)
+    reuse = REUSE_TRAINING_LOGPROBS and gc.epochs == 1 and gc.minibatch_size == batch
 
     while loop.step < gc.total_steps:
         # 1-3. Sample K responses per prompt, score the decoded text, log-probs of policy and reference, once
-        # and without grad (rlhfkit.spine.rollout, shared by every online method).
-        r = loop.rollouts(gc.prompts_per_step, k=gc.k, temperature=gc.temperature)
+        # and without grad (rlhfkit.spine.rollout, shared by every online method); with `reuse`, the reference's.
+        r = loop.rollouts(gc.prompts_per_step, k=gc.k, temperature=gc.temperature, policy_logprobs=not reuse)
         mask = r.response_mask  # (B, Tr)
+        if reuse:  # filled in phase 5, each row by the pass that trains on it
+            r.logprobs, r.entropy = torch.zeros_like(r.ref_logprobs), torch.zeros_like(r.ref_logprobs)
 
         # 2b, 4. Missing-EOS penalty, group-normalised advantages (no KL in the reward).
         t = grpo_targets(r.scores, r.ended, gc.k, gc.missing_eos_penalty)
 
         # 5. Epochs over shuffled minibatches of the clipped per-token loss + beta * k3 KL (grpo_policy_loss).
         def loss(idx: torch.Tensor):
-            new_logprobs, _, _ = forward_response(loop.policy, None, r.queries[idx], r.query_mask[idx], r.responses[idx],
-                                                  mask[idx], gc.temperature, rt)  # (b, Tr)
+            new_logprobs, _, entropy = forward_response(loop.policy, None, r.queries[idx], r.query_mask[idx],
+                                                        r.responses[idx], mask[idx], gc.temperature, rt,
+                                                        with_entropy=reuse)  # (b, Tr)
+            if reuse:  # the policy is still the one that sampled these rows: its log-probs are the old ones
+                r.logprobs[idx], r.entropy[idx] = new_logprobs.detach() * mask[idx], entropy
             return grpo_policy_loss(new_logprobs, r.logprobs[idx], r.ref_logprobs[idx], t.advantages[idx], mask[idx],
                                     gc.clip_range, gc.beta)
 
@@ -137,7 +153,8 @@ def train_grpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
     # sequences through a model per iteration: sampled once; reward model, policy and reference without
     # grad; the policy with grad in every epoch
     step = loop.step
-    return loop.finish(passes={"sampled": step * batch, "forward": 3 * step * batch, "backward": step * batch * gc.epochs})
+    forward = (2 if reuse else 3) * step * batch
+    return loop.finish(passes={"sampled": step * batch, "forward": forward, "backward": step * batch * gc.epochs})
 
 
 def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:

@@ -38,7 +38,7 @@ import torch
 
 from rlhfkit.core import dist
 from rlhfkit.core.errors import ConfigError
-from rlhfkit.models.runtime import resolve_device
+from rlhfkit.models.runtime import release_free_memory, resolve_device
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]  # rows -> (mean loss over them, stats: 0-d tensors)
 
@@ -86,6 +86,9 @@ class Engine:
     rank: int
     _accelerator: object = field(repr=False, default=None)  # None in one process
     _wrapped: object = field(repr=False, default=None)  # the prepared _Compute when world > 1
+    # after each micro-batch, hand the C heap's free pages back to the OS (CPU with gradient checkpointing: memory
+    # was asked for over time; rlhfkit.models.runtime.release_free_memory says why)
+    trim_memory: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -134,6 +137,8 @@ class Engine:
             with sync:
                 loss, stats = self.forward(loss_fn, rows)
                 self._backward(loss * (share * self.world) if self.split else loss)
+            if self.trim_memory:
+                release_free_memory()
             seen.append({"loss", *stats})
             for name, value in {"loss": loss, **stats}.items():
                 value = value.detach().float() * share if self.split else value.detach()
@@ -211,7 +216,8 @@ def make_engine(models: dict, optimizer, scheduler, device: torch.device, *, acc
         acc = accelerator(device)
         acc.free_memory()  # the accelerator would keep every earlier stage's models alive (and the process group)
         wrapped, optimizer = acc.prepare(_Compute(models), optimizer)
-    return Engine(models, params, optimizer, scheduler, max_grad_norm, accumulation, world, rank, acc, wrapped)
+    return Engine(models, params, optimizer, scheduler, max_grad_norm, accumulation, world, rank, acc, wrapped,
+                  trim_memory=checkpointing and torch.device(device).type == "cpu")
 
 
 def enable_checkpointing(model) -> None:

@@ -148,22 +148,27 @@ def plain_head(model):
 
 
 def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature: float = 1.0,
-                          chunk: int | None = None) -> torch.Tensor:
+                          chunk: int | None = None, with_entropy: bool = False):
     """(B, T - 1) log softmax(logits / temperature)[token t + 1] at position t where scored[:, t + 1] = 1, else 0.
 
     The chunked path: one pass of the transformer body to the final hidden states (B, T, H), kept only at the
     positions that predict a scored token (N of them: no prompt or padding position), then the head's log-probs
     over chunks of `chunk` positions (LOGPROB_CHUNK by default). The model must pass plain_head; call it under
-    the run's autocast, as the model itself would be."""
+    the run's autocast, as the model itself would be. with_entropy: (log-probs, entropy), the (B, T - 1) entropy of
+    softmax(logits / temperature) at the same positions (no grad), else 0."""
     body, head, context = plain_head(model)
     chunk = LOGPROB_CHUNK if chunk is None else chunk
     with context():
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False).last_hidden_state  # (B, T, H)
     keep = scored[:, 1:].bool()  # (B, T - 1): position t predicts token t + 1
-    logprobs = chunked_head_logprobs(hidden[:, :-1][keep], head.weight, head.bias, input_ids[:, 1:][keep],
-                                     temperature, chunk)  # (N,), fp32
-    return torch.zeros(keep.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(keep, logprobs)
+    out = chunked_head_logprobs(hidden[:, :-1][keep], head.weight, head.bias, input_ids[:, 1:][keep],
+                                temperature, chunk, with_entropy)  # (N,) fp32, or (N,), (N,)
+
+    def scatter(values):  # (N,) -> (B, T - 1), 0 at the positions not scored
+        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+    return tuple(scatter(v) for v in out) if with_entropy else scatter(out)
 
 
 def use_chunked(model, chunk: int | None) -> bool:
@@ -198,12 +203,14 @@ def response_logprobs(model, queries, query_mask, responses, response_mask, temp
     return gather_logprobs(logits, responses) * response_mask
 
 
-def _chunked_response_logprobs(model, queries, query_mask, responses, response_mask, temperature, chunk):
+def _chunked_response_logprobs(model, queries, query_mask, responses, response_mask, temperature, chunk,
+                               with_entropy: bool = False):
     input_ids = torch.cat([queries, responses], dim=1)  # (B, Tq + Tr)
     mask = torch.cat([query_mask, response_mask], dim=1)
     scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)  # the response tokens
     Tq = queries.shape[1]
-    return scored_token_logprobs(model, input_ids, mask, scored, temperature, chunk)[:, Tq - 1 :]  # (B, Tr)
+    out = scored_token_logprobs(model, input_ids, mask, scored, temperature, chunk, with_entropy)
+    return tuple(v[:, Tq - 1 :] for v in out) if with_entropy else out[:, Tq - 1 :]  # (B, Tr) each
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int | None = None) -> torch.Tensor:
@@ -228,15 +235,17 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk: 
 def forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature, rt: Runtime,
                      with_entropy: bool = False, chunk: int | None = None):
     """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
-    model) and, when asked, the policy's entropy (B, Tr); only the rollout pass needs that, so training
-    passes skip the extra (B, Tr, V) softmax and take the chunked path where the model allows (chunk: positions
-    per chunk, LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs where response_mask = 0 are not
+    model) and, when asked, the policy's entropy (B, Tr), without grad: a metric, computed from each chunk's logits
+    on the chunked path. The chunked path is taken where the model allows (chunk: positions per chunk,
+    LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs and entropy where response_mask = 0 are not
     meaningful (the chunked path gives 0 there, the full path the padding token's): callers mask them."""
-    chunked = not with_entropy and use_chunked(policy, chunk)
+    chunked = use_chunked(policy, chunk)
+    entropy = None
     with autocast(rt.device, rt.dtype):
         if chunked:
-            logprobs = _chunked_response_logprobs(policy, queries, query_mask, responses, response_mask, temperature,
-                                                  chunk)  # (B, Tr), fp32
+            out = _chunked_response_logprobs(policy, queries, query_mask, responses, response_mask, temperature,
+                                             chunk, with_entropy)  # (B, Tr) fp32, or log-probs and entropy
+            logprobs, entropy = out if with_entropy else (out, None)
         else:
             logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
         values = None
@@ -245,12 +254,12 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
             mask = torch.cat([query_mask, response_mask], dim=1)
             values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
     if chunked:
-        return logprobs, values, None
+        return logprobs, values, entropy
     logprobs = gather_logprobs(logits, responses)
-    entropy = None
     if with_entropy:
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, values, entropy
 
 

@@ -82,10 +82,12 @@ class OnlineRun:
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoint"
 
-    def rollouts(self, n_prompts: int, *, temperature: float, k: int = 1, value_model=None) -> Rollouts:
+    def rollouts(self, n_prompts: int, *, temperature: float, k: int = 1, value_model=None,
+                 policy_logprobs: bool = True) -> Rollouts:
         """Phases 1-3 of every online method: the next n_prompts training prompts, k responses each sampled from
         the policy (with the [sampling] filters and stop strings) and scored, with the policy's and the reference's
-        log-probs (and values, with a critic)."""
+        log-probs (and values, with a critic). policy_logprobs=False: no policy pass here (the method takes the
+        log-probs from its training pass; collect_rollouts)."""
         prompts = self.task.prompts(n_prompts, self.prompt_rng)  # the global batch's: the same in every process
         if self.engine.world > 1:  # this process's contiguous share (each prompt's k samples stay together)
             if n_prompts % self.engine.world:
@@ -94,7 +96,8 @@ class OnlineRun:
             share = n_prompts // self.engine.world
             prompts = prompts[self.engine.rank * share : (self.engine.rank + 1) * share]
         return collect_rollouts(self.policy, self.reference, self.scorer, self.tokenizer, prompts, k=k,
-                                value_model=value_model, max_new_tokens=self.task.max_new_tokens,
+                                value_model=value_model, policy_logprobs=policy_logprobs,
+                                max_new_tokens=self.task.max_new_tokens,
                                 temperature=temperature, generator=self.sample_gen, rt=self.rt,
                                 sampling=SamplingParams.of(self.cfg.sampling))
 

@@ -50,11 +50,14 @@ class Rollouts:
 @torch.no_grad()
 def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *, max_new_tokens: int,
                      temperature: float, generator: torch.Generator, rt: Runtime, k: int = 1,
-                     value_model=None, with_logprobs: bool = True, sampling: SamplingParams | None = None) -> Rollouts:
+                     value_model=None, with_logprobs: bool = True, policy_logprobs: bool = True,
+                     sampling: SamplingParams | None = None) -> Rollouts:
     """Sample k responses per prompt with the shared KV-cache sampler, score the decoded text, and compute
     log-probs under the policy and the reference (and values, with a critic), once and without grad.
     Methods that only select among samples (best-of-N, rejection sampling) pass with_logprobs=False and
-    reference=None: no forward beyond sampling and scoring. `sampling`: the [sampling] filters and stop strings
+    reference=None: no forward beyond sampling and scoring. policy_logprobs=False skips the policy's pass (logprobs
+    and entropy None): for a method whose one update starts from the sampling policy, which takes them from its own
+    training pass (GRPO, rlhfkit/algorithms/grpo.py). `sampling`: the [sampling] filters and stop strings
     the tokens are drawn with; the log-probs are the model's at `temperature` without them (as TRL's)."""
     rows = [p for p in prompts for _ in range(k)]
     group = torch.arange(len(prompts), device=rt.device).repeat_interleave(k)
@@ -84,12 +87,15 @@ def collect_rollouts(policy, reference, scorer, tokenizer, prompts: list[str], *
 
     # c. Log-probs of policy and reference, values, entropy: at the sampling temperature, without the [sampling]
     #    filters (TRL's choice too; rlhfkit/models/sampling.py says what that means).
-    logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, s.responses, mask,
-                                                 temperature, rt, with_entropy=True)
+    logprobs = values = entropy = None
+    if policy_logprobs or value_model is not None:
+        logprobs, values, entropy = forward_response(policy, value_model, queries, query_mask, s.responses, mask,
+                                                     temperature, rt, with_entropy=True)
+        logprobs = logprobs * mask
     ref_logprobs = reference.logprobs(queries, query_mask, s.responses, mask, temperature, rt)
     policy.train(was_training)
     return Rollouts(rows, group, queries, query_mask, s.responses, mask, s.ended, texts, scores,
-                    logprobs * mask, ref_logprobs * mask, values, entropy, source_scores)
+                    logprobs, ref_logprobs * mask, values, entropy, source_scores)
 
 
 @dataclass
