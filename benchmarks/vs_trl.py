@@ -137,6 +137,8 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
 
     clock = StepClock()
     common = {"threads": args.threads, "seed": 0, "device": device.type, "precision": precision(args, device)}
+    if args.draw:
+        common["sampling"] = {"draw": args.draw}
     if workload == "reward":
         n = args.pairs * args.steps
         rlhfkit.reward_model(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
@@ -212,7 +214,7 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.data.batching import encode_prompts
-    from rlhfkit.models.sampling import sample
+    from rlhfkit.models.sampling import SamplingParams, sample
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
@@ -220,8 +222,9 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
     prompts = [text(rng, rng.randint(args.prompt_tokens // 2, args.prompt_tokens)) for _ in range(args.prompts)]
     q, qm = (t.to(device) for t in encode_prompts(tok, prompts))
     if side == "rlhfkit":
+        params = SamplingParams(draw=args.draw) if args.draw else None
         go = lambda: sample(model, q, qm, max_new_tokens=args.new_tokens, eos_token_id=-1,  # noqa: E731
-                            pad_token_id=tok.pad_token_id)
+                            pad_token_id=tok.pad_token_id, sampling=params)
     else:
         go = lambda: model.generate(input_ids=q, attention_mask=qm, do_sample=True, max_new_tokens=args.new_tokens,  # noqa: E731
                                     min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id, top_k=0)
@@ -315,7 +318,7 @@ def measure(side: str, workload: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--workload", workload, "--model-dir", str(model_dir)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("threads", "layers", "width", "vocab", "pairs", "steps", "warmup", "prompt_tokens",
-                     "completion_tokens", "prompts", "new_tokens", "precision") and v is not None]
+                     "completion_tokens", "prompts", "new_tokens", "precision", "draw") and v is not None]
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -340,6 +343,8 @@ def main():
     p.add_argument("--cpu", action="store_true", help="CPU even where CUDA is present")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="both sides (bf16: autocast); default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--draw", choices=("multinomial", "inverse_cdf"), default=None,
+                   help="rlhfkit's [sampling] draw (default: rlhfkit's default, torch.multinomial as HF generate)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=16384)
@@ -373,7 +378,8 @@ def main():
     peak = matmul_peak(args.threads, device, args.precision)
     print(f"device {device}, {args.threads} threads, {args.precision}; measured matmul peak {peak / 1e9:.1f} GFLOP/s; model GPT-2 "
           f"{args.layers} layers x {args.width}, vocabulary {args.vocab}; {args.prompt_tokens}+{args.completion_tokens}"
-          f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)",
+          f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)"
+          f"; rlhfkit's draw {args.draw or 'multinomial (default)'}",
           flush=True)
     results: dict = {(w, s): [] for w in workloads for s in ("rlhfkit", "trl")}
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:

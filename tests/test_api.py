@@ -215,6 +215,28 @@ def test_a_function_given_as_module_path_trains_the_same(tmp_path, tokenizer, pr
         assert torch.equal(x, y)
 
 
+def test_a_records_other_fields_reach_the_reward_function(tmp_path, tokenizer, prompts):
+    """TRL's dataset columns: a prompt record's other fields come to the function by keyword, aligned with the
+    completions (K samples of a prompt, each with its prompt's value), and are kept in OUT/input/prompts.jsonl; the
+    fields that would make the file another format ("completion") are not."""
+    wanted = {p: str(i % 10) for i, p in enumerate(prompts)}  # a reference answer per prompt
+    records = [{"prompt": p, "first": wanted[p], "completion": "dropped"} for p in prompts]
+    calls = []
+
+    def matches_first(prompts, completions, first, **kwargs):
+        calls.append((list(prompts), list(first), sorted(kwargs)))
+        return [float(c.startswith(f)) for c, f in zip(completions, first)]
+
+    trained = rlhfkit.grpo(tiny(tokenizer), tokenizer, records, reward=matches_first, out=tmp_path,
+                           grpo={**LEARN, "total_steps": 2}, data=FIVE_TOKENS)
+    assert len(calls) == 2  # one scoring call a step
+    for batch, first, others in calls:
+        assert len(batch) == LEARN["prompts_per_step"] * LEARN["k"] and first == [wanted[p] for p in batch]
+        assert others == []  # no "completion", no "prompt" / "item_id"
+    lines = [json.loads(line) for line in (tmp_path / "input" / "prompts.jsonl").read_text().splitlines()]
+    assert lines == [{"prompt": p, "first": wanted[p]} for p in prompts]
+
+
 def test_ppo_climbs_a_reward_model_directory(tmp_path, tokenizer, prompts, rm_dir):
     """A reward model directory (the value model starts from it: ppo.value_init = 'reward'), prompts from a file:
     PPO raises the reward model's score by several units."""

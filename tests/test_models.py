@@ -9,20 +9,21 @@ from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.data.batching import encode_pairs, encode_prompts
 from rlhfkit.models.forward import causal_logits, last_token_index, response_logprobs, sequence_scores, token_scalars
 from rlhfkit.models.load import check_model_dir, load_policy, load_scalar_model, load_tokenizer
-from rlhfkit.models.sampling import decode_responses, sample, sample_completions
+from rlhfkit.models.sampling import SamplingParams, decode_responses, sample, sample_completions
+from rlhfkit.ops.sampling import draw_tokens
 
 CPU = torch.device("cpu")
 PROMPTS = ["1 2 3 4 =", "5 =", "9 9 0 1 2 3 =", "7 7 ="]  # different lengths exercise left padding
 
 
-def naive_sample(model, tokenizer, prompt, n_new, generator):
+def naive_sample(model, tokenizer, prompt, n_new, generator, draw="multinomial"):
     """Recompute the whole prefix at every step (no cache, no padding): the oracle for the sampler."""
     ids = tokenizer(prompt)["input_ids"]
     out = []
     for _ in range(n_new):
         x = torch.tensor([ids + out])
         logits = model(input_ids=x).logits[0, -1]
-        tok = torch.multinomial(torch.softmax(logits.float(), -1).unsqueeze(0), 1, generator=generator).item()
+        tok = draw_tokens(torch.softmax(logits.float(), -1).unsqueeze(0), generator, draw).item()
         out.append(tok)
         if tok == tokenizer.eos_token_id:
             break
@@ -37,7 +38,12 @@ def test_load_roundtrip_and_kv_cache_sampler_matches_naive(tiny_policy_dir):
         s = sample(model, q, qm, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                    generator=torch.Generator().manual_seed(i))
         got = s.responses[0][s.response_mask[0].bool()].tolist()
-        assert got == naive_sample(model, tok, prompt, 6, torch.Generator().manual_seed(i))
+        assert got == naive_sample(model, tok, prompt, 6, torch.Generator().manual_seed(i))  # torch.multinomial
+        # the cheaper draw ([sampling] draw = 'inverse_cdf') through the KV-cache sampler, against the same oracle
+        s = sample(model, q, qm, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(i), sampling=SamplingParams(draw="inverse_cdf"))
+        got = s.responses[0][s.response_mask[0].bool()].tolist()
+        assert got == naive_sample(model, tok, prompt, 6, torch.Generator().manual_seed(i), "inverse_cdf")
 
 
 def test_left_padding_does_not_change_logprobs(tiny_policy_dir):

@@ -235,3 +235,74 @@ def test_the_shipped_example_is_the_tasks_rule():
     assert got == want and 0.25 < sum(got[:600]) / 600 < 0.4 and sum(got[600:]) > 0
     arr = np.asarray(got)
     assert set(arr.tolist()) == {0.0, 1.0}
+
+
+# ---------------------------------------------------------------- the prompts' other fields, as keyword arguments
+
+
+def _prompt_task(tmp_path, rows, name="prompts.jsonl"):
+    """A DataTask over a prompt file of `rows` (on digits, whose prompts the file replaces)."""
+    import json
+
+    from rlhfkit.tasks import task_for
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=[f"data.prompts='{path}'", "data.heldout_fraction=0.5"])
+    return task_for(cfg), path
+
+
+QA = [{"prompt": f"What is {a} x {b}?", "answer": str(a * b), "level": a % 3} for a in range(2, 8) for b in (3, 4)]
+
+
+def test_a_reward_function_gets_each_prompts_own_fields(tmp_path):
+    """TRL's dataset columns: a prompt file's other fields reach the function by keyword, one list aligned with the
+    completions (the prompts in any order, one prompt repeated, a prompt without the field gets None), so a verifier
+    can check each completion against its own reference."""
+    rows = QA + [{"prompt": "Say hi."}]
+    task, _ = _prompt_task(tmp_path, rows)
+    seen = {}
+
+    def exact(prompts, completions, answer, **kwargs):  # TRL's signature, plus the field it reads
+        seen.update(answer=answer, **kwargs)
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    scorer = PythonScorer(exact, "@exact", "reward.sources[0]", torch.device("cpu"), fields=task.prompt_fields)
+    order = [QA[5], QA[0], QA[5], {"prompt": "Say hi."}]
+    prompts = [r["prompt"] for r in order]
+    completions = [QA[5]["answer"], "41", " " + QA[5]["answer"] + " ", "hi"]
+    assert scorer(prompts, completions).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert seen["answer"] == [QA[5]["answer"], QA[0]["answer"], QA[5]["answer"], None]
+    assert seen["level"] == [QA[5]["level"], QA[0]["level"], QA[5]["level"], None]  # any JSON value, as read
+
+    def named_only(prompts, completions, answer):  # no **kwargs: the fields it names, nothing else
+        return [float(a is not None) for a in answer]
+
+    narrow = PythonScorer(named_only, "@named_only", "reward.sources[0]", torch.device("cpu"), fields=task.prompt_fields)
+    assert narrow(prompts, completions).tolist() == [1.0, 1.0, 1.0, 0.0]
+    # a task that generates its prompts has no fields: the call is the plain one
+    plain = PythonScorer(named_only, "@named_only", "reward.sources[0]", torch.device("cpu"),
+                         fields=get_task("digits").prompt_fields)
+    with pytest.raises(RlhfkitError, match=r"raised TypeError.*called with prompts=, completions= lists of 4"):
+        plain(prompts, completions)
+
+
+def test_prompt_fields_survive_a_conversion_and_bad_fields_are_named(tmp_path):
+    from rlhfkit.core.errors import DataError
+    from rlhfkit.data.load import load_prompts
+    from rlhfkit.data.contract import write_jsonl
+
+    _, path = _prompt_task(tmp_path, QA)
+    records = load_prompts(path)
+    assert records[0].fields == {"answer": "6", "level": 2}
+    write_jsonl(tmp_path / "again.jsonl", records)  # written back at the top level, as they were read
+    assert [r.fields for r in load_prompts(tmp_path / "again.jsonl")] == [r.fields for r in records]
+
+    clash = [dict(QA[0], answer="7")] + QA  # the same prompt, another answer: which one would the function get?
+    with pytest.raises(DataError, match=r"'What is 2 x 3\?' appears with different fields"):
+        _prompt_task(tmp_path, clash, "clash.jsonl")
+    task, _ = _prompt_task(tmp_path, [dict(r, completions=1) for r in QA], "reserved.jsonl")
+    scorer = PythonScorer(lambda prompts, completions, **kw: [0.0] * len(prompts), "@f", "reward.sources[0]",
+                          torch.device("cpu"), fields=task.prompt_fields)
+    with pytest.raises(RlhfkitError, match=r"field 'completions' has the name of an argument.*rename the field"):
+        scorer([QA[0]["prompt"]], ["6"])

@@ -199,6 +199,10 @@ def test_sampling_is_an_input_of_the_stages_that_sample_and_old_stages_stay_up_t
     mark_complete(tmp_path / "feedback", {})
     assert stage_changes(tmp_path, "feedback", cfg) == []
     assert stage_changes(tmp_path, "feedback", cut) == ["sampling.top_p: 1.0 -> 0.9"]
+    # the draw is an input too (other samples); recorded before it was a setting, it reads as multinomial, the draw
+    # of that time and the default
+    assert stage_changes(tmp_path, "feedback", load_config(overrides=["sampling.draw='inverse_cdf'"])) \
+        == ["sampling.draw: 'multinomial' -> 'inverse_cdf'"]
 
 
 # ---------------------------------------------------------------- the config: validation
@@ -212,6 +216,7 @@ def test_sampling_is_an_input_of_the_stages_that_sample_and_old_stages_stay_up_t
     ("sampling.repetition_penalty=0", "must be a finite number > 0"),
     ("sampling.repetition_penalty=-1.2", "must be a finite number > 0"),
     ("sampling.stop=['ok', '']", "empty string"),
+    ("sampling.draw='gumbel'", "must be one of 'inverse_cdf', 'multinomial'"),
 ])
 def test_impossible_sampling_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -112,10 +112,17 @@ class Demonstration:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One prompt to sample from (feedback, online RL, evaluation)."""
+    """One prompt to sample from (feedback, online RL, evaluation). `fields`: the record's other fields as they were
+    (e.g. a reference answer), given to Python reward functions as keyword arguments (TRL passes a dataset's other
+    columns the same way; rlhfkit/spine/reward_functions.py); written back at the record's top level."""
 
     item_id: str
     prompt: Text
+    fields: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+# A prompt record's own fields; every other field of its row is kept in PromptRecord.fields
+PROMPT_RECORD_KEYS = frozenset({"prompt", "item_id"})
 
 
 def prompt_item_id(prompt: Text) -> str:
@@ -377,7 +384,8 @@ def parse_demonstration(obj: dict, where: str) -> Demonstration:
 
 def parse_prompt(obj: dict, where: str) -> PromptRecord:
     prompt = parse_text(_require(obj, "prompt", (str, list), where), "prompt", where)
-    return PromptRecord(item_id=_item_id(obj, prompt, where), prompt=prompt)
+    fields = {k: v for k, v in obj.items() if k not in PROMPT_RECORD_KEYS}
+    return PromptRecord(item_id=_item_id(obj, prompt, where), prompt=prompt, fields=fields)
 
 
 def _item_id(obj: dict, prompt: Text, where: str) -> str:
@@ -429,7 +437,10 @@ def _as_row(record: Any) -> Any:
     """A record as one JSON object: a dataclass's fields, less those of OPTIONAL_WHEN_NONE that are None."""
     if not hasattr(record, "__dataclass_fields__"):
         return record
-    return {k: v for k, v in asdict(record).items() if not (v is None and k in OPTIONAL_WHEN_NONE)}
+    row = {k: v for k, v in asdict(record).items() if not (v is None and k in OPTIONAL_WHEN_NONE)}
+    if isinstance(record, PromptRecord):  # its other fields at the top level, as they were read
+        row = {**row.pop("fields"), **row}
+    return row
 
 
 def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:

@@ -343,7 +343,7 @@ def _emit_messages(d: Demonstration) -> dict:
 
 
 def _emit_prompt(p: PromptRecord) -> dict:
-    return {"prompt": p.prompt, **_extras(p)}
+    return {**p.fields, "prompt": p.prompt, **_extras(p)}
 
 
 def _emit_txt(p: PromptRecord) -> dict:

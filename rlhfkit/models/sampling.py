@@ -8,7 +8,9 @@ or `max_new_tokens` is reached.
 The [sampling] settings (SamplingParams) shape each step's distribution beyond the temperature, in Hugging Face
 generate's order: repetition penalty on the raw logits, then the temperature, then top-k, top-p and min-p
 (rlhfkit/ops/sampling.py). With their defaults (all off, no stop strings) the sampler runs exactly the
-operations it ran before they existed, so every earlier result is reproduced bit for bit.
+operations it ran before they existed, so every earlier result is reproduced bit for bit. The token is then drawn
+with torch.multinomial, or with `draw = "inverse_cdf"` by inverse transform sampling, 10-20x cheaper on CPU
+(rlhfkit.ops.sampling.draw_tokens): the same distribution, other samples from the same seed.
 
 Log-probs are NOT those of the filtered distribution: the online methods (PPO, RLOO, GRPO) and the KL figures
 use the model's log-probs at the sampling temperature without the top-k/top-p/min-p cut or the repetition
@@ -36,7 +38,14 @@ from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.models.forward import position_ids
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import autocast, resolve_device
-from rlhfkit.ops.sampling import min_p_filter, repetition_penalty, seen_tokens, top_k_filter, top_p_filter
+from rlhfkit.ops.sampling import (
+    draw_tokens,
+    min_p_filter,
+    repetition_penalty,
+    seen_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def _cache_name() -> str:
@@ -61,11 +70,13 @@ class SamplingParams:
     min_p: float = 0.0  # keep tokens at least min_p x the top token's probability; 0 = off
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence (prompt included) less likely
     stop: tuple[str, ...] = ()  # a response ends at the first of these in its decoded text
+    draw: str = "multinomial"  # how the token is drawn from the probabilities (rlhfkit.ops.sampling.draw_tokens)
 
     @classmethod
     def of(cls, section) -> "SamplingParams":
         """The settings of a config's [sampling] section (any object with these fields)."""
-        return cls(section.top_k, section.top_p, section.min_p, section.repetition_penalty, tuple(section.stop))
+        return cls(section.top_k, section.top_p, section.min_p, section.repetition_penalty, tuple(section.stop),
+                   getattr(section, "draw", "multinomial"))
 
 
 def next_token_logits(logits: torch.Tensor, temperature: float, params: SamplingParams,
@@ -152,7 +163,7 @@ def sample(
     last = torch.full((B,), max_new_tokens, device=device)  # (B,) index of the token that completed a stop string
     for t in range(max_new_tokens):
         probs = torch.softmax(next_token_logits(logits, temperature, params, seen), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        nxt = draw_tokens(probs, generator, params.draw)  # (B,)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
         if seen is not None:

@@ -25,7 +25,8 @@ on prompts and learn from a reward (best-of-N: pick by it); `model` as it is is 
     picked = rlhfkit.best_of_n(sft.model, sft.tokenizer, prompts, reward=rm, best_of_n={"n": 8})  # trains nothing
 
 `prompts`: strings, records with a "prompt" (text or a conversation: a list of {"role", "content"} messages; other
-fields are not read), bare conversations, a datasets.Dataset of such records, or a file as data.prompts reads it
+fields go to Python reward functions as keyword arguments, as TRL's columns do, but for "completion" and the other
+fields that would make them another format's), bare conversations, a datasets.Dataset of such records, or a file as data.prompts reads it
 (docs/data.md). A share, data.heldout_fraction, is held out by prompt and not trained on (the pipeline's evaluation
 prompts). `reward`: a reward model directory, the Trained that rlhfkit.reward_model returned, a Python callable
 f(prompts=[...], completions=[...]) -> one number per completion, a "module:function" or "path/to/file.py:function"
@@ -307,10 +308,15 @@ def _items(data, arg: str, expected: str, empty: str) -> list:
     return list(items)
 
 
+# Fields that make a record another format's (rlhfkit.data.formats.detect_format): not written to a prompt file
+_FORMAT_FIELDS = frozenset({"completion", "completions", "chosen", "rejected", "messages", "label"})
+
+
 def _prompts_file(prompts, out: Path) -> str:
     """data.prompts: `prompts` itself when it is a path, else one {"prompt": ...} record a line in
-    OUT/input/prompts.jsonl: a string or a bare conversation becomes one; of a record, its "prompt" and "item_id"
-    are kept (the other fields are not read, and could make the reader take the file for another format)."""
+    OUT/input/prompts.jsonl: a string or a bare conversation becomes one; a record is kept with its other fields
+    (Python reward functions get them as keyword arguments), except those that would make the reader take the file
+    for another format (_FORMAT_FIELDS: TRL's reward functions do not get a "completion" either)."""
     if isinstance(prompts, (str, Path)):
         return str(prompts)
     items = _items(prompts, "prompts", "a list of strings or {'prompt': ...} records, a datasets.Dataset or a file path",
@@ -320,7 +326,7 @@ def _prompts_file(prompts, out: Path) -> str:
         if isinstance(item, (str, list)):  # a text prompt, or a conversation (a list of messages)
             records.append({"prompt": item})
         elif isinstance(item, dict) and "prompt" in item:
-            records.append({k: item[k] for k in ("item_id", "prompt") if k in item})
+            records.append({k: v for k, v in item.items() if k not in _FORMAT_FIELDS})
         elif isinstance(item, dict):
             fields = ", ".join(map(repr, item)) or "none"
             raise ConfigError(f"prompts: record {i} has no 'prompt' (its fields: {fields}); give each record a "

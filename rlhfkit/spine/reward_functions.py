@@ -10,7 +10,10 @@ The function is called once per batch, by keyword, as TRL calls its reward funct
     def rule_reward(prompts: list, completions: list, **kwargs) -> list[float]: ...
 
 prompts and completions as the rest of rlhfkit sees them (text, or a list of chat messages for a chat prompt);
-one finite number per completion back (a list, tuple, NumPy array or tensor; True / False count as 1 / 0, a
+and, by keyword too, every other field of the prompts' records in the prompt file (data.prompts), one list per
+field aligned with the completions (None where a prompt lacks the field): a record {"prompt": ..., "answer": "42"}
+gives answer=["42", ...], as TRL passes a dataset's other columns. A function without **kwargs gets only the fields
+its signature names. One finite number per completion back (a list, tuple, NumPy array or tensor; True / False count as 1 / 0, a
 binary reward). A function that raises, returns
 another length, or a value that is not a finite number stops the run with an error naming the source, the function
 and the first offending item, never a traceback from deep inside the trainer.
@@ -161,20 +164,55 @@ def _shown(prompt) -> str:
     return text if len(text) <= SHOWN else text[: SHOWN - 1] + "…"
 
 
-class PythonScorer:
-    """A Python function as a reward (kind = 'python'): fn(prompts=..., completions=...) -> one finite number per
-    completion, as a (B,) float32 tensor; `key` ('reward.sources[i]') and `spec` name it in errors."""
+# Keyword arguments every reward function gets: a prompt field of the same name cannot be passed as well
+CALL_ARGUMENTS = ("prompts", "completions")
 
-    def __init__(self, fn: Callable, spec: str, key: str, device: torch.device):
+
+def accepted_fields(fn: Callable) -> Callable[[str], bool]:
+    """Which extra keyword arguments `fn` takes: all with **kwargs, else the parameters it names."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it what TRL would, everything
+        return lambda name: True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return lambda name: True
+    named = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
+    return lambda name: name in named
+
+
+class PythonScorer:
+    """A Python function as a reward (kind = 'python'): fn(prompts=..., completions=..., **fields) -> one finite
+    number per completion, as a (B,) float32 tensor. `fields(prompt)`: that prompt's other fields
+    (Task.prompt_fields), passed one list per field; `key` ('reward.sources[i]') and `spec` name it in errors."""
+
+    def __init__(self, fn: Callable, spec: str, key: str, device: torch.device,
+                 fields: Callable[[object], dict] | None = None):
         self.fn, self.spec, self.key, self.device = fn, spec, key, device
+        self.fields, self.accepts = fields, accepted_fields(fn)
+
+    def keyword_fields(self, prompts: list) -> dict[str, list]:
+        """The prompts' other fields as keyword arguments: name -> one value per row (None where a row lacks it),
+        in the order the fields first appear; those fn cannot take are left out."""
+        if self.fields is None:
+            return {}
+        rows = [self.fields(p) for p in prompts]
+        names = [n for n in dict.fromkeys(n for row in rows for n in row) if self.accepts(n)]
+        clash = [n for n in names if n in CALL_ARGUMENTS]
+        if clash:
+            raise RlhfkitError(f"{self.key} (kind = 'python', {self.spec}): the prompt file's field {clash[0]!r} has "
+                               "the name of an argument every reward function gets; rename the field in the prompt "
+                               "file (data.prompts)")
+        return {n: [row.get(n) for row in rows] for n in names}
 
     def __call__(self, prompts: list, completions: list) -> torch.Tensor:
         who = f"{self.key} (kind = 'python', {self.spec})"
+        extra = self.keyword_fields(prompts)
         try:
-            raw = self.fn(prompts=list(prompts), completions=list(completions))
+            raw = self.fn(prompts=list(prompts), completions=list(completions), **extra)
         except Exception as e:
             raise RlhfkitError(f"{who} raised {type(e).__name__}: {e}; fix the function (it is called with "
-                               f"prompts=, completions= lists of {len(prompts)})") from e
+                               f"{', '.join(f'{n}=' for n in (*CALL_ARGUMENTS, *extra))} lists of {len(prompts)})") from e
         if isinstance(raw, torch.Tensor):
             raw = raw.detach().cpu().reshape(-1).tolist()
         try:

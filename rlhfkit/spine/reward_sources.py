@@ -179,7 +179,8 @@ def build_scorer(cfg: Config, task, rm_dir: Path, rt: Runtime):
             scorers[name] = open_score_judge(s, rt, f"reward.sources[{i}]", cfg.judge.batch_size)  # [judge]'s
         elif s.kind == "python":
             key = f"reward.sources[{i}]"
-            scorers[name] = PythonScorer(load_function(s.function, key), s.function, key, rt.device)
+            scorers[name] = PythonScorer(load_function(s.function, key), s.function, key, rt.device,
+                                         fields=task.prompt_fields)
         elif s.kind == "classifier":
             scorers[name] = ClassLabelScorer(source_model_dir(cfg, s, rm_dir), rt, s.label, s.output)
         else:  # a reward model rlhfkit trained is read as it was trained; any other classifier by its forward

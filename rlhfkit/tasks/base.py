@@ -31,6 +31,11 @@ class Task(ABC):
     def demonstrations(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
         """n (prompt, completion) pairs for SFT."""
 
+    def prompt_fields(self, prompt) -> dict:
+        """A prompt's other fields (a prompt file's record beyond 'prompt' and 'item_id'), which Python reward
+        functions get as keyword arguments; a task that generates its prompts has none."""
+        return {}
+
     def heldout_prompts(self, n: int, rng: random.Random) -> list[str]:
         """n evaluation prompts (a task that generates prompts draws them from the evaluation's own stream)."""
         return self.prompts(n, rng)

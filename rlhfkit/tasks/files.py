@@ -16,6 +16,7 @@ and the KL).
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def _draw(pool: list, n: int, rng: random.Random) -> list:
     return out
 
 
+def _key(prompt) -> str:
+    """A prompt (text or a conversation) as a dictionary key."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 class DataTask(Task):
     """The built-in task `base` (or none) with prompts and demonstrations read from files."""
 
@@ -56,6 +62,7 @@ class DataTask(Task):
                                    f"prompts at data.heldout_fraction = {data.heldout_fraction}; both need at least "
                                    "one (give more prompts, or change the fraction)")
             self._prompts = ([r.prompt for r in train], [r.prompt for r in heldout])
+            self._record_fields = [r.fields for r in train] + [r.fields for r in heldout]
         if data.sft:
             train, heldout = _split(load_demonstrations(data.sft), data.heldout_fraction, seed)
             if not train or not heldout:
@@ -66,6 +73,25 @@ class DataTask(Task):
         self.truncated = {"prompts": 0, "sft": 0}  # how many prompts data.max_prompt_length cut (the preflight says)
         if tokenizer is not None and data.max_prompt_length:
             self._truncate(tokenizer, data.max_prompt_length, data.truncation_side)
+        self._fields = self._fields_by_prompt() if self._prompts else {}
+
+    def _fields_by_prompt(self) -> dict:
+        """Each prompt's other fields by its (truncated) text: a reward function is handed the fields of the prompt
+        it scores. Two records of one prompt with different fields could not be told apart: refused."""
+        by_key: dict[str, dict] = {}
+        for prompt, fields in zip(self._prompts[0] + self._prompts[1], self._record_fields):
+            if not fields:
+                continue
+            key = _key(prompt)
+            if by_key.setdefault(key, fields) != fields:
+                shown = str(prompt).replace("\n", " ")[:80]
+                raise DataError(f"data.prompts = {self.data.prompts!r}: the prompt {shown!r} appears with different "
+                                f"fields ({by_key[key]} and {fields}); reward functions get a prompt's fields by its "
+                                "text, so give each prompt once, or the same fields each time")
+        return by_key
+
+    def prompt_fields(self, prompt) -> dict:
+        return self._fields.get(_key(prompt), {}) if self._fields else {}
 
     def _truncate(self, tokenizer, max_length: int, side: str) -> None:
         """Cut every prompt (and every demonstration's prompt) to max_length tokens (data.truncation_side)."""
