@@ -361,6 +361,11 @@ def test_grpo_old_logprobs_from_the_training_pass_change_nothing_but_rounding(ti
     a, b = (load_policy(root / n / "model", torch.device("cpu")) for n in ("grpo_reuse", "grpo_separate"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
+    # two updates per batch (epochs 2, or two minibatches): the policy moves between them, the rollout's pass stays
+    monkeypatch.setattr(grpo, "REUSE_TRAINING_LOGPROBS", True)
+    for more in (["grpo.epochs=2", "grpo.minibatch_size=16"], ["grpo.epochs=1", "grpo.minibatch_size=8"]):
+        result, _ = _train(tiny_dirs, "grpo", "grpo_" + more[0][-1] + more[1][-2:], ["grpo.total_steps=1", *more])
+        assert result["passes"]["forward"] == 3 * 16, more
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])

@@ -32,9 +32,10 @@ def test_each_token_is_drawn_with_its_probability(draw):
 
 def test_inverse_cdf_is_the_first_token_whose_running_sum_exceeds_u_times_the_total(monkeypatch):
     """Against a loop, on unnormalised rows (what draw_tokens is given is any positive mass), with the uniform
-    draws fixed: u = 0 takes the first token with mass, u just below 1 the last."""
+    draws fixed: u = 0 takes the first token with mass (not the zero before it), u just below 1 the last; a target
+    equal to a running sum goes past it (the sum must exceed it)."""
     p = probs_rows() * torch.tensor([[2.0], [0.5], [3.0]])
-    u = torch.tensor([[0.0], [0.3], [0.9999]])
+    u = torch.tensor([[0.3], [0.0], [0.9999]])
     monkeypatch.setattr(ops_sampling.torch, "rand", lambda *a, **k: u.clone())
     got = draw_tokens(p, None, "inverse_cdf").tolist()
     want = []
@@ -45,7 +46,7 @@ def test_inverse_cdf_is_the_first_token_whose_running_sum_exceeds_u_times_the_to
             if running > ur * total:
                 want.append(j)
                 break
-    assert got == want == [0, 1, 3]
+    assert got == want == [2, 1, 3]
 
 
 def test_a_uniform_that_rounds_up_to_the_total_never_takes_a_zero_tail(monkeypatch):
