@@ -13,8 +13,8 @@ prompts and completions as the rest of rlhfkit sees them (text, or a list of cha
 and, by keyword too, every other field of the prompts' records in the prompt file (data.prompts), one list per
 field aligned with the completions (None where a prompt lacks the field): a record {"prompt": ..., "answer": "42"}
 gives answer=["42", ...], as TRL passes a dataset's other columns. A function without **kwargs gets only the fields
-its signature names. One finite number per completion back (a list, tuple, NumPy array or tensor; True / False count as 1 / 0, a
-binary reward). A function that raises, returns
+its signature names. One finite number per completion back (a list, tuple, NumPy array or tensor; True / False
+count as 1 / 0, a binary reward). A function that raises, returns
 another length, or a value that is not a finite number stops the run with an error naming the source, the function
 and the first offending item, never a traceback from deep inside the trainer.
 
