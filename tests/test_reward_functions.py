@@ -297,6 +297,10 @@ def test_prompt_fields_survive_a_conversion_and_bad_fields_are_named(tmp_path):
     assert records[0].fields == {"answer": "6", "level": 2}
     write_jsonl(tmp_path / "again.jsonl", records)  # written back at the top level, as they were read
     assert [r.fields for r in load_prompts(tmp_path / "again.jsonl")] == [r.fields for r in records]
+    from rlhfkit.cli import main as cli_main  # `rlhfkit data convert` keeps them too
+
+    assert cli_main(["data", "convert", str(path), str(tmp_path / "converted.jsonl")]) == 0
+    assert [r.fields for r in load_prompts(tmp_path / "converted.jsonl")] == [r.fields for r in records]
 
     clash = [dict(QA[0], answer="7")] + QA  # the same prompt, another answer: which one would the function get?
     with pytest.raises(DataError, match=r"'What is 2 x 3\?' appears with different fields"):
