@@ -6,6 +6,7 @@ The invariance tests come first and use a fixed batch with uneven token counts: 
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -225,6 +226,27 @@ def test_sft_resumes_mid_epoch_exactly(tmp_path, tokenizer, sft_data, every, kil
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # finished: no stale checkpoint left behind
 
 
+def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path, tokenizer, sft_data):
+    """A checkpoint written under train.sharding (optimiser state gathered from the shards) is refused by a run
+    without it, with the setting named; an unknown sharding is refused by make_engine; alone it means plain steps."""
+    opts = LoopOptions(checkpoint_every=4, callbacks=[KillAt(5)])
+    with pytest.raises(Stop):
+        fit(tokenizer, sft_data[0], options=opts, checkpoint=tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["sharding"] == "none"
+    torch.save({**state, "sharding": "zero2"}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="written with train.sharding = 'zero2'"):
+        fit(tokenizer, sft_data[0], options=LoopOptions(checkpoint_every=4), checkpoint=tmp_path / "run")
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ConfigError, match="train.sharding = 'zero4'"):
+        make_engine({"m": model}, torch.optim.SGD(model.parameters(), lr=0.1), None, CPU, sharding="zero4")
+    assert make_engine({"m": model}, torch.optim.SGD(model.parameters(), lr=0.1), None, CPU,
+                       sharding="zero3").sharding == "none"  # one process: nothing to shard
+    from rlhfkit.pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match="train.sharding = 'zero1': 'zero1' is not a sharding; choose 'none'"):
+        load_config(overrides=["train.sharding='zero1'"])
+
 def test_periodic_eval_logged_under_eval_names(tmp_path, tokenizer, sft_data):
     train, heldout = sft_data
     _, result = fit(tokenizer, train, log=tmp_path / "m.jsonl", options=LoopOptions(eval_every=4), heldout=heldout)
@@ -303,6 +325,31 @@ def relative_gap(a, b, start):
     return norm(a[k] - b[k] for k in a) / norm(a[k] - start[k] for k in shared)
 
 
+def kill_at_first_checkpoint_and_resume(out, sets):
+    """A 2-process SFT into `out`, SIGKILLed (all its processes) once its first checkpoint is written, then the same
+    command again: it must resume. Returns the resumed run's final weights."""
+    args = ["sft", "--out", str(out)] + [a for s in TINY + sets for a in ("--set", s)]
+    proc = subprocess.Popen(launcher(2) + args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = out / ".partial" / "sft" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    import psutil  # accelerate's own dependency
+
+    launched = psutil.Process(proc.pid)  # torchrun starts each worker in a session of its own: kill them by ancestry
+    family = [launched, *launched.children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()  # SIGKILL
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+    assert checkpoint.exists() and not (out / "sft").exists(), "the run ended before it could be killed"
+    run = rlhfkit(["sft", "--out", str(out)] + [a for s in sets for a in ("--set", s)], processes=2)
+    assert "resuming the interrupted run" in run.stdout
+    return weights(out / "sft" / "model")
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """SFT, the reward model and DPO under 2 processes (each half of every batch, gradients all-reduced) end where
@@ -317,26 +364,8 @@ def test_two_processes_equal_one(tmp_path):
     # SIGKILL the 2-process SFT once its first checkpoint is written; the same command then resumes it, and it
     # ends bit-identical to the uninterrupted 2-process run
     killed = tmp_path / "killed"
-    args = ["sft", "--out", str(killed), "--set", "train.checkpoint_every=4"] + [a for s in TINY for a in ("--set", s)]
-    proc = subprocess.Popen(launcher(2) + args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    checkpoint = killed / ".partial" / "sft" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    import psutil  # accelerate's own dependency
-
-    launched = psutil.Process(proc.pid)  # torchrun starts each worker in a session of its own: kill them by ancestry
-    family = [launched, *launched.children(recursive=True)]
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()  # SIGKILL
-    psutil.wait_procs(family, timeout=30)
-    proc.wait()
-    assert checkpoint.exists() and not (killed / "sft").exists(), "the run ended before it could be killed"
-    run = rlhfkit(["sft", "--out", str(killed), "--set", "train.checkpoint_every=4"], processes=2)
-    assert "resuming the interrupted run" in run.stdout
-    resumed, whole = weights(killed / "sft" / "model"), weights(two / "sft" / "model")
+    resumed = kill_at_first_checkpoint_and_resume(killed, ["train.checkpoint_every=4"])
+    whole = weights(two / "sft" / "model")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     shutil.rmtree(two)  # the reward model and DPO from the same SFT policy and comparisons as the 1-process run
     two.mkdir()
@@ -365,6 +394,106 @@ def test_two_processes_equal_one(tmp_path):
     assert lines[0]["objective/kl"] == 0.0  # the first rollouts: policy = reference in both processes
     assert (two / "ppo" / "model" / "model.safetensors").is_file()
 
+
+@pytest.mark.slow
+def test_sharded_processes_equal_one_and_resume(tmp_path):
+    """train.sharding = "zero2" / "zero3" (FSDP2: each process keeps 1/2 of the optimiser state and gradients, and
+    under zero3 of the weights): SFT, the reward model and DPO under 2 processes end where one process ends, to
+    float rounding; the saved models are whole (tied weights written once); a SIGKILLed sharded SFT resumes
+    bit-identical; PPO's checkpoint (optimiser state gathered from the shards) continues a run exactly."""
+    one = tmp_path / "one"
+    for stage in ("sft", "feedback", "reward", "dpo"):
+        rlhfkit([stage, "--out", str(one)])
+    start = tiny_start(one)
+    gaps = {}
+    for sharding in ("zero2", "zero3"):
+        d = tmp_path / sharding
+        rlhfkit(["sft", "--out", str(d), "--set", f"train.sharding='{sharding}'"], processes=2)
+        got = weights(d / "sft" / "model")
+        assert sorted(got) == sorted(weights(one / "sft" / "model"))  # no extra copy of the tied head
+        gaps[f"sft {sharding}"] = relative_gap(got, weights(one / "sft" / "model"), start)
+    resumed = kill_at_first_checkpoint_and_resume(tmp_path / "killed", ["train.checkpoint_every=4",
+                                                                        "train.sharding='zero2'"])
+    whole = weights(tmp_path / "zero2" / "sft" / "model")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+    two = tmp_path / "two"  # the reward model and DPO from the same SFT policy and comparisons as one process
+    two.mkdir()
+    for stage in ("sft", "feedback", "config.toml"):
+        (shutil.copytree if (one / stage).is_dir() else shutil.copyfile)(one / stage, two / stage)
+    for stage in ("reward", "dpo"):
+        rlhfkit([stage, "--out", str(two), "--set", "train.sharding='zero2'"], processes=2)
+        gaps[stage] = relative_gap(weights(two / stage / "model"), weights(one / stage / "model"),
+                                   weights(one / "sft" / "model"))
+        a, b = (json.loads((d / stage / "COMPLETE.json").read_text()) for d in (one, two))
+        assert abs(a["heldout_loss"] - b["heldout_loss"]) < 1e-3, (a, b)
+    print("relative gap, 2 sharded processes vs 1:", gaps)
+    assert max(gaps.values()) < 1e-2, gaps
+
+    # PPO under zero3: 2 steps with a checkpoint each, continued to 3, equals 3 steps in one go, bit for bit
+    ppo = ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.minibatch_size=8", "--set", "ppo.checkpoint_every=1",
+           "--set", "train.sharding='zero3'"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    for stage in ("sft", "feedback", "reward", "config.toml"):
+        (shutil.copytree if (two / stage).is_dir() else shutil.copyfile)(two / stage, straight / stage)
+    rlhfkit(["ppo", "--out", str(two), "--set", "ppo.total_steps=2"] + ppo, processes=2)
+    run = rlhfkit(["ppo", "--out", str(two), "--set", "ppo.total_steps=3"] + ppo, processes=2)
+    assert "ppo.resumed = True" in run.stdout
+    rlhfkit(["ppo", "--out", str(straight), "--set", "ppo.total_steps=3"] + ppo, processes=2)
+    a, b = weights(two / "ppo" / "model"), weights(straight / "ppo" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(two / "sft" / "model")[k]) for k in a)  # PPO moved the policy
+
+@pytest.mark.slow
+def test_self_training_under_two_processes(tmp_path):
+    """Rejection sampling, ReST and online DPO under 2 processes: each samples half of a round's prompts, the sets
+    are gathered in rank order (the prompts and their groups are one process's), every process selects the same
+    rows, the fine-tuning / DPO is split over both, and the main process writes each file once."""
+    one = tmp_path / "one"
+    for stage in ("sft", "feedback", "reward"):
+        rlhfkit([stage, "--out", str(one)])
+    sets = {"rejection_sampling": ["rejection_sampling.rounds=2", "rejection_sampling.n_prompts=32",
+                                   "rejection_sampling.k=4", "rejection_sampling.epochs=1",
+                                   "rejection_sampling.batch_size=16"],
+            "rest": ["rest.iterations=1", "rest.n_prompts=32", "rest.k=4", "rest.quantiles=[0.5, 0.8]",
+                     "rest.batch_size=16"],
+            "online_dpo": ["online_dpo.iterations=1", "online_dpo.n_prompts=32", "online_dpo.k=4",
+                           "online_dpo.batch_size=8"]}
+    files = {"rejection_sampling": "round-1/samples.jsonl", "rest": "iter-1/grow.jsonl",
+             "online_dpo": "iter-1/samples.jsonl"}
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    for method, extra in sets.items():
+        flags = [a for s in extra for a in ("--set", s)]
+        rlhfkit([method, "--out", str(one)] + flags)
+        run = rlhfkit([method, "--out", str(two)] + flags, processes=2)
+        assert run.stdout.count(f"{method}: running") == 1
+        rows = [json.loads(line) for line in (two / method / files[method]).read_text().splitlines()]
+        single = [json.loads(line) for line in (one / method / files[method]).read_text().splitlines()]
+        assert len(rows) == 32 * 4
+        # the gathered set in the one-process layout: the same prompts in the same order, a prompt's 4 samples
+        # consecutive under its group index; the samples themselves differ (process 1 draws from its own stream)
+        assert [r["prompt"] for r in rows] == [r["prompt"] for r in single]
+        assert [r["group"] for r in rows] == [i // 4 for i in range(32 * 4)]
+        assert [r["completion"] for r in rows[:64]] != [r["completion"] for r in rows[64:]]
+        records = read_metrics(two / method / "metrics.jsonl")
+        assert [r["step"] for r in records] == [r["step"] for r in read_metrics(one / method / "metrics.jsonl")]
+        assert records[0]["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5)  # both halves sampled the SFT policy
+        assert (two / method / "model" / "model.safetensors").is_file()
+        if method == "rejection_sampling":
+            for r in (r for r in rows if r["kept"]):  # every process kept the same rows: each prompt's best ended
+                assert r["score"] == max(x["score"] for x in rows if x["group"] == r["group"] and x["ended"])
+            assert records[0]["selection/kept_fraction"] == sum(r["kept"] for r in rows) / 32
+        if method == "online_dpo":  # DPO's first loss, averaged over both processes' halves: ln 2 (policy = reference)
+            assert records[0]["loss/dpo_initial"] == pytest.approx(math.log(2), abs=1e-4)
+
+    uneven = subprocess.run(launcher(2) + ["rejection_sampling", "--out", str(two)]
+                            + [a for s in TINY + sets["rejection_sampling"][:1] + ["rejection_sampling.n_prompts=33"]
+                               for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert uneven.returncode != 0
+    assert "rejection_sampling.n_prompts = 33 does not split evenly over 2 processes" in uneven.stdout + uneven.stderr
 
 @pytest.mark.slow
 def test_reward_dpo_kto_accumulation_equals_one_batch(tmp_path):
@@ -430,12 +559,17 @@ def test_online_pieces_under_two_processes(tmp_path):
         import dist_oracle
     finally:
         sys.path.pop(0)
-    engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, CPU,  # noqa: E731
-                                      max_grad_norm=0.0)
+    engine_of = lambda m, clip=0.0: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, CPU,  # noqa: E731
+                                                max_grad_norm=clip)
     one = dist_oracle.compute(1, 0, engine_of)
-    run = subprocess.run(launcher(2)[:-2] + [str(ROOT / "tests" / "scripts" / "dist_oracle.py"), str(tmp_path / "two.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    for key in ("whitened", "advantages", "scores", "params", "params_global"):
-        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=0, atol=1e-6, msg=key)
+    assert one["params_clipped"] != one["params_global"]  # the clipping norm bites
+    for sharding in ("none", "zero2", "zero3"):  # DDP, and FSDP2 sharding the model (train.sharding)
+        out = tmp_path / f"{sharding}.json"
+        run = subprocess.run(launcher(2)[:-2] + [str(ROOT / "tests" / "scripts" / "dist_oracle.py"), str(out), sharding],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        two = json.loads(out.read_text())
+        for key in ("whitened", "advantages", "scores", "params", "params_global", "params_clipped"):
+            torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=0, atol=1e-6,
+                                       msg=f"{sharding}: {key}")

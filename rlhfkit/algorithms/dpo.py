@@ -350,7 +350,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
     total_steps = Epochs.count(n, batch_size, dc.epochs)
     optimizer, scheduler = make_optimizer(policy.parameters(), dc.lr, total_steps)
     engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         max_grad_norm=dc.max_grad_norm, checkpointing=rt.checkpointing)
+                         max_grad_norm=dc.max_grad_norm, checkpointing=rt.checkpointing, sharding=rt.sharding)
     engine.check_batch(min(batch_size, n), f"{section}.batch_size")
     # a listwise loss is a mean over rankings: a micro-batch of items weighs by its rankings
     units = (lambda items: (data["train"].ranks[items] >= 0).any(-1).sum()) if listwise else None  # noqa: E731

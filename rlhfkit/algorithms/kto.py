@@ -189,7 +189,7 @@ def train_kto(cfg, thumbs_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime,
     total_steps = Epochs.count(n, kc.batch_size, kc.epochs)
     optimizer, scheduler = make_optimizer(policy.parameters(), kc.lr, total_steps)
     engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         max_grad_norm=kc.max_grad_norm, checkpointing=rt.checkpointing)
+                         max_grad_norm=kc.max_grad_norm, checkpointing=rt.checkpointing, sharding=rt.sharding)
     engine.check_batch(min(kc.batch_size, n), "kto.batch_size")
     batch_pairs = None  # with micro-batches or processes: the whole batch's pairs' log-probs, for z0
 

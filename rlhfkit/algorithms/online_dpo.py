@@ -47,6 +47,7 @@ import torch
 
 from rlhfkit.algorithms import Method
 from rlhfkit.algorithms.dpo import dpo_batch_loss, encode_dpo_pairs, pair_batches, ref_pair_logps
+from rlhfkit.core import dist
 from rlhfkit.core.config import F
 from rlhfkit.core.errors import RlhfkitError
 from rlhfkit.core.runio import progress
@@ -134,7 +135,8 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         write_samples(ctx.dir / "samples.jsonl", g, pair=role)
         comparisons = [Comparison(prompt_item_id(g.prompts[c]), g.prompts[c], g.texts[c], g.texts[r],
                                   labeler_ids=["reward"], criterion=criterion) for c, r in pairs]
-        write_jsonl(ctx.dir / "comparisons.jsonl", comparisons)
+        if dist.is_main_process():
+            write_jsonl(ctx.dir / "comparisons.jsonl", comparisons)
         if not pairs:
             raise RlhfkitError(
                 f"online DPO iteration {n}: none of the {oc.n_prompts} prompts gave a pair (two ended samples whose "
@@ -153,8 +155,9 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         steps_per_epoch = max(n_pairs // oc.batch_size, 1)
         total = oc.epochs * steps_per_epoch
         optimizer, scheduler = make_optimizer(policy.parameters(), oc.lr, total)
+        # under several processes each takes its share of every batch (DDP; a per-iteration optimiser is not sharded)
         engine = make_engine({"policy": policy}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                             max_grad_norm=oc.max_grad_norm, checkpointing=rt.checkpointing, alone=True)
+                             max_grad_norm=oc.max_grad_norm, checkpointing=rt.checkpointing)
         engine.check_batch(min(oc.batch_size, n_pairs), "online_dpo.batch_size")
 
         def batch_loss(rows: torch.Tensor):

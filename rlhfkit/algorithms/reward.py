@@ -175,7 +175,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     batch_size = ranked.items_per_batch(rc.batch_size) if listwise else rc.batch_size  # ~batch_size rankings
     optimizer, scheduler = make_optimizer(model.parameters(), rc.lr, Epochs.count(n, batch_size, rc.epochs))
     engine = make_engine({"reward": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         checkpointing=rt.checkpointing)
+                         checkpointing=rt.checkpointing, sharding=rt.sharding)
     engine.check_batch(min(batch_size, n), "reward.batch_size")
     # a listwise loss is a mean over rankings: a micro-batch of items weighs by its rankings
     units = (lambda items: (ranked.ranks[items] >= 0).any(-1).sum()) if listwise else None  # noqa: E731

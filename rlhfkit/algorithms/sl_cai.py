@@ -119,7 +119,7 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     log = MetricsLog(stage_dir / "metrics.jsonl")
     fit = fine_tune(policy, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], epochs=sc.epochs,
                     batch_size=sc.batch_size, lr=sc.lr, seed=random.Random(f"{cfg.seed}-sl_cai-fit").getrandbits(62),
-                    rt=rt, log=log, desc="sl_cai: fine-tuning")
+                    rt=rt, log=log, desc="sl_cai: fine-tuning", alone=True)  # a main-process stage
     log.close()
     after = evaluate_nll(policy, probe, sc.batch_size, rt)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,13 +45,15 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 
 # ---------------------------------------------------------------- checkpoints of the online methods (PPO, RLOO, GRPO)
 
-def save_checkpoint(ckpt_dir: Path, models: dict, tokenizer, state: dict) -> None:
+def save_checkpoint(ckpt_dir: Path, models: dict, tokenizer, state: dict, state_dicts: dict | None = None) -> None:
     """Write a complete checkpoint next to the old one, then swap, so a kill never leaves a half checkpoint:
-    each model of `models` (name -> model) with the tokenizer in ckpt_dir/name, `state` in ckpt_dir/state.pt."""
+    each model of `models` (name -> model) with the tokenizer in ckpt_dir/name, `state` in ckpt_dir/state.pt.
+    state_dicts: name -> the model's whole state dict where it is not the model's own (trained under sharding)."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, model in models.items():
-        model.save_pretrained(tmp / name)
+        whole = (state_dicts or {}).get(name)
+        model.save_pretrained(tmp / name, **({"state_dict": whole} if whole is not None else {}))
         tokenizer.save_pretrained(tmp / name)
     torch.save(state, tmp / "state.pt")
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
@@ -87,10 +90,11 @@ def loop_state(step: int, optimizer, scheduler, prompt_rng: random.Random, sampl
             "wall_time_s": wall_time_s, **extra}
 
 
-def restore_loop_state(state: dict, optimizer, scheduler, prompt_rng: random.Random, sample_gen: torch.Generator,
-                       order_gen: torch.Generator) -> tuple[int, float]:
-    """Load loop_state's `state` into the given objects (in place); returns (step, wall time so far, s)."""
-    optimizer.load_state_dict(state["optimizer"])
+def restore_loop_state(state: dict, load_optimizer: Callable[[dict], None], scheduler, prompt_rng: random.Random,
+                       sample_gen: torch.Generator, order_gen: torch.Generator) -> tuple[int, float]:
+    """Load loop_state's `state` into the given objects (in place; the optimiser's through `load_optimizer`, e.g.
+    Engine.load_optimizer_state); returns (step, wall time so far, s)."""
+    load_optimizer(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     prompt_rng.setstate(state["prompt_rng"])
     order_gen.set_state(state["order_gen"])

@@ -111,6 +111,7 @@ class Runtime:
     dtype: torch.dtype | None  # autocast dtype, None = fp32
     accumulation: int = 1  # micro-batches per optimiser step (train.gradient_accumulation_steps)
     checkpointing: bool = False  # gradient checkpointing (train.gradient_checkpointing)
+    sharding: str = "none"  # train.sharding: DDP or FSDP2 sharding under several processes (models/engine.py)
 
 
 @functools.cache
@@ -152,7 +153,8 @@ def runtime(cfg) -> Runtime:
     policy = getattr(cfg, "policy", None)
     return Runtime(device, resolve_precision(cfg.precision, device, policy.path if policy is not None else None),
                    train.gradient_accumulation_steps if train is not None else 1,
-                   train.gradient_checkpointing if train is not None else False)
+                   train.gradient_checkpointing if train is not None else False,
+                   train.sharding if train is not None else "none")
 
 
 def torch_threads(cfg) -> int:

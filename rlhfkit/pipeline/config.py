@@ -106,13 +106,14 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 class TrainConfig:
     """[train] How the trainers make their steps: micro-batches, memory, checkpoints, held-out evaluation, trackers.
 
-    gradient_accumulation_steps and gradient_checkpointing apply to every trainer (rlhfkit/models/engine.py); the
+    gradient_accumulation_steps, gradient_checkpointing and sharding apply to every trainer (rlhfkit/models/engine.py); the
     checkpoints, the held-out evaluation and early stopping to SFT, the reward model, DPO and its relatives and KTO
-    (rlhfkit/spine/epochs.py); README, "Scaling out". The first two change what a step computes only by float
+    (rlhfkit/spine/epochs.py); README, "Scaling out". The first three change what a step computes only by float
     rounding, so like `threads` they are not inputs of a stage; the held-out evaluation's early stop is."""
 
     gradient_accumulation_steps: int = F(1, "Micro-batches per optimiser step and process (every trainer; PPO, RLOO and GRPO per minibatch): a batch that does not fit in memory is split, each part's loss weighted by its share of the batch (rows, or tokens for token-mean losses), so 8 x 1 gives the update of 1 x 8. Batch sizes stay global: under `accelerate launch --num_processes N` each process takes 1/N of every batch.")
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward instead of keeping them (transformers' gradient checkpointing): less memory for about a third more time.")
+    sharding: str = F("none", "Under `accelerate launch --num_processes N`: 'none' = DDP (every process holds the whole model, gradients and optimiser state); 'zero2' = each process keeps 1/N of the optimiser state and gradients (torch FSDP2, DeepSpeed ZeRO-2's sharding); 'zero3' = the weights too, gathered block by block when used. Works on CPU (gloo) and GPU; ignored in one process.")
     checkpoint_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): save a resumable checkpoint every N optimiser steps in the stage directory, so a killed run goes on from it (mid-epoch, exactly on CPU); 0 = none. PPO, RLOO and GRPO have their own checkpoint_every.")
     eval_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): evaluate on the held-out split every N optimiser steps, logged with the final evaluation's metric names (eval/...); 0 = only at the end.")
     early_stopping_patience: int = F(0, "With eval_every: stop when the held-out loss has not improved for this many evaluations in a row, and keep the best model; 0 = never stop early.")
@@ -319,6 +320,8 @@ class _Rules:
             need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")
         need(t.early_stopping_patience == 0 or t.eval_every > 0, "train.early_stopping_patience",
              "stops on the held-out evaluations of train.eval_every, which is 0; set train.eval_every too")
+        need(t.sharding in ("none", "zero2", "zero3"), "train.sharding",
+             f"{t.sharding!r} is not a sharding; choose 'none' (DDP), 'zero2' or 'zero3'")
         for name in t.tracking:
             need(name in TRACKERS, "train.tracking", f"{name!r} is not a tracker; choose from {', '.join(map(repr, TRACKERS))}")
         need(self.data.max_new_tokens >= 0, "data.max_new_tokens", "must be >= 0 (0 = the task's)")

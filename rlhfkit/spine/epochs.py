@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import MetricsLog, progress
 from rlhfkit.models.engine import Engine
 from rlhfkit.models.optim import rng_state, set_rng_state
@@ -88,11 +89,6 @@ def notify(callbacks, hook: str, *args) -> None:
     for cb in callbacks:
         if hasattr(cb, hook):
             getattr(cb, hook)(*args)
-
-
-def _trainable(engine: Engine) -> dict[str, torch.Tensor]:
-    return {f"{name}.{p_name}": p for name, model in engine.models.items()
-            for p_name, p in model.named_parameters() if p.requires_grad}
 
 
 class Epochs:
@@ -165,7 +161,8 @@ class Epochs:
             self._save()
 
     def _evaluate(self) -> None:
-        figures = self.evaluate()
+        with self.engine.gathered():  # under train.sharding: each block gathered once for the whole evaluation
+            figures = self.evaluate()
         for model in self.engine.models.values():
             model.train()
         if self.log is not None:
@@ -173,7 +170,7 @@ class Epochs:
         notify(self.options.callbacks, "on_eval", self.step, figures)
         held_out = float(figures[self.eval_loss])
         if self.best is None or held_out < self.best[0]:
-            keep = {k: p.detach().clone() for k, p in _trainable(self.engine).items()} \
+            keep = {k: p.detach().clone() for k, p in self.engine.trainable().items()} \
                 if self.options.early_stopping_patience > 0 else {}
             self.best, self.evals_since_best = (held_out, self.step, keep), 0
         else:
@@ -184,8 +181,9 @@ class Epochs:
     def _save(self) -> None:
         """Write the checkpoint whole beside the old one, then swap it in (a kill never leaves half of one)."""
         epoch_start = self.generator.get_state() if self.step % self.steps_per_epoch == 0 else self._epoch_start
-        state = {"step": self.step, "weights": {k: p.detach().cpu() for k, p in _trainable(self.engine).items()},
-                 "optimizer": self.engine.optimizer.state_dict(),
+        # every process takes part (under train.sharding the weights and the optimiser state are gathered)
+        state = {"step": self.step, "weights": self.engine.full_weights(),
+                 "optimizer": self.engine.optimizer_state(), "sharding": self.engine.sharding,
                  "scheduler": self.engine.scheduler.state_dict() if self.engine.scheduler is not None else None,
                  "rng": rng_state(), "epoch_start": epoch_start, "totals": self.totals, "loss_sum": self.loss_sum,
                  "best": self.best, "evals_since_best": self.evals_since_best}
@@ -199,10 +197,12 @@ class Epochs:
 
     def _restore(self) -> None:
         state = torch.load(self.checkpoint / CHECKPOINT, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for k, p in _trainable(self.engine).items():
-                p.copy_(state["weights"][k])
-        self.engine.optimizer.load_state_dict(state["optimizer"])
+        written = state.get("sharding", "none")
+        if (written == "none") != (self.engine.sharding == "none"):  # the optimiser state is keyed differently
+            raise ConfigError(f"{self.checkpoint / CHECKPOINT} was written with train.sharding = {written!r}; resume "
+                              f"it with the same (this run has {self.engine.sharding!r}), or start the stage afresh")
+        self.engine.load_weights(state["weights"])
+        self.engine.load_optimizer_state(state["optimizer"])
         if self.engine.scheduler is not None:
             self.engine.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -221,10 +221,9 @@ class Epochs:
             (self.checkpoint / CHECKPOINT).unlink(missing_ok=True)
         restored = False
         if self.options.early_stopping_patience > 0 and self.best is not None and self.best[2]:
-            with torch.no_grad():
-                for k, p in _trainable(self.engine).items():
-                    p.copy_(self.best[2][k].to(p.device))
+            self.engine.load_weights(self.best[2])
             restored = True
+        self.engine.keep_gathered()  # under train.sharding: whole models for the final evaluation
         result = {"steps": self.step, "loss": self.loss_sum / max(self.step, 1), "stopped_early": self.stopped_early}
         if self.best is not None:
             result |= {"best_eval_loss": self.best[0], "best_step": self.best[1], "best_restored": restored}

@@ -62,7 +62,7 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     batches = Epochs.count(n, batch_size, epochs)
     optimizer, scheduler = make_optimizer(model.parameters(), lr, batches, weight_decay)
     engine = make_engine({"policy": model}, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         checkpointing=rt.checkpointing, alone=alone)
+                         checkpointing=rt.checkpointing, sharding=rt.sharding, alone=alone)
     engine.check_batch(min(batch_size, n), "the SFT batch size")
     ids, mask, comp = data
 

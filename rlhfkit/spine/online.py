@@ -33,7 +33,7 @@ import torch
 
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import MetricsLog, progress, read_metrics
-from rlhfkit.models.engine import Engine, make_engine, save_pretrained
+from rlhfkit.models.engine import Engine, make_engine, save_pretrained, sharded_state_dict
 from rlhfkit.models.forward import disable_dropout
 from rlhfkit.models.optim import (
     loop_generators,
@@ -95,11 +95,12 @@ class OnlineRun:
                                   f"{self.engine.world} processes; make the prompts per step a multiple of them")
             share = n_prompts // self.engine.world
             prompts = prompts[self.engine.rank * share : (self.engine.rank + 1) * share]
-        return collect_rollouts(self.policy, self.reference, self.scorer, self.tokenizer, prompts, k=k,
-                                value_model=value_model, policy_logprobs=policy_logprobs,
-                                max_new_tokens=self.task.max_new_tokens,
-                                temperature=temperature, generator=self.sample_gen, rt=self.rt,
-                                sampling=SamplingParams.of(self.cfg.sampling))
+        with self.engine.gathered():  # under train.sharding: each block gathered once, not once a token
+            return collect_rollouts(self.policy, self.reference, self.scorer, self.tokenizer, prompts, k=k,
+                                    value_model=value_model, policy_logprobs=policy_logprobs,
+                                    max_new_tokens=self.task.max_new_tokens,
+                                    temperature=temperature, generator=self.sample_gen, rt=self.rt,
+                                    sampling=SamplingParams.of(self.cfg.sampling))
 
     def minibatch_epochs(self, batch: int, epochs: int, minibatch_size: int,
                          loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]], max_grad_norm: float,
@@ -155,12 +156,15 @@ class OnlineRun:
         if self.step % every == 0 or self.step == self.total_steps or force:
             state = loop_state(self.step, self.optimizer, self.scheduler, self.prompt_rng, self.sample_gen,
                                self.order_gen, time.time() - self.start_time, **extra_state)
+            # under train.sharding every process takes part in gathering the optimiser state and the weights
+            state["optimizer"] = self.engine.optimizer_state()
+            whole = {name: sharded_state_dict(model) for name, model in self.models.items()}
             if self.engine.world > 1:  # each process samples from its own stream: keep every one
                 states: list = [None] * self.engine.world
                 torch.distributed.all_gather_object(states, state["rng"])
                 state["rng_by_rank"] = states
             if self.engine.is_main:
-                save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, state)
+                save_checkpoint(self.ckpt_dir, self.models, self.tokenizer, state, whole)
             self.engine.barrier()
             notify(self.callbacks, "on_save", self.step, self.ckpt_dir)
 
@@ -174,6 +178,7 @@ class OnlineRun:
         if self.engine.is_main:
             self.bar.close()
         self.log.close()
+        self.engine.keep_gathered()  # under train.sharding: whole models from here on
         save_pretrained(self.policy, self.tokenizer, self.out_dir / "model")  # by the main process, the others wait
         last = self.last_logged()
         return {"steps": self.step, "final_scores": last["objective/scores"], "final_kl": last["objective/kl_k1"],
@@ -201,7 +206,7 @@ def start_online(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runt
     # Several processes (`accelerate launch`): DDP over the trained models; each process samples its share of every
     # batch's prompts from its own stream (rank 0's is one process's), the statistics of the whole batch gathered.
     engine = make_engine(models, optimizer, scheduler, rt.device, accumulation=rt.accumulation,
-                         checkpointing=rt.checkpointing)
+                         checkpointing=rt.checkpointing, sharding=rt.sharding)
     optimizer = engine.optimizer
     prompt_rng, sample_gen, order_gen = loop_generators(cfg.seed, name, rt.device)
     if engine.rank > 0:
@@ -214,7 +219,8 @@ def start_online(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runt
                 raise ConfigError(f"{ckpt_dir} was written by {len(state['rng_by_rank'])} processes; resume it with "
                                   f"as many (this run has {engine.world}), or start the stage afresh")
             state["rng"] = state["rng_by_rank"][engine.rank]
-        step, elapsed = restore_loop_state(state, optimizer, scheduler, prompt_rng, sample_gen, order_gen)
+        step, elapsed = restore_loop_state(state, engine.load_optimizer_state, scheduler, prompt_rng, sample_gen,
+                                           order_gen)
         start_time -= elapsed
     log = MetricsLog(out_dir / "metrics.jsonl", resume_after_step=step if m.resume else None)
     bar = progress(total_steps, name) if engine.is_main else None

@@ -13,6 +13,10 @@ rlhfkit/ops/selection.py; what they share is here:
   4. save the round's model, log its lines, mark the round complete;
   and the final save;
 - `grow`: rlhfkit.spine.rollout.collect_rollouts in chunks of prompts, so a large set never sits in one batch;
+- several processes (`accelerate launch`): each samples a contiguous 1/N of the round's prompts (a prompt's K
+  samples stay together) from its own random stream (process 0's is a single process's), the sets are gathered so
+  that every process selects the same samples, and the fine-tuning is SFT's loop over the processes (DDP: a
+  per-round optimiser is not worth sharding, so train.sharding does not apply here); the main process writes;
 - `fine_tune`: SFT's own loop (rlhfkit.spine.finetune.fit_completions) on the kept (prompt, completion) pairs;
 - the round directories: each round (ReST: iteration) N runs in STAGE/<prefix>-N/, which holds its samples as
   JSONL, its fine-tuning metrics and the model after it, and counts once COMPLETE.json is written, last.
@@ -30,14 +34,17 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from rlhfkit.core import dist
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import MetricsLog, is_complete, mark_complete, progress, stage_result, tracked
 from rlhfkit.data.batching import encode_pairs
+from rlhfkit.models.engine import barrier, gather_objects, save_pretrained
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reference import policy_and_reference
 from rlhfkit.models.runtime import Runtime
@@ -77,6 +84,27 @@ def grow(policy, reference, scorer, tokenizer, prompts: list[str], *, k: int, ma
                    torch.cat([r.ended for r, _, _ in parts]), torch.cat([kl for _, _, kl in parts]))
 
 
+def my_share(prompts: list[str], name: str) -> list[str]:
+    """This process's contiguous 1/N of a round's prompts (all of them in one process)."""
+    world, rank = dist.world_size(), dist.rank()
+    if len(prompts) % world:
+        raise ConfigError(f"{name}.n_prompts = {len(prompts)} does not split evenly over {world} processes; make it "
+                          f"a multiple of them")
+    share = len(prompts) // world
+    return prompts[rank * share : (rank + 1) * share]
+
+
+def gather_grow(g: GrowSet, share: int) -> GrowSet:
+    """The processes' Grow sets as one, in rank order (process r's prompts are r * share onwards), on every process."""
+    if not dist.is_distributed():
+        return g
+    device = g.scores.device
+    parts = gather_objects((g.prompts, g.texts, g.group.cpu(), g.scores.cpu(), g.ended.cpu(), g.kl.cpu()))
+    return GrowSet([p for part in parts for p in part[0]], [t for part in parts for t in part[1]],
+                   torch.cat([part[2] + r * share for r, part in enumerate(parts)]).to(device),
+                   *(torch.cat([part[i] for part in parts]).to(device) for i in (3, 4, 5)))
+
+
 def grow_metrics(g: GrowSet, task) -> dict:
     """The sampled set as the policy that sampled it produced it: mean score, KL, missing EOS, gold metrics."""
     return {
@@ -89,7 +117,10 @@ def grow_metrics(g: GrowSet, task) -> dict:
 
 def write_samples(path: Path, g: GrowSet, **columns: list) -> None:
     """The sampled set as JSONL, one row per sample: prompt, completion, score, ended, group, and `columns`
-    (e.g. kept). Written to a temporary name and renamed, so a file under the real name is whole."""
+    (e.g. kept). Written to a temporary name and renamed, so a file under the real name is whole. By the main
+    process only (every process holds the same set)."""
+    if not dist.is_main_process():
+        return
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for i in range(len(g.texts)):
@@ -100,14 +131,17 @@ def write_samples(path: Path, g: GrowSet, **columns: list) -> None:
 
 
 def fine_tune(policy, tokenizer, prompts: list[str], completions: list[str], *, epochs: int, batch_size: int,
-              lr: float, seed: int, rt: Runtime, log: MetricsLog | None, desc: str, step_offset: int = 0) -> dict:
+              lr: float, seed: int, rt: Runtime, log: MetricsLog | None, desc: str, step_offset: int = 0,
+              alone: bool = False) -> dict:
     """SFT's loop (fit_completions) on the kept pairs, its order drawn from `seed`; the global torch RNG is
-    seeded too (a user's model may train with dropout). Returns steps, mean loss and sequences backpropagated."""
+    seeded too (a user's model may train with dropout). Under several processes every one calls it with the same
+    pairs and each takes its share of every batch (DDP); alone: this process fine-tunes by itself (a stage run on
+    the main process only, SL-CAI). Returns steps, mean loss and sequences backpropagated."""
     data = [t.to(rt.device) for t in encode_pairs(tokenizer, prompts, completions)]
     torch.manual_seed(seed)
-    fit = fit_completions(policy, data, epochs=epochs, batch_size=batch_size, lr=lr, rt=rt,
+    fit = fit_completions(policy, data, epochs=epochs, batch_size=batch_size, lr=lr, rt=replace(rt, sharding="none"),
                           generator=torch.Generator().manual_seed(seed), log=log, desc=desc, step_offset=step_offset,
-                          alone=True)  # these stages run on the main process alone under `accelerate launch`
+                          alone=alone)
     return {**fit, "backward": fit["steps"] * min(batch_size, len(prompts))}
 
 
@@ -126,10 +160,12 @@ def resume_point(stage_dir: Path, prefix: str, total: int) -> int:
     done = 0
     while done < total and is_complete(round_dir(stage_dir, prefix, done + 1)):
         done += 1
-    for path in Path(stage_dir).glob(f"{prefix}-*"):
+    barrier()  # every process has read the markers before the main one removes anything
+    for path in Path(stage_dir).glob(f"{prefix}-*") if dist.is_main_process() else ():
         suffix = path.name[len(prefix) + 1:]
         if suffix.isdigit() and int(suffix) > done:
             shutil.rmtree(path)
+    barrier()
     return done
 
 
@@ -181,15 +217,19 @@ def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
 
     for n in range(done + 1, rounds + 1):
         rdir = round_dir(out_dir, prefix, n)
-        rdir.mkdir(parents=True)
+        if dist.is_main_process():
+            rdir.mkdir(parents=True)
 
-        # 1. Grow: K completions per prompt from the current policy, scored, KL to the reference.
+        # 1. Grow: K completions per prompt from the current policy, scored, KL to the reference (each process
+        # its share of the prompts from its own stream, then gathered).
         seed = lambda what, n=n: round_seed(cfg.seed, name, n, what)  # noqa: E731 (per round: resume-exact)
-        prompts = task.prompts(n_prompts, random.Random(seed("prompts")))
-        generator = torch.Generator(device=rt.device).manual_seed(seed("sample"))
-        g = grow(policy, reference, scorer, tokenizer, prompts, k=k, max_new_tokens=task.max_new_tokens,
+        mine = my_share(task.prompts(n_prompts, random.Random(seed("prompts"))), name)
+        rank = dist.rank()
+        generator = torch.Generator(device=rt.device).manual_seed(seed("sample" if rank == 0 else f"sample-{rank}"))
+        g = grow(policy, reference, scorer, tokenizer, mine, k=k, max_new_tokens=task.max_new_tokens,
                  temperature=temperature, generator=generator, rt=rt, desc=f"{name} {prefix} {n}: sampling",
                  sampling=SamplingParams.of(cfg.sampling))
+        g = gather_grow(g, len(mine))
 
         # 2-3. The method's own: which samples to keep, and fine-tuning the policy on them.
         round_log = MetricsLog(rdir / "metrics.jsonl")
@@ -197,22 +237,21 @@ def run_rounds(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtim
         round_log.close()
 
         # 4. Save the round's model, log it, mark it complete (last: a round without the marker is redone).
-        policy.save_pretrained(rdir / "model")
-        tokenizer.save_pretrained(rdir / "model")
+        save_pretrained(policy, tokenizer, rdir / "model")  # by the main process, the others wait
         for record in result.records:
             log.log(record)
         passes = {"sampled": len(g.texts), "forward": 3 * len(g.texts) + result.forward,
                   "backward": result.backward}
         previous.append({"records": result.records, "passes": passes, "steps": result.steps,
                          "wall_time_s": time.time() - start_time})
-        mark_complete(rdir, previous[-1])
+        if dist.is_main_process():
+            mark_complete(rdir, previous[-1])
         bar.update(len(result.records))
         bar.set_postfix(**result.postfix, refresh=False)
     bar.close()
     log.close()
 
-    policy.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    save_pretrained(policy, tokenizer, out_dir / "model")
     return previous, rounds_summary(previous, time.time() - start_time, resumed=done > 0)
 
 

@@ -6,7 +6,10 @@ test to compare with one process on the whole batch:
 - PPO's reward normalisation (RunningMoments over the gathered scores) inside ppo_targets,
 - Engine.step: a token-mean loss, 2 micro-batches a process, token-weighted; on each process's own rows
   (local=True, the online methods) and on the global batch the engine splits (the offline trainers). SGD and no
-  clipping, so that a gradient off by a factor (the N processes DDP averages over) shows.
+  clipping, so that a gradient off by a factor (the N processes DDP averages over) shows; and once more with a
+  clipping norm small enough to bite (the norm must be the whole gradient's, not one process's shard).
+
+argv[2], when given, is train.sharding ("none" = DDP, "zero2", "zero3": FSDP2 shards the models).
 """
 
 import json
@@ -30,17 +33,18 @@ def fixed_batch():
     return x, mask, scores, logprobs, ref_logprobs, values, feats
 
 
-def step_model(feats, x, mask, engine_of, rows, local):
+def step_model(feats, x, mask, engine_of, rows, local, clip=0.0):
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 1)
-    engine = engine_of(model)
+    engine = engine_of(model, clip)
 
     def loss_fn(r):
         err = (model(feats[r]).squeeze(-1) - x[r]) ** 2
         return (err * mask[r]).sum() / mask[r].sum(), {}
 
     engine.step(rows, loss_fn, units=lambda r: mask[r].sum(), local=local, step_scheduler=False)
-    return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    whole = engine.full_weights()  # under sharding: gathered from the processes
+    return torch.cat([whole[f"m.{name}"].flatten() for name, _ in model.named_parameters()]).tolist()
 
 
 def compute(world: int, rank: int, engine_of):
@@ -55,13 +59,16 @@ def compute(world: int, rank: int, engine_of):
     return {"whitened": whitened.tolist(), "advantages": probe.gather(t.advantages).tolist(),
             "scores": probe.gather(t.scores).tolist(),
             "params": step_model(feats, x, mask, engine_of, mine, local=True),
-            "params_global": step_model(feats, x, mask, engine_of, torch.arange(8), local=False)}
+            "params_global": step_model(feats, x, mask, engine_of, torch.arange(8), local=False),
+            "params_clipped": step_model(feats, x, mask, engine_of, torch.arange(8), local=False, clip=0.05)}
 
 
 def main():
     join_processes("cpu")
-    engine_of = lambda m: make_engine({"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None,  # noqa: E731
-                                      torch.device("cpu"), accumulation=2, max_grad_norm=0.0)
+    sharding = sys.argv[2] if len(sys.argv) > 2 else "none"
+    engine_of = lambda m, clip=0.0: make_engine(  # noqa: E731
+        {"m": m}, torch.optim.SGD(m.parameters(), lr=0.1), None, torch.device("cpu"), accumulation=2,
+        max_grad_norm=clip, sharding=sharding)
     probe = engine_of(torch.nn.Linear(1, 1))
     result = compute(probe.world, probe.rank, engine_of)
     if probe.is_main:
