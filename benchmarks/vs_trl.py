@@ -24,6 +24,12 @@ Workloads (docs: README "Benchmarks"):
             a step is sampling, scoring, the reference's and the policy's forwards and the update.
 - rloo:     RLOO episodes, the same as grpo but RLOO's leave-one-out baseline and the KL (0.04) in the reward
             (rlhfkit.rloo vs trl.RLOOTrainer); both sides compute the sampling policy's log-probs for that KL.
+- ppo:      PPO episodes (`--pairs` prompts a step, one reply each of `--new-tokens` tokens), the reward a random-init
+            GPT-2 sequence classifier (both sides load the same directory) from which the value model starts too,
+            KL coefficient 0.05 in the reward (k1, per token), 4 PPO epochs over the batch as one minibatch, GAE
+            (gamma 1, lambda 0.95), whitened advantages, no missing-EOS penalty, no stop at EOS on TRL's side
+            (rlhfkit.ppo vs trl.experimental.ppo.PPOTrainer, TRL 1.12's); a step is sampling, the policy's,
+            reference's, value model's and reward model's forwards, and 4 updates of policy and value model.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
 
@@ -53,8 +59,9 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKLOADS = ("reward", "dpo", "grpo", "rloo", "sampling")
-ONLINE = ("grpo", "rloo")  # workloads on prompts, episodes a step
+WORKLOADS = ("reward", "dpo", "grpo", "rloo", "ppo", "sampling")
+ONLINE = ("grpo", "rloo")  # group workloads on prompts, episodes a step (and ppo, one reply a prompt)
+PPO_EPOCHS = 4
 WORDS = 1000  # distinct words in the texts (< vocab: the rest of the vocabulary is never seen, as in a real model)
 
 
@@ -76,6 +83,17 @@ def build_model_dir(path: Path, args) -> None:
                         n_head=max(1, args.width // 64), bos_token_id=1, eos_token_id=1, pad_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(path)
     tok.save_pretrained(path)
+    # the ppo workload's reward model (and its value model's start): a random-init sequence classifier
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(1)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    GPT2ForSequenceClassification(GPT2Config(**fields, num_labels=1)).save_pretrained(reward_dir(path))
+    tok.save_pretrained(reward_dir(path))
+
+
+def reward_dir(model_dir: Path) -> Path:
+    return Path(model_dir).parent / "reward"
 
 
 def text(rng: random.Random, n: int) -> str:
@@ -155,6 +173,12 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
                **{workload: {"total_steps": args.steps, "prompts_per_step": args.pairs // 4, "k": 4, "epochs": 1,
                              "minibatch_size": args.pairs, "beta": 0.04, "lr": 1e-6, "checkpoint_every": 10**6}},
                **common)
+    elif workload == "ppo":
+        rlhfkit.ppo(str(model_dir), None, prompt_texts(args.pairs * args.steps, args), reward=str(reward_dir(model_dir)),
+                    out=out, callbacks=[clock], data={"max_new_tokens": args.new_tokens},
+                    ppo={"total_steps": args.steps, "rollout_batch_size": args.pairs, "minibatch_size": args.pairs,
+                         "ppo_epochs": PPO_EPOCHS, "lr": 1e-6, "kl_coef": 0.05, "missing_eos_penalty": 0.0,
+                         "value_init": "reward", "checkpoint_every": 10**6}, **common)
     return clock
 
 
@@ -170,8 +194,13 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     n = args.pairs * args.steps
-    data = datasets.Dataset.from_list(preference_records(n, args) if workload not in ONLINE else
-                                      [{"prompt": p} for p in prompt_texts(args.pairs // 4 * args.steps, args)])
+    if workload == "ppo":  # TRL's PPOTrainer takes tokenised prompts, left-padded for generate
+        tok.padding_side = "left"
+        data = datasets.Dataset.from_list([{"input_ids": tok(p)["input_ids"]}
+                                           for p in prompt_texts(args.pairs * args.steps, args)])
+    else:
+        data = datasets.Dataset.from_list(preference_records(n, args) if workload not in ONLINE else
+                                          [{"prompt": p} for p in prompt_texts(args.pairs // 4 * args.steps, args)])
     common = dict(output_dir=str(out), per_device_train_batch_size=args.pairs, max_steps=args.steps, logging_steps=10**6,
                   save_strategy="no", report_to="none", seed=0, gradient_checkpointing=False,
                   bf16=precision(args, device) == "bf16",
@@ -197,6 +226,24 @@ def run_trl(workload: str, model_dir: Path, out: Path, args, device) -> StepCloc
                             temperature=1.0, shuffle_dataset=False, **common)
         trainer = RLOOTrainer(model=str(model_dir), reward_funcs=share_of_w7, args=config, train_dataset=data,
                               processing_class=tok, callbacks=[Stamp()])
+    elif workload == "ppo":
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        common.pop("gradient_checkpointing")
+        config = PPOConfig(learning_rate=1e-6, num_ppo_epochs=PPO_EPOCHS, num_mini_batches=1, kl_coef=0.05,
+                           kl_estimator="k1", response_length=args.new_tokens, stop_token=None, temperature=1.0,
+                           missing_eos_penalty=None, total_episodes=args.pairs * args.steps,
+                           local_rollout_forward_batch_size=args.pairs, num_sample_generations=0, **common)
+
+        def scalar(path):
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            model.config.pad_token_id = tok.pad_token_id
+            return model
+
+        trainer = PPOTrainer(args=config, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(model_dir),
+                             ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
+                             reward_model=scalar(reward_dir(model_dir)), value_model=scalar(reward_dir(model_dir)),
+                             train_dataset=data, callbacks=[Stamp()])
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -302,6 +349,13 @@ def flops_per_row(workload: str, args) -> float:
         # is needed at the completion's positions only (what a side computes beyond that is its own overhead)
         per_sequence = T * matmul_flops_per_token(args, lm_head=False) + args.completion_tokens * 2 * args.width * args.vocab
         return 2 * 4 * per_sequence
+    if workload == "ppo":  # an episode: sampled (forward); the policy (old log-probs) and the reference, with the
+        # LM head at the reply's positions; the value and reward models (no head); PPO_EPOCHS updates of the policy
+        # (3x forward, head) and the value model (3x forward)
+        T = args.prompt_tokens + args.new_tokens
+        body, head = matmul_flops_per_token(args, lm_head=False), 2 * args.width * args.vocab
+        with_head = (2 + 3 * PPO_EPOCHS) * (T * body + args.new_tokens * head)
+        return args.new_tokens * matmul_flops_per_token(args, lm_head=True) + with_head + (2 + 3 * PPO_EPOCHS) * T * body
     if workload in ONLINE:  # an episode: prompt + reply through the policy (sampled: forward; trained: 3x forward)
         # and the reference (forward); rloo: the sampling policy's forward too (its KL is in the reward); the LM head
         # at the reply's positions
@@ -393,7 +447,8 @@ def main():
                     print(f"  rep {rep + 1} {w:8s} {side:7s} {r['rows_per_s']:9.2f} rows/s  peak {r['peak_mem_gib']:.2f} GiB",
                           flush=True)
 
-    unit = {"reward": "pairs/s", "dpo": "pairs/s", "grpo": "episodes/s", "rloo": "episodes/s", "sampling": "tokens/s"}
+    unit = {"reward": "pairs/s", "dpo": "pairs/s", "grpo": "episodes/s", "rloo": "episodes/s", "ppo": "episodes/s",
+            "sampling": "tokens/s"}
     print(f"\n| workload | rlhfkit | TRL / HF | ratio | % of matmul peak (rlhfkit / TRL) | peak memory GiB (rlhfkit / TRL) |")
     print("|---|---|---|---|---|---|")
     summary = []
