@@ -449,7 +449,8 @@ def test_sharded_processes_equal_one_and_resume(tmp_path):
 def test_self_training_under_two_processes(tmp_path):
     """Rejection sampling, ReST and online DPO under 2 processes: each samples half of a round's prompts, the sets
     are gathered in rank order (the prompts and their groups are one process's), every process selects the same
-    rows, the fine-tuning / DPO is split over both, and the main process writes each file once."""
+    rows, the fine-tuning / DPO is split over both, and the main process writes each file once; best-of-N's stage
+    likewise."""
     one = tmp_path / "one"
     for stage in ("sft", "feedback", "reward"):
         rlhfkit([stage, "--out", str(one)])
@@ -487,6 +488,17 @@ def test_self_training_under_two_processes(tmp_path):
             assert records[0]["selection/kept_fraction"] == sum(r["kept"] for r in rows) / 32
         if method == "online_dpo":  # DPO's first loss, averaged over both processes' halves: ln 2 (policy = reference)
             assert records[0]["loss/dpo_initial"] == pytest.approx(math.log(2), abs=1e-4)
+
+    # best-of-N's curve: half the prompts sampled by each process, gathered: the same lines as one process, the
+    # sampled count the whole set's, the sampler written once
+    bon = [a for s in ["best_of_n.n=4", "best_of_n.n_prompts=32"] for a in ("--set", s)]
+    rlhfkit(["best_of_n", "--out", str(one)] + bon)
+    run = rlhfkit(["best_of_n", "--out", str(two)] + bon, processes=2)
+    assert run.stdout.count("best_of_n: running") == 1
+    assert [r["step"] for r in read_metrics(two / "best_of_n" / "metrics.jsonl")] == [1, 2, 4]
+    assert json.loads((two / "best_of_n" / "COMPLETE.json").read_text())["passes"]["sampled"] == 32 * 4
+    assert (json.loads((two / "best_of_n" / "sampler.json").read_text())
+            == json.loads((one / "best_of_n" / "sampler.json").read_text()))
 
     uneven = subprocess.run(launcher(2) + ["rejection_sampling", "--out", str(two)]
                             + [a for s in TINY + sets["rejection_sampling"][:1] + ["rejection_sampling.n_prompts=33"]

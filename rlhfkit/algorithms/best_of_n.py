@@ -35,14 +35,17 @@ from pathlib import Path
 import torch
 
 from rlhfkit.algorithms import Method
+from rlhfkit.core import dist
 from rlhfkit.core.config import F
 from rlhfkit.core.runio import MetricsLog, tracked, write_json
+from rlhfkit.models.engine import gather_objects
 from rlhfkit.models.load import load_policy, load_tokenizer
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.models.sampling import SamplingParams
 from rlhfkit.ops.selection import best_in_group
 from rlhfkit.spine.reward_sources import build_scorer
 from rlhfkit.spine.rollout import collect_rollouts
+from rlhfkit.spine.self_training import my_share
 
 SAMPLER_FILE = "sampler.json"
 CHUNK = 256  # prompts sampled at a time (CHUNK x N rows): a large set never sits in one batch
@@ -110,16 +113,20 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     policy = load_policy(sft_dir, rt.device, "sft policy").eval()
     scorer = build_scorer(cfg, task, rm_dir, rt)
 
-    # 1. N samples per prompt, scored (from the training prompt stream, never the evaluation's).
+    # 1. N samples per prompt, scored (from the training prompt stream, never the evaluation's). Under several
+    # processes each samples its contiguous share of the prompts from its own stream, and the shares are gathered.
     prompts = task.prompts(bc.n_prompts, random.Random(f"{cfg.seed}-best_of_n"))
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    mine = my_share(prompts, "best_of_n")
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1_000_003 * dist.rank())
     texts, scores, ended = [], [], []
-    for first in tracked(range(0, len(prompts), CHUNK), f"best_of_n: {len(prompts)} prompts x {bc.n}", unit="chunk"):
-        r = collect_rollouts(policy, None, scorer, tokenizer, prompts[first : first + CHUNK], k=bc.n,
+    for first in tracked(range(0, len(mine), CHUNK), f"best_of_n: {len(prompts)} prompts x {bc.n}", unit="chunk"):
+        r = collect_rollouts(policy, None, scorer, tokenizer, mine[first : first + CHUNK], k=bc.n,
                              max_new_tokens=task.max_new_tokens, temperature=bc.temperature, generator=generator,
                              rt=rt, with_logprobs=False, sampling=SamplingParams.of(cfg.sampling))
-        texts, scores, ended = texts + r.texts, scores + [r.scores], ended + [r.ended]
-    scores, ended = torch.cat(scores), torch.cat(ended)  # (P * N,) each, a prompt's N samples consecutive
+        texts, scores, ended = texts + r.texts, scores + [r.scores.cpu()], ended + [r.ended.cpu()]
+    parts = gather_objects((texts, torch.cat(scores), torch.cat(ended)))  # [one process's] alone
+    texts = [t for part in parts for t in part[0]]
+    scores, ended = (torch.cat([part[i] for part in parts]) for i in (1, 2))  # (P * N,), a prompt's N consecutive
 
     # 2. The curve: the best of the first n of each prompt's N samples, n = 1, 2, 4, ..., N.
     log = MetricsLog(stage_dir / "metrics.jsonl")
@@ -132,9 +139,10 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
                  **{f"gold/{k}": v for k, v in task.gold_metrics(prompts, picked).items()}})
     log.close()
 
-    # 3. What the evaluation samples from.
-    write_json(stage_dir / SAMPLER_FILE, {"kind": "best_of_n", "policy": "sft/model", "reward_model": "reward/model",
-                                          "n": bc.n, "temperature": bc.temperature})
+    # 3. What the evaluation samples from (by the main process: every process holds the same figures).
+    if dist.is_main_process():
+        write_json(stage_dir / SAMPLER_FILE, {"kind": "best_of_n", "policy": "sft/model",
+                                              "reward_model": "reward/model", "n": bc.n, "temperature": bc.temperature})
     return {
         "n": bc.n,
         "kl_bound": best_of_n_kl(bc.n),

@@ -136,7 +136,7 @@ def _upstream(name: str, cfg: Config) -> set[str]:
 EPOCH_TRAINERS = frozenset({"sft", "reward", "dpo", "simpo", "orpo", "kto"})
 # The stages every process runs under `accelerate launch` (each with its share of every batch); the others run on the
 # main process while the rest wait.
-DISTRIBUTED_STAGES = EPOCH_TRAINERS | {"ppo", "rloo", "grpo", "rejection_sampling", "rest", "online_dpo"}
+DISTRIBUTED_STAGES = EPOCH_TRAINERS | {"ppo", "rloo", "grpo", "rejection_sampling", "rest", "online_dpo", "best_of_n"}
 
 
 def stage_inputs(name: str, cfg: Config) -> dict:
@@ -557,7 +557,7 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
 
     Under `accelerate launch` every process comes here: they decide alike from the same files (a barrier first,
     so none reads what another is writing), the main process prepares and installs the stage directory, and a stage
-    in DISTRIBUTED_STAGES runs on every process; any other (the feedback, the evaluation, best-of-N) runs on the main
+    in DISTRIBUTED_STAGES runs on every process; any other (the feedback, the evaluation, SL-CAI) runs on the main
     process while the others wait."""
     barrier()
     main = dist.is_main_process()
