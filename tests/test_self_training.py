@@ -324,3 +324,41 @@ def test_rejection_sampling_threshold_end_to_end(base, uninterrupted, tmp_path):
     with pytest.raises(RlhfkitError, match="rejection_sampling.threshold"):
         run_stage("rejection_sampling", load_config(overrides=TINY_BASE + TINY["rejection_sampling"] + [
             "rejection_sampling.rounds=1", "rejection_sampling.threshold=1e9"]), out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: each one's share of a round's prompts, and the shares gathered back (fast: the process
+# group replaced by its answers; tests/test_engine.py runs the real thing under accelerate launch)
+
+
+def test_each_process_samples_its_contiguous_share_and_the_shares_gather_in_rank_order(monkeypatch):
+    from rlhfkit.spine import self_training as st
+
+    prompts = [f"p{i}" for i in range(6)]
+    assert st.my_share(prompts, "rest") == prompts  # one process: all of them
+    monkeypatch.setattr(st.dist, "world_size", lambda: 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(st.dist, "rank", lambda rank=rank: rank)
+        shares.append(st.my_share(prompts, "rest"))
+    assert shares == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+    with pytest.raises(ConfigError, match="rest.n_prompts = 7 does not split evenly over 3 processes"):
+        st.my_share(prompts + ["p6"], "rest")
+
+    def grow_of(rank):  # process `rank`'s Grow set: its 2 prompts x k = 2 samples, groups local (0, 0, 1, 1)
+        rows = [f"p{2 * rank + g}" for g in (0, 0, 1, 1)]
+        return st.GrowSet(rows, [f"{p}-s{j}" for j, p in enumerate(rows)], torch.tensor([0, 0, 1, 1]),
+                          torch.arange(4.0) + 10 * rank, torch.tensor([True, False, True, True]),
+                          torch.full((4,), float(rank)))
+
+    parts = [grow_of(r) for r in range(3)]
+    monkeypatch.setattr(st.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(st, "gather_objects",
+                        lambda obj: [(g.prompts, g.texts, g.group, g.scores, g.ended, g.kl) for g in parts])
+    whole = st.gather_grow(parts[1], share=2)
+    assert whole.prompts == [p for g in parts for p in g.prompts]
+    assert whole.group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # global prompt index of every row
+    assert [whole.prompts[i] for i in range(0, 12, 2)] == prompts  # row group g holds prompt g
+    assert whole.scores.tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
+    assert whole.ended.tolist() == [True, False, True, True] * 3
+    assert whole.kl.tolist() == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
