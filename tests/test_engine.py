@@ -263,7 +263,7 @@ def test_early_stopping_keeps_the_best_weights():
     engine = make_engine({"m": model}, torch.optim.SGD(model.parameters(), lr=0.5), None, CPU)
     scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
     weights = {}
-    loop = Epochs(engine, n=8, batch_size=1, epochs=1, generator=torch.Generator().manual_seed(0), device=CPU,
+    loop = Epochs(engine, n=8, batch_size=1, epochs=1, generator=torch.Generator().manual_seed(0),
                   desc="t", options=LoopOptions(eval_every=1, early_stopping_patience=2),
                   evaluate=lambda: {"loss": next(scripted)}, eval_loss="loss")
     x = torch.randn(8, 2)

@@ -156,7 +156,7 @@ def reference_free_batch_loss(policy, data, idx: torch.Tensor, dc, rt: Runtime):
     """One batch's loss and stats without a reference: the policy's log-probs of chosen and rejected (one forward)
     and their completion lengths, through REFERENCE_FREE_LOSSES[dc.loss] (gamma: SimPO's target margin)."""
     chosen, rejected = pair_logps(policy, data, idx, rt)
-    return REFERENCE_FREE_LOSSES[dc.loss](chosen, rejected, *completion_lengths(data, idx), dc.beta,
+    return REFERENCE_FREE_LOSSES[dc.loss](chosen, rejected, *map(rt.put, completion_lengths(data, idx)), dc.beta,
                                           getattr(dc, "gamma", 0.0))
 
 
@@ -167,6 +167,7 @@ def listwise_batch_loss(policy, data: RankedData, items: torch.Tensor, reference
     rows, present, ranks, owner = data.batch(items)
     policy_logps = row_logprobs(policy, data.seqs, rows, rt)  # (F,)
     ref_logps = reference.rows(split, data.seqs, rows, rt)  # (F,)
+    present, ranks, owner = rt.put(present), rt.put(ranks), rt.put(owner)  # the host's, as the data
     return LISTWISE_DPO_LOSSES[dc.loss](to_grid(policy_logps, present)[owner], to_grid(ref_logps, present)[owner],
                                         ranks, dc.beta)  # (R, K) each: an item's log-probs once per ranking of it
 
@@ -235,7 +236,7 @@ def evaluate_dpo(policy, data, reference: Reference | None, split: str, dc, rt: 
     sums: dict[str, float] = defaultdict(float)
     stage = dc.loss if reference is None else "dpo"  # simpo and orpo: their losses' names
     for s in tracked(range(0, n, batch_size), f"{stage}: evaluating ({split})"):
-        idx = torch.arange(s, min(s + batch_size, n), device=rt.device)
+        idx = torch.arange(s, min(s + batch_size, n))
         if reference is None:  # SimPO, ORPO
             loss, stats = reference_free_batch_loss(policy, data, idx, dc, rt)
             means = {"loss/dpo": loss, **stats}
@@ -256,11 +257,12 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
     stats and reference log-probs over the comparisons `pairs` ((P, 2) rows of chosen and rejected), so that
     they mean what they mean for the pairwise losses."""
     policy.eval()
-    all_rows = torch.arange(len(data.seqs[0]), device=rt.device).split(rows_per_forward)
+    all_rows = torch.arange(len(data.seqs[0])).split(rows_per_forward)
     policy_logps = torch.cat([row_logprobs(policy, data.seqs, rows, rt)
                               for rows in tracked(all_rows, f"dpo: evaluating ({split})")])  # (M,)
     ref_logps = torch.cat([reference.rows(split, data.seqs, rows, rt) for rows in all_rows])  # (M,)
-    rows, present, ranks, owner = data.batch(torch.arange(len(data.rows), device=rt.device))
+    rows, present, ranks, owner = data.batch(torch.arange(len(data.rows)))
+    present, ranks, owner = rt.put(present), rt.put(ranks), rt.put(owner)
     grid = lambda logps: to_grid(logps[rows], present)[owner]  # noqa: E731  (R, K)
     loss, _ = LISTWISE_DPO_LOSSES[dc.loss](grid(policy_logps), grid(ref_logps), ranks, dc.beta)
     chosen, rejected = pairs[:, 0], pairs[:, 1]
@@ -296,14 +298,14 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         ranked = {"train": encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]),
                   "heldout": encode_ranked_items(tokenizer, test_split.items)}
         encoded = {split: r.seqs for split, r in ranked.items()}
-        data = {split: r.to(rt.device) for split, r in ranked.items()}
+        data = ranked  # host memory: each batch moved (Runtime.put)
         seqs = {split: d.seqs for split, d in data.items()}
         heldout_pairs = data["heldout"].comparison_rows(test)
     else:
         train, test = load_comparisons(comparisons_path, dpo_criterion(cfg, dc), dc.heldout_fraction, cfg.seed,
                                        tokenizer, stage=section)
         encoded = {"train": encode_dpo_pairs(tokenizer, train), "heldout": encode_dpo_pairs(tokenizer, test)}
-        data = seqs = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
+        data = seqs = encoded  # host memory: each batch moved (Runtime.put)
 
     # 2. Policy: the SFT model, trained (or, with LoRA, adapters on it), dropout off (so cached reference
     #    log-probs equal online ones).
@@ -325,7 +327,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         cache_status = "loaded"
         if table is None:  # the policy has not moved yet: it is the reference, so no second copy is loaded
             builder = Reference(model=policy.eval())
-            batches = {split: (torch.arange(len(s[0]), device=rt.device).split(2 * dc.batch_size) if listwise
+            batches = {split: (torch.arange(len(s[0])).split(2 * dc.batch_size) if listwise
                                else pair_batches(s, dc.batch_size)) for split, s in seqs.items()}
             table = {split: builder.table_of(seqs[split], batches[split], rt, desc=f"dpo: reference log-probs ({split})")
                      for split in ("train", "heldout")}
@@ -361,7 +363,7 @@ def train_dpo(cfg, comparisons_path: Path | None, sft_dir: Path, out_dir: Path, 
         return evaluate_dpo(policy, data["heldout"], reference, "heldout", dc, rt, dc.batch_size)
 
     loop = Epochs(engine, n=n, batch_size=batch_size, epochs=dc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
-                  device=rt.device, desc=section, log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
+                  desc=section, log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
                   checkpoint=out_dir, evaluate=evaluate, eval_loss="loss/dpo")
     ref_counts = reference if reference is not None else Reference(table={})  # forwards, sequences: none without one
     counts = loop.totals  # kept in the checkpoint: a resumed run reports the whole run's figures

@@ -121,7 +121,7 @@ def kto_batch_loss(policy, seqs, labels, idx: torch.Tensor, ref_logps: torch.Ten
     2b rows) against the reference's (2b,), through KTO_LOSSES[kc.loss]."""
     logps = row_logprobs(policy, seqs, pair_rows(seqs, idx), rt)  # (2b,): thumbs, then their pairs
     b = len(idx)
-    return KTO_LOSSES[kc.loss](logps[:b], ref_logps[:b], labels[idx], logps[b:], ref_logps[b:], kc.beta,
+    return KTO_LOSSES[kc.loss](logps[:b], ref_logps[:b], rt.put(labels[idx]), logps[b:], ref_logps[b:], kc.beta,
                                kc.desirable_weight, kc.undesirable_weight)
 
 
@@ -134,8 +134,8 @@ def evaluate_kto(policy, seqs, labels, reference: Reference, split: str, kc: KTO
     batches = pair_batches(seqs, batch_size)
     logps = torch.cat([row_logprobs(policy, seqs, rows, rt) for rows in tracked(batches, f"kto: evaluating ({split})")])
     ref = torch.cat([reference.rows(split, seqs, rows, rt) for rows in batches])
-    n = len(labels)
-    order = torch.cat(batches)  # rows in the order forwarded: put them back in row order
+    n, labels = len(labels), rt.put(labels)
+    order = rt.put(torch.cat(batches))  # rows in the order forwarded: put them back in row order
     policy_rows, ref_rows = torch.empty_like(logps), torch.empty_like(ref)
     policy_rows[order], ref_rows[order] = logps, ref
     loss, stats = KTO_LOSSES[kc.loss](policy_rows[:n], ref_rows[:n], labels, policy_rows[n:], ref_rows[n:], kc.beta,
@@ -159,8 +159,7 @@ def train_kto(cfg, thumbs_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime,
     encoded, labels = {}, {}
     for split, thumbs in (("train", train), ("heldout", test)):
         encoded[split], labels[split] = encode_thumbs(tokenizer, thumbs, cfg.seed)
-    seqs = {split: [t.to(rt.device) for t in tensors] for split, tensors in encoded.items()}
-    labels = {split: lab.to(rt.device) for split, lab in labels.items()}
+    seqs = encoded  # host memory: each batch moved (Runtime.put)
 
     # 2. Policy: the SFT model, trained (or LoRA adapters on it), dropout off (cached = online reference log-probs).
     policy, online_reference = policy_and_reference(sft_dir, cfg.lora, rt, cfg.seed,
@@ -198,11 +197,12 @@ def train_kto(cfg, thumbs_path: Path, sft_dir: Path, out_dir: Path, rt: Runtime,
         if batch_pairs is None:
             return kto_batch_loss(policy, seqs["train"], labels["train"], rows, ref_logps, kc, rt)
         r = len(rows)
-        return KTO_LOSSES[kc.loss](row_logprobs(policy, seqs["train"], rows, rt), ref_logps[:r], labels["train"][rows],
+        return KTO_LOSSES[kc.loss](row_logprobs(policy, seqs["train"], rows, rt), ref_logps[:r],
+                                   rt.put(labels["train"][rows]),
                                    *batch_pairs, kc.beta, kc.desirable_weight, kc.undesirable_weight)
 
     loop = Epochs(engine, n=n, batch_size=kc.batch_size, epochs=kc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
-                  device=rt.device, desc="kto", log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
+                  desc="kto", log=out_dir / "metrics.jsonl", options=LoopOptions.of(cfg.train),
                   checkpoint=out_dir, eval_loss="loss/kto",
                   evaluate=lambda: evaluate_kto(policy, seqs["heldout"], labels["heldout"], reference, "heldout", kc, rt))
     policy.train()

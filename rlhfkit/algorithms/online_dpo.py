@@ -146,7 +146,7 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         c_rows, r_rows = (torch.tensor(rows, device=g.scores.device) for rows in zip(*pairs))  # (P,) each
 
         # 3. Reference log-probs of every pair, once: the SFT policy, or the policy as the iteration starts.
-        data = [t.to(rt.device) for t in encode_dpo_pairs(ctx.tokenizer, comparisons)]  # (2P, T) chosen, rejected
+        data = encode_dpo_pairs(ctx.tokenizer, comparisons)  # (2P, T) chosen, rejected; host memory (Runtime.put)
         source = ctx.reference if oc.reference == "sft" else Reference(model=policy.eval())
         reference = Reference(table={"train": source.table_of(data, pair_batches(data, oc.batch_size), rt)})
 
@@ -171,7 +171,7 @@ def train_online_dpo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: 
         policy.train()
         step = 0
         for _ in range(oc.epochs):
-            order = torch.randperm(n_pairs, generator=order_gen).to(rt.device)
+            order = torch.randperm(n_pairs, generator=order_gen)  # host indices into host data
             for b in range(steps_per_epoch):
                 out = engine.step(order[b * oc.batch_size : (b + 1) * oc.batch_size], batch_loss)
                 loss, stats = out.pop("loss"), out

@@ -58,10 +58,6 @@ class EncodedComparisons(NamedTuple):
     decoder: bool  # read the decoder way (last token) or the native way (the model's own forward)
     targets: torch.Tensor  # (N,) P(chosen better): the soft label, 1 for a hard label
 
-    def to(self, device) -> "EncodedComparisons":
-        return EncodedComparisons({k: v.to(device) for k, v in self.inputs.items()}, self.margins.to(device),
-                                  self.decoder, self.targets.to(device))
-
 
 def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool = True) -> EncodedComparisons:
     """Chosen and rejected (prompt, completion) rows as the reward model reads them (rlhfkit.models.scoring), margins
@@ -74,10 +70,10 @@ def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool =
 
 
 def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
-    """Scores of chosen and rejected for comparisons `idx`, in one forward pass."""
+    """Scores of chosen and rejected for comparisons `idx` (host indices of host data), in one forward pass."""
     rows = torch.cat([idx, idx + len(data.margins)])  # chosen rows, then their rejected rows
     with autocast(rt.device, rt.dtype):
-        scores = sequence_rewards(model, {k: v[rows] for k, v in data.inputs.items()}, data.decoder)  # (2b,)
+        scores = sequence_rewards(model, {k: rt.put(v[rows]) for k, v in data.inputs.items()}, data.decoder)  # (2b,)
     return scores[: len(idx)], scores[len(idx) :]
 
 
@@ -86,8 +82,8 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
     rows, present, ranks, owner = data.batch(items)
     ids, mask, _ = data.seqs
     with autocast(rt.device, rt.dtype):
-        scores = sequence_scores(model, ids[rows], mask[rows])  # (F,)
-    return to_grid(scores, present)[owner], ranks  # (R, K): an item's scores once per ranking of it
+        scores = sequence_scores(model, rt.put(ids[rows]), rt.put(mask[rows]))  # (F,)
+    return to_grid(scores, rt.put(present))[rt.put(owner)], rt.put(ranks)  # (R, K): an item's scores once per ranking of it
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int
     n = len(data.margins)
     correct, loss_sum = 0.0, 0.0
     for start in tracked(range(0, n, batch_size), desc):
-        idx = torch.arange(start, min(start + batch_size, n), device=rt.device)
+        idx = torch.arange(start, min(start + batch_size, n))
         c, r = pair_scores(model, data, idx, rt)
         loss, stats = bradley_terry_loss(c, r)
         correct += stats["accuracy"].item() * len(idx)
@@ -143,7 +139,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         train_split, test_split = load_rankings(rankings_path, comparisons_path, rc.criterion, rc.heldout_fraction,
                                                 cfg.seed, tokenizer)
         train, test = train_split.comparisons, test_split.comparisons
-        ranked = encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings]).to(rt.device)
+        ranked = encode_ranked_items(tokenizer, [it for it in train_split.items if it.rankings])
     else:
         train, test = load_comparisons(comparisons_path, rc.criterion, rc.heldout_fraction, cfg.seed, tokenizer)
     own_test = test  # the main data's held-out pairs (gold accuracy is theirs)
@@ -157,8 +153,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     # of two forwards' scores, which independent dropout masks only add noise to; on GPT-2 (dropout 0.1) it also
     # cost ~10% of a step (benchmarks/vs_trl.py). The built-in tiny models have none.
     model = disable_dropout(load_scalar_model(init_dir, rt.device, "reward.init"))
-    train_data = encode_comparisons(tokenizer, train, decoder).to(rt.device)
-    test_data = encode_comparisons(tokenizer, test, decoder).to(rt.device)
+    train_data = encode_comparisons(tokenizer, train, decoder)  # host memory: each batch moved (Runtime.put)
+    test_data = encode_comparisons(tokenizer, test, decoder)
     if not rc.use_margin:
         train_data.margins.zero_()
     soft = rc.soft_labels and not listwise and bool((train_data.targets < 1.0).any())  # distilled RLAIF
@@ -169,7 +165,8 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
         if listwise:
             return RANKING_LOSSES["plackett_luce"](*ranking_scores(model, ranked, idx, rt))
         chosen, rejected = pair_scores(model, train_data, idx, rt)
-        return bradley_terry_loss(chosen, rejected, train_data.margins[idx], train_data.targets[idx] if soft else None)
+        return bradley_terry_loss(chosen, rejected, rt.put(train_data.margins[idx]),
+                                  rt.put(train_data.targets[idx]) if soft else None)
 
     n = len(ranked.rows) if listwise else len(train)  # items or comparisons
     batch_size = ranked.items_per_batch(rc.batch_size) if listwise else rc.batch_size  # ~batch_size rankings
@@ -180,7 +177,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     # a listwise loss is a mean over rankings: a micro-batch of items weighs by its rankings
     units = (lambda items: (ranked.ranks[items] >= 0).any(-1).sum()) if listwise else None  # noqa: E731
     loop = Epochs(engine, n=n, batch_size=batch_size, epochs=rc.epochs, generator=torch.Generator().manual_seed(cfg.seed),
-                  device=rt.device, desc="reward model", log=out_dir / "metrics.jsonl",
+                  desc="reward model", log=out_dir / "metrics.jsonl",
                   options=LoopOptions.of(cfg.train), checkpoint=out_dir, eval_loss="loss/reward",
                   evaluate=lambda: {f"{k}/reward" if k == "loss" else f"reward/{k}": v for k, v in
                                     evaluate_pairs(model, test_data, rt, rc.batch_size, "reward model: evaluating").items()})
@@ -194,7 +191,7 @@ def train_reward_model(cfg: Config, comparisons_path: Path | None, init_dir: Pat
     heldout = evaluate_pairs(model, test_data, rt, rc.batch_size, desc="reward model: held-out accuracy")
 
     def accuracy_on(comparisons: list[Comparison], desc: str) -> float:
-        return evaluate_pairs(model, encode_comparisons(tokenizer, comparisons, decoder).to(rt.device), rt,
+        return evaluate_pairs(model, encode_comparisons(tokenizer, comparisons, decoder), rt,
                               rc.batch_size, desc)["accuracy"]
 
     mix_figures = {"mix_data": rc.mix_data, "n_train_mix": len(mix_train), "n_heldout_mix": len(mix_test),

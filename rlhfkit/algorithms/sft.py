@@ -50,8 +50,8 @@ def train_sft(cfg: Config, task, out_dir: Path, rt: Runtime) -> dict:
     check_representable(tokenizer, [(f"demonstration {i} {field}", text) for i, (p, c) in enumerate(demos[:256])
                                     for field, text in (("prompt", p), ("completion", c))],
                         f"task '{task.name}'", "policy")
-    train = [t.to(rt.device) for t in encode_pairs(tokenizer, [p for p, _ in demos], [c for _, c in demos])]
-    test = [t.to(rt.device) for t in encode_pairs(tokenizer, [p for p, _ in heldout], [c for _, c in heldout])]
+    train = encode_pairs(tokenizer, [p for p, _ in demos], [c for _, c in demos])  # host memory (Runtime.put)
+    test = encode_pairs(tokenizer, [p for p, _ in heldout], [c for _, c in heldout])
 
     # 3. Train: shuffled minibatches, AdamW with linear decay (fit_completions, shared with the methods that
     # fine-tune on selected samples: rejection sampling, ReST).

@@ -114,7 +114,7 @@ def run(cfg, task, out: Path, stage_dir: Path, rt: Runtime) -> dict:
     # 3. Fine-tune on the final revisions plus the helpful demonstrations.
     revisions = [(c.prompt, c.revision) for c in chains]
     pairs = revisions + [(p, d) for p, d in helpful]
-    probe = [t.to(rt.device) for t in encode_pairs(tokenizer, [p for p, _ in revisions], [r for _, r in revisions])]
+    probe = encode_pairs(tokenizer, [p for p, _ in revisions], [r for _, r in revisions])
     before = evaluate_nll(policy, probe, sc.batch_size, rt)
     log = MetricsLog(stage_dir / "metrics.jsonl")
     fit = fine_tune(policy, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], epochs=sc.epochs,

@@ -89,10 +89,6 @@ class RankedData:
         n_rankings = int((self.ranks >= 0).any(dim=-1).sum())
         return max(1, round(rankings_per_batch * len(self.rows) / max(n_rankings, 1)))
 
-    def to(self, device) -> "RankedData":
-        seqs = tuple(t.to(device) for t in self.seqs)
-        return RankedData(seqs, self.rows.to(device), self.ranks.to(device), self.row_of)
-
     def batch(self, items: torch.Tensor):
         """For items (B,): the rows to forward (F,), where their values land in a (B, K) grid (`present`, row-major
         as the rows), and every ranking of those items: ranks (R, K) and the batch position of its item (R,)."""

@@ -267,7 +267,9 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """(len(rows),) sequence log-probs of rows `rows` of seqs = (ids, mask, completion_mask) in encode_pairs'
     right-padded layout, in ONE forward (columns past the longest of these rows hold only padding: cut)."""
     ids, mask, completion_mask = seqs
+    rows = rows.to(ids.device)  # rows index the data where it is held (the host: Runtime.put)
     T = int(mask[rows].sum(dim=1).max())
     with autocast(rt.device, rt.dtype):
-        return sequence_logprobs(model, ids[rows, :T], mask[rows, :T], completion_mask[rows, :T])
+        return sequence_logprobs(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]),
+                                 rt.put(completion_mask[rows, :T]))
 

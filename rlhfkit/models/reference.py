@@ -46,8 +46,8 @@ class Reference:
     def rows(self, split: str, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
         """(len(rows),) sequence log-probs of rows `rows` of a split's sequences seqs = (ids, mask, completion_mask):
         looked up in the table, or one forward."""
-        if self.table is not None:
-            return self.table[split][rows]
+        if self.table is not None:  # the table on the device, `rows` wherever the data is
+            return self.table[split][rows.to(self.table[split].device)]
         return self.forward(seqs, rows, rt)
 
     @torch.no_grad()
@@ -62,7 +62,7 @@ class Reference:
         table = torch.zeros(len(seqs[0]), device=rt.device)
         bar = progress(len(seqs[0]), desc, unit="seq") if desc is not None else None
         for rows in row_batches:
-            table[rows] = self.forward(seqs, rows, rt).float()
+            table[rows.to(table.device)] = self.forward(seqs, rows, rt).float()
             if bar is not None:
                 bar.update(len(rows))
         if bar is not None:

@@ -3,7 +3,7 @@ reward model, DPO and its relatives (SimPO, ORPO, listwise), KTO — as an itera
 trainer keeps its loop in its own file, three lines long:
 
     loop = Epochs(engine, n=..., batch_size=..., epochs=..., generator=..., ...)
-    for idx in loop:                                  # (b,) example indices: this step's global batch
+    for idx in loop:                                  # (b,) example indices (host): this step's global batch
         out = engine.step(idx, batch_loss)           # accumulation and processes: rlhfkit/models/engine.py
         loop.done(out, {"loss/dpo": out["loss"]})    # log, evaluate, checkpoint, stop early
 
@@ -95,11 +95,11 @@ class Epochs:
     """Batches for `epochs` passes over n examples, resumable and stoppable (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, n: int, batch_size: int, epochs: int, generator: torch.Generator,
-                 device: torch.device, desc: str, log: MetricsLog | Path | None = None, log_every: int = 10,
+                 desc: str, log: MetricsLog | Path | None = None, log_every: int = 10,
                  step_offset: int = 0, options: LoopOptions | None = None, checkpoint: Path | None = None,
                  evaluate: Callable[[], dict] | None = None, eval_loss: str | None = None):
         self.engine, self.n, self.batch_size, self.epochs = engine, n, batch_size, epochs
-        self.generator, self.device, self.log_every, self.step_offset = generator, device, log_every, step_offset
+        self.generator, self.log_every, self.step_offset = generator, log_every, step_offset
         self.options = options or LoopOptions()
         self.steps_per_epoch = max(n // batch_size, 1)
         self.total_steps = self.count(n, batch_size, epochs)
@@ -133,7 +133,7 @@ class Epochs:
     def __iter__(self):
         while self.step < self.total_steps and not self.stopped_early:
             self._epoch_start = self.generator.get_state()
-            order = torch.randperm(self.n, generator=self.generator).to(self.device)
+            order = torch.randperm(self.n, generator=self.generator)  # on the host, as the data (Runtime.put)
             for b in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
                 yield order[b * self.batch_size : (b + 1) * self.batch_size]
                 if self.stopped_early:

@@ -37,7 +37,7 @@ def evaluate_nll(model, data, batch_size: int, rt: Runtime) -> float:
     for i in range(0, len(ids), batch_size):
         sl = slice(i, i + batch_size)
         n = comp[sl, 1:].sum().item()
-        total += completion_nll(model, ids[sl], mask[sl], comp[sl], rt).item() * n
+        total += completion_nll(model, rt.put(ids[sl]), rt.put(mask[sl]), rt.put(comp[sl]), rt).item() * n
         count += n
     return total / count
 
@@ -49,7 +49,7 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     """Fine-tune `model` on prompt/completion pairs, loss on completion tokens only: the SFT loop, shared by
     SFT and by the methods that fine-tune on their own selected samples (rejection sampling, ReST).
 
-    `data` is encode_pairs' (ids, mask, completion_mask) on the run's device. Each epoch visits the pairs in a
+    `data` is encode_pairs' (ids, mask, completion_mask) in host memory (each batch moved: Runtime.put). Each epoch visits the pairs in a
     random order drawn from `generator` and makes len // batch_size steps (the last partial batch is dropped;
     one full-data step when fewer pairs than batch_size); a fresh AdamW decays linearly to 10% of `lr`.
     A step's loss is the mean over the batch's completion tokens, also when it is cut into micro-batches or
@@ -67,12 +67,12 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     ids, mask, comp = data
 
     def batch_loss(rows: torch.Tensor):
-        return completion_nll(model, ids[rows], mask[rows], comp[rows], rt), {}
+        return completion_nll(model, rt.put(ids[rows]), rt.put(mask[rows]), rt.put(comp[rows]), rt), {}
 
     def evaluate() -> dict:
         return {"loss/sft": evaluate_nll(model, heldout, 256, rt)}
 
-    loop = Epochs(engine, n=n, batch_size=batch_size, epochs=epochs, generator=generator, device=rt.device,
+    loop = Epochs(engine, n=n, batch_size=batch_size, epochs=epochs, generator=generator,
                   desc=desc, log=log, log_every=log_every, step_offset=step_offset, options=options,
                   checkpoint=checkpoint, evaluate=evaluate if heldout is not None else None, eval_loss="loss/sft")
     model.train()

@@ -137,7 +137,7 @@ def fine_tune(policy, tokenizer, prompts: list[str], completions: list[str], *, 
     seeded too (a user's model may train with dropout). Under several processes every one calls it with the same
     pairs and each takes its share of every batch (DDP); alone: this process fine-tunes by itself (a stage run on
     the main process only, SL-CAI). Returns steps, mean loss and sequences backpropagated."""
-    data = [t.to(rt.device) for t in encode_pairs(tokenizer, prompts, completions)]
+    data = encode_pairs(tokenizer, prompts, completions)  # host memory (Runtime.put)
     torch.manual_seed(seed)
     fit = fit_completions(policy, data, epochs=epochs, batch_size=batch_size, lr=lr, rt=replace(rt, sharding="none"),
                           generator=torch.Generator().manual_seed(seed), log=log, desc=desc, step_offset=step_offset,
