@@ -97,3 +97,48 @@ def test_sampler_draws_from_tempered_distribution(arch, temperature, tokenizer, 
     p2 = oracle_logprobs(model, PROMPT + [a], [0], temperature)[0].exp()
     tv2, bound2 = total_variation(torch.bincount(s.responses[rows, 1], minlength=V), p2)
     assert tv2 < bound2, f"second token after {a}: TV {tv2:.4f} >= {bound2:.4f}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_preallocated_kv_cache_changes_no_number(arch, tokenizer, sharp_policy, monkeypatch):
+    """sample() writes keys and values into buffers sized for the whole sample (no per-step allocation); every
+    step's logits are bit-identical to transformers' DynamicCache (a concatenation each step), on ragged
+    left-padded prompts, so every sample is too. Fails on a cache that feeds a wrong column, skips one, or
+    attends over unfilled buffer positions."""
+    import rlhfkit.models.sampling as sampling
+
+    model = sharp_policy(arch)
+    queries, mask = pad_left(QUERIES, tokenizer.pad_token_id)
+    logits = {}
+
+    def run(name):
+        seen = []
+        hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits.clone()))
+        s = sample(model, queries, mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=torch.Generator().manual_seed(3))
+        hook.remove()
+        logits[name] = seen
+        return s
+
+    assert type(sampling.preallocated_cache(model, 30).layers[0]).__name__ == "PreallocatedLayer"
+    with pytest.raises(RuntimeError, match="overflowed"):  # sized by sample(); never grown silently
+        model(input_ids=queries, attention_mask=mask, use_cache=True,
+              **{sampling.CACHE: sampling.preallocated_cache(model, queries.shape[1] - 1)})
+    fast = run("preallocated")
+    monkeypatch.setattr(sampling, "preallocated_cache", lambda model, capacity: None)  # the model's own cache
+    slow = run("dynamic")
+    assert len(logits["preallocated"]) == len(logits["dynamic"]) > 5
+    for a, b in zip(logits["preallocated"], logits["dynamic"]):
+        assert torch.equal(a, b)
+    assert torch.equal(fast.responses, slow.responses) and torch.equal(fast.response_mask, slow.response_mask)
+
+
+def test_models_with_sliding_windows_keep_their_own_cache(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rlhfkit.models.sampling import preallocated_cache
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    assert preallocated_cache(MistralForCausalLM(config), 16) is None
+    assert preallocated_cache(torch.nn.Linear(2, 2), 16) is None  # not a transformers model

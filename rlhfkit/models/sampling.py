@@ -28,6 +28,7 @@ is how a reply ends, not part of it (vLLM's default, `include_stop_str_in_output
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,59 @@ def _cache_name() -> str:
 
 
 CACHE = _cache_name()
+
+
+@functools.cache
+def _preallocated_layer():
+    """The cache layer class of preallocated_cache (transformers imported on first use)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values live in (B, H, capacity, D) buffers made at the first update and
+        written in place; `keys`/`values` are views of the filled columns, so attention still runs over the
+        tokens so far only (the same numbers as DynamicLayer's concatenation)."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.filled = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                shape = (*key_states.shape[:-2], self.capacity, key_states.shape[-1])
+                self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+            end = self.filled + key_states.shape[-2]
+            if end > self.capacity:  # sample() sizes it; a caller feeding more is a bug, not a reason to grow
+                raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
+            self.key_buffer[..., self.filled : end, :] = key_states
+            self.value_buffer[..., self.filled : end, :] = value_states
+            self.filled = end
+            self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+            return self.keys, self.values
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(model, capacity: int):
+    """A KV cache for `capacity` positions whose layers write each step's keys and values in place, or None where
+    the model's layers are not all plain full attention (sliding windows, linear attention, a model without a
+    transformers config): the model then makes its own.
+
+    Why: transformers' DynamicCache concatenates every layer's keys and values at every step, a fresh and ever
+    larger allocation each time; on CPU those copies (and the page faults of the fresh buffers) were over half of a
+    decoding step of the 4 x 256 GPT-2 in benchmarks/vs_trl.py. The issue asks for no per-step allocation."""
+    from transformers.cache_utils import DynamicCache
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
+    n_layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n_layers, int) or getattr(text, "sliding_window", None) is not None or \
+            any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ())):
+        return None
+    cache = DynamicCache()
+    cache.layers = [_preallocated_layer()(capacity) for _ in range(n_layers)]
+    cache.layer_class_to_replicate = None  # exactly these layers
+    return cache
 
 
 @dataclass(frozen=True)
@@ -150,8 +204,13 @@ def sample(
             f"prompt length {queries.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"{limit} positions; use shorter prompts, fewer new tokens, or a model with a longer context"
         )
-    mask = query_mask.clone()
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    # the attention mask of the whole sample, filled as it grows: each step's mask is a view of its first columns
+    full_mask = torch.ones(B, queries.shape[1] + max_new_tokens, dtype=query_mask.dtype, device=device)
+    full_mask[:, : queries.shape[1]] = query_mask
+    mask = full_mask[:, : queries.shape[1]]
+    cache = preallocated_cache(model, full_mask.shape[1])
+    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                **({CACHE: cache} if cache is not None else {}))
     past, logits = getattr(out, CACHE), out.logits[:, -1, :]  # (B, V)
     next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1) position of the first response token
     tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
@@ -179,7 +238,7 @@ def sample(
             alive &= ~hit
         if not alive.any() or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        mask = full_mask[:, : mask.shape[1] + 1]
         out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, use_cache=True,
                     **{CACHE: past})
         past, logits = getattr(out, CACHE), out.logits[:, -1, :]
