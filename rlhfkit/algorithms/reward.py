@@ -34,6 +34,7 @@ import torch
 from rlhfkit.core.config import CRITERION_NAME
 from rlhfkit.core.errors import ConfigError, DataError
 from rlhfkit.core.runio import tracked
+from rlhfkit.data.batching import used_columns
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.preferences import load_comparisons, load_rankings, read_preferences
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
@@ -72,8 +73,10 @@ def encode_comparisons(tokenizer, comparisons: list[Comparison], decoder: bool =
 def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
     """Scores of chosen and rejected for comparisons `idx` (host indices of host data), in one forward pass."""
     rows = torch.cat([idx, idx + len(data.margins)])  # chosen rows, then their rejected rows
+    mask = data.inputs.get("attention_mask")
+    T = used_columns(mask[rows]) if mask is not None else None  # the batch's own longest row
     with autocast(rt.device, rt.dtype):
-        scores = sequence_rewards(model, {k: rt.put(v[rows]) for k, v in data.inputs.items()}, data.decoder)  # (2b,)
+        scores = sequence_rewards(model, {k: rt.put(v[rows, :T]) for k, v in data.inputs.items()}, data.decoder)
     return scores[: len(idx)], scores[len(idx) :]
 
 
@@ -81,8 +84,9 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
     """(R, K) scores of every ranking of `items` and (R, K) their ranks: the items' completions in ONE forward."""
     rows, present, ranks, owner = data.batch(items)
     ids, mask, _ = data.seqs
+    T = used_columns(mask[rows])  # the batch's own longest row
     with autocast(rt.device, rt.dtype):
-        scores = sequence_scores(model, rt.put(ids[rows]), rt.put(mask[rows]))  # (F,)
+        scores = sequence_scores(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]))  # (F,)
     return to_grid(scores, rt.put(present))[rt.put(owner)], rt.put(ranks)  # (R, K): an item's scores once per ranking of it
 
 

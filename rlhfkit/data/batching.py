@@ -102,6 +102,17 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def used_columns(mask: torch.Tensor) -> int:
+    """How many leading columns of a batch's (B, T) attention mask hold any real token. A batch cut from a dataset
+    padded to its longest sequence is then cut to its own longest, as a DataLoader's collator pads it (TRL's too):
+    the columns past it are padding in every row, which no real token attends to (masked out, and after it in a
+    causal model) and no loss reads, so the model need not compute them. On a dataset whose lengths vary (HH,
+    UltraFeedback) that is most of a step; on one of equal lengths (digits) it is nothing. Left-padded batches
+    keep every column."""
+    used = mask.any(dim=0).nonzero()
+    return int(used.max()) + 1 if len(used) else 0
+
+
 TRUNCATION_SIDES = ("left", "right")
 
 

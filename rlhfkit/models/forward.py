@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from rlhfkit.core.errors import RlhfkitError
+from rlhfkit.data.batching import used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import chunked_head_logprobs, gather_logprobs
@@ -268,7 +269,7 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
     right-padded layout, in ONE forward (columns past the longest of these rows hold only padding: cut)."""
     ids, mask, completion_mask = seqs
     rows = rows.to(ids.device)  # rows index the data where it is held (the host: Runtime.put)
-    T = int(mask[rows].sum(dim=1).max())
+    T = used_columns(mask[rows])
     with autocast(rt.device, rt.dtype):
         return sequence_logprobs(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]),
                                  rt.put(completion_mask[rows, :T]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.core.runio import MetricsLog
+from rlhfkit.data.batching import used_columns
 from rlhfkit.models.engine import make_engine
 from rlhfkit.models.forward import causal_logits
 from rlhfkit.models.optim import make_optimizer
@@ -37,7 +38,8 @@ def evaluate_nll(model, data, batch_size: int, rt: Runtime) -> float:
     for i in range(0, len(ids), batch_size):
         sl = slice(i, i + batch_size)
         n = comp[sl, 1:].sum().item()
-        total += completion_nll(model, rt.put(ids[sl]), rt.put(mask[sl]), rt.put(comp[sl]), rt).item() * n
+        T = used_columns(mask[sl])  # the batch's own longest row (the data is padded to the longest of all)
+        total += completion_nll(model, rt.put(ids[sl, :T]), rt.put(mask[sl, :T]), rt.put(comp[sl, :T]), rt).item() * n
         count += n
     return total / count
 
@@ -67,7 +69,8 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     ids, mask, comp = data
 
     def batch_loss(rows: torch.Tensor):
-        return completion_nll(model, rt.put(ids[rows]), rt.put(mask[rows]), rt.put(comp[rows]), rt), {}
+        T = used_columns(mask[rows])  # the batch's own longest row (the data is padded to the longest of all)
+        return completion_nll(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]), rt.put(comp[rows, :T]), rt), {}
 
     def evaluate() -> dict:
         return {"loss/sft": evaluate_nll(model, heldout, 256, rt)}
