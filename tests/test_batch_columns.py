@@ -14,6 +14,7 @@ from rlhfkit.algorithms.reward import encode_comparisons, pair_scores, ranking_s
 from rlhfkit.data.batching import encode_pairs, used_columns
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.ranked import RankedItem, encode_ranked_items
+from rlhfkit.models import forward as forward_module
 from rlhfkit.models.forward import row_logprobs, sequence_logprobs
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.models.runtime import Runtime
@@ -99,4 +100,7 @@ def test_reward_model_and_dpo_forward_each_batch_at_its_own_longest_row(tokenize
     T = used_columns(seqs[1][rows])
     assert T < seqs[0].shape[1]
     full = sequence_logprobs(model, seqs[0][rows], seqs[1][rows], seqs[2][rows])
+    monkeypatch.setattr(forward_module, "sequence_logprobs",
+                        lambda m, ids, *rest: widths.append(ids.shape[1]) or sequence_logprobs(m, ids, *rest))
     assert torch.allclose(row_logprobs(model, seqs, rows, CPU), full, atol=1e-5)
+    assert widths[-1] == T
