@@ -1,7 +1,8 @@
 """Batches cut to their own longest row (rlhfkit.data.batching.used_columns): the offline trainers' data is padded
 to the longest sequence of the whole dataset, and SFT, the reward model and the DPO family forward only the
 columns some row of the batch uses, as a collator padding each batch would. The figures are the untrimmed ones to
-float rounding (the columns cut hold only padding)."""
+float rounding (the columns cut hold only padding). And train.padding_free: each batch's sequences packed back to
+back (rlhfkit.data.batching.packed_rows), with the padded loss and gradient."""
 
 import random
 
@@ -11,11 +12,11 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from rlhfkit.algorithms import reward as reward_module
 from rlhfkit.algorithms.reward import encode_comparisons, pair_scores, ranking_scores
-from rlhfkit.data.batching import encode_pairs, used_columns
+from rlhfkit.data.batching import encode_pairs, pack, packed_rows, used_columns
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.ranked import RankedItem, encode_ranked_items
 from rlhfkit.models import forward as forward_module
-from rlhfkit.models.forward import row_logprobs, sequence_logprobs
+from rlhfkit.models.forward import check_packing, row_logprobs, sequence_logprobs
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.spine import finetune
@@ -104,3 +105,72 @@ def test_reward_model_and_dpo_forward_each_batch_at_its_own_longest_row(tokenize
                         lambda m, ids, *rest: widths.append(ids.shape[1]) or sequence_logprobs(m, ids, *rest))
     assert torch.allclose(row_logprobs(model, seqs, rows, CPU), full, atol=1e-5)
     assert widths[-1] == T
+
+
+# ---------------------------------------------------------------- train.padding_free: sequences packed, no padding
+
+def test_pack_is_first_fit_decreasing_and_places_every_sequence_once():
+    assert pack([5, 3, 4, 2, 1], 6) == [[0, 4], [2, 3], [1]]
+    assert pack([2, 2, 2], 6) == [[0, 1, 2]]
+    lengths = [random.Random(s).randrange(1, 20) for s in range(50)]
+    rows = pack(lengths, 20)
+    assert sorted(i for r in rows for i in r) == list(range(50))
+    assert all(sum(lengths[i] for i in r) <= 20 for r in rows)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([7], 6)
+
+
+def test_packed_rows_put_sequences_back_to_back_with_positions_restarting():
+    ids = torch.tensor([[11, 12, 13, 0], [21, 22, 0, 0], [31, 0, 0, 0], [41, 42, 43, 44]])
+    mask = (ids > 0).long()
+    comp = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]])
+    p_ids, positions, p_comp = packed_rows(ids, mask, comp)
+    # first-fit decreasing into rows of 4: [3] alone, [0, 2] (3 + 1), [1] (2) with a tail of 2
+    assert p_ids.tolist() == [[41, 42, 43, 44], [11, 12, 13, 31], [21, 22, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert p_comp.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 0, 0]]
+    assert p_comp.sum() == comp.sum()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_packed_batch_has_the_padded_loss_and_gradient(arch, tokenizer, sharp_policy):
+    """The packed forward's loss and gradient are the padded forward's to rounding (sharp weights: attention
+    across a packed boundary, a position that does not restart or a shifted label would move them far more)."""
+    model = sharp_policy(arch)
+    ids, mask, comp = encode_pairs(tokenizer, *ragged(24, seed=1))
+    packed = packed_rows(ids, mask, comp)
+    assert len(packed[0]) < len(ids)  # fewer rows: padding saved
+    losses, grads = [], []
+    for loss in (lambda: finetune.completion_nll(model, ids, mask, comp, CPU),
+                 lambda: finetune.packed_completion_nll(model, *packed, CPU)):
+        model.zero_grad()
+        value = loss()
+        value.backward()
+        losses.append(value.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm()
+    assert check_packing(model, ids, mask) < finetune.PACKING_TOLERANCE
+
+
+def test_padding_free_sft_trains_as_padded_and_refuses_a_model_that_mixes_sequences(tokenizer, monkeypatch):
+    from dataclasses import replace
+
+    from rlhfkit.core.errors import ConfigError
+
+    data = encode_pairs(tokenizer, *ragged(48, seed=2))
+    models = {}
+    for free in (False, True):
+        models[free] = build_tiny_policy(TinyModelSpec("gpt2", 2, 32, 4, 32), tokenizer, seed=0)
+        finetune.fit_completions(models[free], data, epochs=2, batch_size=16, lr=3e-3,
+                                 rt=replace(CPU, padding_free=free), generator=torch.Generator().manual_seed(0))
+    for a, b in zip(models[False].parameters(), models[True].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    # a model that ignores the packed bounds (here: an attention mask given, which turns transformers' packed
+    # reading off) is refused before training
+    monkeypatch.setattr(forward_module, "packed_causal_logits",
+                        lambda model, ids, pos: model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                      position_ids=pos, use_cache=False).logits)
+    with pytest.raises(ConfigError, match="train.padding_free"):
+        finetune.fit_completions(models[False], data, epochs=1, batch_size=16, lr=3e-3,
+                                 rt=replace(CPU, padding_free=True), generator=torch.Generator().manual_seed(0))

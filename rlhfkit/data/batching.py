@@ -113,6 +113,50 @@ def used_columns(mask: torch.Tensor) -> int:
     return int(used.max()) + 1 if len(used) else 0
 
 
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequences of `lengths` placed whole into rows of `capacity` tokens, first-fit decreasing (longest first, each
+    into the first row with room): the sequences of each row, in the order placed. Every sequence appears once."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            if lengths[i] > capacity:
+                raise ValueError(f"a sequence of {lengths[i]} tokens does not fit rows of {capacity}")
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor):
+    """encode_pairs' right-padded (B, T) rows packed padding-free (TRL's `padding_free`, without flash attention's
+    variable-length kernels): each row of the result holds whole sequences back to back (pack: rows as long as
+    the longest sequence, so attention per row costs no more than padded), and (R, T') ids, position ids that
+    restart at 0 with each sequence, and the completion mask. A model given position ids and no attention mask
+    keeps attention within each sequence (transformers reads the boundaries from the position ids); a row's
+    unused tail gets positions 0, 1, ... of its own, a sequence no real token sees, and no completion token."""
+    lengths = mask.sum(dim=1).tolist()
+    width = max(lengths)
+    groups = pack(lengths, width)
+    out_ids = torch.zeros(len(groups), width, dtype=ids.dtype)
+    positions = torch.zeros(len(groups), width, dtype=torch.long)
+    out_comp = torch.zeros(len(groups), width, dtype=completion_mask.dtype)
+    for r, group in enumerate(groups):
+        at = 0
+        for i in group:
+            n = lengths[i]
+            out_ids[r, at : at + n] = ids[i, :n]
+            out_comp[r, at : at + n] = completion_mask[i, :n]
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return out_ids, positions, out_comp
+
+
 TRUNCATION_SIDES = ("left", "right")
 
 

@@ -77,6 +77,32 @@ def causal_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
 
 
+def packed_causal_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(R, T, V) logits of rows packed padding-free (rlhfkit.data.batching.packed_rows): no attention mask, so that
+    transformers (5.x, masking_utils.find_packed_sequence_indices) reads each sequence's bounds from the position
+    ids and keeps attention within it; it does so only without a cache, hence use_cache=False. A model that does
+    not is caught before training (check_packing)."""
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """The largest difference between the log-probs of two sequences forwarded alone and packed into one row, in
+    fp32 with dropout off: rounding (~1e-6) where the model keeps packed sequences apart, far more (attention
+    across the boundary) where it does not."""
+    was_training = model.training
+    model.eval()
+    try:
+        a, b = (ids[i, : int(mask[i].sum())] for i in range(2))
+        alone = [torch.log_softmax(causal_logits(model, s[None], torch.ones_like(s)[None])[0].float(), -1)
+                 for s in (a, b)]
+        packed = torch.log_softmax(packed_causal_logits(model, torch.cat([a, b])[None], torch.cat(
+            [torch.arange(len(a)), torch.arange(len(b))])[None].to(ids.device))[0].float(), -1)
+        return max((packed[: len(a)] - alone[0]).abs().max().item(), (packed[len(a) :] - alone[1]).abs().max().item())
+    finally:
+        model.train(was_training)
+
+
 def scalar_head(model):
     """The linear scalar head of a sequence-classification model (`score` for decoders)."""
     for name in ("score", "classifier"):

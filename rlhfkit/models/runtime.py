@@ -112,6 +112,7 @@ class Runtime:
     accumulation: int = 1  # micro-batches per optimiser step (train.gradient_accumulation_steps)
     checkpointing: bool = False  # gradient checkpointing (train.gradient_checkpointing)
     sharding: str = "none"  # train.sharding: DDP or FSDP2 sharding under several processes (models/engine.py)
+    padding_free: bool = False  # train.padding_free: SFT's batches packed without padding (spine/finetune.py)
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         """A batch's tensor, cut from a dataset held on the host, on the run's device. The offline trainers keep
@@ -163,7 +164,8 @@ def runtime(cfg) -> Runtime:
     return Runtime(device, resolve_precision(cfg.precision, device, policy.path if policy is not None else None),
                    train.gradient_accumulation_steps if train is not None else 1,
                    train.gradient_checkpointing if train is not None else False,
-                   train.sharding if train is not None else "none")
+                   train.sharding if train is not None else "none",
+                   train.padding_free if train is not None else False)
 
 
 def torch_threads(cfg) -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from rlhfkit.core.runio import MetricsLog
-from rlhfkit.data.batching import used_columns
+from rlhfkit.core.errors import ConfigError
+from rlhfkit.data.batching import packed_rows, used_columns
 from rlhfkit.models.engine import make_engine
-from rlhfkit.models.forward import causal_logits
+from rlhfkit.models.forward import causal_logits, check_packing, packed_causal_logits
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import gather_logprobs
@@ -28,6 +29,18 @@ def completion_nll(model, ids, mask, comp_mask, rt: Runtime) -> torch.Tensor:
         logits = causal_logits(model, ids, mask)[:, :-1]  # (B, T-1, V): position t predicts t + 1
     logprobs = gather_logprobs(logits, ids[:, 1:])  # (B, T-1)
     return sft_loss(logprobs, comp_mask[:, 1:])
+
+
+def packed_completion_nll(model, ids, positions, comp_mask, rt: Runtime) -> torch.Tensor:
+    """completion_nll of rows packed padding-free (rlhfkit.data.batching.packed_rows): the same mean over the same
+    completion tokens (a sequence's first token is a prompt token, so no loss crosses from one sequence into the
+    next)."""
+    with autocast(rt.device, rt.dtype):
+        logits = packed_causal_logits(model, ids, positions)[:, :-1]
+    return sft_loss(gather_logprobs(logits, ids[:, 1:]), comp_mask[:, 1:])
+
+
+PACKING_TOLERANCE = 1e-4  # log-probs, fp32: rounding is ~1e-6, attention across a boundary far more
 
 
 @torch.no_grad()
@@ -68,7 +81,15 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     engine.check_batch(min(batch_size, n), "the SFT batch size")
     ids, mask, comp = data
 
+    if rt.padding_free and n >= 2:  # a model that would attend across packed sequences is refused, not trained
+        gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
+        if gap > PACKING_TOLERANCE:
+            raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (log-probs "
+                              f"moved by {gap:.2g}); set train.padding_free = false for this model")
+
     def batch_loss(rows: torch.Tensor):
+        if rt.padding_free:  # whole sequences back to back: no padding computed (packed_rows)
+            return packed_completion_nll(model, *map(rt.put, packed_rows(ids[rows], mask[rows], comp[rows])), rt), {}
         T = used_columns(mask[rows])  # the batch's own longest row (the data is padded to the longest of all)
         return completion_nll(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]), rt.put(comp[rows, :T]), rt), {}
 
