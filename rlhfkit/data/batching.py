@@ -142,7 +142,8 @@ def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Te
     lengths = mask.sum(dim=1).tolist()
     width = max(lengths)
     groups = pack(lengths, width)
-    out_ids = torch.zeros(len(groups), width, dtype=ids.dtype)
+    # the tail holds a real token id, not padding: transformers warns of padding in a batch without attention mask
+    out_ids = torch.full((len(groups), width), int(ids[0, 0]), dtype=ids.dtype)
     positions = torch.zeros(len(groups), width, dtype=torch.long)
     out_comp = torch.zeros(len(groups), width, dtype=completion_mask.dtype)
     for r, group in enumerate(groups):

@@ -1,0 +1,100 @@
+"""SFT steps on sequences of varying length, three ways (issue 18, "padding-free packing"):
+
+    whole     every batch as wide as the longest sequence of the whole dataset (how rlhfkit padded before)
+    trimmed   every batch cut to its own longest row (rlhfkit.data.batching.used_columns: now always on)
+    packed    train.padding_free = true: each batch's sequences back to back in rows of its longest (packed_rows)
+
+    .venv/bin/python benchmarks/padding_free.py [--steps 12] [--reps 3] [--threads 2] [--width 256] [--layers 4]
+
+The data: 640 (prompt, completion) pairs of digit words, prompts of 8-24 tokens, completions long-tailed like chat
+replies (lognormal: median ~60 tokens, cut at 400); batches of 32; a GPT-2 of `--layers` x `--width` (fp32,
+AdamW), the same model and batches for every mode, the modes interleaved `--reps` times in this process. Printed
+per mode: the median time per optimiser step and its range, real tokens per second, and the share of the
+computed tokens (rows x columns forwarded) that are real; and the mean loss of the steps, equal across the modes
+to float rounding (they compute the same update). Results in README, "Against TRL".
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from rlhfkit.data.batching import encode_pairs, packed_rows, used_columns
+from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
+from rlhfkit.models.runtime import Runtime
+from rlhfkit.spine import finetune
+from rlhfkit.spine.epochs import LoopOptions
+from rlhfkit.tasks import get_task
+
+
+def data(n: int, seed: int, tokenizer):
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for _ in range(n):
+        prompts.append(" ".join(str(rng.randrange(10)) for _ in range(rng.randrange(8, 25))))
+        length = min(400, max(4, int(rng.lognormvariate(4.1, 0.7))))
+        completions.append(" ".join(str(rng.randrange(10)) for _ in range(length)))
+    return encode_pairs(tokenizer, prompts, completions)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = get_task("digits").build_tokenizer()
+    ids, mask, comp = data(args.steps * args.batch, 0, tokenizer)
+    real = int(mask.sum())
+    print(f"{len(ids)} sequences, {real} tokens, longest {ids.shape[1]}; GPT-2 {args.layers} x {args.width}, batch "
+          f"{args.batch}, {args.steps} steps, {args.threads} threads")
+    whole_width = lambda m: m.shape[1]  # noqa: E731
+    modes = {"whole": (False, whole_width), "trimmed": (False, used_columns), "packed": (True, used_columns)}
+    computed = {}
+    for name, (free, columns) in modes.items():
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))  # the loop's first epoch
+        batches = [order[s * args.batch : (s + 1) * args.batch] for s in range(args.steps)]
+        if free:
+            computed[name] = sum(packed_rows(ids[b], mask[b], comp[b])[0].numel() for b in batches)
+        else:
+            computed[name] = sum(len(b) * columns(mask[b]) for b in batches)
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    losses: dict[str, float] = {}
+    for _ in range(args.reps):
+        for name, (free, columns) in modes.items():
+            finetune.used_columns = columns
+            model = build_tiny_policy(TinyModelSpec("gpt2", args.layers, args.width, 4, ids.shape[1] + 8), tokenizer,
+                                      seed=0)
+            steps = []
+
+            class Stamp:
+                def on_step(self, step, metrics):
+                    steps.append((time.perf_counter(), float(metrics["loss/sft"])))
+
+            start = time.perf_counter()
+            finetune.fit_completions(model, (ids, mask, comp), epochs=1, batch_size=args.batch, lr=1e-3,
+                                     rt=Runtime(torch.device("cpu"), None, padding_free=free),
+                                     generator=torch.Generator().manual_seed(0), options=LoopOptions(callbacks=[Stamp()]))
+            ends = [start] + [t for t, _ in steps]
+            times[name].append(statistics.median(b - a for a, b in zip(ends[1:], ends[2:])))  # after the first
+            losses[name] = statistics.fmean(loss for _, loss in steps)
+    finetune.used_columns = used_columns
+    base = statistics.median(times["whole"])
+    print("| mode | s / step (median [range]) | real tokens / s | real share of computed tokens | vs whole | mean loss |")
+    print("|---|---|---|---|---|---|")
+    for name in modes:
+        t = statistics.median(times[name])
+        print(f"| {name} | {t:.3f} [{min(times[name]):.3f}-{max(times[name]):.3f}] | {real / args.steps / t:,.0f} | "
+              f"{real / computed[name]:.0%} | {base / t:.2f}x | {losses[name]:.6f} |")
+
+
+if __name__ == "__main__":
+    main()
