@@ -150,7 +150,7 @@ def test_a_packed_batch_has_the_padded_loss_and_gradient(arch, tokenizer, sharp_
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm()
-    assert check_packing(model, ids, mask) < finetune.PACKING_TOLERANCE
+    assert check_packing(model, ids, mask) < forward_module.PACKING_TOLERANCE
 
 
 def test_padding_free_sft_trains_as_padded_and_refuses_a_model_that_mixes_sequences(tokenizer, monkeypatch):
@@ -174,3 +174,32 @@ def test_padding_free_sft_trains_as_padded_and_refuses_a_model_that_mixes_sequen
     with pytest.raises(ConfigError, match="train.padding_free"):
         finetune.fit_completions(models[False], data, epochs=1, batch_size=16, lr=3e-3,
                                  rt=replace(CPU, padding_free=True), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_packed_dpo_log_probs_are_the_padded_ones(chunked, tokenizer, sharp_policy, monkeypatch):
+    """row_logprobs (DPO, SimPO, ORPO, KTO, and their references) with train.padding_free: each sequence's
+    log-prob is the padded forward's to rounding, on the chunked head and on the full-logits path, for a LoRA
+    policy's adapter-disabled reference too (whose check must leave the policy in training mode)."""
+    from dataclasses import replace
+
+    from rlhfkit.models.lora import AdapterDisabled
+
+    if not chunked:
+        monkeypatch.setattr(forward_module, "use_chunked", lambda model, chunk: False)
+    model = sharp_policy("gpt2")
+    seqs = encode_pairs(tokenizer, *ragged(20, seed=3))
+    rows = torch.tensor([4, 0, 7, 11, 2, 19])
+    padded = row_logprobs(model, seqs, rows, CPU)
+    packed = row_logprobs(model, seqs, rows, replace(CPU, padding_free=True))
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-4)
+    assert (padded[1:] - padded[:-1]).abs().min() > 1e-2  # distinct values: a row summed into another would show
+
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(sharp_policy("gpt2"), LoraConfig(r=2, target_modules=["c_attn"]))
+    policy.train()
+    reference = AdapterDisabled(policy)
+    assert torch.allclose(row_logprobs(reference, seqs, rows, replace(CPU, padding_free=True)),
+                          row_logprobs(reference, seqs, rows, CPU), rtol=1e-5, atol=1e-4)
+    assert policy.training and all(m.training for m in policy.modules())

@@ -136,13 +136,14 @@ MICRO = ["sft.n_demos=320", "sft.epochs=1", "sft.batch_size=32", "feedback.n_pro
 
 
 def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_in):
-    """SFT, the reward model (pairs; rankings), DPO (cached and online reference,
-    pairs and rankings), SimPO and KTO (one micro-batch and two: its z0 path) on the stand-in device: every
+    """SFT (padded and packed), the reward model (pairs; rankings), DPO (cached and online reference,
+    pairs and rankings, packed), SimPO and KTO (one micro-batch and two: its z0 path) on the stand-in device: every
     batch they use reaches the model and the losses from the device, never from host memory."""
     out = tmp_path / "out"
     cfg = load_config(overrides=MICRO)
     with stand_in:
         run_stage("sft", cfg, out)
+        run_stage("sft", load_config(overrides=MICRO + ["train.padding_free=true"]), tmp_path / "packed")
     assert stand_in.moved > 0
     run_stage("feedback", cfg, out)  # sampling and simulated labels: no dataset of the trainers' kind
     thumbs = tmp_path / "thumbs"
@@ -155,6 +156,7 @@ def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_i
         ("dpo", MICRO, out),
         ("dpo", MICRO + ["dpo.reference='online'", "train.gradient_accumulation_steps=2"], out),
         ("dpo", MICRO + ["dpo.loss='plackett_luce'"], out),
+        ("dpo", MICRO + ["train.padding_free=true"], out),
         ("simpo", MICRO + ["method='simpo'"], out),
         ("kto", MICRO + ["method='kto'", "feedback.kind='thumbs'"], thumbs),
         ("kto", MICRO + ["method='kto'", "feedback.kind='thumbs'", "kto.reference='online'",

@@ -132,13 +132,14 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor):
+def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor, with_owner: bool = False):
     """encode_pairs' right-padded (B, T) rows packed padding-free (TRL's `padding_free`, without flash attention's
     variable-length kernels): each row of the result holds whole sequences back to back (pack: rows as long as
     the longest sequence, so attention per row costs no more than padded), and (R, T') ids, position ids that
     restart at 0 with each sequence, and the completion mask. A model given position ids and no attention mask
     keeps attention within each sequence (transformers reads the boundaries from the position ids); a row's
-    unused tail gets positions 0, 1, ... of its own, a sequence no real token sees, and no completion token."""
+    unused tail gets positions 0, 1, ... of its own, a sequence no real token sees, and no completion token.
+    with_owner: also (R, T') the input row each token came from (-1 on the tails)."""
     lengths = mask.sum(dim=1).tolist()
     width = max(lengths)
     groups = pack(lengths, width)
@@ -146,6 +147,7 @@ def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Te
     out_ids = torch.full((len(groups), width), int(ids[0, 0]), dtype=ids.dtype)
     positions = torch.zeros(len(groups), width, dtype=torch.long)
     out_comp = torch.zeros(len(groups), width, dtype=completion_mask.dtype)
+    owner = torch.full((len(groups), width), -1, dtype=torch.long)
     for r, group in enumerate(groups):
         at = 0
         for i in group:
@@ -153,9 +155,10 @@ def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Te
             out_ids[r, at : at + n] = ids[i, :n]
             out_comp[r, at : at + n] = completion_mask[i, :n]
             positions[r, at : at + n] = torch.arange(n)
+            owner[r, at : at + n] = i
             at += n
         positions[r, at:] = torch.arange(width - at)
-    return out_ids, positions, out_comp
+    return (out_ids, positions, out_comp, owner) if with_owner else (out_ids, positions, out_comp)
 
 
 TRUNCATION_SIDES = ("left", "right")

@@ -15,11 +15,12 @@ Layer: models (imports ops, core).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
-from rlhfkit.core.errors import RlhfkitError
-from rlhfkit.data.batching import used_columns
+from rlhfkit.core.errors import ConfigError, RlhfkitError
+from rlhfkit.data.batching import packed_rows, used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import chunked_head_logprobs, gather_logprobs
@@ -90,7 +91,7 @@ def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """The largest difference between the log-probs of two sequences forwarded alone and packed into one row, in
     fp32 with dropout off: rounding (~1e-6) where the model keeps packed sequences apart, far more (attention
     across the boundary) where it does not."""
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each its own (a LoRA reference shares the policy's modules)
     model.eval()
     try:
         a, b = (ids[i, : int(mask[i].sum())] for i in range(2))
@@ -100,7 +101,24 @@ def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
             [torch.arange(len(a)), torch.arange(len(b))])[None].to(ids.device))[0].float(), -1)
         return max((packed[: len(a)] - alone[0]).abs().max().item(), (packed[len(a) :] - alone[1]).abs().max().item())
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
+
+
+PACKING_TOLERANCE = 1e-4  # check_packing's log-prob gap, fp32: rounding is ~1e-6, attention across a boundary far more
+_packing_checked: weakref.WeakSet = weakref.WeakSet()
+
+
+def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Refuse train.padding_free for a model that would attend across packed sequences (check_packing on two of
+    the data's rows, once per model object)."""
+    if model in _packing_checked or len(ids) < 2:
+        return
+    gap = check_packing(model, ids[:2], mask[:2])
+    if gap > PACKING_TOLERANCE:
+        raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (log-probs "
+                          f"moved by {gap:.2g}); set train.padding_free = false for this model")
+    _packing_checked.add(model)
 
 
 def scalar_head(model):
@@ -175,19 +193,21 @@ def plain_head(model):
 
 
 def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature: float = 1.0,
-                          chunk: int | None = None, with_entropy: bool = False):
+                          chunk: int | None = None, with_entropy: bool = False, positions=None):
     """(B, T - 1) log softmax(logits / temperature)[token t + 1] at position t where scored[:, t + 1] = 1, else 0.
 
     The chunked path: one pass of the transformer body to the final hidden states (B, T, H), kept only at the
     positions that predict a scored token (N of them: no prompt or padding position), then the head's log-probs
     over chunks of `chunk` positions (LOGPROB_CHUNK by default). The model must pass plain_head; call it under
     the run's autocast, as the model itself would be. with_entropy: (log-probs, entropy), the (B, T - 1) entropy of
-    softmax(logits / temperature) at the same positions (no grad), else 0."""
+    softmax(logits / temperature) at the same positions (no grad), else 0. `positions`: rows packed padding-free
+    (packed_causal_logits: no attention mask, the position ids given)."""
     body, head, context = plain_head(model)
     chunk = LOGPROB_CHUNK if chunk is None else chunk
     with context():
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                      use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      position_ids=position_ids(attention_mask) if positions is None else positions
+                      ).last_hidden_state  # (B, T, H)
     keep = scored[:, 1:].bool()  # (B, T - 1): position t predicts token t + 1
     out = chunked_head_logprobs(hidden[:, :-1][keep], head.weight, head.bias, input_ids[:, 1:][keep],
                                 temperature, chunk, with_entropy)  # (N,) fp32, or (N,), (N,)
@@ -295,8 +315,24 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
     right-padded layout, in ONE forward (columns past the longest of these rows hold only padding: cut)."""
     ids, mask, completion_mask = seqs
     rows = rows.to(ids.device)  # rows index the data where it is held (the host: Runtime.put)
+    if rt.padding_free:
+        return _packed_row_logprobs(model, ids[rows], mask[rows], completion_mask[rows], rt)
     T = used_columns(mask[rows])
     with autocast(rt.device, rt.dtype):
         return sequence_logprobs(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]),
                                  rt.put(completion_mask[rows, :T]))
 
+
+def _packed_row_logprobs(model, ids, mask, completion_mask, rt: Runtime) -> torch.Tensor:
+    """row_logprobs with train.padding_free: the rows packed back to back (packed_rows), the completion tokens'
+    log-probs summed per sequence (the same sums as the padded forward's, in another order: float rounding)."""
+    ensure_packing(model, rt.put(ids), rt.put(mask))
+    p_ids, positions, p_comp, owner = map(rt.put, packed_rows(ids, mask, completion_mask, with_owner=True))
+    scored = p_comp[:, 1:].bool()  # position t predicts token t + 1
+    with autocast(rt.device, rt.dtype):
+        if use_chunked(model, None):
+            logprobs = scored_token_logprobs(model, p_ids, None, p_comp, positions=positions)  # (R, T - 1)
+        else:
+            logprobs = gather_logprobs(packed_causal_logits(model, p_ids, positions)[:, :-1], p_ids[:, 1:])
+    return torch.zeros(len(ids), dtype=logprobs.dtype, device=logprobs.device).index_add_(
+        0, owner[:, 1:][scored], logprobs[scored])  # (B,)

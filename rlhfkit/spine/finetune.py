@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 
 from rlhfkit.core.runio import MetricsLog
-from rlhfkit.core.errors import ConfigError
 from rlhfkit.data.batching import packed_rows, used_columns
 from rlhfkit.models.engine import make_engine
-from rlhfkit.models.forward import causal_logits, check_packing, packed_causal_logits
+from rlhfkit.models.forward import causal_logits, ensure_packing, packed_causal_logits
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import gather_logprobs
@@ -38,9 +37,6 @@ def packed_completion_nll(model, ids, positions, comp_mask, rt: Runtime) -> torc
     with autocast(rt.device, rt.dtype):
         logits = packed_causal_logits(model, ids, positions)[:, :-1]
     return sft_loss(gather_logprobs(logits, ids[:, 1:]), comp_mask[:, 1:])
-
-
-PACKING_TOLERANCE = 1e-4  # log-probs, fp32: rounding is ~1e-6, attention across a boundary far more
 
 
 @torch.no_grad()
@@ -81,11 +77,8 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     engine.check_batch(min(batch_size, n), "the SFT batch size")
     ids, mask, comp = data
 
-    if rt.padding_free and n >= 2:  # a model that would attend across packed sequences is refused, not trained
-        gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
-        if gap > PACKING_TOLERANCE:
-            raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (log-probs "
-                              f"moved by {gap:.2g}); set train.padding_free = false for this model")
+    if rt.padding_free:  # a model that would attend across packed sequences is refused, not trained
+        ensure_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
 
     def batch_loss(rows: torch.Tensor):
         if rt.padding_free:  # whole sequences back to back: no padding computed (packed_rows)
