@@ -1,14 +1,16 @@
 """SFT steps on sequences of varying length, three ways (issue 18, "padding-free packing"):
 
-    whole     every batch as wide as the longest sequence of the whole dataset (how rlhfkit padded before)
+    whole     every batch as wide as the longest sequence of the whole dataset (SFT and the reward model before)
     trimmed   every batch cut to its own longest row (rlhfkit.data.batching.used_columns: now always on)
     packed    train.padding_free = true: each batch's sequences back to back in rows of its longest (packed_rows)
 
-    .venv/bin/python benchmarks/padding_free.py [--steps 12] [--reps 3] [--threads 2] [--width 256] [--layers 4]
+    .venv/bin/python benchmarks/padding_free.py [--loss sft|dpo] [--steps 12] [--reps 3] [--threads 2] [--width 256]
+        [--layers 4]
 
 The data: 640 (prompt, completion) pairs of digit words, prompts of 8-24 tokens, completions long-tailed like chat
 replies (lognormal: median ~60 tokens, cut at 400); batches of 32; a GPT-2 of `--layers` x `--width` (fp32,
-AdamW), the same model and batches for every mode, the modes interleaved `--reps` times in this process. Printed
+AdamW), the same model and batches for every mode (`--loss dpo`: DPO's forward, the sequence log-probs of each
+batch's rows on the chunked head, and its backward, in place of SFT's loop), the modes interleaved `--reps` times in this process. Printed
 per mode: the median time per optimiser step and its range, real tokens per second, and the share of the
 computed tokens (rows x columns forwarded) that are real; and the mean loss of the steps, equal across the modes
 to float rounding (they compute the same update). Results in README, "Against TRL".
@@ -24,6 +26,7 @@ import time
 import torch
 
 from rlhfkit.data.batching import encode_pairs, packed_rows, used_columns
+from rlhfkit.models import forward as forward_module
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.spine import finetune
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--loss", choices=("sft", "dpo"), default="sft",
+                    help="SFT's loop, or DPO's forward (sequence log-probs of the batch's rows) and backward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = get_task("digits").build_tokenizer()
@@ -66,6 +71,8 @@ def main() -> None:
             computed[name] = sum(packed_rows(ids[b], mask[b], comp[b])[0].numel() for b in batches)
         else:
             computed[name] = sum(len(b) * columns(mask[b]) for b in batches)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+    batches = [order[s * args.batch : (s + 1) * args.batch] for s in range(args.steps)]
     times: dict[str, list[float]] = {name: [] for name in modes}
     losses: dict[str, float] = {}
     for _ in range(args.reps):
@@ -79,10 +86,22 @@ def main() -> None:
                 def on_step(self, step, metrics):
                     steps.append((time.perf_counter(), float(metrics["loss/sft"])))
 
+            rt = Runtime(torch.device("cpu"), None, padding_free=free)
             start = time.perf_counter()
-            finetune.fit_completions(model, (ids, mask, comp), epochs=1, batch_size=args.batch, lr=1e-3,
-                                     rt=Runtime(torch.device("cpu"), None, padding_free=free),
-                                     generator=torch.Generator().manual_seed(0), options=LoopOptions(callbacks=[Stamp()]))
+            if args.loss == "sft":
+                finetune.fit_completions(model, (ids, mask, comp), epochs=1, batch_size=args.batch, lr=1e-3, rt=rt,
+                                         generator=torch.Generator().manual_seed(0),
+                                         options=LoopOptions(callbacks=[Stamp()]))
+            else:  # DPO's forward: the sequence log-probs of a batch's rows (rlhfkit.models.forward.row_logprobs)
+                forward_module.used_columns = columns
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                for rows in batches:
+                    optimizer.zero_grad()
+                    loss = -forward_module.row_logprobs(model, (ids, mask, comp), rows, rt).mean() / 100
+                    loss.backward()
+                    optimizer.step()
+                    Stamp().on_step(0, {"loss/sft": loss.detach()})
+                forward_module.used_columns = used_columns
             ends = [start] + [t for t, _ in steps]
             times[name].append(statistics.median(b - a for a, b in zip(ends[1:], ends[2:])))  # after the first
             losses[name] = statistics.fmean(loss for _, loss in steps)
