@@ -190,8 +190,13 @@ def test_packed_dpo_log_probs_are_the_padded_ones(chunked, tokenizer, sharp_poli
     model = sharp_policy("gpt2")
     seqs = encode_pairs(tokenizer, *ragged(20, seed=3))
     rows = torch.tensor([4, 0, 7, 11, 2, 19])
+    checks = []
+    real_check = forward_module.check_packing
+    monkeypatch.setattr(forward_module, "check_packing", lambda *a: checks.append(1) or real_check(*a))
     padded = row_logprobs(model, seqs, rows, CPU)
     packed = row_logprobs(model, seqs, rows, replace(CPU, padding_free=True))
+    assert torch.equal(row_logprobs(model, seqs, rows, replace(CPU, padding_free=True)), packed)
+    assert len(checks) == 1  # once per model, not per batch
     assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-4)
     assert (padded[1:] - padded[:-1]).abs().min() > 1e-2  # distinct values: a row summed into another would show
 

@@ -109,12 +109,12 @@ PACKING_TOLERANCE = 1e-4  # check_packing's log-prob gap, fp32: rounding is ~1e-
 _packing_checked: weakref.WeakSet = weakref.WeakSet()
 
 
-def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Refuse train.padding_free for a model that would attend across packed sequences (check_packing on two of
-    the data's rows, once per model object)."""
+def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> None:
+    """Refuse train.padding_free for a model that would attend across packed sequences (check_packing on the first
+    two of these rows, held on the host, once per model object)."""
     if model in _packing_checked or len(ids) < 2:
         return
-    gap = check_packing(model, ids[:2], mask[:2])
+    gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
     if gap > PACKING_TOLERANCE:
         raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (log-probs "
                           f"moved by {gap:.2g}); set train.padding_free = false for this model")
@@ -326,7 +326,7 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
 def _packed_row_logprobs(model, ids, mask, completion_mask, rt: Runtime) -> torch.Tensor:
     """row_logprobs with train.padding_free: the rows packed back to back (packed_rows), the completion tokens'
     log-probs summed per sequence (the same sums as the padded forward's, in another order: float rounding)."""
-    ensure_packing(model, rt.put(ids), rt.put(mask))
+    ensure_packing(model, ids, mask, rt)
     p_ids, positions, p_comp, owner = map(rt.put, packed_rows(ids, mask, completion_mask, with_owner=True))
     scored = p_comp[:, 1:].bool()  # position t predicts token t + 1
     with autocast(rt.device, rt.dtype):

@@ -78,7 +78,7 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     ids, mask, comp = data
 
     if rt.padding_free:  # a model that would attend across packed sequences is refused, not trained
-        ensure_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
+        ensure_packing(model, ids, mask, rt)
 
     def batch_loss(rows: torch.Tensor):
         if rt.padding_free:  # whole sequences back to back: no padding computed (packed_rows)
