@@ -126,7 +126,8 @@ def test_packed_rows_put_sequences_back_to_back_with_positions_restarting():
     comp = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]])
     p_ids, positions, p_comp = packed_rows(ids, mask, comp)
     # first-fit decreasing into rows of 4: [3] alone, [0, 2] (3 + 1), [1] (2) with a tail of 2
-    assert p_ids.tolist() == [[41, 42, 43, 44], [11, 12, 13, 31], [21, 22, 11, 11]]  # the tail: any real id (masked from the loss, a sequence of its own)
+    # the tail: any real id (no loss reads it, and it is a sequence of its own)
+    assert p_ids.tolist() == [[41, 42, 43, 44], [11, 12, 13, 31], [21, 22, 11, 11]]
     assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
     assert p_comp.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 0, 0]]
     assert p_comp.sum() == comp.sum()

@@ -3,8 +3,8 @@
 Batched autoregressive sampling with a KV cache: the prompt is run once, then each step feeds only the
 newly sampled token (never the whole prefix). The cache and the attention mask are allocated once for the whole
 sample and filled in place (preallocated_cache; transformers' DynamicCache concatenates at every step), with the
-same numbers. Prompts are left-padded so every row continues at the same column; positions skip the padding. Rows that emit EOS keep running as padding until all rows are done
-or `max_new_tokens` is reached.
+same numbers. Prompts are left-padded so every row continues at the same column; positions skip the padding. Rows
+that emit EOS keep running as padding until all rows are done or `max_new_tokens` is reached.
 
 The [sampling] settings (SamplingParams) shape each step's distribution beyond the temperature, in Hugging Face
 generate's order: repetition penalty on the raw logits, then the temperature, then top-k, top-p and min-p

@@ -60,8 +60,8 @@ def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt:
     """Fine-tune `model` on prompt/completion pairs, loss on completion tokens only: the SFT loop, shared by
     SFT and by the methods that fine-tune on their own selected samples (rejection sampling, ReST).
 
-    `data` is encode_pairs' (ids, mask, completion_mask) in host memory (each batch moved: Runtime.put). Each epoch visits the pairs in a
-    random order drawn from `generator` and makes len // batch_size steps (the last partial batch is dropped;
+    `data` is encode_pairs' (ids, mask, completion_mask) in host memory (each batch moved: Runtime.put). Each
+    epoch visits the pairs in a random order drawn from `generator` and makes len // batch_size steps (the last partial batch is dropped;
     one full-data step when fewer pairs than batch_size); a fresh AdamW decays linearly to 10% of `lr`.
     A step's loss is the mean over the batch's completion tokens, also when it is cut into micro-batches or
     shared by processes (each part weighted by its tokens: rlhfkit/models/engine.py).
