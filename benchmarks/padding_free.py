@@ -7,13 +7,14 @@
     .venv/bin/python benchmarks/padding_free.py [--loss sft|dpo] [--steps 12] [--reps 3] [--threads 2] [--width 256]
         [--layers 4]
 
-The data: 640 (prompt, completion) pairs of digit words, prompts of 8-24 tokens, completions long-tailed like chat
-replies (lognormal: median ~60 tokens, cut at 400); batches of 32; a GPT-2 of `--layers` x `--width` (fp32,
-AdamW), the same model and batches for every mode (`--loss dpo`: DPO's forward, the sequence log-probs of each
-batch's rows on the chunked head, and its backward, in place of SFT's loop), the modes interleaved `--reps` times
-in this process. Printed per mode: the median time per optimiser step and its range, real tokens per second, and the share of the
-computed tokens (rows x columns forwarded) that are real; and the mean loss of the steps, equal across the modes
-to float rounding (they compute the same update). Results in README, "Against TRL".
+The data: `--steps` x `--batch` (prompt, completion) pairs of digit words (384 by default), prompts of 8-24 tokens,
+completions long-tailed like chat replies (lognormal: median ~60 tokens, cut at 400); a GPT-2 of `--layers` x
+`--width` (fp32, AdamW), the same model and batches for every mode (`--loss dpo`: DPO's forward, the sequence
+log-probs of each batch's rows on the chunked head, and its backward, in place of SFT's loop), the modes
+interleaved `--reps` times in this process. Printed per mode: the median time per optimiser step and its range,
+real tokens per second, and the share of the computed tokens (rows x columns forwarded) that are real; and the
+mean loss of the steps, equal across the modes to float rounding (they compute the same update). Results in
+README, "Against TRL".
 """
 
 from __future__ import annotations
