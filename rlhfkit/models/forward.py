@@ -89,8 +89,8 @@ def packed_causal_logits(model, input_ids: torch.Tensor, position_ids: torch.Ten
 @torch.no_grad()
 def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """The largest difference between the log-probs of two sequences forwarded alone and packed into one row, in
-    fp32 with dropout off: rounding (~1e-6) where the model keeps packed sequences apart, far more (attention
-    across the boundary) where it does not."""
+    fp32 with dropout off: rounding (1e-7 to 1e-4) where the model keeps packed sequences apart, far more (attention
+    across the boundary: 0.1 and up) where it does not."""
     modes = {m: m.training for m in model.modules()}  # each its own (a LoRA reference shares the policy's modules)
     model.eval()
     try:
@@ -105,7 +105,9 @@ def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
             m.training = training
 
 
-PACKING_TOLERANCE = 1e-4  # check_packing's log-prob gap, fp32: rounding is ~1e-6, attention across a boundary far more
+# check_packing's log-prob gap, fp32. Measured: rounding 5e-7 on the tiny test models, 5e-5 on SmolLM2-135M (30
+# layers); attention across the boundary 0.18 and 0.41 on tiny random-init GPT-2 and Llama, 24 on SmolLM2.
+PACKING_TOLERANCE = 1e-2
 _packing_checked: weakref.WeakSet = weakref.WeakSet()
 
 
