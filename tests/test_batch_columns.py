@@ -12,11 +12,11 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from rlhfkit.algorithms import reward as reward_module
 from rlhfkit.algorithms.reward import encode_comparisons, pair_scores, ranking_scores
-from rlhfkit.data.batching import encode_pairs, pack, packed_rows, used_columns
+from rlhfkit.data.batching import encode_pairs, pack, packed_rows, packing, pad_left, pad_right, used_columns
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.ranked import RankedItem, encode_ranked_items
 from rlhfkit.models import forward as forward_module
-from rlhfkit.models.forward import check_packing, row_logprobs, sequence_logprobs
+from rlhfkit.models.forward import check_packing, forward_response, row_logprobs, sequence_logprobs
 from rlhfkit.models.load import TinyModelSpec, build_tiny_policy
 from rlhfkit.models.runtime import Runtime
 from rlhfkit.spine import finetune
@@ -81,7 +81,7 @@ def test_reward_model_and_dpo_forward_each_batch_at_its_own_longest_row(tokenize
     monkeypatch.setattr(reward_module, "sequence_rewards",
                         lambda m, batch, d: widths.append(batch["attention_mask"]) or real_rewards(m, batch, d))
     monkeypatch.setattr(reward_module, "sequence_scores",
-                        lambda m, ids, mask: widths.append(mask) or real_scores(m, ids, mask))
+                        lambda m, ids, mask, rt=None: widths.append(mask) or real_scores(m, ids, mask, rt))
     lengths = data.inputs["attention_mask"].sum(1)
     idx = torch.maximum(lengths[:32], lengths[32:]).argsort()[:3]  # three comparisons shorter than the longest
     chosen, rejected = pair_scores(scorer, data, idx, CPU)
@@ -209,3 +209,104 @@ def test_packed_dpo_log_probs_are_the_padded_ones(chunked, tokenizer, sharp_poli
     assert torch.allclose(row_logprobs(reference, seqs, rows, replace(CPU, padding_free=True)),
                           row_logprobs(reference, seqs, rows, CPU), rtol=1e-5, atol=1e-4)
     assert policy.training and all(m.training for m in policy.modules())
+
+
+def test_packing_moves_each_real_token_and_back_for_any_padding():
+    """Packing (any padding side, holes too): each row's real tokens in order, whole sequences per packed row,
+    positions counting only real tokens (as position_ids does for the padded forward); unpack inverts pack on the
+    real tokens and leaves padding at `fill`."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1], [1, 0, 1, 0, 0]])  # left, right, hole
+    x = torch.arange(1, 21).reshape(4, 5)
+    p = packing(mask)
+    # lengths 3, 2, 4, 2 into rows of 4: [2] alone, [0] + room 1, [1, 3]
+    assert p.pack(x).tolist() == [[12, 13, 14, 15], [3, 4, 5, 0], [6, 7, 16, 18]]
+    assert p.positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert p.owner.tolist() == [[2, 2, 2, 2], [0, 0, 0, -1], [1, 1, 3, 3]]
+    assert torch.equal(p.unpack(p.pack(x), fill=-1), torch.where(mask.bool(), x, -1))
+    y = torch.randn(3, 4, 2, requires_grad=True)  # trailing dimensions, and the gradient flows back
+    p.unpack(y).sum().backward()
+    assert y.grad[..., 0].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def sharp_scalar(policy, std=0.3, seed=2):
+    """A sequence classifier of the policy's shape, weights redrawn at `std` (sharp_policy's reason)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = {**policy.config.to_dict(), "id2label": {0: "score"}, "pad_token_id": 0}
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(**config)) if policy.config.model_type == "gpt2" else \
+        LlamaForSequenceClassification(LlamaConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def rollout_batch(tokenizer, n=7, seed=4):
+    """Left-padded queries and right-padded responses of varied lengths, as the sampler returns them."""
+    rng = random.Random(seed)
+    words = [str(d) for d in range(10)]
+    queries = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 6))))["input_ids"] for _ in range(n)]
+    responses = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 9))), add_special_tokens=False)["input_ids"]
+                 for _ in range(n)]
+    return (*pad_left(queries, 0), *pad_right(responses, 0))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sharp_policy, monkeypatch):
+    """forward_response with train.padding_free (the online methods' training passes, and the rollout's policy,
+    reference and value passes): log-probs, values and entropy at every response token, and the log-probs'
+    gradient, are the padded forward's to rounding, with left-padded queries and right-padded responses."""
+    from dataclasses import replace
+
+    if not chunked:
+        monkeypatch.setattr(forward_module, "use_chunked", lambda model, chunk: False)
+    policy, critic = sharp_policy(arch), None
+    critic = sharp_scalar(policy)
+    q, qm, r, rm = rollout_batch(tokenizer)
+    out = {}
+    for free in (False, True):
+        policy.zero_grad()
+        logprobs, values, entropy = forward_response(policy, critic, q, qm, r, rm, 0.7, replace(CPU, padding_free=free),
+                                                     with_entropy=True)
+        (logprobs * rm).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in policy.parameters()])
+        out[free] = [v * rm for v in (logprobs, values, entropy)] + [grad]
+    for padded, packed in zip(out[False][:3], out[True][:3]):
+        assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-4)
+    assert (out[True][3] - out[False][3]).norm() < 1e-4 * out[False][3].norm()
+    assert out[False][0][rm.bool()].std() > 0.5 and out[False][1][rm.bool()].std() > 0.1  # values a bug would move
+
+
+def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy, monkeypatch):
+    """The reward model with train.padding_free: each comparison's two scores (pair_scores) and each ranked
+    completion's (ranking_scores) are the padded ones to rounding; a scalar model that attends across packed
+    sequences is refused."""
+    from dataclasses import replace
+
+    from rlhfkit.core.errors import ConfigError
+
+    scorer = sharp_scalar(sharp_policy("gpt2"))
+    prompts, completions = ragged(24, seed=5)
+    data = encode_comparisons(tokenizer, [Comparison(f"i{i}", prompts[i], completions[i], completions[(i + 5) % 24])
+                                          for i in range(24)])
+    idx = torch.tensor([3, 0, 17, 9, 21])
+    free = replace(CPU, padding_free=True)
+    padded, packed = pair_scores(scorer, data, idx, CPU), pair_scores(scorer, data, idx, free)
+    for a, b in zip(padded, packed):
+        assert torch.allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert (padded[0] - padded[1]).abs().min() > 1e-2  # chosen and rejected apart: a swap would show
+    items = [RankedItem(f"i{i}", prompts[i], [completions[i], completions[i + 1], "4"], [[[0], [1], [2]]], "")
+             for i in range(6)]
+    ranked = encode_ranked_items(tokenizer, items)
+    grids = [ranking_scores(scorer, ranked, torch.tensor([1, 4, 2]), rt)[0] for rt in (CPU, free)]
+    assert torch.allclose(grids[1], grids[0], rtol=1e-5, atol=1e-5)
+    crossing = sharp_scalar(sharp_policy("gpt2"), seed=3)
+    monkeypatch.setattr(forward_module, "_packed_scalars", lambda model, ids, pos: forward_module.scalar_head(model)(
+        model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos).last_hidden_state
+    ).squeeze(-1).float())
+    with pytest.raises(ConfigError, match="train.padding_free"):
+        pair_scores(crossing, data, idx, free)

@@ -75,8 +75,12 @@ def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
     rows = torch.cat([idx, idx + len(data.margins)])  # chosen rows, then their rejected rows
     mask = data.inputs.get("attention_mask")
     T = used_columns(mask[rows]) if mask is not None else None  # the batch's own longest row
+    inputs = {k: rt.put(v[rows, :T]) for k, v in data.inputs.items()}
     with autocast(rt.device, rt.dtype):
-        scores = sequence_rewards(model, {k: rt.put(v[rows, :T]) for k, v in data.inputs.items()}, data.decoder)
+        if rt.padding_free and data.decoder:  # packed without padding; an encoder reads its rows padded
+            scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"], rt)
+        else:
+            scores = sequence_rewards(model, inputs, data.decoder)
     return scores[: len(idx)], scores[len(idx) :]
 
 
@@ -86,7 +90,7 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
     ids, mask, _ = data.seqs
     T = used_columns(mask[rows])  # the batch's own longest row
     with autocast(rt.device, rt.dtype):
-        scores = sequence_scores(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]))  # (F,)
+        scores = sequence_scores(model, rt.put(ids[rows, :T]), rt.put(mask[rows, :T]), rt)  # (F,)
     return to_grid(scores, rt.put(present))[rt.put(owner)], rt.put(ranks)  # (R, K): an item's scores once per ranking of it
 
 

@@ -15,6 +15,7 @@ of EOS, exactly where the sampler stops (`stop_ids`: EOS and that token). A comp
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -132,33 +133,68 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor, with_owner: bool = False):
-    """encode_pairs' right-padded (B, T) rows packed padding-free (TRL's `padding_free`, without flash attention's
-    variable-length kernels): each row of the result holds whole sequences back to back (pack: rows as long as
-    the longest sequence, so attention per row costs no more than padded), and (R, T') ids, position ids that
-    restart at 0 with each sequence, and the completion mask. A model given position ids and no attention mask
-    keeps attention within each sequence (transformers reads the boundaries from the position ids); a row's
-    unused tail gets positions 0, 1, ... of its own, a sequence no real token sees, and no completion token.
-    with_owner: also (R, T') the input row each token came from (-1 on the tails)."""
+@dataclass(frozen=True)
+class Packing:
+    """Where each real token of a padded (B, T) batch goes when its sequences are packed padding-free (TRL's
+    `padding_free`, without flash attention's variable-length kernels): (R, W) rows, W the batch's longest sequence,
+    each holding whole sequences back to back (pack: first-fit decreasing), their real tokens in order, position ids
+    restarting at 0 with each sequence. Any padding side, and any mask: a padded forward with an attention mask sees
+    only a row's real tokens, at positions that count only them (rlhfkit.models.forward.position_ids), which is
+    what the packed row holds. A model given position ids and no attention mask keeps attention within each
+    sequence (transformers reads the bounds from the position ids); a row's unused tail gets positions 0, 1, ... of
+    its own, a sequence no real token sees."""
+
+    shape: tuple[int, int]  # (B, T): the padded batch
+    packed_shape: tuple[int, int]  # (R, W)
+    src: tuple[torch.Tensor, torch.Tensor]  # (N,) row and column of each real token in the padded batch
+    dst: tuple[torch.Tensor, torch.Tensor]  # (N,) its row and column in the packed rows
+    positions: torch.Tensor  # (R, W) position ids
+    owner: torch.Tensor  # (R, W) the padded row each packed token came from, -1 on the tails
+
+    def pack(self, x: torch.Tensor, fill=0) -> torch.Tensor:
+        """(B, T, ...) -> (R, W, ...): the real tokens' entries packed, `fill` on the tails."""
+        out = x.new_full(self.packed_shape + tuple(x.shape[2:]), fill)
+        out[self.dst] = x[self.src]
+        return out
+
+    def unpack(self, y: torch.Tensor, fill=0) -> torch.Tensor:
+        """(R, W, ...) -> (B, T, ...): each real token's entry back in its padded place, `fill` on the padding
+        (differentiable: y's gradient flows back through it)."""
+        out = y.new_full(self.shape + tuple(y.shape[2:]), fill)
+        out[self.src] = y[self.dst]
+        return out
+
+
+def packing(mask: torch.Tensor) -> Packing:
+    """The Packing of a batch whose real tokens are mask's 1s (on mask's device; one host sync for the lengths)."""
     lengths = mask.sum(dim=1).tolist()
-    width = max(lengths)
+    width = int(max(lengths))
     groups = pack(lengths, width)
-    # the tail holds a real token id, not padding: transformers warns of padding in a batch without attention mask
-    out_ids = torch.full((len(groups), width), int(ids[0, 0]), dtype=ids.dtype)
-    positions = torch.zeros(len(groups), width, dtype=torch.long)
-    out_comp = torch.zeros(len(groups), width, dtype=completion_mask.dtype)
-    owner = torch.full((len(groups), width), -1, dtype=torch.long)
+    row_of, start_of = [0] * len(lengths), [0] * len(lengths)  # each sequence's packed row and first column
+    positions, owner = torch.zeros(len(groups), width, dtype=torch.long), torch.full((len(groups), width), -1)
     for r, group in enumerate(groups):
         at = 0
         for i in group:
-            n = lengths[i]
-            out_ids[r, at : at + n] = ids[i, :n]
-            out_comp[r, at : at + n] = completion_mask[i, :n]
-            positions[r, at : at + n] = torch.arange(n)
-            owner[r, at : at + n] = i
-            at += n
+            row_of[i], start_of[i] = r, at
+            positions[r, at : at + lengths[i]] = torch.arange(lengths[i])
+            owner[r, at : at + lengths[i]] = i
+            at += lengths[i]
         positions[r, at:] = torch.arange(width - at)
-    return (out_ids, positions, out_comp, owner) if with_owner else (out_ids, positions, out_comp)
+    src_row, src_col = mask.bool().nonzero(as_tuple=True)  # row-major: each row's real tokens in order
+    rank = mask.long().cumsum(dim=1)[src_row, src_col] - 1  # the token's place in its sequence
+    device = mask.device
+    dst = (torch.tensor(row_of, device=device)[src_row], torch.tensor(start_of, device=device)[src_row] + rank)
+    return Packing(tuple(mask.shape), (len(groups), width), (src_row, src_col), dst, positions.to(device),
+                   owner.to(device))
+
+
+def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor, with_owner: bool = False):
+    """encode_pairs' (B, T) rows packed padding-free (packing): (R, W) ids, position ids and completion mask, and
+    with_owner the input row each token came from (-1 on the tails)."""
+    p = packing(mask)
+    # the tail holds a real token id, not padding: transformers warns of padding in a batch without attention mask
+    out = (p.pack(ids, fill=int(ids[0, 0])), p.positions, p.pack(completion_mask))
+    return out + (p.owner,) if with_owner else out
 
 
 TRUNCATION_SIDES = ("left", "right")

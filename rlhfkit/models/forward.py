@@ -20,7 +20,9 @@ import weakref
 import torch
 
 from rlhfkit.core.errors import ConfigError, RlhfkitError
-from rlhfkit.data.batching import packed_rows, used_columns
+import torch.nn.functional as F
+
+from rlhfkit.data.batching import Packing, packing, used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.ops.logprobs import chunked_head_logprobs, gather_logprobs
@@ -88,39 +90,56 @@ def packed_causal_logits(model, input_ids: torch.Tensor, position_ids: torch.Ten
 
 @torch.no_grad()
 def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """The largest difference between the log-probs of two sequences forwarded alone and packed into one row, in
-    fp32 with dropout off: rounding (1e-7 to 1e-4) where the model keeps packed sequences apart, far more (attention
-    across the boundary: 0.1 and up) where it does not."""
+    """The largest difference between the outputs of two sequences (rows 0 and 1, any padding side) forwarded alone
+    and packed into one row, in fp32 with dropout off: log-probs for a causal LM, for a scalar model (a reward or
+    value model) its head's output at every token relative to their largest magnitude. Rounding (1e-7 to 1e-4)
+    where the model keeps packed sequences apart, far more (attention across the boundary: 0.1 and up) where it
+    does not."""
     modes = {m: m.training for m in model.modules()}  # each its own (a LoRA reference shares the policy's modules)
     model.eval()
     try:
-        a, b = (ids[i, : int(mask[i].sum())] for i in range(2))
-        alone = [torch.log_softmax(causal_logits(model, s[None], torch.ones_like(s)[None])[0].float(), -1)
-                 for s in (a, b)]
-        packed = torch.log_softmax(packed_causal_logits(model, torch.cat([a, b])[None], torch.cat(
-            [torch.arange(len(a)), torch.arange(len(b))])[None].to(ids.device))[0].float(), -1)
-        return max((packed[: len(a)] - alone[0]).abs().max().item(), (packed[len(a) :] - alone[1]).abs().max().item())
+        a, b = (ids[i][mask[i].bool()] for i in range(2))
+        positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].to(ids.device)
+        if is_scalar_model(model):
+            alone = [token_scalars(model, s[None], torch.ones_like(s)[None])[0] for s in (a, b)]
+            packed = _packed_scalars(model, torch.cat([a, b])[None], positions)[0]
+            scale = max(v.abs().max().item() for v in alone) or 1.0
+        else:
+            alone = [torch.log_softmax(causal_logits(model, s[None], torch.ones_like(s)[None])[0].float(), -1)
+                     for s in (a, b)]
+            packed = torch.log_softmax(packed_causal_logits(model, torch.cat([a, b])[None], positions)[0].float(), -1)
+            scale = 1.0
+        return max((packed[: len(a)] - alone[0]).abs().max().item(),
+                   (packed[len(a) :] - alone[1]).abs().max().item()) / scale
     finally:
         for m, training in modes.items():
             m.training = training
 
 
-# check_packing's log-prob gap, fp32. Measured: rounding 5e-7 on the tiny test models, 5e-5 on SmolLM2-135M (30
-# layers); attention across the boundary 0.18 and 0.41 on tiny random-init GPT-2 and Llama, 24 on SmolLM2.
+# check_packing's gap, fp32. Measured on log-probs: rounding 5e-7 on the tiny test models, 5e-5 on SmolLM2-135M (30
+# layers); attention across the boundary 0.18 and 0.41 on tiny random-init GPT-2 and Llama, 24 on SmolLM2. On a
+# scalar head's outputs, relative to their largest: rounding 1e-7 to 8e-7, across the boundary 0.06 (GPT-2) and 0.28
+# (Llama) at the default init, 0.42 and 1.7 with sharp weights (tiny random-init sequence classifiers).
 PACKING_TOLERANCE = 1e-2
 _packing_checked: weakref.WeakSet = weakref.WeakSet()
 
 
 def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> None:
     """Refuse train.padding_free for a model that would attend across packed sequences (check_packing on the first
-    two of these rows, held on the host, once per model object)."""
+    two of these rows, wherever they are held, once per model object)."""
     if model in _packing_checked or len(ids) < 2:
         return
     gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
     if gap > PACKING_TOLERANCE:
-        raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (log-probs "
+        raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (outputs "
                           f"moved by {gap:.2g}); set train.padding_free = false for this model")
     _packing_checked.add(model)
+
+
+def packed_ids(p: Packing, ids: torch.Tensor) -> torch.Tensor:
+    """(R, W) ids packed by p, the tails holding the batch's first real token, not padding (transformers warns of
+    padding in a batch without an attention mask; no real token sees a tail)."""
+    return p.pack(ids, fill=int(ids[p.src][0]))
 
 
 def scalar_head(model):
@@ -132,12 +151,29 @@ def scalar_head(model):
     raise RlhfkitError(f"{type(model).__name__} has no 'score' or 'classifier' head; use a decoder-style reward model")
 
 
-def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) head output at every token: values for the critic; the reward is read at the last token."""
+def is_scalar_model(model) -> bool:
+    """A model with a scalar head (a reward or value model: `score` or `classifier`), not a causal LM."""
+    return any(isinstance(getattr(model, name, None), torch.nn.Module) for name in ("score", "classifier"))
+
+
+def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rt: Runtime | None = None
+                  ) -> torch.Tensor:
+    """(B, T) head output at every token: values for the critic; the reward is read at the last token. With
+    rt.padding_free, from one forward of the rows packed (the same values to rounding; 0 on padding)."""
+    if rt is not None and rt.padding_free:
+        ensure_packing(model, input_ids, attention_mask, rt)
+        p = packing(attention_mask)
+        return p.unpack(_packed_scalars(model, packed_ids(p, input_ids), p.positions))
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
     ).last_hidden_state  # (B, T, H)
     return scalar_head(model)(hidden).squeeze(-1).float()  # (B, T)
+
+
+def _packed_scalars(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(R, W) head outputs of rows packed padding-free (packed_causal_logits says why no mask, no cache)."""
+    hidden = model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+    return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -147,9 +183,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(dim=1).values
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) reward-model score at the last real token of each sequence."""
-    values = token_scalars(model, input_ids, attention_mask)  # (B, T)
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rt: Runtime | None = None
+                    ) -> torch.Tensor:
+    """(B,) reward-model score at the last real token of each sequence (rt.padding_free: token_scalars packed)."""
+    values = token_scalars(model, input_ids, attention_mask, rt)  # (B, T)
     idx = last_token_index(attention_mask)
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)
 
@@ -226,6 +263,31 @@ def use_chunked(model, chunk: int | None) -> bool:
     return (LOGPROB_CHUNK if chunk is None else chunk) > 0 and plain_head(model) is not None
 
 
+def packed_scored_logprobs(model, input_ids, attention_mask, scored, rt: Runtime, temperature: float = 1.0,
+                           chunk: int | None = None, with_entropy: bool = False):
+    """scored_token_logprobs (its (B, T - 1) layout, 0 where not scored) from one forward of the rows packed
+    padding-free (train.padding_free; rlhfkit.data.batching.Packing), on the chunked head or the full-logits path:
+    the padded forward's values to float rounding. Any padding side (a rollout's left-padded query and right-padded
+    response). A model that would attend across packed sequences is refused (ensure_packing)."""
+    ensure_packing(model, input_ids, attention_mask, rt)
+    p = packing(attention_mask)
+    ids, p_scored = packed_ids(p, input_ids), p.pack(scored)
+    if use_chunked(model, chunk):
+        out = scored_token_logprobs(model, ids, None, p_scored, temperature, chunk, with_entropy, positions=p.positions)
+        out = out if with_entropy else (out,)
+    else:
+        logits = packed_causal_logits(model, ids, p.positions)[:, :-1] / temperature  # (R, W - 1, V)
+        keep = p_scored[:, 1:]
+        out = (gather_logprobs(logits, ids[:, 1:]) * keep,)
+        if with_entropy:
+            with torch.no_grad():
+                logp_all = torch.log_softmax(logits.float(), dim=-1)
+                out += (-(logp_all.exp() * logp_all).sum(-1) * keep,)
+    # position t predicts token t + 1: each value moves with its token, then back to the (B, T - 1) layout
+    out = tuple(p.unpack(F.pad(v, (1, 0)))[:, 1:] for v in out)
+    return out if with_entropy else out[0]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Log-probs of responses and of sequences
 
@@ -288,6 +350,9 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     on the chunked path. The chunked path is taken where the model allows (chunk: positions per chunk,
     LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs and entropy where response_mask = 0 are not
     meaningful (the chunked path gives 0 there, the full path the padding token's): callers mask them."""
+    if rt.padding_free:
+        return _packed_forward_response(policy, value_model, queries, query_mask, responses, response_mask,
+                                        temperature, rt, with_entropy, chunk)
     chunked = use_chunked(policy, chunk)
     entropy = None
     with autocast(rt.device, rt.dtype):
@@ -312,6 +377,20 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     return logprobs, values, entropy
 
 
+def _packed_forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature,
+                             rt: Runtime, with_entropy: bool, chunk: int | None):
+    """forward_response with train.padding_free: query + response rows packed (packed_scored_logprobs, and
+    token_scalars for the values): the padded values to rounding where response_mask = 1, 0 elsewhere."""
+    ids, mask = torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask], dim=1)
+    scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
+    Tq = queries.shape[1]
+    with autocast(rt.device, rt.dtype):
+        out = packed_scored_logprobs(policy, ids, mask, scored, rt, temperature, chunk, with_entropy)
+        logprobs, entropy = out if with_entropy else (out, None)
+        values = token_scalars(value_model, ids, mask, rt)[:, Tq - 1 : -1] if value_model is not None else None
+    return logprobs[:, Tq - 1 :], values, entropy[:, Tq - 1 :] if with_entropy else None
+
+
 def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """(len(rows),) sequence log-probs of rows `rows` of seqs = (ids, mask, completion_mask) in encode_pairs'
     right-padded layout, in ONE forward (columns past the longest of these rows hold only padding: cut)."""
@@ -326,15 +405,8 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def _packed_row_logprobs(model, ids, mask, completion_mask, rt: Runtime) -> torch.Tensor:
-    """row_logprobs with train.padding_free: the rows packed back to back (packed_rows), the completion tokens'
-    log-probs summed per sequence (the same sums as the padded forward's, in another order: float rounding)."""
-    ensure_packing(model, ids, mask, rt)
-    p_ids, positions, p_comp, owner = map(rt.put, packed_rows(ids, mask, completion_mask, with_owner=True))
-    scored = p_comp[:, 1:].bool()  # position t predicts token t + 1
+    """row_logprobs with train.padding_free: the rows packed back to back, each sequence's completion log-probs
+    summed (the padded forward's sums to float rounding)."""
+    ids, mask, completion_mask = map(rt.put, (ids, mask, completion_mask))
     with autocast(rt.device, rt.dtype):
-        if use_chunked(model, None):
-            logprobs = scored_token_logprobs(model, p_ids, None, p_comp, positions=positions)  # (R, T - 1)
-        else:
-            logprobs = gather_logprobs(packed_causal_logits(model, p_ids, positions)[:, :-1], p_ids[:, 1:])
-    return torch.zeros(len(ids), dtype=logprobs.dtype, device=logprobs.device).index_add_(
-        0, owner[:, 1:][scored], logprobs[scored])  # (B,)
+        return packed_scored_logprobs(model, ids, mask, completion_mask, rt).sum(dim=-1)  # (B,)
