@@ -295,14 +295,20 @@ def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy,
                                           for i in range(24)])
     idx = torch.tensor([3, 0, 17, 9, 21])
     free = replace(CPU, padding_free=True)
+    calls = []
+    real = forward_module._packed_scalars
+    monkeypatch.setattr(forward_module, "_packed_scalars", lambda *a: calls.append(1) or real(*a))
     padded, packed = pair_scores(scorer, data, idx, CPU), pair_scores(scorer, data, idx, free)
+    assert calls  # the packed forward, not the padded one
     for a, b in zip(padded, packed):
         assert torch.allclose(b, a, rtol=1e-5, atol=1e-5)
     assert (padded[0] - padded[1]).abs().min() > 1e-2  # chosen and rejected apart: a swap would show
     items = [RankedItem(f"i{i}", prompts[i], [completions[i], completions[i + 1], "4"], [[[0], [1], [2]]], "")
              for i in range(6)]
     ranked = encode_ranked_items(tokenizer, items)
+    calls.clear()
     grids = [ranking_scores(scorer, ranked, torch.tensor([1, 4, 2]), rt)[0] for rt in (CPU, free)]
+    assert calls
     assert torch.allclose(grids[1], grids[0], rtol=1e-5, atol=1e-5)
     crossing = sharp_scalar(sharp_policy("gpt2"), seed=3)
     monkeypatch.setattr(forward_module, "_packed_scalars", lambda model, ids, pos: forward_module.scalar_head(model)(

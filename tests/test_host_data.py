@@ -136,7 +136,7 @@ MICRO = ["sft.n_demos=320", "sft.epochs=1", "sft.batch_size=32", "feedback.n_pro
 
 
 def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_in):
-    """SFT (padded and packed), the reward model (pairs; rankings), DPO (cached and online reference,
+    """SFT (padded and packed), the reward model (pairs; rankings; both packed), DPO (cached and online reference,
     pairs and rankings, packed), SimPO and KTO (one micro-batch and two: its z0 path) on the stand-in device: every
     batch they use reaches the model and the losses from the device, never from host memory."""
     out = tmp_path / "out"
@@ -153,6 +153,8 @@ def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_i
     runs = [
         ("reward", MICRO, out),
         ("reward", MICRO + ["reward.loss='plackett_luce'"], out),
+        ("reward", MICRO + ["train.padding_free=true"], out),
+        ("reward", MICRO + ["reward.loss='plackett_luce'", "train.padding_free=true"], out),
         ("dpo", MICRO, out),
         ("dpo", MICRO + ["dpo.reference='online'", "train.gradient_accumulation_steps=2"], out),
         ("dpo", MICRO + ["dpo.loss='plackett_luce'"], out),

@@ -172,3 +172,27 @@ def test_every_long_phase_shows_progress(tmp_path, capfd):
                   "rejection_sampling round 1: sampling: 32 prompts x 4", "eval: sft on 50 held-out prompts",
                   "eval: rejection_sampling on 50 held-out prompts"):
         assert phase in err, f"no progress shown for {phase!r}"
+
+
+def test_padding_free_ppo_takes_the_padded_steps(run, tmp_path, monkeypatch):
+    """train.padding_free in PPO (the rollout's policy, reference and value passes and the updates packed): the first
+    step, sampled from the same SFT policy, logs the padded run's figures to rounding (tests/test_batch_columns.py
+    checks the packed passes themselves against the padded ones)."""
+    from rlhfkit.models import forward
+
+    out, _ = run
+    firsts, packed_calls = [], []
+    real = forward._packed_forward_response
+    monkeypatch.setattr(forward, "_packed_forward_response", lambda *a: packed_calls.append(1) or real(*a))
+    for free in (False, True):
+        copy = tmp_path / f"free_{free}"
+        shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
+        run_stage("ppo", load_config(overrides=TINY + ["ppo.total_steps=1", f"train.padding_free={str(free).lower()}"]),
+                  copy)
+        firsts.append(read_metrics(copy / "ppo" / "metrics.jsonl")[0])
+    padded, packed = firsts
+    assert len(packed_calls) >= 3  # the rollout's policy and reference passes, and the update
+    figures = [k for k, v in padded.items() if isinstance(v, float) and "time" not in k and "per_s" not in k]
+    assert {"loss/value", "loss/policy", "objective/kl"} <= set(figures)
+    for k in figures:
+        assert packed[k] == pytest.approx(padded[k], rel=1e-3, abs=1e-5), k

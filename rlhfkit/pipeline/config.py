@@ -107,8 +107,8 @@ class TrainConfig:
     """[train] How the trainers make their steps: micro-batches, memory, checkpoints, held-out evaluation, trackers.
 
     gradient_accumulation_steps, gradient_checkpointing and sharding apply to every trainer (rlhfkit/models/engine.py),
-    padding_free to the trainers on fixed sequences (SFT's loop, rlhfkit/spine/finetune.py; DPO's and KTO's log-probs,
-    rlhfkit/models/forward.py); the checkpoints, the held-out evaluation and early
+    padding_free to every trainer's forward passes (SFT's loop, rlhfkit/spine/finetune.py; the log-probs, values and
+    reward-model scores, rlhfkit/models/forward.py); the checkpoints, the held-out evaluation and early
     stopping to SFT, the reward model, DPO and its relatives and KTO (rlhfkit/spine/epochs.py); README, "Scaling
     out". The first four change what a step computes only by float rounding, so like `threads` they are not inputs
     of a stage; the held-out evaluation's early stop is."""
@@ -116,7 +116,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = F(1, "Micro-batches per optimiser step and process (every trainer; PPO, RLOO and GRPO per minibatch): a batch that does not fit in memory is split, each part's loss weighted by its share of the batch (rows, or tokens for token-mean losses), so 8 x 1 gives the update of 1 x 8. Batch sizes stay global: under `accelerate launch --num_processes N` each process takes 1/N of every batch.")
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward instead of keeping them (transformers' gradient checkpointing): less memory for about a third more time.")
     sharding: str = F("none", "Under `accelerate launch --num_processes N`: 'none' = DDP (every process holds the whole model, gradients and optimiser state); 'zero2' = each process keeps 1/N of the optimiser state and gradients (torch FSDP2, DeepSpeed ZeRO-2's sharding); 'zero3' = the weights too, gathered block by block when used. Tested on CPU (gloo); on GPUs the same code over NCCL, untested there; ignored in one process.")
-    padding_free: bool = F(False, "SFT (and the fine-tuning of rejection sampling, ReST and SL-CAI), DPO and its relatives, online DPO and KTO: pack each batch's sequences back to back into rows as long as its longest, with no padding (TRL's padding_free); the same losses to float rounding, fewer tokens computed where lengths vary. Checked on the model before training (a model whose attention would cross packed sequences is refused).")
+    padding_free: bool = F(False, "Pack each batch's sequences back to back into rows as long as its longest, with no padding (TRL's padding_free): SFT (and the fine-tuning of rejection sampling, ReST and SL-CAI), the reward model (a decoder; an encoder reads its rows padded), DPO and its relatives, online DPO, KTO, and PPO, RLOO and GRPO (the rollout's policy, reference and value passes and every update; not the sampler). The same losses to float rounding, fewer tokens computed where lengths vary. Checked on each model before training (a model whose attention would cross packed sequences is refused).")
     checkpoint_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): save a resumable checkpoint every N optimiser steps in the stage directory, so a killed run goes on from it (mid-epoch, exactly on CPU); 0 = none. PPO, RLOO and GRPO have their own checkpoint_every.")
     eval_every: int = F(0, "SFT, the reward model and DPO (and SimPO, ORPO, KTO): evaluate on the held-out split every N optimiser steps, logged with the final evaluation's metric names (eval/...); 0 = only at the end.")
     early_stopping_patience: int = F(0, "With eval_every: stop when the held-out loss has not improved for this many evaluations in a row, and keep the best model; 0 = never stop early.")
