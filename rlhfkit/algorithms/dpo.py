@@ -54,7 +54,7 @@ from rlhfkit.data.preferences import load_comparisons, load_rankings, preference
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
 from rlhfkit.models.forward import disable_dropout, row_logprobs
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.engine import cat_over_processes, make_engine, my_share, save_pretrained, sum_over_processes
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime
@@ -236,8 +236,9 @@ def evaluate_dpo(policy, data, reference: Reference | None, split: str, dc, rt: 
     n = len(data[0]) // 2
     sums: dict[str, float] = defaultdict(float)
     stage = dc.loss if reference is None else "dpo"  # simpo and orpo: their losses' names
-    for s in tracked(range(0, n, batch_size), f"{stage}: evaluating ({split})"):
-        idx = torch.arange(s, min(s + batch_size, n))
+    starts = range(0, n, batch_size)
+    for b in tracked(my_share(len(starts)), f"{stage}: evaluating ({split})"):  # this process's batches
+        idx = torch.arange(starts[b], min(starts[b] + batch_size, n))
         if reference is None:  # SimPO, ORPO
             loss, stats = reference_free_batch_loss(policy, data, idx, dc, rt)
             means = {"loss/dpo": loss, **stats}
@@ -248,7 +249,7 @@ def evaluate_dpo(policy, data, reference: Reference | None, split: str, dc, rt: 
                      "ref_logps/rejected": ref_rejected.mean()}
         for name, value in means.items():
             sums[name] += value.item() * len(idx)
-    return {name: total / n for name, total in sums.items()}
+    return {name: total / n for name, total in sum_over_processes(dict(sums)).items()}  # over the processes
 
 
 @torch.no_grad()
@@ -259,9 +260,10 @@ def evaluate_listwise(policy, data: RankedData, pairs: torch.Tensor, reference: 
     they mean what they mean for the pairwise losses."""
     policy.eval()
     all_rows = torch.arange(len(data.seqs[0])).split(rows_per_forward)
-    policy_logps = torch.cat([row_logprobs(policy, data.seqs, rows, rt)
-                              for rows in tracked(all_rows, f"dpo: evaluating ({split})")])  # (M,)
-    ref_logps = torch.cat([reference.rows(split, data.seqs, rows, rt) for rows in all_rows])  # (M,)
+    mine = [all_rows[b] for b in my_share(len(all_rows))]  # this process's rows; every process gets all of them
+    policy_logps = cat_over_processes([row_logprobs(policy, data.seqs, rows, rt)
+                                       for rows in tracked(mine, f"dpo: evaluating ({split})")], rt.device)  # (M,)
+    ref_logps = cat_over_processes([reference.rows(split, data.seqs, rows, rt) for rows in mine], rt.device)  # (M,)
     rows, present, ranks, owner = data.batch(torch.arange(len(data.rows)))
     present, ranks, owner = rt.put(present), rt.put(ranks), rt.put(owner)
     grid = lambda logps: to_grid(logps[rows], present)[owner]  # noqa: E731  (R, K)

@@ -45,7 +45,7 @@ from rlhfkit.data.contract import Thumb
 from rlhfkit.data.preferences import load_thumbs
 from rlhfkit.models.forward import disable_dropout, row_logprobs
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.engine import cat_over_processes, make_engine, my_share, save_pretrained
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.reference import Reference, policy_and_reference
 from rlhfkit.models.runtime import Runtime
@@ -132,8 +132,10 @@ def evaluate_kto(policy, seqs, labels, reference: Reference, split: str, kc: KTO
     log-probs of the up and down thumbs."""
     policy.eval()
     batches = pair_batches(seqs, batch_size)
-    logps = torch.cat([row_logprobs(policy, seqs, rows, rt) for rows in tracked(batches, f"kto: evaluating ({split})")])
-    ref = torch.cat([reference.rows(split, seqs, rows, rt) for rows in batches])
+    mine = [batches[b] for b in my_share(len(batches))]  # this process's rows; every process gets all of them
+    logps = cat_over_processes([row_logprobs(policy, seqs, rows, rt)
+                                for rows in tracked(mine, f"kto: evaluating ({split})")], rt.device)
+    ref = cat_over_processes([reference.rows(split, seqs, rows, rt) for rows in mine], rt.device)
     n, labels = len(labels), rt.put(labels)
     order = rt.put(torch.cat(batches))  # rows in the order forwarded: put them back in row order
     policy_rows, ref_rows = torch.empty_like(logps), torch.empty_like(ref)

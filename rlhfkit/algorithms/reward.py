@@ -40,7 +40,7 @@ from rlhfkit.data.preferences import load_comparisons, load_rankings, read_prefe
 from rlhfkit.data.ranked import RankedData, encode_ranked_items, to_grid
 from rlhfkit.models.forward import disable_dropout, sequence_scores
 from rlhfkit.models.load import load_scalar_model, load_tokenizer
-from rlhfkit.models.engine import make_engine, save_pretrained
+from rlhfkit.models.engine import make_engine, my_share, save_pretrained, sum_over_processes
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.scoring import encode_for_scoring, is_decoder_model, sequence_rewards
@@ -98,17 +98,20 @@ def ranking_scores(model, data: RankedData, items: torch.Tensor, rt: Runtime):
 def evaluate_pairs(model, data: EncodedComparisons, rt: Runtime, batch_size: int,
                    desc: str = "reward model: evaluating") -> dict:
     """Accuracy and mean loss over `data`, `batch_size` comparisons a forward: the training batch, so that
-    evaluating never needs more memory than a training step (at 512 pairs it tripled the peak; issue 18)."""
+    evaluating never needs more memory than a training step (at 512 pairs it tripled the peak; issue 18). Under
+    several processes each forwards its share of the batches (call it on every process together)."""
     model.eval()
     n = len(data.margins)
     correct, loss_sum = 0.0, 0.0
-    for start in tracked(range(0, n, batch_size), desc):
-        idx = torch.arange(start, min(start + batch_size, n))
+    starts = range(0, n, batch_size)
+    for b in tracked(my_share(len(starts)), desc):  # this process's batches; the sums added up over the processes
+        idx = torch.arange(starts[b], min(starts[b] + batch_size, n))
         c, r = pair_scores(model, data, idx, rt)
         loss, stats = bradley_terry_loss(c, r)
         correct += stats["accuracy"].item() * len(idx)
         loss_sum += loss.item() * len(idx)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    sums = sum_over_processes({"correct": correct, "loss": loss_sum})
+    return {"accuracy": sums["correct"] / n, "loss": sums["loss"] / n}
 
 
 def gold_ordered(comparisons: list[Comparison], gold: GoldScore) -> list[Comparison]:

@@ -467,6 +467,57 @@ def gather_objects(obj) -> list:
     return everyone
 
 
+_ALONE = False  # working_alone
+
+
+@contextlib.contextmanager
+def working_alone():
+    """Within the block this process works by itself (a stage the main process runs while the others wait:
+    SL-CAI, the toxicity classifier): my_share, sum_over_processes and cat_over_processes act as in one process."""
+    global _ALONE
+    before, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = before
+
+
+def _sharing() -> bool:
+    return dist.is_distributed() and not _ALONE
+
+
+def my_share(n: int) -> range:
+    """This process's contiguous part of range(n) (n batches of an evaluation, say): parts differ by at most one, the
+    first ranks taking the extra; range(n) in one process. Concatenated in rank order they are range(n)."""
+    if not _sharing():
+        return range(n)
+    world, rank = dist.world_size(), dist.rank()
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (rank < extra))
+
+
+def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each process's sums added up, key by key (a process whose share was empty may lack keys), in rank order;
+    `values` itself in one process, so one process's figures are what they were without any split."""
+    if not _sharing():
+        return values
+    total: dict[str, float] = {}
+    for part in gather_objects(values):
+        for name, value in part.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def cat_over_processes(parts: list[torch.Tensor], device) -> torch.Tensor:
+    """The tensors of every process's share (my_share), concatenated in rank order on `device`: the whole, on every
+    process; torch.cat(parts) in one process."""
+    if not _sharing():
+        return torch.cat(parts)
+    everyone = gather_objects([t.cpu() for t in parts])  # pickled through the process group: CPU tensors
+    return torch.cat([t for share in everyone for t in share]).to(device)
+
+
 def barrier() -> None:
     """Wait for every process (nothing in one process)."""
     if dist.is_distributed():

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.core.runio import progress
+from rlhfkit.models.engine import cat_over_processes, my_share
 from rlhfkit.models.forward import disable_dropout, forward_response, freeze, row_logprobs
 from rlhfkit.models.load import load_policy
 from rlhfkit.models.lora import AdapterDisabled, wrap_lora
@@ -58,15 +59,22 @@ class Reference:
 
     def table_of(self, seqs, row_batches: list[torch.Tensor], rt: Runtime, desc: str | None = None) -> torch.Tensor:
         """(M,) log-probs of every row of `seqs`, one forward per batch of rows (batches covering every row once);
-        with a progress bar (sequences scored, ETA) when `desc` is given: on a real model this takes minutes."""
+        with a progress bar (sequences scored, ETA) when `desc` is given: on a real model this takes minutes. Under
+        several processes each forwards its share of the batches and every process gets the whole table (call it
+        on every process together)."""
         table = torch.zeros(len(seqs[0]), device=rt.device)
-        bar = progress(len(seqs[0]), desc, unit="seq") if desc is not None else None
-        for rows in row_batches:
-            table[rows.to(table.device)] = self.forward(seqs, rows, rt).float()
+        if not row_batches:
+            return table
+        mine = [row_batches[b] for b in my_share(len(row_batches))]
+        bar = progress(sum(len(rows) for rows in mine), desc, unit="seq") if desc is not None else None
+        values = []
+        for rows in mine:
+            values.append(self.forward(seqs, rows, rt).float())
             if bar is not None:
                 bar.update(len(rows))
         if bar is not None:
             bar.close()
+        table[torch.cat(row_batches).to(table.device)] = cat_over_processes(values, table.device)  # shares in order
         return table
 
 

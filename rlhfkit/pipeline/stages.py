@@ -51,7 +51,7 @@ from rlhfkit.evaluation.report import write_report
 from rlhfkit.feedback.ai import judge_agreement, run_ai_feedback
 from rlhfkit.feedback.simulated import run_simulated_feedback
 from rlhfkit.labelapp.hook import human_feedback
-from rlhfkit.models.engine import barrier, join_processes
+from rlhfkit.models.engine import barrier, join_processes, working_alone
 from rlhfkit.models.load import check_model_dir, load_tokenizer, quiet_transformers
 from rlhfkit.models.lora import adapter_base, is_adapter_dir
 from rlhfkit.models.runtime import cpu_watch, resolve_device, resolve_precision, runtime
@@ -582,7 +582,8 @@ def _stage(name: str, cfg: Config, out: Path, *, fresh: bool, skip_hint: str) ->
 
     result = None
     if main or name in DISTRIBUTED_STAGES:
-        with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")):
+        with cpu_watch(cfg, name, lambda msg: _log(f"note: {msg}")), \
+                (contextlib.nullcontext() if name in DISTRIBUTED_STAGES else working_alone()):
             result = _run(name, cfg, out, partial)
     barrier()
     if main:

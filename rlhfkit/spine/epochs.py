@@ -22,8 +22,9 @@ What Epochs does around the trainer's step:
     5. callbacks (on_step, on_eval, on_save) for Python users.
 
 Under several processes every rank runs the same loop on the same global batches (the generator is seeded alike);
-the engine gives each rank its share. Only the main process logs and writes checkpoints; every rank evaluates the
-whole held-out set (the models are identical, so the figures are too).
+the engine gives each rank its share. Only the main process logs and writes checkpoints; every rank evaluates its
+share of the held-out batches and the sums are added up over the ranks (rlhfkit.models.engine.my_share,
+sum_over_processes), so that every rank holds the whole set's figures.
 
 Layer: spine (imports models, core).
 """

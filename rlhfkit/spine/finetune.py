@@ -13,7 +13,7 @@ import torch
 
 from rlhfkit.core.runio import MetricsLog
 from rlhfkit.data.batching import packed_rows, used_columns
-from rlhfkit.models.engine import make_engine
+from rlhfkit.models.engine import make_engine, my_share, sum_over_processes
 from rlhfkit.models.forward import causal_logits, ensure_packing, packed_causal_logits
 from rlhfkit.models.optim import make_optimizer
 from rlhfkit.models.runtime import Runtime, autocast
@@ -44,13 +44,15 @@ def evaluate_nll(model, data, batch_size: int, rt: Runtime) -> float:
     model.eval()
     ids, mask, comp = data
     total, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        sl = slice(i, i + batch_size)
+    starts = range(0, len(ids), batch_size)
+    for b in my_share(len(starts)):  # this process's batches; the sums added up over the processes
+        sl = slice(starts[b], starts[b] + batch_size)
         n = comp[sl, 1:].sum().item()
         T = used_columns(mask[sl])  # the batch's own longest row (the data is padded to the longest of all)
         total += completion_nll(model, rt.put(ids[sl, :T]), rt.put(mask[sl, :T]), rt.put(comp[sl, :T]), rt).item() * n
         count += n
-    return total / count
+    sums = sum_over_processes({"total": total, "count": count})
+    return sums["total"] / sums["count"]
 
 
 def fit_completions(model, data, *, epochs: int, batch_size: int, lr: float, rt: Runtime, generator: torch.Generator,
