@@ -178,8 +178,13 @@ def test_a_main_process_stage_works_alone(monkeypatch, tmp_path):
     from rlhfkit.pipeline.config import load_config
 
     seen = {}
+
+    def run(name, *args):
+        seen[name] = engine_module._ALONE
+        return {}
+
     monkeypatch.setattr(stages, "_require", lambda *a: None)
-    monkeypatch.setattr(stages, "_run", lambda name, *a: seen.setdefault(name, engine_module._ALONE) and None or {})
+    monkeypatch.setattr(stages, "_run", run)
     monkeypatch.setattr(stages, "build_summary", lambda *a: {})
     cfg = load_config(overrides=["device='cpu'"])
     for name in ("feedback", "sft", "eval"):
