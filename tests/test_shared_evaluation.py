@@ -149,9 +149,14 @@ def test_dpo_kto_and_reference_table_figures(monkeypatch, tokenizer, policy, sha
     kc = KTOConfig()
     monkeypatch.undo()
     whole = evaluate_kto(policy, seqs, labels, reference, "heldout", kc, CPU, batch_size=4)
+    ref_forwards = []
+    real_forward = Reference.forward
+    monkeypatch.setattr(Reference, "forward", lambda self, s, rows, rt: ref_forwards.append(dist.rank()) or
+                        real_forward(self, s, rows, rt))
     split = TwoRanks(monkeypatch).run(lambda: evaluate_kto(policy, seqs, labels, reference, "heldout", kc, CPU,
                                                            batch_size=4))
     assert split == pytest.approx(whole, rel=1e-12)
+    assert sorted(ref_forwards) == [0, 0, 1, 1]  # the reference's 4 batches, 2 a rank
 
     items = [RankedItem(f"i{i}", prompts[i], [completions[i], completions[i + 1], completions[i + 2]],
                         [[[0], [2], [1]]], "") for i in range(9)]
