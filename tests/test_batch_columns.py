@@ -79,7 +79,8 @@ def test_reward_model_and_dpo_forward_each_batch_at_its_own_longest_row(tokenize
     widths = []
     real_rewards, real_scores = reward_module.sequence_rewards, reward_module.sequence_scores
     monkeypatch.setattr(reward_module, "sequence_rewards",
-                        lambda m, batch, d: widths.append(batch["attention_mask"]) or real_rewards(m, batch, d))
+                        lambda m, batch, d, rt=None: widths.append(batch["attention_mask"]) or
+                        real_rewards(m, batch, d, rt))
     monkeypatch.setattr(reward_module, "sequence_scores",
                         lambda m, ids, mask, rt=None: widths.append(mask) or real_scores(m, ids, mask, rt))
     lengths = data.inputs["attention_mask"].sum(1)
@@ -281,10 +282,11 @@ def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sha
     assert out[False][0][rm.bool()].std() > 0.5 and out[False][1][rm.bool()].std() > 0.1  # values a bug would move
 
 
-def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy, monkeypatch):
-    """The reward model with train.padding_free: each comparison's two scores (pair_scores) and each ranked
-    completion's (ranking_scores) are the padded ones to rounding; a scalar model that attends across packed
-    sequences is refused."""
+def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy, monkeypatch, tmp_path):
+    """The reward model with train.padding_free: each comparison's two scores (pair_scores), each ranked
+    completion's (ranking_scores) and the scores of a reward model directory read by the online methods
+    (RewardModelScorer) are the padded ones to rounding; a scalar model that attends across packed sequences is
+    refused."""
     from dataclasses import replace
 
     from rlhfkit.core.errors import ConfigError
@@ -310,6 +312,15 @@ def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy,
     grids = [ranking_scores(scorer, ranked, torch.tensor([1, 4, 2]), rt)[0] for rt in (CPU, free)]
     assert calls
     assert torch.allclose(grids[1], grids[0], rtol=1e-5, atol=1e-5)
+    # the reward model scoring sampled text (the online methods, the evaluation) reads its rows packed too
+    from rlhfkit.models.scoring import RewardModelScorer
+
+    scorer.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    calls.clear()
+    texts = [prompts[:8], completions[:8]]
+    scored = [RewardModelScorer(tmp_path / "rm", rt)(*texts) for rt in (CPU, free)]
+    assert calls and torch.allclose(scored[1], scored[0], rtol=1e-5, atol=1e-5)
     crossing = sharp_scalar(sharp_policy("gpt2"), seed=3)
     monkeypatch.setattr(forward_module, "_packed_scalars", lambda model, ids, pos: forward_module.scalar_head(model)(
         model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos).last_hidden_state

@@ -253,7 +253,8 @@ def test_truncated_response_scored_with_one_eos(dropout_dirs, monkeypatch):
     import rlhfkit.models.scoring as rewards
 
     seen = []
-    monkeypatch.setattr(rewards, "sequence_scores", lambda model, ids, mask: seen.append((ids, mask)) or ids[:, 0].float())
+    monkeypatch.setattr(rewards, "sequence_scores", lambda model, ids, mask, rt=None: seen.append((ids, mask)) or
+                        ids[:, 0].float())
     scorer = rewards.RewardModelScorer(dropout_dirs / "rm", CPU)
     scorer(["1 2 3 4 ="], ["5 6 7 8 9"])
     ids, mask = seen[0]

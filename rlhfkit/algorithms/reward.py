@@ -77,10 +77,7 @@ def pair_scores(model, data: EncodedComparisons, idx, rt: Runtime):
     T = used_columns(mask[rows]) if mask is not None else None  # the batch's own longest row
     inputs = {k: rt.put(v[rows, :T]) for k, v in data.inputs.items()}
     with autocast(rt.device, rt.dtype):
-        if rt.padding_free and data.decoder:  # packed without padding; an encoder reads its rows padded
-            scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"], rt)
-        else:
-            scores = sequence_rewards(model, inputs, data.decoder)
+        scores = sequence_rewards(model, inputs, data.decoder, rt)  # rt.padding_free: a decoder's rows packed
     return scores[: len(idx)], scores[len(idx) :]
 
 

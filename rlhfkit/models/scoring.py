@@ -98,17 +98,18 @@ def encode_for_scoring(tokenizer, prompts: list, completions: list, decoder: boo
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def sequence_logits(model, batch: dict[str, torch.Tensor], decoder: bool) -> torch.Tensor:
+def sequence_logits(model, batch: dict[str, torch.Tensor], decoder: bool, rt: Runtime | None = None) -> torch.Tensor:
     """(B, C) float32 logits of a sequence classifier: the decoder way, the head at the last real token
-    (C = 1: a reward model); the native way, the model's own forward."""
+    (C = 1: a reward model; with rt.padding_free the rows packed, sequence_scores); the native way, the model's own
+    forward (an encoder attends both ways: its rows stay padded)."""
     if decoder:
-        return sequence_scores(model, batch["input_ids"], batch["attention_mask"]).unsqueeze(-1)
+        return sequence_scores(model, batch["input_ids"], batch["attention_mask"], rt).unsqueeze(-1)
     return model(**batch).logits.float()
 
 
-def sequence_rewards(model, batch: dict[str, torch.Tensor], decoder: bool) -> torch.Tensor:
+def sequence_rewards(model, batch: dict[str, torch.Tensor], decoder: bool, rt: Runtime | None = None) -> torch.Tensor:
     """(B,) the scalar of a one-label model (a reward model), read either way."""
-    return sequence_logits(model, batch, decoder)[:, 0]
+    return sequence_logits(model, batch, decoder, rt)[:, 0]
 
 
 class ClassifierScorer:
@@ -143,7 +144,7 @@ class ClassifierScorer:
                     f"takes {batch['input_ids'].shape[1]}: lower data.max_new_tokens or data.max_prompt_length")
             batch = {k: v.to(self.rt.device) for k, v in batch.items()}
             with autocast(self.rt.device, self.rt.dtype):
-                out.append(sequence_logits(self.model, batch, self.decoder).float())
+                out.append(sequence_logits(self.model, batch, self.decoder, self.rt).float())
         return torch.cat(out)
 
 
