@@ -18,10 +18,9 @@ import contextlib
 import weakref
 
 import torch
-
-from rlhfkit.core.errors import ConfigError, RlhfkitError
 import torch.nn.functional as F
 
+from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.data.batching import Packing, packing, used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
@@ -407,6 +406,7 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
 def _packed_row_logprobs(model, ids, mask, completion_mask, rt: Runtime) -> torch.Tensor:
     """row_logprobs with train.padding_free: the rows packed back to back, each sequence's completion log-probs
     summed (the padded forward's sums to float rounding)."""
-    ids, mask, completion_mask = map(rt.put, (ids, mask, completion_mask))
+    T = used_columns(mask)  # only the columns moved to the device that some row uses
+    ids, mask, completion_mask = (rt.put(t[:, :T]) for t in (ids, mask, completion_mask))
     with autocast(rt.device, rt.dtype):
         return packed_scored_logprobs(model, ids, mask, completion_mask, rt).sum(dim=-1)  # (B,)
