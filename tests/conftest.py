@@ -24,21 +24,43 @@ def tiny_policy_dir(request, tmp_path, tokenizer):
     return path
 
 
+def sharpen(model, std=0.3, seed=1):
+    """`model` with every weight matrix redrawn at `std`, in eval mode (sharp_policy says why)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def sharp_policy(tokenizer):
     """make(arch, std=0.3, seed=1): a tiny model with every weight matrix redrawn at `std`, so next-token logits
     have std ~2 and a shifted position or an extra token changes a log-prob by far more than rounding (at the
     default init every distribution is nearly uniform and such bugs hide)."""
-    import torch
 
     def make(arch, std=0.3, seed=1):
-        model = build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        return model.eval()
+        return sharpen(build_tiny_policy(TinyModelSpec(arch, 2, 32, 4, 32), tokenizer, seed=0), std, seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sharp_scalar():
+    """make(policy, std=0.3, seed=2): a sequence classifier (a reward or value model) of the policy's shape and
+    architecture, its weights redrawn like sharp_policy's."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    def make(policy, std=0.3, seed=2):
+        config = {**policy.config.to_dict(), "id2label": {0: "score"}, "pad_token_id": 0}
+        torch.manual_seed(0)
+        model = GPT2ForSequenceClassification(GPT2Config(**config)) if policy.config.model_type == "gpt2" else \
+            LlamaForSequenceClassification(LlamaConfig(**config))
+        return sharpen(model, std, seed)
 
     return make
 

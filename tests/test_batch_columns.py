@@ -229,22 +229,6 @@ def test_packing_moves_each_real_token_and_back_for_any_padding():
     assert y.grad[..., 0].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
-def sharp_scalar(policy, std=0.3, seed=2):
-    """A sequence classifier of the policy's shape, weights redrawn at `std` (sharp_policy's reason)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = {**policy.config.to_dict(), "id2label": {0: "score"}, "pad_token_id": 0}
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(**config)) if policy.config.model_type == "gpt2" else \
-        LlamaForSequenceClassification(LlamaConfig(**config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
 def rollout_batch(tokenizer, n=7, seed=4):
     """Left-padded queries and right-padded responses of varied lengths, as the sampler returns them."""
     rng = random.Random(seed)
@@ -257,7 +241,7 @@ def rollout_batch(tokenizer, n=7, seed=4):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sharp_policy, monkeypatch):
+def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sharp_policy, sharp_scalar, monkeypatch):
     """forward_response with train.padding_free (the online methods' training passes, and the rollout's policy,
     reference and value passes): log-probs, values and entropy at every response token, and the log-probs'
     gradient, are the padded forward's to rounding, with left-padded queries and right-padded responses."""
@@ -265,7 +249,7 @@ def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sha
 
     if not chunked:
         monkeypatch.setattr(forward_module, "use_chunked", lambda model, chunk: False)
-    policy, critic = sharp_policy(arch), None
+    policy = sharp_policy(arch)
     critic = sharp_scalar(policy)
     q, qm, r, rm = rollout_batch(tokenizer)
     out = {}
@@ -282,7 +266,7 @@ def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sha
     assert out[False][0][rm.bool()].std() > 0.5 and out[False][1][rm.bool()].std() > 0.1  # values a bug would move
 
 
-def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy, monkeypatch, tmp_path):
+def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy, sharp_scalar, monkeypatch, tmp_path):
     """The reward model with train.padding_free: each comparison's two scores (pair_scores), each ranked
     completion's (ranking_scores) and the scores of a reward model directory read by the online methods
     (RewardModelScorer) are the padded ones to rounding; a scalar model that attends across packed sequences is
