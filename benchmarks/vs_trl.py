@@ -30,6 +30,8 @@ Workloads (docs: README "Benchmarks"):
             (gamma 1, lambda 0.95), whitened advantages, no missing-EOS penalty, no stop at EOS on TRL's side
             (rlhfkit.ppo vs trl.experimental.ppo.PPOTrainer, TRL 1.12's); a step is sampling, the policy's,
             reference's, value model's and reward model's forwards, and 4 updates of policy and value model.
+            `--ppo-value shared`: rlhfkit's value head on the policy's body (ppo.value_init = 'shared': one network,
+            one forward for log-probs and values); TRL 1.12's PPOTrainer has no such option, its side is unchanged.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
 
@@ -178,7 +180,7 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
                     out=out, callbacks=[clock], data={"max_new_tokens": args.new_tokens},
                     ppo={"total_steps": args.steps, "rollout_batch_size": args.pairs, "minibatch_size": args.pairs,
                          "ppo_epochs": PPO_EPOCHS, "lr": 1e-6, "kl_coef": 0.05, "missing_eos_penalty": 0.0,
-                         "value_init": "reward", "checkpoint_every": 10**6}, **common)
+                         "value_init": args.ppo_value, "checkpoint_every": 10**6}, **common)
     return clock
 
 
@@ -351,11 +353,12 @@ def flops_per_row(workload: str, args) -> float:
         return 2 * 4 * per_sequence
     if workload == "ppo":  # an episode: sampled (forward); the policy (old log-probs) and the reference, with the
         # LM head at the reply's positions; the value and reward models (no head); PPO_EPOCHS updates of the policy
-        # (3x forward, head) and the value model (3x forward)
+        # (3x forward, head) and the value model (3x forward); a value head on the policy's body: no value model
         T = args.prompt_tokens + args.new_tokens
         body, head = matmul_flops_per_token(args, lm_head=False), 2 * args.width * args.vocab
         with_head = (2 + 3 * PPO_EPOCHS) * (T * body + args.new_tokens * head)
-        return args.new_tokens * matmul_flops_per_token(args, lm_head=True) + with_head + (2 + 3 * PPO_EPOCHS) * T * body
+        without = 1 if args.ppo_value == "shared" else 2 + 3 * PPO_EPOCHS
+        return args.new_tokens * matmul_flops_per_token(args, lm_head=True) + with_head + without * T * body
     if workload in ONLINE:  # an episode: prompt + reply through the policy (sampled: forward; trained: 3x forward)
         # and the reference (forward); rloo: the sampling policy's forward too (its KL is in the reward); the LM head
         # at the reply's positions
@@ -372,7 +375,8 @@ def measure(side: str, workload: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--workload", workload, "--model-dir", str(model_dir)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("threads", "layers", "width", "vocab", "pairs", "steps", "warmup", "prompt_tokens",
-                     "completion_tokens", "prompts", "new_tokens", "precision", "draw") and v is not None]
+                     "completion_tokens", "prompts", "new_tokens", "precision", "draw", "ppo_value")
+            and v is not None]
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -399,6 +403,9 @@ def main():
                    help="both sides (bf16: autocast); default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--draw", choices=("multinomial", "inverse_cdf"), default=None,
                    help="rlhfkit's [sampling] draw (default: rlhfkit's default, torch.multinomial as HF generate)")
+    p.add_argument("--ppo-value", choices=("reward", "shared"), default="reward",
+                   help="rlhfkit's ppo.value_init: a value model started from the reward model (as TRL's), or a "
+                        "value head on the policy's body")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=16384)
@@ -433,7 +440,8 @@ def main():
     print(f"device {device}, {args.threads} threads, {args.precision}; measured matmul peak {peak / 1e9:.1f} GFLOP/s; model GPT-2 "
           f"{args.layers} layers x {args.width}, vocabulary {args.vocab}; {args.prompt_tokens}+{args.completion_tokens}"
           f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)"
-          f"; rlhfkit's draw {args.draw or 'multinomial (default)'}",
+          f"; rlhfkit's draw {args.draw or 'multinomial (default)'}"
+          + (f", PPO value {args.ppo_value}" if "ppo" in args.workloads else ""),
           flush=True)
     results: dict = {(w, s): [] for w in workloads for s in ("rlhfkit", "trl")}
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:

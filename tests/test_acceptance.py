@@ -63,7 +63,8 @@ def method_summary(default_out):
         if name not in _method_summaries:
             out = default_out.parent / name
             shutil.copytree(default_out, out, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json", ".lock"))
-            sets = [f"method={name!r}", *acceptance.METHOD_SETS.get(name, [])]  # kto: the feedback stage redone with thumbs
+            # kto: the feedback stage redone with thumbs; ppo+shared_value: PPO with its critic on the policy
+            sets = [f"method={acceptance.method_of(name)!r}", *acceptance.METHOD_SETS.get(name, [])]
             summary = run_pipeline(load_config(overrides=BASE + sets), out, update=True)
             assert summary["sft"] == default["sft"], "the method must start from the default run's SFT model"
             _method_summaries[name] = summary

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhfkit.core.errors import ConfigError
 from rlhfkit.core.runio import read_metrics
@@ -430,20 +431,27 @@ def test_sharded_processes_equal_one_and_resume(tmp_path):
     print("relative gap, 2 sharded processes vs 1:", gaps)
     assert max(gaps.values()) < 1e-2, gaps
 
-    # PPO under zero3: 2 steps with a checkpoint each, continued to 3, equals 3 steps in one go, bit for bit
-    ppo = ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.minibatch_size=8", "--set", "ppo.checkpoint_every=1",
-           "--set", "train.sharding='zero3'"]
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    for stage in ("sft", "feedback", "reward", "config.toml"):
-        (shutil.copytree if (two / stage).is_dir() else shutil.copyfile)(two / stage, straight / stage)
-    rlhfkit(["ppo", "--out", str(two), "--set", "ppo.total_steps=2"] + ppo, processes=2)
-    run = rlhfkit(["ppo", "--out", str(two), "--set", "ppo.total_steps=3"] + ppo, processes=2)
-    assert "ppo.resumed = True" in run.stdout
-    rlhfkit(["ppo", "--out", str(straight), "--set", "ppo.total_steps=3"] + ppo, processes=2)
-    a, b = weights(two / "ppo" / "model"), weights(straight / "ppo" / "model")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], weights(two / "sft" / "model")[k]) for k in a)  # PPO moved the policy
+    # PPO under zero3: 2 steps with a checkpoint each, continued to 3, equals 3 steps in one go, bit for bit; with a
+    # value model of its own, and with a value head on the policy (ppo.value_init = 'shared': the head's weights
+    # gathered from the shards into the checkpoint)
+    for value_init in ("reward", "shared"):
+        ppo = ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.minibatch_size=8", "--set", "ppo.checkpoint_every=1",
+               "--set", "train.sharding='zero3'", "--set", f"ppo.value_init='{value_init}'"]
+        continued, straight = tmp_path / f"continued_{value_init}", tmp_path / f"straight_{value_init}"
+        for d in (continued, straight):
+            d.mkdir()
+            for stage in ("sft", "feedback", "reward", "config.toml"):
+                (shutil.copytree if (two / stage).is_dir() else shutil.copyfile)(two / stage, d / stage)
+        rlhfkit(["ppo", "--out", str(continued), "--set", "ppo.total_steps=2"] + ppo, processes=2)
+        run = rlhfkit(["ppo", "--out", str(continued), "--set", "ppo.total_steps=3"] + ppo, processes=2)
+        assert "ppo.resumed = True" in run.stdout
+        rlhfkit(["ppo", "--out", str(straight), "--set", "ppo.total_steps=3"] + ppo, processes=2)
+        a, b = weights(continued / "ppo" / "model"), weights(straight / "ppo" / "model")
+        assert all(torch.equal(a[k], b[k]) for k in a), value_init
+        assert not all(torch.equal(a[k], weights(two / "sft" / "model")[k]) for k in a)  # PPO moved the policy
+        critics = [weights(d / "ppo" / "checkpoint" / "value") if value_init == "reward" else
+                   load_file(d / "ppo" / "checkpoint" / "value" / "value_head.safetensors") for d in (continued, straight)]
+        assert all(torch.equal(critics[0][k], critics[1][k]) for k in critics[0]), value_init
 
 @pytest.mark.slow
 def test_self_training_under_two_processes(tmp_path):

@@ -26,6 +26,9 @@ Deviations from the papers, on purpose:
 - `objective/entropy` is the per-response sum of token entropies averaged over responses (TRL's
   definition); docs/metrics.md lists each metric's exact definition.
 - One AdamW for policy and value model (separate parameter sets, same learning rate), constant LR.
+- ppo.value_init = 'shared' (off by default) puts the critic on the policy's own body, as TRL's earlier PPOTrainer
+  did (AutoModelForCausalLMWithValueHead): one network, one forward for log-probs and values, the value loss
+  (x vf_coef) training the body too; rlhfkit/models/value_head.py.
 - With [sampling] filters on (top_k, top_p, min_p, repetition_penalty), tokens are drawn from the filtered
   distribution but logprobs, ref_logprobs and the KL are the model's at ppo.temperature without the filters
   (TRL's choice too); off by default, so the default run is exact. Stop strings end a response like EOS.
@@ -41,9 +44,11 @@ import torch
 
 from rlhfkit.algorithms import Method
 from rlhfkit.core.config import F
+from rlhfkit.core.errors import ConfigError
 from rlhfkit.models.forward import forward_response
 from rlhfkit.models.load import load_scalar_model
 from rlhfkit.models.runtime import Runtime
+from rlhfkit.models.value_head import ValueHead
 from rlhfkit.ops.advantages import (
     RunningMoments,
     gae,
@@ -83,7 +88,9 @@ class PPOConfig:
     reward_norm: bool = F(False, "Normalise scores by a running mean/std before shaping.")
     reward_clip: float = F(0.0, "Clip (normalised) scores to [-c, c]; 0 disables.")
     missing_eos_penalty: float = F(1.0, "Subtracted from the score of a response that hit max_new_tokens without EOS.")
-    value_init: str = F("reward", "Value model initialisation: 'reward' (the reward model) or 'policy' (the SFT policy).")
+    value_init: str = F("reward", "Value model initialisation: 'reward' (the reward model), 'policy' (the SFT policy) or "
+                        "'shared' (no second network: a new value head on the policy's own body, one forward for "
+                        "log-probs and values; the value loss trains the body too).")
     temperature: float = F(1.0, "Sampling temperature.")
     reward_threshold: float = F(math.inf, "Stop once the mean score of a rollout batch reaches this (inf = never).")
     checkpoint_every: int = F(20, "Save a resumable checkpoint every this many steps.")
@@ -104,7 +111,7 @@ class PPOConfig:
         need(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
              f"must divide {ref('ppo.rollout_batch_size')}")
         need(self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", "choose 'k1', 'k2' or 'k3'")
-        need(self.value_init in ("reward", "policy"), "ppo.value_init", "choose 'reward' or 'policy'")
+        need(self.value_init in ("reward", "policy", "shared"), "ppo.value_init", "choose 'reward', 'policy' or 'shared'")
         need(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0 (0 disables the KL penalty)")
         need(self.target_kl > 0, "ppo.target_kl", "must be > 0")
         need(0 <= self.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
@@ -115,7 +122,7 @@ class PPOConfig:
         if cfg.method == "ppo" and self.value_init == "reward":
             need(any(s.kind == "reward_model" for s in cfg.reward.sources) or not cfg.reward.sources, "ppo.value_init",
                  "'reward' initialises the value model from a reward model, and reward.sources holds no kind = "
-                 "'reward_model'; set ppo.value_init = 'policy'")
+                 "'reward_model'; set ppo.value_init = 'policy' (or 'shared')")
 
 
 METHOD = Method("ppo", PPOConfig, ("sft", "reward"),
@@ -171,12 +178,21 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
     pc = cfg.ppo
 
     # Setup (rlhfkit.spine.online, shared by the online methods): policy (trained), reference (frozen SFT policy),
-    # reward (frozen), and PPO's own: the value model (trained), started from the reward model or the SFT policy.
+    # reward (frozen), and PPO's own: the value model (trained), started from the reward model or the SFT policy,
+    # or a value head on the policy's own body (value_init = 'shared': one forward gives log-probs and values).
     def value_model(m) -> dict:
+        saved = out_dir / "checkpoint" / "value"
+        if m.resume and (saved / "value_head.json").is_file() != (pc.value_init == "shared"):
+            raise ConfigError(f"{saved} was written with {'a' if pc.value_init != 'shared' else 'no'} value head on "
+                              f"the policy, and this run has ppo.value_init = {pc.value_init!r}; resume with the "
+                              "value_init that wrote it, or start the stage afresh")
+        if pc.value_init == "shared":
+            torch.manual_seed(cfg.seed)  # the head is new
+            return {"value": ValueHead.from_pretrained(saved, rt.device) if m.resume else ValueHead.on(m.policy)}
         value_rm = value_reward_model(cfg, rm_dir)  # the run's reward model, or the first 'reward_model' source
         if pc.value_init == "reward":  # a decoder reading the policy's tokens (not an encoder, not another vocabulary)
             check_value_init(value_rm, m.tokenizer)
-        value_src = out_dir / "checkpoint" / "value" if m.resume else (value_rm if pc.value_init == "reward" else sft_dir)
+        value_src = saved if m.resume else (value_rm if pc.value_init == "reward" else sft_dir)
         torch.manual_seed(cfg.seed)  # a value head initialised from the policy is new
         return {"value": load_scalar_model(value_src, rt.device, "value model")}
 
@@ -241,14 +257,15 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
         if stopped_by_threshold:
             break
 
-    step = loop.step
+    step, shared = loop.step, pc.value_init == "shared"
     return loop.finish(
         stopped_by_threshold=stopped_by_threshold,
         final_kl_coef=loop.last_logged()["objective/kl_coef"],
         # sequences through a model per iteration: sampled once; policy, value model, reference and reward
-        # model without grad; policy and value model with grad in every PPO epoch
-        passes={"sampled": step * pc.rollout_batch_size, "forward": 4 * step * pc.rollout_batch_size,
-                "backward": 2 * step * pc.rollout_batch_size * pc.ppo_epochs},
+        # model without grad; policy and value model with grad in every PPO epoch (a value head on the policy
+        # rides on the policy's passes)
+        passes={"sampled": step * pc.rollout_batch_size, "forward": (4 - shared) * step * pc.rollout_batch_size,
+                "backward": (2 - shared) * step * pc.rollout_batch_size * pc.ppo_epochs},
     )
 
 

@@ -24,6 +24,7 @@ from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.data.batching import Packing, packing, used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
+from rlhfkit.models.value_head import ValueHead
 from rlhfkit.ops.logprobs import chunked_head_logprobs, gather_logprobs
 
 # Positions per chunk of the chunked log-prob path: its (chunk, V) logits are 100 MB in fp32 at SmolLM2's
@@ -231,7 +232,7 @@ def plain_head(model):
 
 
 def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature: float = 1.0,
-                          chunk: int | None = None, with_entropy: bool = False, positions=None):
+                          chunk: int | None = None, with_entropy: bool = False, positions=None, value_head=None):
     """(B, T - 1) log softmax(logits / temperature)[token t + 1] at position t where scored[:, t + 1] = 1, else 0.
 
     The chunked path: one pass of the transformer body to the final hidden states (B, T, H), kept only at the
@@ -239,7 +240,8 @@ def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature:
     over chunks of `chunk` positions (LOGPROB_CHUNK by default). The model must pass plain_head; call it under
     the run's autocast, as the model itself would be. with_entropy: (log-probs, entropy), the (B, T - 1) entropy of
     softmax(logits / temperature) at the same positions (no grad), else 0. `positions`: rows packed padding-free
-    (packed_causal_logits: no attention mask, the position ids given)."""
+    (packed_causal_logits: no attention mask, the position ids given). value_head (rlhfkit.models.value_head): also
+    its values from the same hidden states at the same positions, last in the tuple returned."""
     body, head, context = plain_head(model)
     chunk = LOGPROB_CHUNK if chunk is None else chunk
     with context():
@@ -247,13 +249,17 @@ def scored_token_logprobs(model, input_ids, attention_mask, scored, temperature:
                       position_ids=position_ids(attention_mask) if positions is None else positions
                       ).last_hidden_state  # (B, T, H)
     keep = scored[:, 1:].bool()  # (B, T - 1): position t predicts token t + 1
-    out = chunked_head_logprobs(hidden[:, :-1][keep], head.weight, head.bias, input_ids[:, 1:][keep],
+    scored_hidden = hidden[:, :-1][keep]  # (N, H)
+    out = chunked_head_logprobs(scored_hidden, head.weight, head.bias, input_ids[:, 1:][keep],
                                 temperature, chunk, with_entropy)  # (N,) fp32, or (N,), (N,)
+    out = out if with_entropy else (out,)
+    if value_head is not None:
+        out += (value_head(scored_hidden),)  # (N,): the value before each scored token
 
     def scatter(values):  # (N,) -> (B, T - 1), 0 at the positions not scored
         return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
-    return tuple(scatter(v) for v in out) if with_entropy else scatter(out)
+    return tuple(scatter(v) for v in out) if len(out) > 1 else scatter(out[0])
 
 
 def use_chunked(model, chunk: int | None) -> bool:
@@ -263,28 +269,41 @@ def use_chunked(model, chunk: int | None) -> bool:
 
 
 def packed_scored_logprobs(model, input_ids, attention_mask, scored, rt: Runtime, temperature: float = 1.0,
-                           chunk: int | None = None, with_entropy: bool = False):
-    """scored_token_logprobs (its (B, T - 1) layout, 0 where not scored) from one forward of the rows packed
-    padding-free (train.padding_free; rlhfkit.data.batching.Packing), on the chunked head or the full-logits path:
-    the padded forward's values to float rounding. Any padding side (a rollout's left-padded query and right-padded
-    response). A model that would attend across packed sequences is refused (ensure_packing)."""
+                           chunk: int | None = None, with_entropy: bool = False, value_head=None):
+    """scored_token_logprobs (its (B, T - 1) layout, 0 where not scored; entropy and a value head's values as it
+    gives them) from one forward of the rows packed padding-free (train.padding_free;
+    rlhfkit.data.batching.Packing), on the chunked head or the full-logits path: the padded forward's values to
+    float rounding. Any padding side (a rollout's left-padded query and right-padded response). A model that would
+    attend across packed sequences is refused (ensure_packing)."""
     ensure_packing(model, input_ids, attention_mask, rt)
     p = packing(attention_mask)
     ids, p_scored = packed_ids(p, input_ids), p.pack(scored)
     if use_chunked(model, chunk):
-        out = scored_token_logprobs(model, ids, None, p_scored, temperature, chunk, with_entropy, positions=p.positions)
-        out = out if with_entropy else (out,)
+        out = scored_token_logprobs(model, ids, None, p_scored, temperature, chunk, with_entropy, positions=p.positions,
+                                    value_head=value_head)
+        out = out if isinstance(out, tuple) else (out,)
     else:
-        logits = packed_causal_logits(model, ids, p.positions)[:, :-1] / temperature  # (R, W - 1, V)
-        keep = p_scored[:, 1:]
-        out = (gather_logprobs(logits, ids[:, 1:]) * keep,)
-        if with_entropy:
-            with torch.no_grad():
-                logp_all = torch.log_softmax(logits.float(), dim=-1)
-                out += (-(logp_all.exp() * logp_all).sum(-1) * keep,)
+        out = model(input_ids=ids, position_ids=p.positions, use_cache=False,  # packed_causal_logits says why
+                    output_hidden_states=value_head is not None)
+        out = _full_path_outputs(out, ids, p_scored, 0, temperature, with_entropy, value_head)
     # position t predicts token t + 1: each value moves with its token, then back to the (B, T - 1) layout
     out = tuple(p.unpack(F.pad(v, (1, 0)))[:, 1:] for v in out)
-    return out if with_entropy else out[0]
+    return out if len(out) > 1 else out[0]
+
+
+def _full_path_outputs(out, ids, scored, start: int, temperature, with_entropy: bool, value_head) -> tuple:
+    """(log-probs, [entropy], [values]) of the full-logits path from a causal LM's output `out` over `ids`, for the
+    positions from `start` on that predict a next token, 0 where the predicted token is not `scored`."""
+    logits = out.logits[:, start:-1] / temperature  # position t predicts token t + 1
+    keep = scored[:, start + 1 :]
+    result = (gather_logprobs(logits, ids[:, start + 1 :]) * keep,)
+    if with_entropy:
+        with torch.no_grad():
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            result += (-(logp_all.exp() * logp_all).sum(-1) * keep,)
+    if value_head is not None:  # the final hidden states, after the final norm: what the LM head reads
+        result += (value_head(out.hidden_states[-1][:, start:-1]) * keep,)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,13 +333,14 @@ def response_logprobs(model, queries, query_mask, responses, response_mask, temp
 
 
 def _chunked_response_logprobs(model, queries, query_mask, responses, response_mask, temperature, chunk,
-                               with_entropy: bool = False):
+                               with_entropy: bool = False, value_head=None):
     input_ids = torch.cat([queries, responses], dim=1)  # (B, Tq + Tr)
     mask = torch.cat([query_mask, response_mask], dim=1)
     scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)  # the response tokens
     Tq = queries.shape[1]
-    out = scored_token_logprobs(model, input_ids, mask, scored, temperature, chunk, with_entropy)
-    return tuple(v[:, Tq - 1 :] for v in out) if with_entropy else out[:, Tq - 1 :]  # (B, Tr) each
+    out = scored_token_logprobs(model, input_ids, mask, scored, temperature, chunk, with_entropy,
+                                value_head=value_head)
+    return tuple(v[:, Tq - 1 :] for v in out) if isinstance(out, tuple) else out[:, Tq - 1 :]  # (B, Tr) each
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int | None = None) -> torch.Tensor:
@@ -347,47 +367,48 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     """Log-probs (B, Tr) of the responses, values (B, Tr) predicted before each token (None without a value
     model) and, when asked, the policy's entropy (B, Tr), without grad: a metric, computed from each chunk's logits
     on the chunked path. The chunked path is taken where the model allows (chunk: positions per chunk,
-    LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs and entropy where response_mask = 0 are not
-    meaningful (the chunked path gives 0 there, the full path the padding token's): callers mask them."""
+    LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs, values and entropy where response_mask = 0 are
+    not meaningful (callers mask them). `value_model`: a scalar model of its own (a second forward), or a ValueHead
+    on the policy's body (ppo.value_init = 'shared': the values come from the policy's own forward)."""
     if rt.padding_free:
         return _packed_forward_response(policy, value_model, queries, query_mask, responses, response_mask,
                                         temperature, rt, with_entropy, chunk)
-    chunked = use_chunked(policy, chunk)
-    entropy = None
+    shared = value_model if isinstance(value_model, ValueHead) else None
+    Tq = queries.shape[1]
     with autocast(rt.device, rt.dtype):
-        if chunked:
+        if use_chunked(policy, chunk):
             out = _chunked_response_logprobs(policy, queries, query_mask, responses, response_mask, temperature,
-                                             chunk, with_entropy)  # (B, Tr) fp32, or log-probs and entropy
-            logprobs, entropy = out if with_entropy else (out, None)
+                                             chunk, with_entropy, shared)  # (B, Tr) fp32 each
         else:
-            logits = response_logits(policy, queries, query_mask, responses, response_mask, temperature)  # (B, Tr, V)
-        values = None
-        if value_model is not None:
-            ids = torch.cat([queries, responses], dim=1)
-            mask = torch.cat([query_mask, response_mask], dim=1)
-            values = token_scalars(value_model, ids, mask)[:, queries.shape[1] - 1 : -1]  # (B, Tr)
-    if chunked:
-        return logprobs, values, entropy
-    logprobs = gather_logprobs(logits, responses)
-    if with_entropy:
-        with torch.no_grad():
-            logp_all = torch.log_softmax(logits.float(), dim=-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            ids, mask = torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask], dim=1)
+            scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
+            full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                          output_hidden_states=shared is not None)
+            out = _full_path_outputs(full, ids, scored, Tq - 1, temperature, with_entropy, shared)
+        out = out if isinstance(out, tuple) else (out,)
+        logprobs, entropy, values = out[0], out[1] if with_entropy else None, out[-1] if shared is not None else None
+        if value_model is not None and shared is None:
+            ids, mask = torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask], dim=1)
+            values = token_scalars(value_model, ids, mask)[:, Tq - 1 : -1]  # (B, Tr)
     return logprobs, values, entropy
 
 
 def _packed_forward_response(policy, value_model, queries, query_mask, responses, response_mask, temperature,
                              rt: Runtime, with_entropy: bool, chunk: int | None):
     """forward_response with train.padding_free: query + response rows packed (packed_scored_logprobs, and
-    token_scalars for the values): the padded values to rounding where response_mask = 1, 0 elsewhere."""
+    token_scalars for a value model of its own): the padded values to rounding where response_mask = 1, 0
+    elsewhere."""
     ids, mask = torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask], dim=1)
     scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
+    shared = value_model if isinstance(value_model, ValueHead) else None
     Tq = queries.shape[1]
     with autocast(rt.device, rt.dtype):
-        out = packed_scored_logprobs(policy, ids, mask, scored, rt, temperature, chunk, with_entropy)
-        logprobs, entropy = out if with_entropy else (out, None)
-        values = token_scalars(value_model, ids, mask, rt)[:, Tq - 1 : -1] if value_model is not None else None
-    return logprobs[:, Tq - 1 :], values, entropy[:, Tq - 1 :] if with_entropy else None
+        out = packed_scored_logprobs(policy, ids, mask, scored, rt, temperature, chunk, with_entropy, shared)
+        out = tuple(v[:, Tq - 1 :] for v in (out if isinstance(out, tuple) else (out,)))
+        logprobs, entropy, values = out[0], out[1] if with_entropy else None, out[-1] if shared is not None else None
+        if value_model is not None and shared is None:
+            values = token_scalars(value_model, ids, mask, rt)[:, Tq - 1 : -1]
+    return logprobs, values, entropy
 
 
 def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
