@@ -1,7 +1,8 @@
 """Peak memory of one PPO (or DPO) stage with and without LoRA, on the same SFT model, comparisons and reward
 model. Each stage runs in its own process; the figure is that process's peak resident memory (ru_maxrss).
 
-    .venv/bin/python benchmarks/lora_memory.py [--out runs/lora-memory] [--method ppo] [--n-embd 512]
+    .venv/bin/python benchmarks/lora_memory.py [--out runs/lora-memory] [--method ppo] [--n-embd 512] \
+        [--set ppo.value_init=shared]
 
 The shared stages use a wider tiny model than the default (n_embd, 4 layers) so the weights, not the Python
 runtime, dominate memory. Without LoRA a run holds the policy, a frozen copy as reference and AdamW's two
@@ -35,11 +36,13 @@ def main() -> int:
     parser.add_argument("--method", default="ppo")
     parser.add_argument("--n-embd", type=int, default=512)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a further config override for every stage, e.g. ppo.value_init=shared")
     args = parser.parse_args()
     base = [f"policy.n_embd={args.n_embd}", "policy.n_layer=4", "policy.n_head=8", "sft.n_demos=4000", "sft.epochs=1",
             "sft.lr=0.001", "feedback.n_prompts=400", "reward.epochs=1", "ppo.total_steps=4",
             "ppo.rollout_batch_size=64", "dpo.epochs=1", "eval.n_prompts=100", "device='cpu'",
-            f"method='{args.method}'"]
+            f"method='{args.method}'", *args.overrides]
     out = Path(args.out)
     subprocess.run([sys.executable, "-m", "rlhfkit", "run", "--out", str(out),
                     *[a for o in base for a in ("--set", o)]], check=True, stdout=subprocess.DEVNULL)

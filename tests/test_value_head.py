@@ -93,6 +93,36 @@ def test_one_forward_gives_the_row_by_row_log_probs_values_and_gradients(arch, c
     assert value_only[:n_body].norm() > 0  # the value loss trains the shared body too
 
 
+def test_a_value_head_on_a_lora_policy_reads_the_adapted_body_and_trains_the_adapters(tokenizer, sharp_policy, tmp_path):
+    """With LoRA the head reads the hidden states of the body with its adapters on; the value loss reaches the
+    adapters (the base weights are frozen)."""
+    from rlhfkit.models.lora import wrap_lora
+    from rlhfkit.pipeline.config import LoRAConfig
+
+    policy = wrap_lora(sharp_policy("gpt2"), LoRAConfig(r=4), tmp_path, seed=0)
+    with torch.no_grad():  # adapters that change the output (peft starts B at 0: an identity adapter)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    torch.manual_seed(0)
+    head = ValueHead.on(policy, std=0.3)
+    q, qm, r, rm = rollout_batch(tokenizer)
+    logprobs, values, _ = forward_response(policy, head, q, qm, r, rm, T, CPU)
+    body = policy.get_base_model().base_model  # GPT-2's transformer, its linear layers carrying the adapters
+    want = torch.zeros(r.shape)
+    for i in range(len(q)):
+        query, response = q[i][qm[i].bool()], r[i][rm[i].bool()]
+        hidden = body(input_ids=torch.cat([query, response])[None]).last_hidden_state[0]
+        want[i, : len(response)] = head(hidden[len(query) - 1 : len(query) - 1 + len(response)])
+    assert torch.allclose(values * rm, want, rtol=1e-5, atol=1e-5)
+    with policy.disable_adapter():  # the adapters matter: without them the values differ
+        assert not torch.allclose(forward_response(policy, head, q, qm, r, rm, T, CPU)[1] * rm, want, atol=1e-2)
+    ((values - 1.0) ** 2 * rm).sum().backward()
+    adapters = [p for name, p in policy.named_parameters() if "lora_" in name]
+    assert adapters and all(p.grad is not None and p.grad.norm() > 0 for p in adapters)
+    assert all(p.grad is None for name, p in policy.named_parameters() if "lora_" not in name)
+
+
 def test_a_value_head_saves_and_loads_and_starts_like_a_score_head(tokenizer, sharp_policy, tmp_path):
     policy = sharp_policy("gpt2")
     torch.manual_seed(0)

@@ -42,7 +42,8 @@ function's included, through the sigmoid, so such a function returns a logit).
 importable: it is registered under "@<its name>" for the call's duration (rlhfkit.spine.reward_functions
 .use_reward_functions), and the config names it so; its source code (inspect) is what the stage's inputs hash.
 PPO's value model starts from the first reward model (ppo.value_init = 'reward'); with none among the rewards,
-from the policy (ppo.value_init = 'policy') unless the ppo section says otherwise. Best-of-N trains nothing: it
+from the policy (ppo.value_init = 'policy') unless the ppo section says otherwise (ppo={"value_init": "shared"}: a
+value head on the policy itself, no second network). Best-of-N trains nothing: it
 measures the stage's best-of-n curve (OUT/best_of_n/metrics.jsonl) and returns `model` as given. Online DPO, rejection
 sampling, ReST and best-of-N call no callbacks (their loops are rounds), and refuse them.
 

@@ -80,7 +80,7 @@ class ModelConfig:
 class LoRAConfig:
     """[lora] LoRA (peft) for the policy: train low-rank adapters; the reference is the same model with the adapter off."""
 
-    r: int = F(0, "Rank of the adapters; 0 = train every weight (no LoRA). With r > 0 every method that trains a policy (PPO, RLOO, GRPO, DPO, rejection sampling, ReST; not best-of-N, which trains nothing) trains adapters on the SFT model, its reference is the adapter switched off, and it saves only the adapter. PPO's value model stays a full model.")
+    r: int = F(0, "Rank of the adapters; 0 = train every weight (no LoRA). With r > 0 every method that trains a policy (PPO, RLOO, GRPO, DPO, rejection sampling, ReST; not best-of-N, which trains nothing) trains adapters on the SFT model, its reference is the adapter switched off, and it saves only the adapter. PPO's value model stays a full model (ppo.value_init = 'shared': a value head on the LoRA policy instead).")
     alpha: float = F(16.0, "Scale: the adapter's update is multiplied by alpha / r.")
     dropout: float = F(0.0, "Dropout on the adapters' input; set to 0 in PPO, RLOO, GRPO and DPO with every dropout (sampling and training passes must agree), so it acts in SFT, rejection sampling and ReST.")
     target_modules: list[str] = F([], "Module names to adapt, e.g. ['q_proj', 'v_proj']; empty = peft's default for the architecture.")
