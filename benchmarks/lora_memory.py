@@ -20,8 +20,8 @@ from pathlib import Path
 
 STAGE = """
 import json, resource, sys, time
-from rlhfkit.config import load_config
-from rlhfkit.pipeline import run_stage
+from rlhfkit.pipeline.config import load_config
+from rlhfkit.pipeline.stages import run_stage
 cfg = load_config(overrides=json.loads(sys.argv[1]))
 start = time.time()
 result = run_stage(cfg.method, cfg, sys.argv[2], fresh=True)
@@ -48,8 +48,10 @@ def main() -> int:
                     *[a for o in base for a in ("--set", o)]], check=True, stdout=subprocess.DEVNULL)
     rows = {}
     for label, extra in (("full fine-tuning", ["lora.r=0"]), (f"LoRA r={args.rank}", [f"lora.r={args.rank}"])):
-        proc = subprocess.run([sys.executable, "-c", STAGE, json.dumps(base + extra), str(out)], check=True,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", STAGE, json.dumps(base + extra), str(out)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{label}: the stage failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         rows[label] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"| {args.method} stage, n_embd {args.n_embd}, 4 layers | peak RSS | wall time |\n|---|---|---|")
     for label, r in rows.items():

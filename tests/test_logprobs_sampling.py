@@ -133,6 +133,37 @@ def test_the_preallocated_kv_cache_changes_no_number(arch, tokenizer, sharp_poli
     assert torch.equal(fast.responses, slow.responses) and torch.equal(fast.response_mask, slow.response_mask)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_prompts_forward_keeps_only_its_last_logits(arch, tokenizer, sharp_policy, tmp_path, monkeypatch):
+    """The prompt's forward computes logits at its last position only ((B, 1, V), not (B, Tq, V)), also through a
+    LoRA model; the samples are those of a prefill with every position's logits, its last column the same."""
+    import rlhfkit.models.sampling as sampling
+    from rlhfkit.models.lora import wrap_lora
+    from rlhfkit.pipeline.config import LoRAConfig
+
+    queries, mask = pad_left(QUERIES, tokenizer.pad_token_id)
+
+    def run(model):
+        seen = []
+        hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits.clone()))
+        s = sample(model, queries, mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=torch.Generator().manual_seed(3))
+        hook.remove()
+        return s, seen
+
+    model = sharp_policy(arch)
+    assert sampling.last_logits_only(model) == {"logits_to_keep": 1}
+    assert sampling.last_logits_only(wrap_lora(sharp_policy(arch), LoRAConfig(r=4), tmp_path, 0)) == \
+        {"logits_to_keep": 1}
+    kept, kept_logits = run(model)
+    assert kept_logits[0].shape == (len(QUERIES), 1, model.config.vocab_size)
+    monkeypatch.setattr(sampling, "last_logits_only", lambda model: {})
+    full, full_logits = run(model)
+    assert full_logits[0].shape[1] == queries.shape[1]
+    assert torch.allclose(kept_logits[0][:, -1], full_logits[0][:, -1], rtol=0, atol=1e-5)
+    assert torch.equal(kept.responses, full.responses) and torch.equal(kept.response_mask, full.response_mask)
+
+
 def test_models_with_sliding_windows_keep_their_own_cache(tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 
