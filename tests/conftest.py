@@ -49,6 +49,25 @@ def sharp_policy(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def rollout_batch(tokenizer):
+    """make(n=7, seed=4) -> (queries, query_mask, responses, response_mask): left-padded queries and right-padded
+    responses of varied lengths of digits tokens, as the sampler returns them."""
+    import random
+
+    from rlhfkit.data.batching import pad_left, pad_right
+
+    def make(n=7, seed=4):
+        rng = random.Random(seed)
+        words = [str(d) for d in range(10)]
+        queries = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 6))))["input_ids"] for _ in range(n)]
+        responses = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 9))), add_special_tokens=False)
+                     ["input_ids"] for _ in range(n)]
+        return (*pad_left(queries, 0), *pad_right(responses, 0))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def sharp_scalar():
     """make(policy, std=0.3, seed=2): a sequence classifier (a reward or value model) of the policy's shape and
     architecture, its weights redrawn like sharp_policy's."""

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from rlhfkit.algorithms import reward as reward_module
 from rlhfkit.algorithms.reward import encode_comparisons, pair_scores, ranking_scores
-from rlhfkit.data.batching import encode_pairs, pack, packed_rows, packing, pad_left, pad_right, used_columns
+from rlhfkit.data.batching import encode_pairs, pack, packed_rows, packing, used_columns
 from rlhfkit.data.contract import Comparison
 from rlhfkit.data.ranked import RankedItem, encode_ranked_items
 from rlhfkit.models import forward as forward_module
@@ -229,19 +229,10 @@ def test_packing_moves_each_real_token_and_back_for_any_padding():
     assert y.grad[..., 0].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
-def rollout_batch(tokenizer, n=7, seed=4):
-    """Left-padded queries and right-padded responses of varied lengths, as the sampler returns them."""
-    rng = random.Random(seed)
-    words = [str(d) for d in range(10)]
-    queries = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 6))))["input_ids"] for _ in range(n)]
-    responses = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 9))), add_special_tokens=False)["input_ids"]
-                 for _ in range(n)]
-    return (*pad_left(queries, 0), *pad_right(responses, 0))
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sharp_policy, sharp_scalar, monkeypatch):
+def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, rollout_batch, sharp_policy, sharp_scalar,
+                                                   monkeypatch):
     """forward_response with train.padding_free (the online methods' training passes, and the rollout's policy,
     reference and value passes): log-probs, values and entropy at every response token, and the log-probs'
     gradient, are the padded forward's to rounding, with left-padded queries and right-padded responses."""
@@ -251,7 +242,7 @@ def test_packed_rollout_passes_are_the_padded_ones(arch, chunked, tokenizer, sha
         monkeypatch.setattr(forward_module, "use_chunked", lambda model, chunk: False)
     policy = sharp_policy(arch)
     critic = sharp_scalar(policy)
-    q, qm, r, rm = rollout_batch(tokenizer)
+    q, qm, r, rm = rollout_batch()
     out = {}
     for free in (False, True):
         policy.zero_grad()

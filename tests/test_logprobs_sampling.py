@@ -99,6 +99,19 @@ def test_sampler_draws_from_tempered_distribution(arch, temperature, tokenizer, 
     assert tv2 < bound2, f"second token after {a}: TV {tv2:.4f} >= {bound2:.4f}"
 
 
+def sample_and_logits(model, tokenizer, queries, mask):
+    """sample() of 12 new tokens at a fixed seed, and the logits of each of the model's forwards in it (the
+    prompt's, then one a step)."""
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits.clone()))
+    try:
+        s = sample(model, queries, mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    return s, seen
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_preallocated_kv_cache_changes_no_number(arch, tokenizer, sharp_policy, monkeypatch):
     """sample() writes keys and values into buffers sized for the whole sample (no per-step allocation); every
@@ -112,12 +125,7 @@ def test_the_preallocated_kv_cache_changes_no_number(arch, tokenizer, sharp_poli
     logits = {}
 
     def run(name):
-        seen = []
-        hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits.clone()))
-        s = sample(model, queries, mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=torch.Generator().manual_seed(3))
-        hook.remove()
-        logits[name] = seen
+        s, logits[name] = sample_and_logits(model, tokenizer, queries, mask)
         return s
 
     assert type(sampling.preallocated_cache(model, 30).layers[0]).__name__ == "PreallocatedLayer"
@@ -142,23 +150,14 @@ def test_the_prompts_forward_keeps_only_its_last_logits(arch, tokenizer, sharp_p
     from rlhfkit.pipeline.config import LoRAConfig
 
     queries, mask = pad_left(QUERIES, tokenizer.pad_token_id)
-
-    def run(model):
-        seen = []
-        hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits.clone()))
-        s = sample(model, queries, mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=torch.Generator().manual_seed(3))
-        hook.remove()
-        return s, seen
-
     model = sharp_policy(arch)
-    assert sampling.last_logits_only(model) == {"logits_to_keep": 1}
-    assert sampling.last_logits_only(wrap_lora(sharp_policy(arch), LoRAConfig(r=4), tmp_path, 0)) == \
-        {"logits_to_keep": 1}
-    kept, kept_logits = run(model)
+    lora = wrap_lora(sharp_policy(arch), LoRAConfig(r=4), tmp_path, 0)
+    assert sampling.last_logits_only(model) == sampling.last_logits_only(lora) == {"logits_to_keep": 1}
+    assert sample_and_logits(lora, tokenizer, queries, mask)[1][0].shape == (len(QUERIES), 1, model.config.vocab_size)
+    kept, kept_logits = sample_and_logits(model, tokenizer, queries, mask)
     assert kept_logits[0].shape == (len(QUERIES), 1, model.config.vocab_size)
     monkeypatch.setattr(sampling, "last_logits_only", lambda model: {})
-    full, full_logits = run(model)
+    full, full_logits = sample_and_logits(model, tokenizer, queries, mask)
     assert full_logits[0].shape[1] == queries.shape[1]
     assert torch.allclose(kept_logits[0][:, -1], full_logits[0][:, -1], rtol=0, atol=1e-5)
     assert torch.equal(kept.responses, full.responses) and torch.equal(kept.response_mask, full.response_mask)

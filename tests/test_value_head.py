@@ -4,7 +4,6 @@ row-by-row reference on each unpadded sequence, with the gradient of both reachi
 a run exactly, saves the head in its checkpoints and exports a plain policy."""
 
 import json
-import random
 import shutil
 from dataclasses import replace
 
@@ -15,7 +14,6 @@ from safetensors.torch import load_file
 from rlhfkit.algorithms.ppo import train_ppo
 from rlhfkit.core.errors import ConfigError, RlhfkitError
 from rlhfkit.core.runio import read_metrics
-from rlhfkit.data.batching import pad_left, pad_right
 from rlhfkit.models import forward as forward_module
 from rlhfkit.models.forward import forward_response
 from rlhfkit.models.runtime import Runtime, runtime
@@ -26,16 +24,6 @@ from rlhfkit.tasks import task_for
 
 CPU = Runtime(torch.device("cpu"), None)
 T = 0.7  # a sampling temperature that is not 1: dropping it moves every log-prob
-
-
-def rollout_batch(tokenizer, n=6, seed=3):
-    """Left-padded queries and right-padded responses of varied lengths, as the sampler returns them."""
-    rng = random.Random(seed)
-    words = [str(d) for d in range(10)]
-    queries = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 6))))["input_ids"] for _ in range(n)]
-    responses = [tokenizer(" ".join(rng.choices(words, k=rng.randrange(1, 9))), add_special_tokens=False)["input_ids"]
-                 for _ in range(n)]
-    return (*pad_left(queries, 0), *pad_right(responses, 0))
 
 
 def row_by_row(policy, head, q, qm, r, rm):
@@ -58,14 +46,14 @@ def row_by_row(policy, head, q, qm, r, rm):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_one_forward_gives_the_row_by_row_log_probs_values_and_gradients(arch, chunked, padding_free, tokenizer,
+def test_one_forward_gives_the_row_by_row_log_probs_values_and_gradients(arch, chunked, padding_free, rollout_batch,
                                                                          sharp_policy, monkeypatch):
     if not chunked:
         monkeypatch.setattr(forward_module, "use_chunked", lambda model, chunk: False)
     policy = sharp_policy(arch)
     torch.manual_seed(0)
     head = ValueHead.on(policy, std=0.3)  # sharp like the policy: a shifted position moves a value visibly
-    q, qm, r, rm = rollout_batch(tokenizer)
+    q, qm, r, rm = rollout_batch(6, seed=3)
     rt = replace(CPU, padding_free=padding_free)
     forward_response(policy, head, q, qm, r, rm, T, rt)  # packed: the once-per-model packing check runs here
     body_calls = []
@@ -93,7 +81,8 @@ def test_one_forward_gives_the_row_by_row_log_probs_values_and_gradients(arch, c
     assert value_only[:n_body].norm() > 0  # the value loss trains the shared body too
 
 
-def test_a_value_head_on_a_lora_policy_reads_the_adapted_body_and_trains_the_adapters(tokenizer, sharp_policy, tmp_path):
+def test_a_value_head_on_a_lora_policy_reads_the_adapted_body_and_trains_the_adapters(rollout_batch, sharp_policy,
+                                                                                     tmp_path):
     """With LoRA the head reads the hidden states of the body with its adapters on; the value loss reaches the
     adapters (the base weights are frozen)."""
     from rlhfkit.models.lora import wrap_lora
@@ -106,7 +95,7 @@ def test_a_value_head_on_a_lora_policy_reads_the_adapted_body_and_trains_the_ada
                 p.normal_(0, 0.3)
     torch.manual_seed(0)
     head = ValueHead.on(policy, std=0.3)
-    q, qm, r, rm = rollout_batch(tokenizer)
+    q, qm, r, rm = rollout_batch(6, seed=3)
     logprobs, values, _ = forward_response(policy, head, q, qm, r, rm, T, CPU)
     body = policy.get_base_model().base_model  # GPT-2's transformer, its linear layers carrying the adapters
     want = torch.zeros(r.shape)
@@ -123,7 +112,7 @@ def test_a_value_head_on_a_lora_policy_reads_the_adapted_body_and_trains_the_ada
     assert all(p.grad is None for name, p in policy.named_parameters() if "lora_" not in name)
 
 
-def test_a_value_head_saves_and_loads_and_starts_like_a_score_head(tokenizer, sharp_policy, tmp_path):
+def test_a_value_head_saves_and_loads_and_starts_like_a_score_head(sharp_policy, tmp_path):
     policy = sharp_policy("gpt2")
     torch.manual_seed(0)
     head = ValueHead.on(policy)
