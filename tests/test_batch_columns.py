@@ -170,9 +170,9 @@ def test_padding_free_sft_trains_as_padded_and_refuses_a_model_that_mixes_sequen
         assert torch.allclose(a, b, atol=1e-5)
     # a model that ignores the packed bounds (here: an attention mask given, which turns transformers' packed
     # reading off) is refused before training
-    monkeypatch.setattr(forward_module, "packed_causal_logits",
-                        lambda model, ids, pos: model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                      position_ids=pos, use_cache=False).logits)
+    real_inputs = forward_module.packed_inputs
+    monkeypatch.setattr(forward_module, "packed_inputs", lambda model, p, ids: {
+        **real_inputs(model, p, ids), "attention_mask": torch.ones(p.packed_shape, dtype=torch.long)})
     with pytest.raises(ConfigError, match="train.padding_free"):
         finetune.fit_completions(models[False], data, epochs=1, batch_size=16, lr=3e-3,
                                  rt=replace(CPU, padding_free=True), generator=torch.Generator().manual_seed(0))
@@ -273,8 +273,8 @@ def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy,
     idx = torch.tensor([3, 0, 17, 9, 21])
     free = replace(CPU, padding_free=True)
     calls = []
-    real = forward_module._packed_scalars
-    monkeypatch.setattr(forward_module, "_packed_scalars", lambda *a: calls.append(1) or real(*a))
+    real = forward_module.packed_inputs
+    monkeypatch.setattr(forward_module, "packed_inputs", lambda *a: calls.append(1) or real(*a))
     padded, packed = pair_scores(scorer, data, idx, CPU), pair_scores(scorer, data, idx, free)
     assert calls  # the packed forward, not the padded one
     for a, b in zip(padded, packed):
@@ -297,8 +297,7 @@ def test_packed_reward_model_scores_are_the_padded_ones(tokenizer, sharp_policy,
     scored = [RewardModelScorer(tmp_path / "rm", rt)(*texts) for rt in (CPU, free)]
     assert calls and torch.allclose(scored[1], scored[0], rtol=1e-5, atol=1e-5)
     crossing = sharp_scalar(sharp_policy("gpt2"), seed=3)
-    monkeypatch.setattr(forward_module, "_packed_scalars", lambda model, ids, pos: forward_module.scalar_head(model)(
-        model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos).last_hidden_state
-    ).squeeze(-1).float())
+    monkeypatch.setattr(forward_module, "packed_inputs", lambda model, p, ids: {
+        **real(model, p, ids), "attention_mask": torch.ones(p.packed_shape, dtype=torch.long)})
     with pytest.raises(ConfigError, match="train.padding_free"):
         pair_scores(crossing, data, idx, free)

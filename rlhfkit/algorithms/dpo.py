@@ -181,7 +181,7 @@ def pair_batches(data, batch_size: int) -> list[torch.Tensor]:
 
 def cache_key(model_dir: Path, splits: dict, rt: Runtime) -> str:
     """What the cached log-probs depend on: the reference's files, the token ids and masks of every split
-    (order included), and how they are computed (device kind, autocast dtype, packed or padded). Same key => same
+    (order included), and how they are computed (device kind, autocast dtype, padded, packed or prefixes shared). Same key => same
     numbers."""
     h = hashlib.sha256(CACHE_FORMAT)
     for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
@@ -189,7 +189,8 @@ def cache_key(model_dir: Path, splits: dict, rt: Runtime) -> str:
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    h.update(f"{rt.device.type} {rt.dtype}{' packed' if rt.padding_free else ''}\n".encode())  # old keys unchanged
+    packed = " shared" if rt.shared_prefix else " packed" if rt.padding_free else ""
+    h.update(f"{rt.device.type} {rt.dtype}{packed}\n".encode())  # old keys unchanged
     for split, tensors in splits.items():
         h.update(f"{split}\n".encode())
         for t in tensors:

@@ -150,6 +150,9 @@ class Packing:
     dst: tuple[torch.Tensor, torch.Tensor]  # (N,) its row and column in the packed rows
     positions: torch.Tensor  # (R, W) position ids
     owner: torch.Tensor  # (R, W) the padded row each packed token came from, -1 on the tails
+    # (R, W, W) bool, which packed token (column) each token (row) attends to: set by shared_prefix_packing, whose
+    # rows hold trees, not sequences; None where position ids say it all (whole sequences back to back)
+    attend: torch.Tensor | None = None
 
     def pack(self, x: torch.Tensor, fill=0) -> torch.Tensor:
         """(B, T, ...) -> (R, W, ...): the real tokens' entries packed, `fill` on the tails."""
@@ -164,11 +167,18 @@ class Packing:
         out[self.src] = y[self.dst]
         return out
 
+    def flat_index(self) -> torch.Tensor:
+        """(B, T) each real token's place in the packed rows flattened (row x W + column), -1 on padding."""
+        out = torch.full(self.shape, -1, dtype=torch.long, device=self.dst[0].device)
+        out[self.src] = self.dst[0] * self.packed_shape[1] + self.dst[1]
+        return out
 
-def packing(mask: torch.Tensor) -> Packing:
-    """The Packing of a batch whose real tokens are mask's 1s (on mask's device; one host sync for the lengths)."""
+
+def packing(mask: torch.Tensor, width: int | None = None) -> Packing:
+    """The Packing of a batch whose real tokens are mask's 1s (on mask's device; one host sync for the lengths), in
+    rows of `width` tokens (default: the longest sequence's)."""
     lengths = mask.sum(dim=1).tolist()
-    width = int(max(lengths))
+    width = int(max(lengths)) if width is None else width
     groups = pack(lengths, width)
     row_of, start_of = [0] * len(lengths), [0] * len(lengths)  # each sequence's packed row and first column
     positions, owner = torch.zeros(len(groups), width, dtype=torch.long), torch.full((len(groups), width), -1)
@@ -186,6 +196,66 @@ def packing(mask: torch.Tensor) -> Packing:
     dst = (torch.tensor(row_of, device=device)[src_row], torch.tensor(start_of, device=device)[src_row] + rank)
     return Packing(tuple(mask.shape), (len(groups), width), (src_row, src_col), dst, positions.to(device),
                    owner.to(device))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_packing(ids: torch.Tensor, mask: torch.Tensor) -> Packing:
+    """The Packing of a batch whose rows that begin alike hold their common beginning once (train.shared_prefix):
+    DPO's chosen and rejected after their prompt, a ranking's completions, a GRPO group's samples. The sequences
+    (mask's 1s) are sorted by their tokens, so that those sharing a beginning are neighbours, and placed in that
+    order into rows of at most twice the longest sequence: each takes new columns only for its tokens past the
+    common beginning with the sequence placed before it in the row, and reads that beginning's columns. A row is
+    then a forest of prefix trees; `attend` lets each token see exactly its own sequence's earlier tokens (the
+    shared columns and its own), and position ids count each sequence's tokens from 0 as a padded forward does.
+    Every real token's output is then the one its sequence alone gives (a causal model's state at token t depends
+    only on tokens 0..t), computed once per distinct beginning. Prefix sharing for DPO: Wang and Hegselmann 2024,
+    "Accelerating Direct Preference Optimization with Prefix Sharing" (arXiv:2410.20305); here any common beginning
+    in the batch is shared, found from the tokens, not told."""
+    host_ids, host_mask = ids.cpu(), mask.cpu().bool()
+    seqs = [row[m].tolist() for row, m in zip(host_ids, host_mask)]
+    lengths = [len(s) for s in seqs]
+    width = 2 * max(lengths)
+    placed: list[list[int]] = []  # the sequences of each packed row, in the order placed
+    fill: list[int] = []  # columns used in each row
+    loc: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(seqs)  # each sequence's columns
+    shared = [0] * len(seqs)  # tokens each reads from the sequence placed before it
+    for i in sorted(range(len(seqs)), key=lambda i: (seqs[i], i)):
+        n = _common_prefix(seqs[placed[-1][-1]], seqs[i]) if placed else 0
+        if not placed or fill[-1] + lengths[i] - n > width:
+            placed.append([])
+            fill.append(0)
+            n = 0
+        new = torch.arange(fill[-1], fill[-1] + lengths[i] - n)
+        loc[i] = torch.cat([loc[placed[-1][-1]][:n], new]) if n else new
+        shared[i] = n
+        fill[-1] += lengths[i] - n
+        placed[-1].append(i)
+    R, W = len(placed), max(fill)
+    positions, owner = torch.zeros(R, W, dtype=torch.long), torch.full((R, W), -1)
+    attend = torch.zeros(R, W, W, dtype=torch.bool)
+    row_of = [0] * len(seqs)
+    for r, row in enumerate(placed):
+        for i in row:
+            row_of[i] = r
+            cols, n = loc[i], shared[i]
+            positions[r, cols] = torch.arange(lengths[i])
+            owner[r, cols[n:]] = i
+            # token t (its column cols[t]) sees the columns of tokens 0..t of its own sequence
+            attend[r, cols[n:, None], cols[None, :]] = torch.ones(lengths[i], lengths[i], dtype=torch.bool).tril()[n:]
+        tail = torch.arange(fill[r], W)  # unused columns: each sees itself only (no softmax over nothing)
+        attend[r, tail, tail] = True
+        positions[r, tail] = torch.arange(W - fill[r])
+    device = mask.device
+    src = mask.bool().nonzero(as_tuple=True)  # row-major: each row's real tokens in order, as loc lists them
+    dst = (torch.tensor(row_of).repeat_interleave(torch.tensor(lengths)).to(device), torch.cat(loc).to(device))
+    return Packing(tuple(mask.shape), (R, W), src, dst, positions.to(device), owner.to(device), attend.to(device))
 
 
 def packed_rows(ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor, with_owner: bool = False):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.core.errors import ConfigError, RlhfkitError
-from rlhfkit.data.batching import Packing, packing, used_columns
+from rlhfkit.data.batching import Packing, packing, pad_right, shared_prefix_packing, used_columns
 from rlhfkit.models.lora import AdapterDisabled
 from rlhfkit.models.runtime import Runtime, autocast
 from rlhfkit.models.value_head import ValueHead
@@ -88,29 +88,70 @@ def packed_causal_logits(model, input_ids: torch.Tensor, position_ids: torch.Ten
     return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
+def _attention_implementation(model) -> str | None:
+    model = model.peft_model if isinstance(model, AdapterDisabled) else model
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def packed_inputs(model, p: Packing, ids: torch.Tensor) -> dict:
+    """The keyword arguments of a forward over the rows of `p` (ids: the padded batch's): the packed ids and position
+    ids, no cache, and for shared_prefix_packing's trees the attention mask that keeps each sequence to its own
+    tokens, in the form the model's attention reads a custom 4D mask (transformers 5.x passes a 4D mask through as
+    given: masking_utils._preprocess_mask_arguments): bool for SDPA, additive float for eager. Without it (whole
+    sequences back to back) no mask: packed_causal_logits says why."""
+    inputs = {"input_ids": packed_ids(p, ids), "position_ids": p.positions, "use_cache": False}
+    if p.attend is None:
+        return inputs
+    allowed = p.attend[:, None]  # (R, 1, W, W)
+    if tree_attention(model) == "sdpa":
+        inputs["attention_mask"] = allowed
+    else:
+        inputs["attention_mask"] = torch.zeros(allowed.shape, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+    return inputs
+
+
+def tree_attention(model) -> str:
+    """The model's attention implementation where it takes a mask per token pair (train.shared_prefix); a
+    ConfigError otherwise (flash attention's kernels take sequence bounds, not a mask)."""
+    impl = _attention_implementation(model)
+    if impl not in ("sdpa", "eager"):
+        raise ConfigError(f"train.shared_prefix needs the model's attention to take a mask per token pair ('sdpa' or "
+                          f"'eager'); {type(model).__name__} uses {impl!r}: set train.shared_prefix = false, or load "
+                          f"the model with attn_implementation='sdpa'")
+    return impl
+
+
 @torch.no_grad()
-def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+def check_packing(model, ids: torch.Tensor, mask: torch.Tensor, shared: bool = False) -> float:
     """The largest difference between the outputs of two sequences (rows 0 and 1, any padding side) forwarded alone
     and packed into one row, in fp32 with dropout off: log-probs for a causal LM, for a scalar model (a reward or
     value model) its head's output at every token relative to their largest magnitude. Rounding (1e-7 to 1e-4)
     where the model keeps packed sequences apart, far more (attention across the boundary: 0.1 and up) where it
-    does not."""
+    does not. shared: the second sequence is the first's first half followed by row 1's tokens, packed with the
+    half shared (shared_prefix_packing), so that its tokens must not see the first sequence's second half."""
     modes = {m: m.training for m in model.modules()}  # each its own (a LoRA reference shares the policy's modules)
     model.eval()
     try:
         a, b = (ids[i][mask[i].bool()] for i in range(2))
-        positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].to(ids.device)
+        if shared:
+            b = torch.cat([a[: max(1, len(a) // 2)], b])
+        pair_ids, pair_mask = pad_right([a.tolist(), b.tolist()], int(a[0]))
+        pair_ids, pair_mask = pair_ids.to(ids.device), pair_mask.to(ids.device)
+        # one row holding both (shared_prefix_packing's rows are twice the longest: room for both)
+        p = shared_prefix_packing(pair_ids, pair_mask) if shared else packing(pair_mask, len(a) + len(b))
+        assert p.packed_shape[0] == 1
         if is_scalar_model(model):
             alone = [token_scalars(model, s[None], torch.ones_like(s)[None])[0] for s in (a, b)]
-            packed = _packed_scalars(model, torch.cat([a, b])[None], positions)[0]
+            hidden = model.base_model(**packed_inputs(model, p, pair_ids)).last_hidden_state
+            packed = p.unpack(scalar_head(model)(hidden).squeeze(-1).float())
             scale = max(v.abs().max().item() for v in alone) or 1.0
         else:
             alone = [torch.log_softmax(causal_logits(model, s[None], torch.ones_like(s)[None])[0].float(), -1)
                      for s in (a, b)]
-            packed = torch.log_softmax(packed_causal_logits(model, torch.cat([a, b])[None], positions)[0].float(), -1)
+            packed = p.unpack(torch.log_softmax(model(**packed_inputs(model, p, pair_ids)).logits.float(), -1))
             scale = 1.0
-        return max((packed[: len(a)] - alone[0]).abs().max().item(),
-                   (packed[len(a) :] - alone[1]).abs().max().item()) / scale
+        return max((packed[i, : len(s)] - alone[i]).abs().max().item() for i, s in enumerate((a, b))) / scale
     finally:
         for m, training in modes.items():
             m.training = training
@@ -121,19 +162,30 @@ def check_packing(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
 # scalar head's outputs, relative to their largest: rounding 1e-7 to 8e-7, across the boundary 0.06 (GPT-2) and 0.28
 # (Llama) at the default init, 0.42 and 1.7 with sharp weights (tiny random-init sequence classifiers).
 PACKING_TOLERANCE = 1e-2
-_packing_checked: weakref.WeakSet = weakref.WeakSet()
+_packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the kinds checked
 
 
-def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> None:
-    """Refuse train.padding_free for a model that would attend across packed sequences (check_packing on the first
-    two of these rows, wherever they are held, once per model object)."""
-    if model in _packing_checked or len(ids) < 2:
+def ensure_packing(model, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime, shared: bool = False) -> None:
+    """Refuse train.padding_free (shared: train.shared_prefix) for a model that would attend across packed
+    sequences (check_packing on the first two of these rows, wherever they are held, once per model object)."""
+    done = _packing_checked.setdefault(model, set())
+    if shared in done or len(ids) < 2:
         return
-    gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]))
+    option = "train.shared_prefix" if shared else "train.padding_free"
+    gap = check_packing(model, rt.put(ids[:2]), rt.put(mask[:2]), shared)
     if gap > PACKING_TOLERANCE:
-        raise ConfigError(f"train.padding_free: {type(model).__name__} attends across packed sequences (outputs "
-                          f"moved by {gap:.2g}); set train.padding_free = false for this model")
-    _packing_checked.add(model)
+        raise ConfigError(f"{option}: {type(model).__name__} attends across packed sequences (outputs moved by "
+                          f"{gap:.2g}); set {option} = false for this model")
+    done.add(shared)
+
+
+def batch_packing(model, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> Packing:
+    """The Packing of a batch under rt: common beginnings shared (train.shared_prefix) or whole sequences back to
+    back (train.padding_free), the model checked first (ensure_packing)."""
+    if rt.shared_prefix:
+        tree_attention(model)  # before any forward: an attention that takes no mask is refused by name
+    ensure_packing(model, ids, mask, rt, rt.shared_prefix)
+    return shared_prefix_packing(ids, mask) if rt.shared_prefix else packing(mask)
 
 
 def packed_ids(p: Packing, ids: torch.Tensor) -> torch.Tensor:
@@ -159,21 +211,16 @@ def is_scalar_model(model) -> bool:
 def token_scalars(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rt: Runtime | None = None
                   ) -> torch.Tensor:
     """(B, T) head output at every token: values for the critic; the reward is read at the last token. With
-    rt.padding_free, from one forward of the rows packed (the same values to rounding; 0 on padding)."""
-    if rt is not None and rt.padding_free:
-        ensure_packing(model, input_ids, attention_mask, rt)
-        p = packing(attention_mask)
-        return p.unpack(_packed_scalars(model, packed_ids(p, input_ids), p.positions))
+    rt.padding_free or rt.shared_prefix, from one forward of the rows packed (the same values to rounding; 0 on
+    padding)."""
+    if rt is not None and (rt.padding_free or rt.shared_prefix):
+        p = batch_packing(model, input_ids, attention_mask, rt)
+        hidden = model.base_model(**packed_inputs(model, p, input_ids)).last_hidden_state  # (R, W, H)
+        return p.unpack(scalar_head(model)(hidden).squeeze(-1).float())
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
     ).last_hidden_state  # (B, T, H)
     return scalar_head(model)(hidden).squeeze(-1).float()  # (B, T)
-
-
-def _packed_scalars(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(R, W) head outputs of rows packed padding-free (packed_causal_logits says why no mask, no cache)."""
-    hidden = model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
-    return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -272,11 +319,13 @@ def packed_scored_logprobs(model, input_ids, attention_mask, scored, rt: Runtime
                            chunk: int | None = None, with_entropy: bool = False, value_head=None):
     """scored_token_logprobs (its (B, T - 1) layout, 0 where not scored; entropy and a value head's values as it
     gives them) from one forward of the rows packed padding-free (train.padding_free;
-    rlhfkit.data.batching.Packing), on the chunked head or the full-logits path: the padded forward's values to
-    float rounding. Any padding side (a rollout's left-padded query and right-padded response). A model that would
-    attend across packed sequences is refused (ensure_packing)."""
-    ensure_packing(model, input_ids, attention_mask, rt)
-    p = packing(attention_mask)
+    rlhfkit.data.batching.Packing) or with their common beginnings once (train.shared_prefix), on the chunked head
+    or the full-logits path: the padded forward's values to float rounding. Any padding side (a rollout's
+    left-padded query and right-padded response). A model that would attend across packed sequences is refused
+    (ensure_packing)."""
+    p = batch_packing(model, input_ids, attention_mask, rt)
+    if p.attend is not None:
+        return _tree_scored_logprobs(model, p, input_ids, scored, temperature, chunk, with_entropy, value_head)
     ids, p_scored = packed_ids(p, input_ids), p.pack(scored)
     if use_chunked(model, chunk):
         out = scored_token_logprobs(model, ids, None, p_scored, temperature, chunk, with_entropy, positions=p.positions,
@@ -288,6 +337,37 @@ def packed_scored_logprobs(model, input_ids, attention_mask, scored, rt: Runtime
         out = _full_path_outputs(out, ids, p_scored, 0, temperature, with_entropy, value_head)
     # position t predicts token t + 1: each value moves with its token, then back to the (B, T - 1) layout
     out = tuple(p.unpack(F.pad(v, (1, 0)))[:, 1:] for v in out)
+    return out if len(out) > 1 else out[0]
+
+
+def _tree_scored_logprobs(model, p: Packing, input_ids, scored, temperature, chunk, with_entropy, value_head):
+    """packed_scored_logprobs on shared_prefix_packing's rows, where the token after a column need not be the next
+    column (a shared prompt's last token predicts each sequence's first own token): each scored token's predictor
+    is found through the padded layout, as the packed place of the token before it."""
+    keep = scored[:, 1:].bool()  # (B, T - 1): position t predicts token t + 1
+    at = p.flat_index()[:, :-1][keep]  # (N,) the packed place of each scored token's predictor
+    targets = input_ids[:, 1:][keep]  # (N,)
+    inputs = packed_inputs(model, p, input_ids)
+    if use_chunked(model, chunk):
+        body, head, context = plain_head(model)
+        with context():
+            hidden = body(**inputs).last_hidden_state.flatten(0, 1)[at]  # (N, H)
+        out = chunked_head_logprobs(hidden, head.weight, head.bias, targets, temperature,
+                                    LOGPROB_CHUNK if chunk is None else chunk, with_entropy)
+        out = out if with_entropy else (out,)
+    else:
+        full = model(**inputs, output_hidden_states=value_head is not None)
+        logits = full.logits.flatten(0, 1)[at] / temperature  # (N, V)
+        out = (gather_logprobs(logits, targets),)
+        if with_entropy:
+            with torch.no_grad():
+                logp_all = torch.log_softmax(logits.float(), dim=-1)
+                out += (-(logp_all.exp() * logp_all).sum(-1),)
+        if value_head is not None:
+            hidden = full.hidden_states[-1].flatten(0, 1)[at]
+    if value_head is not None:
+        out += (value_head(hidden),)
+    out = tuple(torch.zeros(keep.shape, dtype=v.dtype, device=v.device).masked_scatter(keep, v) for v in out)
     return out if len(out) > 1 else out[0]
 
 
@@ -370,7 +450,7 @@ def forward_response(policy, value_model, queries, query_mask, responses, respon
     LOGPROB_CHUNK by default; 0 = the full-logits path). Log-probs, values and entropy where response_mask = 0 are
     not meaningful (callers mask them). `value_model`: a scalar model of its own (a second forward), or a ValueHead
     on the policy's body (ppo.value_init = 'shared': the values come from the policy's own forward)."""
-    if rt.padding_free:
+    if rt.padding_free or rt.shared_prefix:
         return _packed_forward_response(policy, value_model, queries, query_mask, responses, response_mask,
                                         temperature, rt, with_entropy, chunk)
     shared = value_model if isinstance(value_model, ValueHead) else None
@@ -416,7 +496,7 @@ def row_logprobs(model, seqs, rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
     right-padded layout, in ONE forward (columns past the longest of these rows hold only padding: cut)."""
     ids, mask, completion_mask = seqs
     rows = rows.to(ids.device)  # rows index the data where it is held (the host: Runtime.put)
-    if rt.padding_free:
+    if rt.padding_free or rt.shared_prefix:
         return _packed_row_logprobs(model, ids[rows], mask[rows], completion_mask[rows], rt)
     T = used_columns(mask[rows])
     with autocast(rt.device, rt.dtype):

@@ -112,7 +112,8 @@ class Runtime:
     accumulation: int = 1  # micro-batches per optimiser step (train.gradient_accumulation_steps)
     checkpointing: bool = False  # gradient checkpointing (train.gradient_checkpointing)
     sharding: str = "none"  # train.sharding: DDP or FSDP2 sharding under several processes (models/engine.py)
-    padding_free: bool = False  # train.padding_free: SFT's batches packed without padding (spine/finetune.py)
+    padding_free: bool = False  # train.padding_free: batches packed without padding (models/forward.py)
+    shared_prefix: bool = False  # train.shared_prefix: rows' common beginnings forwarded once (models/forward.py)
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         """A batch's tensor, cut from a dataset held on the host, on the run's device. The offline trainers keep
@@ -165,7 +166,8 @@ def runtime(cfg) -> Runtime:
                    train.gradient_accumulation_steps if train is not None else 1,
                    train.gradient_checkpointing if train is not None else False,
                    train.sharding if train is not None else "none",
-                   train.padding_free if train is not None else False)
+                   train.padding_free if train is not None else False,
+                   train.shared_prefix if train is not None else False)
 
 
 def torch_threads(cfg) -> int:
