@@ -32,6 +32,10 @@ Workloads (docs: README "Benchmarks"):
             reference's, value model's and reward model's forwards, and 4 updates of policy and value model.
             `--ppo-value shared`: rlhfkit's value head on the policy's body (ppo.value_init = 'shared': one network,
             one forward for log-probs and values); TRL 1.12's PPOTrainer has no such option, its side is unchanged.
+- `--shared-prefix`: rlhfkit's train.shared_prefix (rows that begin alike forward their common beginning once: a
+            pair's prompt in reward and dpo, a group's in grpo and rloo); TRL has no such option, its side is
+            unchanged. "% of peak" still counts every row's own tokens (the work a padded forward does), so with it
+            rlhfkit's share measures throughput, not the FLOPs it ran.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
 
@@ -159,6 +163,8 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
     common = {"threads": args.threads, "seed": 0, "device": device.type, "precision": precision(args, device)}
     if args.draw:
         common["sampling"] = {"draw": args.draw}
+    if args.shared_prefix:
+        common["train"] = {"shared_prefix": True}
     if workload == "reward":
         n = args.pairs * args.steps
         rlhfkit.reward_model(str(model_dir), None, preference_records(n + n // 4, args), out=out, callbacks=[clock],
@@ -378,6 +384,7 @@ def measure(side: str, workload: str, model_dir: Path, args) -> dict:
                      "completion_tokens", "prompts", "new_tokens", "precision", "draw", "ppo_value")
             and v is not None]
     cmd += ["--cpu"] if args.cpu else []
+    cmd += ["--shared-prefix"] if args.shared_prefix else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -406,6 +413,9 @@ def main():
     p.add_argument("--ppo-value", choices=("reward", "shared"), default="reward",
                    help="rlhfkit's ppo.value_init: a value model started from the reward model (as TRL's), or a "
                         "value head on the policy's body")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="rlhfkit's train.shared_prefix: rows that begin alike (a pair's prompt, a group's) forward "
+                        "their common beginning once; TRL has no such option, its side is unchanged")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=16384)
@@ -441,7 +451,8 @@ def main():
           f"{args.layers} layers x {args.width}, vocabulary {args.vocab}; {args.prompt_tokens}+{args.completion_tokens}"
           f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)"
           f"; rlhfkit's draw {args.draw or 'multinomial (default)'}"
-          + (f", PPO value {args.ppo_value}" if "ppo" in args.workloads else ""),
+          + (f", PPO value {args.ppo_value}" if "ppo" in args.workloads else "")
+          + (", rlhfkit's train.shared_prefix on" if args.shared_prefix else ""),
           flush=True)
     results: dict = {(w, s): [] for w in workloads for s in ("rlhfkit", "trl")}
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:

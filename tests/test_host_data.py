@@ -136,8 +136,8 @@ MICRO = ["sft.n_demos=320", "sft.epochs=1", "sft.batch_size=32", "feedback.n_pro
 
 
 def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_in):
-    """SFT (padded and packed), the reward model (pairs; rankings; both packed), DPO (cached and online reference,
-    pairs and rankings, packed), SimPO and KTO (one micro-batch and two: its z0 path) on the stand-in device: every
+    """SFT (padded and packed), the reward model (pairs; rankings; both packed; prefixes shared), DPO (cached and
+    online reference, pairs and rankings, packed, prefixes shared), SimPO and KTO (one micro-batch and two: its z0 path) on the stand-in device: every
     batch they use reaches the model and the losses from the device, never from host memory."""
     out = tmp_path / "out"
     cfg = load_config(overrides=MICRO)
@@ -159,6 +159,8 @@ def test_every_offline_trainer_moves_its_batches_to_the_device(tmp_path, stand_i
         ("dpo", MICRO + ["dpo.reference='online'", "train.gradient_accumulation_steps=2"], out),
         ("dpo", MICRO + ["dpo.loss='plackett_luce'"], out),
         ("dpo", MICRO + ["train.padding_free=true"], out),
+        ("reward", MICRO + ["train.shared_prefix=true"], out),
+        ("dpo", MICRO + ["train.shared_prefix=true", "dpo.reference='online'"], out),
         ("simpo", MICRO + ["method='simpo'"], out),
         ("kto", MICRO + ["method='kto'", "feedback.kind='thumbs'"], thumbs),
         ("kto", MICRO + ["method='kto'", "feedback.kind='thumbs'", "kto.reference='online'",

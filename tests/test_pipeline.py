@@ -174,25 +174,30 @@ def test_every_long_phase_shows_progress(tmp_path, capfd):
         assert phase in err, f"no progress shown for {phase!r}"
 
 
-def test_padding_free_ppo_takes_the_padded_steps(run, tmp_path, monkeypatch):
-    """train.padding_free in PPO (the rollout's policy, reference and value passes and the updates packed): the first
-    step, sampled from the same SFT policy, logs the padded run's figures to rounding (tests/test_batch_columns.py
-    checks the packed passes themselves against the padded ones)."""
+@pytest.mark.parametrize("method, option", [("ppo", "padding_free"), ("grpo", "padding_free"),
+                                            ("grpo", "shared_prefix"), ("rloo", "shared_prefix")])
+def test_packed_online_methods_take_the_padded_steps(method, option, run, tmp_path, monkeypatch):
+    """train.padding_free and train.shared_prefix in the online methods (the rollout's policy, reference and value
+    passes and the updates packed; shared_prefix: each group's prompt once): the first step, sampled from the same
+    SFT policy, logs the padded run's figures to rounding (tests/test_batch_columns.py and
+    tests/test_shared_prefix.py check the packed passes themselves against the padded ones)."""
     from rlhfkit.models import forward
 
     out, _ = run
     firsts, packed_calls = [], []
     real = forward._packed_forward_response
     monkeypatch.setattr(forward, "_packed_forward_response", lambda *a: packed_calls.append(1) or real(*a))
-    for free in (False, True):
-        copy = tmp_path / f"free_{free}"
+    steps = ["ppo.total_steps=1"] if method == "ppo" else [
+        f"method='{method}'", f"{method}.total_steps=1", f"{method}.prompts_per_step=8", f"{method}.k=4",
+        f"{method}.minibatch_size=32"]
+    for on in (False, True):
+        copy = tmp_path / f"{option}_{on}"
         shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ppo", "eval", "summary.json"))
-        run_stage("ppo", load_config(overrides=TINY + ["ppo.total_steps=1", f"train.padding_free={str(free).lower()}"]),
-                  copy)
-        firsts.append(read_metrics(copy / "ppo" / "metrics.jsonl")[0])
+        run_stage(method, load_config(overrides=TINY + steps + [f"train.{option}={str(on).lower()}"]), copy)
+        firsts.append(read_metrics(copy / method / "metrics.jsonl")[0])
     padded, packed = firsts
-    assert len(packed_calls) >= 3  # the rollout's policy and reference passes, and the update
+    assert len(packed_calls) >= 2  # the rollout's policy and reference passes, and the update
     figures = [k for k, v in padded.items() if isinstance(v, float) and "time" not in k and "per_s" not in k]
-    assert {"loss/value", "loss/policy", "objective/kl"} <= set(figures)
+    assert {"loss/policy", "objective/kl"} <= set(figures) and (method != "ppo" or "loss/value" in figures)
     for k in figures:
         assert packed[k] == pytest.approx(padded[k], rel=1e-3, abs=1e-5), k
