@@ -14,6 +14,8 @@ one epoch, the cached reference (computed once, with the adapter off). Settings:
     auto+ckpt          and train.gradient_checkpointing = true
     auto+ckpt+accum4   and train.gradient_accumulation_steps = 4 (the same update: 4 micro-batches of 2 pairs)
     auto+ckpt+accum8   likewise, 8 micro-batches of 1 pair
+    auto+shared, auto+ckpt+accum4+shared    and train.shared_prefix = true (each pair's prompt forwarded once;
+                       not in the default list: --settings auto,auto+shared)
 
 Printed per setting: the process's peak resident memory (getrusage ru_maxrss: weights, activations, the Python
 runtime, allocator slack), the run's wall time and its held-out loss (equal across the settings with the same
@@ -41,7 +43,11 @@ SETTINGS = {
                          "train": {"gradient_checkpointing": True, "gradient_accumulation_steps": 4}},
     "auto+ckpt+accum8": {"precision": "auto",
                          "train": {"gradient_checkpointing": True, "gradient_accumulation_steps": 8}},
+    "auto+shared": {"precision": "auto", "train": {"shared_prefix": True}},
+    "auto+ckpt+accum4+shared": {"precision": "auto", "train": {"gradient_checkpointing": True,
+                                                              "gradient_accumulation_steps": 4, "shared_prefix": True}},
 }
+DEFAULT_SETTINGS = ("fp32", "auto", "auto+ckpt", "auto+ckpt+accum4", "auto+ckpt+accum8")
 
 WORDS = ("the a an to of and in on for with at by from up about into over after thanks please could would you your "
          "we our they their it is was be have has do does make take give help answer question idea plan time day "
@@ -84,7 +90,7 @@ def main() -> int:
     parser.add_argument("--model", default="models/smollm2")
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)  # set for a worker process
     args = parser.parse_args()
     if args.setting is not None:
