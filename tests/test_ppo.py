@@ -217,6 +217,42 @@ def test_first_minibatch_ratio_is_one_with_dropout_in_config(dropout_dirs):
     assert m["objective/entropy"] > math.log(15)
 
 
+@pytest.mark.parametrize("value_init", ["reward", "shared"])
+def test_old_logprobs_and_values_from_the_first_update_change_nothing_but_rounding(dropout_dirs, value_init,
+                                                                                   monkeypatch):
+    """One minibatch per rollout batch: the first update's forward gives the old log-probs, values and entropy (the
+    rollout runs the reference alone), and the run is the one a separate rollout pass gives: the same samples, the
+    same metrics and weights within float rounding. Two minibatches: the policy moves between them, the rollout's
+    pass stays."""
+    import rlhfkit.algorithms.ppo as ppo
+    from rlhfkit.models.load import load_policy
+
+    steps = ["ppo.total_steps=3", "ppo.ppo_epochs=2", f"ppo.value_init='{value_init}'"]
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(ppo, "REUSE_TRAINING_PASS", reuse)
+        runs[reuse] = _tiny_ppo(dropout_dirs, f"reuse_{value_init}_{reuse}", steps)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a["objective/response_length"] == b["objective/response_length"]
+        assert a["objective/scores"] == pytest.approx(b["objective/scores"], rel=1e-6)  # the same samples
+        for key in ("objective/entropy", "objective/kl", "objective/kl_k1", "policy/ratio", "loss/policy",
+                    "loss/value", "value/mean", "value/returns"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert runs[True][-1]["objective/kl_k1"] > 1e-3  # the policy moved: not all log-probs are the reference's
+    a, b = (load_policy(dropout_dirs / f"reuse_{value_init}_{r}" / "model", torch.device("cpu")) for r in (True, False))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+    monkeypatch.setattr(ppo, "REUSE_TRAINING_PASS", True)
+    from rlhfkit.tasks import get_task
+
+    for minibatch, forwards in ((16, 2), (8, 4 - (value_init == "shared"))):
+        cfg = load_config(overrides=["ppo.rollout_batch_size=16", f"ppo.minibatch_size={minibatch}", "ppo.total_steps=1",
+                                     "device='cpu'", f"ppo.value_init='{value_init}'"])
+        result = train_ppo(cfg, get_task("digits"), dropout_dirs / "sft", dropout_dirs / "rm",
+                           dropout_dirs / f"passes_{value_init}_{minibatch}", CPU)
+        assert result["passes"]["forward"] == forwards * 16, minibatch
+
+
 def test_adaptive_controller_tracks_unbiased_kl_under_k2(dropout_dirs, monkeypatch):
     """With the biased k2 in the reward, the controller must still be fed the k1 estimate (and follow the
     closed form with it)."""

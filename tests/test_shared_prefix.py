@@ -190,3 +190,17 @@ def test_eager_attention_reads_the_mask_as_sdpa_does(tokenizer, sharp_policy):
     eager = row_logprobs(model, seqs, rows, SHARED)
     assert torch.allclose(eager, sdpa, rtol=1e-5, atol=1e-4)
     assert torch.allclose(eager, row_logprobs(model, seqs, rows, CPU), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_check_runs_in_fp32_under_the_callers_autocast(shared, tokenizer, sharp_policy):
+    """check_packing measures in fp32 whatever autocast its caller runs under (the packed passes call it inside
+    the run's autocast): bf16's rounding alone moved SmolLM2's log-probs by 0.4 and refused a model that keeps
+    packed sequences apart, with train.padding_free as with train.shared_prefix."""
+    prompts, chosen, rejected = ragged_pairs(4, seed=6)
+    ids, mask, _ = encode_pairs(tokenizer, prompts + prompts, chosen + rejected)
+    model = sharp_policy("llama")
+    fp32 = check_packing(model, ids, mask, shared=shared)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert check_packing(model, ids, mask, shared=shared) == fp32
+        assert torch.is_autocast_enabled("cpu")  # left as it was

@@ -29,6 +29,11 @@ Deviations from the papers, on purpose:
 - ppo.value_init = 'shared' (off by default) puts the critic on the policy's own body, as TRL's earlier PPOTrainer
   did (AutoModelForCausalLMWithValueHead): one network, one forward for log-probs and values, the value loss
   (x vf_coef) training the body too; rlhfkit/models/value_head.py.
+- With one minibatch per rollout batch (TRL's default, num_mini_batches = 1), one process and no gradient
+  accumulation, the first update's forward (with grad) is the sampling policy's: its detached log-probs and values
+  are the rollout's old ones, so phase 3 runs the reference alone and phases 4-5 wait for that forward (as GRPO
+  does with its one update, and as TRL 1.12's GRPOTrainer); the first update's ratio is then exactly 1 and its
+  value clipping idle, where a separate pass gave them within float rounding.
 - With [sampling] filters on (top_k, top_p, min_p, repetition_penalty), tokens are drawn from the filtered
   distribution but logprobs, ref_logprobs and the KL are the model's at ppo.temperature without the filters
   (TRL's choice too); off by default, so the default run is exact. Stop strings end a response like EOS.
@@ -125,6 +130,11 @@ class PPOConfig:
                  "'reward_model'; set ppo.value_init = 'policy' (or 'shared')")
 
 
+# Take the old log-probs and values from the first update's forward when it is the sampling policy's (module
+# docstring); False: always the rollout's own pass (the tests compare the two).
+REUSE_TRAINING_PASS = True
+
+
 METHOD = Method("ppo", PPOConfig, ("sft", "reward"),
                 (("reward-model score", ("objective/scores",)), ("KL(policy || reference), nats", ("objective/kl_k1",))),
                 resumable=True)
@@ -206,32 +216,50 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
         kl_ctl.value = loop.state["kl_coef"]
         score_moments = RunningMoments(**loop.state["score_moments"])
     stopped_by_threshold = False
+    # the first update's forward is the sampling policy's: the old log-probs and values come from it (docstring)
+    reuse = REUSE_TRAINING_PASS and pc.minibatch_size == pc.rollout_batch_size and rt.accumulation == 1 \
+        and loop.engine.world == 1
 
     while loop.step < pc.total_steps:
         # 1-3. Sample a rollout batch (shared KV-cache sampler), score the decoded text with the reward model,
         # and compute log-probs under the policy and the reference and the values, once, without grad
-        # (rlhfkit.spine.rollout, shared by every online method).
-        r = loop.rollouts(pc.rollout_batch_size, temperature=pc.temperature, value_model=value_model)
+        # (rlhfkit.spine.rollout, shared by every online method); with `reuse`, the reference's alone.
+        r = loop.rollouts(pc.rollout_batch_size, temperature=pc.temperature, value_model=None if reuse else value_model,
+                          policy_logprobs=not reuse)
         queries, query_mask, responses, mask = r.queries, r.query_mask, r.responses, r.response_mask  # (B, Tq|Tr)
-        logprobs, ref_logprobs, values = r.logprobs, r.ref_logprobs, r.values
 
         # 4-5. Shaped rewards, GAE advantages and returns (ppo_targets, tested against a loop reference);
-        # the missing-EOS penalty (2b) is applied there too.
-        t = ppo_targets(r.scores, r.ended, logprobs, ref_logprobs, values, mask, pc, kl_ctl.value, score_moments,
-                        total=loop.engine.sum if loop.engine.world > 1 else None, gather=loop.engine.gather)
+        # the missing-EOS penalty (2b) is applied there too. With `reuse`, once the first update's forward has given
+        # the old log-probs and values.
+        def targets() -> PPOTargets:
+            return ppo_targets(r.scores, r.ended, r.logprobs, r.ref_logprobs, r.values, mask, pc, kl_ctl.value,
+                               score_moments, total=loop.engine.sum if loop.engine.world > 1 else None,
+                               gather=loop.engine.gather)
+
+        t = None if reuse else targets()
 
         # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
         def loss(idx: torch.Tensor):
-            new_logprobs, new_values, _ = forward_response(
-                policy, value_model, queries[idx], query_mask[idx], responses[idx], mask[idx], pc.temperature, rt)
-            pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[idx], t.advantages[idx], mask[idx], pc.clip_range)
-            vf_loss, vf_stats = ppo_value_loss(new_values, values[idx], t.returns[idx], mask[idx], pc.clip_range_value)
+            nonlocal t
+            new_logprobs, new_values, entropy = forward_response(
+                policy, value_model, queries[idx], query_mask[idx], responses[idx], mask[idx], pc.temperature, rt,
+                with_entropy=t is None)
+            if t is None:  # the first update, over the whole batch: the sampling policy's log-probs and values
+                r.logprobs, r.values, r.entropy = (torch.empty_like(new_logprobs) for _ in range(3))
+                r.logprobs[idx], r.values[idx], r.entropy[idx] = new_logprobs.detach(), new_values.detach(), entropy
+                r.logprobs = r.logprobs * mask  # as the rollout's pass leaves them (rlhfkit.spine.rollout)
+                t = targets()
+            pg_loss, pg_stats = ppo_policy_loss(new_logprobs, r.logprobs[idx], t.advantages[idx], mask[idx],
+                                                pc.clip_range)
+            vf_loss, vf_stats = ppo_value_loss(new_values, r.values[idx], t.returns[idx], mask[idx],
+                                               pc.clip_range_value)
             return pg_loss + pc.vf_coef * vf_loss, {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}
 
         policy.train()
         stats = loop.minibatch_epochs(pc.rollout_batch_size, pc.ppo_epochs, pc.minibatch_size, loss, pc.max_grad_norm,
                                       units=lambda idx: mask[idx].sum())  # both losses are means over tokens
         loop.advance()
+        logprobs, ref_logprobs, values = r.logprobs, r.ref_logprobs, r.values
 
         # 7. Log, update the KL coefficient, checkpoint, stop at the threshold.
         mean_kl = t.kl.sum(1).mean().item()  # per response, with the configured estimator
@@ -264,7 +292,8 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
         # sequences through a model per iteration: sampled once; policy, value model, reference and reward
         # model without grad; policy and value model with grad in every PPO epoch (a value head on the policy
         # rides on the policy's passes)
-        passes={"sampled": step * pc.rollout_batch_size, "forward": (4 - shared) * step * pc.rollout_batch_size,
+        passes={"sampled": step * pc.rollout_batch_size,
+                "forward": (2 if reuse else 4 - shared) * step * pc.rollout_batch_size,
                 "backward": (2 - shared) * step * pc.rollout_batch_size * pc.ppo_epochs},
     )
 
