@@ -247,7 +247,6 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
             if t is None:  # the first update, over the whole batch: the sampling policy's log-probs and values
                 r.logprobs, r.values, r.entropy = (torch.empty_like(new_logprobs) for _ in range(3))
                 r.logprobs[idx], r.values[idx], r.entropy[idx] = new_logprobs.detach(), new_values.detach(), entropy
-                r.logprobs = r.logprobs * mask  # as the rollout's pass leaves them (rlhfkit.spine.rollout)
                 t = targets()
             pg_loss, pg_stats = ppo_policy_loss(new_logprobs, r.logprobs[idx], t.advantages[idx], mask[idx],
                                                 pc.clip_range)
