@@ -14,8 +14,8 @@ one epoch, the cached reference (computed once, with the adapter off). Settings:
     auto+ckpt          and train.gradient_checkpointing = true
     auto+ckpt+accum4   and train.gradient_accumulation_steps = 4 (the same update: 4 micro-batches of 2 pairs)
     auto+ckpt+accum8   likewise, 8 micro-batches of 1 pair
-    auto+shared, auto+ckpt+accum4+shared    and train.shared_prefix = true (each pair's prompt forwarded once;
-                       not in the default list: --settings auto,auto+shared)
+    fp32+shared, auto+shared, auto+ckpt+accum4+shared    and train.shared_prefix = true (each pair's prompt
+                       forwarded once; not in the default list: --settings fp32,fp32+shared)
 
 Printed per setting: the process's peak resident memory (getrusage ru_maxrss: weights, activations, the Python
 runtime, allocator slack), the run's wall time and its held-out loss (equal across the settings with the same
@@ -43,6 +43,7 @@ SETTINGS = {
                          "train": {"gradient_checkpointing": True, "gradient_accumulation_steps": 4}},
     "auto+ckpt+accum8": {"precision": "auto",
                          "train": {"gradient_checkpointing": True, "gradient_accumulation_steps": 8}},
+    "fp32+shared": {"precision": "fp32", "train": {"shared_prefix": True}},
     "auto+shared": {"precision": "auto", "train": {"shared_prefix": True}},
     "auto+ckpt+accum4+shared": {"precision": "auto", "train": {"gradient_checkpointing": True,
                                                               "gradient_accumulation_steps": 4, "shared_prefix": True}},
