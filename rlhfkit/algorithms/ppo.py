@@ -290,7 +290,8 @@ def train_ppo(cfg, task, sft_dir: Path, rm_dir: Path, out_dir: Path, rt: Runtime
         final_kl_coef=loop.last_logged()["objective/kl_coef"],
         # sequences through a model per iteration: sampled once; policy, value model, reference and reward
         # model without grad; policy and value model with grad in every PPO epoch (a value head on the policy
-        # rides on the policy's passes)
+        # rides on the policy's passes; with `reuse` the first update's forward stands in for the rollout's policy
+        # and value passes: the reference and the reward model remain)
         passes={"sampled": step * pc.rollout_batch_size,
                 "forward": (2 if reuse else 4 - shared) * step * pc.rollout_batch_size,
                 "backward": (2 - shared) * step * pc.rollout_batch_size * pc.ppo_epochs},
