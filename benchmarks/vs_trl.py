@@ -38,6 +38,9 @@ Workloads (docs: README "Benchmarks"):
             rlhfkit's share measures throughput, not the FLOPs it ran.
 - sampling: `--prompts` prompts x `--new-tokens` new tokens, temperature 1, no early stop (rlhfkit's sampler vs
             transformers' generate, which TRL's trainers call).
+- `--compile`: rlhfkit's sampling.compile (each decoding step through torch.compile over a static KV cache: CUDA
+            graphs on a GPU); the warm-up (the first sample, the first steps) absorbs the compile; TRL's side and HF
+            `generate` are unchanged.
 
 Throughput is measured on the training steps alone: a callback stamps the time at the end of every optimiser step
 (rlhfkit's on_step, TRL's TrainerCallback.on_step_end) and throughput = rows of the steps after the warm-up / their
@@ -161,8 +164,8 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
 
     clock = StepClock()
     common = {"threads": args.threads, "seed": 0, "device": device.type, "precision": precision(args, device)}
-    if args.draw:
-        common["sampling"] = {"draw": args.draw}
+    if args.draw or args.compile:
+        common["sampling"] = {**({"draw": args.draw} if args.draw else {}), **({"compile": True} if args.compile else {})}
     if args.shared_prefix:
         common["train"] = {"shared_prefix": True}
     if workload == "reward":
@@ -277,7 +280,7 @@ def run_sampling(side: str, model_dir: Path, args, device) -> dict:
     prompts = [text(rng, rng.randint(args.prompt_tokens // 2, args.prompt_tokens)) for _ in range(args.prompts)]
     q, qm = (t.to(device) for t in encode_prompts(tok, prompts))
     if side == "rlhfkit":
-        params = SamplingParams(draw=args.draw) if args.draw else None
+        params = SamplingParams(draw=args.draw or "multinomial", compile=args.compile)
         go = lambda: sample(model, q, qm, max_new_tokens=args.new_tokens, eos_token_id=-1,  # noqa: E731
                             pad_token_id=tok.pad_token_id, sampling=params)
     else:
@@ -385,6 +388,7 @@ def measure(side: str, workload: str, model_dir: Path, args) -> dict:
             and v is not None]
     cmd += ["--cpu"] if args.cpu else []
     cmd += ["--shared-prefix"] if args.shared_prefix else []
+    cmd += ["--compile"] if args.compile else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -410,6 +414,9 @@ def main():
                    help="both sides (bf16: autocast); default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--draw", choices=("multinomial", "inverse_cdf"), default=None,
                    help="rlhfkit's [sampling] draw (default: rlhfkit's default, torch.multinomial as HF generate)")
+    p.add_argument("--compile", action="store_true",
+                   help="rlhfkit's [sampling] compile: each decoding step through torch.compile over a static KV cache "
+                        "(CUDA graphs on a GPU); the warm-up absorbs the compile; TRL's side is unchanged")
     p.add_argument("--ppo-value", choices=("reward", "shared"), default="reward",
                    help="rlhfkit's ppo.value_init: a value model started from the reward model (as TRL's), or a "
                         "value head on the policy's body")
@@ -452,7 +459,8 @@ def main():
           f" tokens; {args.pairs} pairs/step, {args.steps} steps ({args.warmup} warm-up); {args.reps} repetition(s)"
           f"; rlhfkit's draw {args.draw or 'multinomial (default)'}"
           + (f", PPO value {args.ppo_value}" if "ppo" in args.workloads else "")
-          + (", rlhfkit's train.shared_prefix on" if args.shared_prefix else ""),
+          + (", rlhfkit's train.shared_prefix on" if args.shared_prefix else "")
+          + (", rlhfkit's sampling.compile on" if args.compile else ""),
           flush=True)
     results: dict = {(w, s): [] for w in workloads for s in ("rlhfkit", "trl")}
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:

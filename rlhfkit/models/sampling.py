@@ -6,6 +6,11 @@ sample and filled in place (preallocated_cache; transformers' DynamicCache conca
 same numbers. Prompts are left-padded so every row continues at the same column; positions skip the padding. Rows
 that emit EOS keep running as padding until all rows are done or `max_new_tokens` is reached.
 
+With `[sampling] compile = true` each decoding step after the prompt's runs through torch.compile over transformers'
+StaticCache (compiled_step): on CUDA as one CUDA graph a step (a small model's eager step is hundreds of kernel
+launches, each far longer than its arithmetic; issue 18 measured 7-9 ms a token for GPT-2 small on an H200 at
+batch 64 and 256 alike), on CPU as inductor's kernels. The logits differ from the eager steps' in the last bits.
+
 The [sampling] settings (SamplingParams) shape each step's distribution beyond the temperature, in Hugging Face
 generate's order: repetition penalty on the raw logits, then the temperature, then top-k, top-p and min-p
 (rlhfkit/ops/sampling.py). With their defaults (all off, no stop strings) the sampler runs exactly the
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -103,16 +109,78 @@ def preallocated_cache(model, capacity: int):
     decoding step of the 4 x 256 GPT-2 in benchmarks/vs_trl.py. The issue asks for no per-step allocation."""
     from transformers.cache_utils import DynamicCache
 
+    n_layers = _full_attention_layers(model)
+    if n_layers is None:
+        return None
+    cache = DynamicCache()
+    cache.layers = [_preallocated_layer()(capacity) for _ in range(n_layers)]
+    cache.layer_class_to_replicate = None  # exactly these layers
+    return cache
+
+
+def _full_attention_layers(model) -> int | None:
+    """How many layers `model` (a transformers causal LM) has, or None unless every one is plain full attention
+    (a sliding window, linear attention, or no transformers config to read)."""
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
     n_layers = getattr(text, "num_hidden_layers", None)
     if not isinstance(n_layers, int) or getattr(text, "sliding_window", None) is not None or \
             any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ())):
         return None
-    cache = DynamicCache()
-    cache.layers = [_preallocated_layer()(capacity) for _ in range(n_layers)]
-    cache.layer_class_to_replicate = None  # exactly these layers
+    return n_layers
+
+
+# sampling.compile: the static cache's length is rounded up to a multiple of this, so that prompts of nearby lengths
+# (each batch is padded to its longest prompt) reuse one compiled graph instead of compiling one per length.
+STATIC_CACHE_MULTIPLE = 64
+
+
+# sampling.compile: each model's static cache, kept for its next sample (see static_cache)
+_STATIC_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model, batch: int, capacity: int, device: torch.device):
+    """transformers' StaticCache of `capacity` positions for `batch` rows (fixed-size buffers whose addresses never
+    change, which torch.compile and CUDA graphs need) for a model whose layers are all full attention.
+
+    One is kept per model and reset for its next sample while the batch size, capacity and precision stay the
+    same: CUDA graphs replay on fixed addresses, and a fresh cache each sample would have every graph recorded
+    anew (transformers' generate keeps its static cache for the same reason). It holds its memory until the model
+    goes or samples another shape."""
+    from transformers.cache_utils import StaticCache
+
+    if _full_attention_layers(model) is None:
+        raise RlhfkitError(
+            f"sampling.compile needs a model whose layers are all full attention; {type(model).__name__} has "
+            f"sliding-window or other layers (or no transformers config): set sampling.compile = false")
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (batch, capacity, str(device), autocast_dtype)
+    kept = _STATIC_CACHES.get(model)
+    if kept is not None and kept[0] == key:
+        kept[1].reset()  # zero the buffers and the filled length, in place
+        return kept[1]
+    _STATIC_CACHES.pop(model, None)  # the old shape's buffers go before the new ones are made
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    _STATIC_CACHES[model] = (key, cache)
     return cache
+
+
+def _decoding_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """One token a row through `model`: (B, 1) ids, the (B, capacity) mask of the whole sample, (B, 1) positions
+    -> (B, V) logits. The cache holds every earlier token and takes this one's keys and values in place."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE: cache}).logits[:, -1, :]
+
+
+@functools.cache
+def compiled_step(device_type: str):
+    """The decoding step (_decoding_step, the model an argument) under torch.compile, made once per device type:
+    on CUDA mode "reduce-overhead", which replays each step as one CUDA graph; elsewhere inductor's default.
+    Static shapes (`dynamic=False`): each model, batch size and cache size is its own graph (the cache's size is
+    rounded: STATIC_CACHE_MULTIPLE); the prompt's forward stays eager (transformers: a prefill is not compiled).
+    Nothing here holds a model, so a model copied (a reference) or freed takes no compiled state with it; past
+    torch._dynamo's recompile limit the step runs eagerly on the static cache, with the same numbers."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(_decoding_step, mode=mode, fullgraph=True, dynamic=False)
 
 
 def last_logits_only(model) -> dict:
@@ -143,12 +211,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence (prompt included) less likely
     stop: tuple[str, ...] = ()  # a response ends at the first of these in its decoded text
     draw: str = "multinomial"  # how the token is drawn from the probabilities (rlhfkit.ops.sampling.draw_tokens)
+    compile: bool = False  # each decoding step through torch.compile over a static cache (compiled_step)
 
     @classmethod
     def of(cls, section) -> "SamplingParams":
         """The settings of a config's [sampling] section (any object with these fields)."""
         return cls(section.top_k, section.top_p, section.min_p, section.repetition_penalty, tuple(section.stop),
-                   getattr(section, "draw", "multinomial"))
+                   getattr(section, "draw", "multinomial"), getattr(section, "compile", False))
 
 
 def next_token_logits(logits: torch.Tensor, temperature: float, params: SamplingParams,
@@ -222,15 +291,22 @@ def sample(
             f"prompt length {queries.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"{limit} positions; use shorter prompts, fewer new tokens, or a model with a longer context"
         )
-    # the attention mask of the whole sample, filled as it grows: each step's mask is a view of its first columns
-    full_mask = torch.ones(B, queries.shape[1] + max_new_tokens, dtype=query_mask.dtype, device=device)
+    capacity = queries.shape[1] + max_new_tokens
+    if params.compile:  # a static cache: every step's shapes (and the buffers' addresses) are the same
+        capacity = -(-capacity // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+        cache, step = static_cache(model, B, capacity, device), functools.partial(compiled_step(device.type), model)
+    else:
+        cache, step = preallocated_cache(model, capacity), None
+    # the attention mask of the whole sample, filled as it grows: each eager step's mask is a view of its first
+    # columns; a compiled step takes all of it (the columns past the newest token are ones, which the causal mask
+    # hides, as it hides the static cache's unfilled positions)
+    full_mask = torch.ones(B, capacity, dtype=query_mask.dtype, device=device)
     full_mask[:, : queries.shape[1]] = query_mask
-    mask = full_mask[:, : queries.shape[1]]
-    cache = preallocated_cache(model, full_mask.shape[1])
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+    mask = full_mask if step is not None else full_mask[:, : queries.shape[1]]
+    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(query_mask), use_cache=True,
                 **({CACHE: cache} if cache is not None else {}), **last_logits_only(model))
     past, logits = getattr(out, CACHE), out.logits[:, -1, :]  # (B, V)
-    next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1) position of the first response token
+    next_pos = query_mask.sum(dim=1, keepdim=True)  # (B, 1) position of the first response token
     tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     # the tokens each sequence holds so far, for the repetition penalty: the prompt's (not its padding), then each
@@ -256,6 +332,9 @@ def sample(
             alive &= ~hit
         if not alive.any() or t == max_new_tokens - 1:
             break
+        if step is not None:
+            logits = _compiled_logits(step, nxt.unsqueeze(1), full_mask, next_pos + t, past)
+            continue
         mask = full_mask[:, : mask.shape[1] + 1]
         out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos + t, use_cache=True,
                     **{CACHE: past})
@@ -270,6 +349,23 @@ def sample(
         response_mask = response_mask * (positions.unsqueeze(0) <= last.unsqueeze(1)).long()
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_token_id))
     return Samples(queries, query_mask, responses, response_mask, ended, params.stop, by_string)
+
+
+def _compiled_logits(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """(B, V) logits of a compiled decoding step. Under CUDA graphs the output lives in the graph's memory, which
+    the next replay overwrites: the step begins a new replay explicitly and the logits are copied out."""
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.compiler.cudagraph_mark_step_begin()
+    try:
+        logits = step(ids, mask, positions, cache)
+    except Exception as e:  # inductor's compile failing (no C++ compiler, an unsupported model) ends deep in torch
+        if "torch._dynamo" in type(e).__module__ or "torch._inductor" in type(e).__module__:
+            raise RlhfkitError(f"sampling.compile: torch.compile could not compile the decoding step "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"set sampling.compile = false to sample eagerly") from e
+        raise
+    return logits.clone() if cuda else logits
 
 
 def _stop_string_rows(tokenizer, tokens: list[torch.Tensor], alive: torch.Tensor,
