@@ -53,6 +53,8 @@ def test_the_compiled_sampler_draws_from_the_eager_samplers_probabilities(arch, 
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
     assert torch.equal(fast.responses, eager.responses) and torch.equal(fast.response_mask, eager.response_mask)
     assert torch.equal(fast.ended, eager.ended)
+    again, _ = probs_and_samples(model, tokenizer, queries, mask, SamplingParams(compile=True), monkeypatch)
+    assert torch.equal(again.responses, fast.responses)  # same seed, same samples (the kept cache reset between)
 
     shorter, shorter_mask = pad_left(QUERIES[:2] + [[7, 7, 7], [6, 5]], tokenizer.pad_token_id)  # 5 columns, not 8
     eager, eager_probs = probs_and_samples(model, tokenizer, shorter, shorter_mask, SamplingParams(), monkeypatch)
