@@ -5,6 +5,7 @@ masked), on ragged left-padded prompts, for GPT-2 (learned positions) and Llama 
 
 import pytest
 import torch
+import torch._dynamo
 
 import rlhfkit.models.sampling as sampling
 from rlhfkit.core.errors import RlhfkitError
@@ -12,6 +13,14 @@ from rlhfkit.data.batching import pad_left
 from rlhfkit.models.sampling import SamplingParams, sample
 
 QUERIES = [[3, 4, 5, 6, 7], [8, 9], [5, 5, 5, 5, 5, 5, 5, 5], [4]]  # digits ids, ragged: left padding in play
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own graphs: none compiled by an earlier test (torch's on-disk cache keeps it quick)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def probs_and_samples(model, tokenizer, queries, mask, params, monkeypatch, new_tokens=12):
@@ -76,6 +85,14 @@ def test_the_compiled_sampler_draws_from_the_eager_samplers_probabilities(arch, 
     fast, fast_probs = probs_and_samples(model, tokenizer, queries, mask, SamplingParams(compile=True), monkeypatch)
     assert graphs() == before + 2
     assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fast_probs, eager_probs))
+
+
+def test_a_pipelines_many_graphs_stay_compiled():
+    """A run samples from several models at several batch sizes, each its own graph of one function: the
+    recompile limit is raised so that the later ones are not run eagerly."""
+    sampling.compiled_step.cache_clear()
+    sampling.compiled_step("cpu")
+    assert torch._dynamo.config.recompile_limit >= 64
 
 
 def test_the_config_switches_it_on_for_every_stage_that_samples():

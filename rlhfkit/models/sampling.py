@@ -178,7 +178,14 @@ def compiled_step(device_type: str):
     Static shapes (`dynamic=False`): each model, batch size and cache size is its own graph (the cache's size is
     rounded: STATIC_CACHE_MULTIPLE); the prompt's forward stays eager (transformers: a prefill is not compiled).
     Nothing here holds a model, so a model copied (a reference) or freed takes no compiled state with it; past
-    torch._dynamo's recompile limit the step runs eagerly on the static cache, with the same numbers."""
+    torch._dynamo's recompile limit (raised to 64) the step runs eagerly on the static cache, with the same
+    numbers."""
+    import torch._dynamo
+
+    # Each model x batch size x cache size is a graph of this one function, and a pipeline samples from several
+    # models (SFT, the policy, each evaluation) at several batch sizes: torch's limit of 8 would fall back to eager
+    # steps partway through a run.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     return torch.compile(_decoding_step, mode=mode, fullgraph=True, dynamic=False)
 
