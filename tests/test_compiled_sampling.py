@@ -46,7 +46,8 @@ def graphs() -> int:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_the_compiled_sampler_draws_from_the_eager_samplers_probabilities(arch, tokenizer, sharp_policy, monkeypatch):
+def test_the_compiled_sampler_draws_from_the_eager_samplers_probabilities(arch, tokenizer, sharp_policy, monkeypatch,
+                                                                         capsys):
     """Every step's probabilities equal the eager sampler's to 1e-5 (sharp weights: a wrong position, a padding
     column or an unfilled cache position attended to moves them by far more), so the samples are the same; a
     batch of other prompt lengths in the same cache size reuses the compiled graph, another batch size compiles
@@ -57,6 +58,7 @@ def test_the_compiled_sampler_draws_from_the_eager_samplers_probabilities(arch, 
     before = graphs()
     fast, fast_probs = probs_and_samples(model, tokenizer, queries, mask, SamplingParams(compile=True), monkeypatch)
     assert graphs() == before + 1
+    assert "sampling.compile: 4 rows x 64 positions" in capsys.readouterr().err  # a compile is announced
     assert len(fast_probs) == len(eager_probs) > 5
     for a, b in zip(fast_probs, eager_probs):
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from rlhfkit.core.errors import RlhfkitError
-from rlhfkit.core.runio import progress
+from rlhfkit.core.runio import is_main_process, progress
 from rlhfkit.data.batching import encode_prompts, pad_id, stop_ids
 from rlhfkit.models.forward import position_ids
 from rlhfkit.models.load import load_policy, load_tokenizer
@@ -161,6 +162,9 @@ def static_cache(model, batch: int, capacity: int, device: torch.device):
         return kept[1]
     _STATIC_CACHES.pop(model, None)  # the old shape's buffers go before the new ones are made
     cache = StaticCache(config=model.config, max_cache_len=capacity)
+    if is_main_process():  # a compile is tens of seconds of silence otherwise
+        print(f"[rlhfkit] sampling.compile: {batch} rows x {capacity} positions; the first step of each new batch "
+              f"and cache size compiles (tens of seconds on a CPU)", file=sys.stderr, flush=True)
     _STATIC_CACHES[model] = (key, cache)
     return cache
 
