@@ -136,3 +136,21 @@ def test_a_lora_policy_samples_with_its_adapter_on_and_off(tokenizer, sharp_poli
     for off in (False, True):
         assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(runs[off, True], runs[off, False]))
     assert not torch.allclose(runs[True, True][0], runs[False, True][0], atol=1e-3)  # the adapter mattered
+
+
+def test_a_compile_that_fails_inside_torch_says_what_to_do(tokenizer, sharp_policy, monkeypatch):
+    class BackendCompilerFailed(Exception):  # stands for torch._dynamo's (no C++ compiler, an unsupported op)
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+
+    def failing(device_type):
+        def step(*args):
+            raise BackendCompilerFailed("backend='inductor' raised: CppCompileError: no C++ compiler")
+        return step
+
+    monkeypatch.setattr(sampling, "compiled_step", failing)
+    queries, mask = pad_left(QUERIES, tokenizer.pad_token_id)
+    with pytest.raises(RlhfkitError, match="set sampling.compile = false"):
+        sample(sharp_policy("gpt2"), queries, mask, max_new_tokens=4, eos_token_id=1, pad_token_id=0,
+               sampling=SamplingParams(compile=True))
