@@ -165,7 +165,8 @@ def run_rlhfkit(workload: str, model_dir: Path, out: Path, args, device) -> Step
     clock = StepClock()
     common = {"threads": args.threads, "seed": 0, "device": device.type, "precision": precision(args, device)}
     if args.draw or args.compile:
-        common["sampling"] = {**({"draw": args.draw} if args.draw else {}), **({"compile": True} if args.compile else {})}
+        common["sampling"] = {**({"draw": args.draw} if args.draw else {}),
+                              **({"compile": True} if args.compile else {})}
     if args.shared_prefix:
         common["train"] = {"shared_prefix": True}
     if workload == "reward":

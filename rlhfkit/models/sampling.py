@@ -172,7 +172,8 @@ def static_cache(model, batch: int, capacity: int, device: torch.device):
 def _decoding_step(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """One token a row through `model`: (B, 1) ids, the (B, capacity) mask of the whole sample, (B, 1) positions
     -> (B, V) logits. The cache holds every earlier token and takes this one's keys and values in place."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE: cache}).logits[:, -1, :]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE: cache})
+    return out.logits[:, -1, :]
 
 
 @functools.cache
