@@ -54,6 +54,22 @@ def test_common_beginnings_take_their_columns_once_and_each_token_sees_its_own_s
         [1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]]
 
 
+def test_a_batch_sharing_little_keeps_rows_as_wide_as_its_longest_sequence():
+    """Twice-the-longest rows pay off only where beginnings are shared: PPO's rows (one reply a prompt, a common
+    BOS at most) pack back to back within the longest sequence's width, as padding_free's do, not two to a wider
+    row; a group sharing its prompt still gets the wide rows. Fails on a rule that always doubles (or never)."""
+    longer = torch.tensor([[1] + list(range(2, 12)), [1] + list(range(12, 22)), [1] + list(range(22, 32))])
+    p = shared_prefix_packing(longer, torch.ones_like(longer))  # a BOS shared: 2 of 33 tokens, under 1/8
+    assert p.packed_shape == (3, 11)
+    ragged = torch.tensor([[1] + list(range(2, 12)), [1, 40, 41, 42, 0, 0, 0, 0, 0, 0, 0], [1, 50, 51] + [0] * 8])
+    p = shared_prefix_packing(ragged, (ragged > 0).long())  # short ones share a row, as padding_free packs them
+    assert p.packed_shape == (2, 11)
+    group = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [1, 2, 3, 4, 9, 9]])  # a prompt of 4, 3 replies
+    p = shared_prefix_packing(group, torch.ones_like(group))
+    assert p.packed_shape == (1, 10)
+    assert shared_prefix_packing(longer, torch.ones_like(longer), width=22).packed_shape == (2, 21)
+
+
 def ragged_pairs(n: int, seed: int):
     """n (prompt, chosen, rejected) of digits words: prompts of 2 to 8 words, replies of 1 to 8 that often begin
     alike (so a common beginning may run into the replies)."""

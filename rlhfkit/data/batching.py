@@ -206,11 +206,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def shared_prefix_packing(ids: torch.Tensor, mask: torch.Tensor) -> Packing:
+# shared_prefix_packing widens its rows to twice the longest sequence only where neighbouring sequences share at
+# least 1/SHARED_ENOUGH of the batch's tokens (a pair's 64-token prompt before two 64-token replies: 1/3).
+SHARED_ENOUGH = 8
+
+
+def shared_prefix_packing(ids: torch.Tensor, mask: torch.Tensor, width: int | None = None) -> Packing:
     """The Packing of a batch whose rows that begin alike hold their common beginning once (train.shared_prefix):
     DPO's chosen and rejected after their prompt, a ranking's completions, a GRPO group's samples. The sequences
     (mask's 1s) are sorted by their tokens, so that those sharing a beginning are neighbours, and placed in that
-    order into rows of at most twice the longest sequence: each takes new columns only for its tokens past the
+    order into rows of at most twice the longest sequence (as long as the longest where they share too little to
+    pay for the wider rows: SHARED_ENOUGH; or `width`): each takes new columns only for its tokens past the
     common beginning with the sequence placed before it in the row, and reads that beginning's columns. A row is
     then a forest of prefix trees; `attend` lets each token see exactly its own sequence's earlier tokens (the
     shared columns and its own), and position ids count each sequence's tokens from 0 as a padded forward does.
@@ -221,12 +227,18 @@ def shared_prefix_packing(ids: torch.Tensor, mask: torch.Tensor) -> Packing:
     host_ids, host_mask = ids.cpu(), mask.cpu().bool()
     seqs = [row[m].tolist() for row, m in zip(host_ids, host_mask)]
     lengths = [len(s) for s in seqs]
-    width = 2 * max(lengths)
+    order = sorted(range(len(seqs)), key=lambda i: (seqs[i], i))
+    # Rows twice the longest sequence leave room for a beginning and two continuations, but cost attention over the
+    # wider rows; a batch whose neighbours share little (PPO's one reply a prompt: a BOS token at most) gets rows as
+    # wide as its longest sequence, which then pack back to back as padding_free's do.
+    if width is None:
+        saved = sum(_common_prefix(seqs[a], seqs[b]) for a, b in zip(order, order[1:]))
+        width = (2 if saved * SHARED_ENOUGH >= sum(lengths) else 1) * max(lengths)
     placed: list[list[int]] = []  # the sequences of each packed row, in the order placed
     fill: list[int] = []  # columns used in each row
     loc: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(seqs)  # each sequence's columns
     shared = [0] * len(seqs)  # tokens each reads from the sequence placed before it
-    for i in sorted(range(len(seqs)), key=lambda i: (seqs[i], i)):
+    for i in order:
         n = _common_prefix(seqs[placed[-1][-1]], seqs[i]) if placed else 0
         if not placed or fill[-1] + lengths[i] - n > width:
             placed.append([])

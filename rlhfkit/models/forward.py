@@ -140,8 +140,9 @@ def check_packing(model, ids: torch.Tensor, mask: torch.Tensor, shared: bool = F
                 b = torch.cat([a[: max(1, len(a) // 2)], b])
             pair_ids, pair_mask = pad_right([a.tolist(), b.tolist()], int(a[0]))
             pair_ids, pair_mask = pair_ids.to(ids.device), pair_mask.to(ids.device)
-            # one row holding both (shared_prefix_packing's rows are twice the longest: room for both)
-            p = shared_prefix_packing(pair_ids, pair_mask) if shared else packing(pair_mask, len(a) + len(b))
+            # one row holding both (twice the longest: room for both, whatever they share)
+            p = shared_prefix_packing(pair_ids, pair_mask, 2 * max(len(a), len(b))) if shared else \
+                packing(pair_mask, len(a) + len(b))
             assert p.packed_shape[0] == 1
             if is_scalar_model(model):
                 alone = [token_scalars(model, s[None], torch.ones_like(s)[None])[0] for s in (a, b)]
