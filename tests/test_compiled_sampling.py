@@ -154,3 +154,17 @@ def test_a_compile_that_fails_inside_torch_says_what_to_do(tokenizer, sharp_poli
     with pytest.raises(RlhfkitError, match="set sampling.compile = false"):
         sample(sharp_policy("gpt2"), queries, mask, max_new_tokens=4, eos_token_id=1, pad_token_id=0,
                sampling=SamplingParams(compile=True))
+
+
+def test_a_sample_in_another_precision_gets_a_cache_of_its_own(tokenizer, sharp_policy, monkeypatch):
+    """The kept cache is reused only at the same precision: after a bf16-autocast sample (bf16 buffers) a plain
+    fp32 sample of the same shape must not write its keys into them."""
+    model = sharp_policy("gpt2")
+    queries, mask = pad_left(QUERIES, tokenizer.pad_token_id)
+    with torch.autocast("cpu", torch.bfloat16):
+        probs_and_samples(model, tokenizer, queries, mask, SamplingParams(compile=True), monkeypatch)
+    bf16_cache = sampling._STATIC_CACHES[model][1]
+    _, eager_probs = probs_and_samples(model, tokenizer, queries, mask, SamplingParams(), monkeypatch)
+    _, fast_probs = probs_and_samples(model, tokenizer, queries, mask, SamplingParams(compile=True), monkeypatch)
+    assert sampling._STATIC_CACHES[model][1] is not bf16_cache
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fast_probs, eager_probs))
